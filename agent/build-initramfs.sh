@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Packs husk-agent as /init of a gzip'd newc cpio: the agent is the only
+# program in the guest's initramfs. Containers bring their own userland
+# through the shared directory.
+#   build-initramfs.sh <husk-agent binary> <output initramfs>
+set -euo pipefail
+agent=$1
+out=$2
+die() { echo "build-initramfs: $*" >&2; exit 1; }
+[ -x "$agent" ] || die "agent binary $agent not found"
+# A dynamically linked agent would die in the guest with a bare "not found".
+if file "$agent" 2>/dev/null | grep -q "dynamically linked"; then
+    die "$agent is dynamically linked; build it with -C target-feature=+crt-static"
+fi
+command -v cpio >/dev/null || die "cpio is not installed (apt-get install cpio)"
+stage=$(mktemp -d "${TMPDIR:-/tmp}/husk-initramfs.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{dev,proc,sys,run,tmp}
+install -m 0755 "$agent" "$stage/init"
+# The kernel opens /dev/console for init's stdio before anything is mounted.
+mknod -m 600 "$stage/dev/console" c 5 1
+mkdir -p "$(dirname "$out")"
+(cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --owner=0:0 --quiet) | gzip -9 -n > "$out.tmp"
+mv "$out.tmp" "$out"
+echo "build-initramfs: $out ($(stat -c %s "$out") bytes)"

@@ -1,0 +1,547 @@
+//! Containers in the guest: their cgroups, processes and stdio.
+
+use crate::init::{shared_dir_mounted, CGROUP_ROOT, SHARED_DIR};
+use crate::process::{ExitInfo, Reaper};
+use crate::spec::{self, LaunchPlan, SpecError, StepNames};
+use oci_spec::runtime::{LinuxResources, Spec};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vsock::VsockStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("config.json: {0}")]
+    Parse(String),
+    #[error("container {0} already exists")]
+    Exists(String),
+    #[error("container {0} does not exist")]
+    NotFound(String),
+    #[error("process {exec_id:?} of container {id} does not exist")]
+    NoProcess { id: String, exec_id: String },
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    #[error("container {0} is running: stop it first or remove it with force")]
+    Running(String),
+    #[error("container {0} was already started")]
+    AlreadyStarted(String),
+    #[error("the sandbox's shared directory ({SHARED_DIR}) is not mounted: no virtio-fs device")]
+    NoShare,
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: String, reason: String },
+    #[error("starting {program:?}: {step}{reason}")]
+    Spawn { program: String, step: String, reason: String },
+    #[error("{0}")]
+    Stream(#[from] crate::streams::StreamError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The streams a process's stdio is wired to.
+#[derive(Default)]
+pub struct ProcessStreams {
+    pub stdin: Option<VsockStream>,
+    pub stdout: Option<VsockStream>,
+    pub stderr: Option<VsockStream>,
+}
+
+/// A running (or exited) process of a container.
+pub struct Proc {
+    pub pid: i32,
+    stdin: Arc<Mutex<Option<File>>>,
+    pty_master: Option<OwnedFd>,
+    copiers: Mutex<Vec<JoinHandle<()>>>,
+    exit: OnceLock<ExitInfo>,
+}
+
+struct Pending {
+    plan: LaunchPlan,
+    streams: ProcessStreams,
+}
+
+pub struct Container {
+    root: PathBuf,
+    pub cgroup: PathBuf,
+    pending: Mutex<Option<Pending>>,
+    init: Mutex<Option<Arc<Proc>>>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+pub struct Containers {
+    reaper: Arc<Reaper>,
+    table: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Creates `path` and every parent below the cgroup root, delegating all
+/// controllers to each level so the leaf can use them.
+fn ensure_cgroup(path: &Path) -> Result<(), ContainerError> {
+    let root = Path::new(CGROUP_ROOT);
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let enable: Vec<String> = controllers.split_whitespace().map(|c| format!("+{c}")).collect();
+    let rel = path.strip_prefix(root).map_err(|_| ContainerError::Cgroup {
+        path: path.display().to_string(),
+        reason: "outside the cgroup root".into(),
+    })?;
+    let mut current = root.to_path_buf();
+    for part in rel.components() {
+        if current != root {
+            // Best effort per controller: a parent may lack one.
+            for c in &enable {
+                let _ = std::fs::write(current.join("cgroup.subtree_control"), c);
+            }
+        }
+        current.push(part);
+        match std::fs::create_dir(&current) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(ContainerError::Cgroup { path: current.display().to_string(), reason: e.to_string() })
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_cgroup(cgroup: &Path, file: &str, value: &str) -> Result<(), ContainerError> {
+    std::fs::write(cgroup.join(file), value).map_err(|e| ContainerError::Cgroup {
+        path: cgroup.join(file).display().to_string(),
+        reason: format!("writing {value:?}: {e}"),
+    })
+}
+
+/// Applies OCI `linux.resources` to a cgroup v2 directory.
+pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), ContainerError> {
+    if let Some(mem) = r.memory() {
+        if let Some(limit) = mem.limit() {
+            write_cgroup(cgroup, "memory.max", &if limit < 0 { "max".into() } else { limit.to_string() })?;
+        }
+        if let Some(res) = mem.reservation() {
+            write_cgroup(cgroup, "memory.low", &if res < 0 { "max".into() } else { res.to_string() })?;
+        }
+    }
+    if let Some(pids) = r.pids() {
+        let limit = pids.limit();
+        write_cgroup(cgroup, "pids.max", &if limit <= 0 { "max".into() } else { limit.to_string() })?;
+    }
+    if let Some(cpu) = r.cpu() {
+        if cpu.quota().is_some() || cpu.period().is_some() {
+            let quota = match cpu.quota() {
+                Some(q) if q > 0 => q.to_string(),
+                _ => "max".into(),
+            };
+            let period = cpu.period().unwrap_or(100_000);
+            write_cgroup(cgroup, "cpu.max", &format!("{quota} {period}"))?;
+        }
+        if let Some(shares) = cpu.shares() {
+            // The conversion runc and crun use from cgroup v1 shares.
+            let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9_999 / 262_142;
+            write_cgroup(cgroup, "cpu.weight", &weight.to_string())?;
+        }
+        if let Some(cpus) = cpu.cpus() {
+            write_cgroup(cgroup, "cpuset.cpus", cpus)?;
+        }
+        if let Some(mems) = cpu.mems() {
+            write_cgroup(cgroup, "cpuset.mems", mems)?;
+        }
+    }
+    Ok(())
+}
+
+fn cgroup_pids(cgroup: &Path) -> Vec<i32> {
+    std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn kill_cgroup(cgroup: &Path, signal: i32) {
+    for pid in cgroup_pids(cgroup) {
+        // SAFETY: kill(2) on a pid read from the container's cgroup.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Copies `from` into `to` until EOF or error, then lets `done` run.
+fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // EIO: the pty's last slave closed.
+            Err(_) => break,
+        }
+    }
+    let _ = to.flush();
+    done();
+}
+
+/// Feeds a stream into the process's stdin until EOF, then closes stdin.
+fn pump_stdin(mut from: VsockStream, stdin: Arc<Mutex<Option<File>>>) {
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let mut guard = lock(&stdin);
+                let Some(pipe) = guard.as_mut() else { return };
+                if pipe.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    lock(&stdin).take();
+}
+
+fn set_cloexec(fd: &OwnedFd) {
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+fn spawn(reaper: &Reaper, plan: LaunchPlan, streams: ProcessStreams) -> Result<Arc<Proc>, ContainerError> {
+    let program = plan.args[0].clone();
+    let mut cmd = Command::new(&plan.args[0]);
+    cmd.args(&plan.args[1..]).env_clear().envs(plan.env.iter().map(|(k, v)| (k, v)));
+    let mut pty_master = None;
+    if plan.terminal {
+        let pty = nix::pty::openpty(None, None).map_err(|e| ContainerError::Spawn {
+            program: program.clone(),
+            step: "opening a pty: ".into(),
+            reason: e.to_string(),
+        })?;
+        set_cloexec(&pty.master);
+        let slave = File::from(pty.slave);
+        cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+        pty_master = Some(pty.master);
+    } else {
+        cmd.stdin(if streams.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(if streams.stdout.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stderr(if streams.stderr.is_some() { Stdio::piped() } else { Stdio::null() });
+    }
+    let (diag_r, diag_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ContainerError::Io(e.into()))?;
+    let diag_fd = diag_w.as_raw_fd();
+    let plan = Arc::new(plan);
+    let child_plan = Arc::clone(&plan);
+    let names = StepNames::new();
+    // SAFETY: apply_in_child only makes async-signal-safe syscalls on data
+    // prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || spec::apply_in_child(&child_plan, &names, diag_fd));
+    }
+    let spawned = {
+        let _guard = reaper.spawn_guard();
+        let spawned = cmd.spawn();
+        if let Ok(child) = &spawned {
+            reaper.track(child.id() as i32);
+        }
+        spawned
+    };
+    drop(diag_w);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let mut step = String::new();
+            let _ = File::from(diag_r).read_to_string(&mut step);
+            if !step.is_empty() {
+                step.push_str(": ");
+            }
+            let reason = if e.kind() == std::io::ErrorKind::NotFound {
+                "executable file not found in $PATH".to_string()
+            } else {
+                e.to_string()
+            };
+            return Err(ContainerError::Spawn { program, step, reason });
+        }
+    };
+    let pid = child.id() as i32;
+    let mut copiers = Vec::new();
+    let stdin_pipe: Arc<Mutex<Option<File>>> = Arc::new(Mutex::new(None));
+    if let Some(master) = &pty_master {
+        if let Some(input) = streams.stdin {
+            let master_in = File::from(master.try_clone()?);
+            *lock(&stdin_pipe) = Some(master_in);
+            let pipe = Arc::clone(&stdin_pipe);
+            std::thread::spawn(move || pump_stdin(input, pipe));
+        }
+        if let Some(output) = streams.stdout {
+            let master_out = File::from(master.try_clone()?);
+            copiers.push(std::thread::spawn(move || {
+                let out = output.try_clone();
+                pump(master_out, output, move || {
+                    if let Ok(o) = out {
+                        let _ = o.shutdown(Shutdown::Write);
+                    }
+                })
+            }));
+        }
+    } else {
+        if let (Some(input), Some(pipe)) = (streams.stdin, child.stdin.take()) {
+            // SAFETY: taking ownership of the pipe's fd from ChildStdin.
+            let file = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(pipe)) };
+            *lock(&stdin_pipe) = Some(file);
+            let pipe = Arc::clone(&stdin_pipe);
+            std::thread::spawn(move || pump_stdin(input, pipe));
+        }
+        if let (Some(output), Some(pipe)) = (streams.stdout, child.stdout.take()) {
+            copiers.push(std::thread::spawn(move || {
+                let out = output.try_clone();
+                pump(pipe, output, move || {
+                    if let Ok(o) = out {
+                        let _ = o.shutdown(Shutdown::Write);
+                    }
+                })
+            }));
+        }
+        if let (Some(output), Some(pipe)) = (streams.stderr, child.stderr.take()) {
+            copiers.push(std::thread::spawn(move || {
+                let out = output.try_clone();
+                pump(pipe, output, move || {
+                    if let Ok(o) = out {
+                        let _ = o.shutdown(Shutdown::Write);
+                    }
+                })
+            }));
+        }
+    }
+    Ok(Arc::new(Proc {
+        pid,
+        stdin: stdin_pipe,
+        pty_master,
+        copiers: Mutex::new(copiers),
+        exit: OnceLock::new(),
+    }))
+}
+
+impl Containers {
+    pub fn new(reaper: Arc<Reaper>) -> Self {
+        Containers { reaper, table: Mutex::new(HashMap::new()) }
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
+        lock(&self.table).get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.to_string()))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Proc>, ContainerError> {
+        let c = self.get(id)?;
+        let p = if exec_id.is_empty() {
+            lock(&c.init).clone()
+        } else {
+            lock(&c.execs).get(exec_id).cloned()
+        };
+        p.ok_or_else(|| ContainerError::NoProcess { id: id.to_string(), exec_id: exec_id.to_string() })
+    }
+
+    pub fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        shared_mounts: &HashMap<String, String>,
+        streams: ProcessStreams,
+    ) -> Result<(), ContainerError> {
+        if lock(&self.table).contains_key(id) {
+            return Err(ContainerError::Exists(id.to_string()));
+        }
+        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| ContainerError::Parse(e.to_string()))?;
+        if !shared_dir_mounted() {
+            return Err(ContainerError::NoShare);
+        }
+        let root = spec::join_inside(Path::new(SHARED_DIR), Path::new(rootfs));
+        let cgroup = match spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+            Some(p) => spec::join_inside(Path::new(CGROUP_ROOT), &PathBuf::from(p.display().to_string().replace(':', "/"))),
+            None => Path::new(CGROUP_ROOT).join("husk").join(id),
+        };
+        let plan = spec::plan_container(&spec, &root, shared_mounts, &cgroup.join("cgroup.procs"), false)?;
+        ensure_cgroup(&cgroup)?;
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        if let Some(r) = &resources {
+            if let Err(e) = apply_resources(&cgroup, r) {
+                let _ = std::fs::remove_dir(&cgroup);
+                return Err(e);
+            }
+        }
+        let container = Arc::new(Container {
+            root,
+            cgroup,
+            pending: Mutex::new(Some(Pending { plan, streams })),
+            init: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+        });
+        let mut table = lock(&self.table);
+        if table.contains_key(id) {
+            return Err(ContainerError::Exists(id.to_string()));
+        }
+        table.insert(id.to_string(), container);
+        Ok(())
+    }
+
+    pub fn start(&self, id: &str) -> Result<u32, ContainerError> {
+        let c = self.get(id)?;
+        let pending = lock(&c.pending).take().ok_or_else(|| ContainerError::AlreadyStarted(id.to_string()))?;
+        let proc = spawn(&self.reaper, pending.plan, pending.streams)?;
+        let pid = proc.pid;
+        *lock(&c.init) = Some(proc);
+        Ok(pid as u32)
+    }
+
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], streams: ProcessStreams) -> Result<u32, ContainerError> {
+        let c = self.get(id)?;
+        let init = lock(&c.init).clone().ok_or_else(|| ContainerError::NotRunning(id.to_string()))?;
+        if self.reaper.try_wait(init.pid).is_some() {
+            return Err(ContainerError::NotRunning(id.to_string()));
+        }
+        if lock(&c.execs).contains_key(exec_id) {
+            return Err(ContainerError::Exists(format!("{id}/{exec_id}")));
+        }
+        let process: oci_spec::runtime::Process =
+            serde_json::from_slice(process_json).map_err(|e| ContainerError::Parse(format!("process: {e}")))?;
+        let plan = spec::plan_exec(&process, init.pid, &c.root, &c.cgroup.join("cgroup.procs"))?;
+        let proc = spawn(&self.reaper, plan, streams)?;
+        let pid = proc.pid;
+        lock(&c.execs).insert(exec_id.to_string(), proc);
+        Ok(pid as u32)
+    }
+
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<(ExitInfo, bool), ContainerError> {
+        let c = self.get(id)?;
+        let p = self.process(id, exec_id)?;
+        let info = *p.exit.get_or_init(|| {
+            let info = self.reaper.wait(p.pid);
+            if exec_id.is_empty() {
+                // The init's end ends the container, as a pid namespace would.
+                kill_cgroup(&c.cgroup, libc::SIGKILL);
+            }
+            info
+        });
+        let copiers: Vec<_> = std::mem::take(&mut *lock(&p.copiers));
+        for h in copiers {
+            let _ = h.join();
+        }
+        let oom = info.signal == libc::SIGKILL as u32 && oom_kills(&c.cgroup) > 0;
+        Ok((info, oom))
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        if all {
+            kill_cgroup(&c.cgroup, signal);
+            return Ok(());
+        }
+        let p = self.process(id, exec_id).map_err(|_| ContainerError::NotRunning(id.to_string()))?;
+        if self.reaper.try_wait(p.pid).is_some() {
+            return Err(ContainerError::NotRunning(id.to_string()));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::try_from(signal).map_err(|e| ContainerError::Io(e.into()))?,
+        )
+        .map_err(|e| ContainerError::Io(e.into()))
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        let p = self.process(id, exec_id)?;
+        lock(&p.stdin).take();
+        Ok(())
+    }
+
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), ContainerError> {
+        let p = self.process(id, exec_id)?;
+        if let Some(master) = &p.pty_master {
+            let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+            // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
+            if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        write_cgroup(&c.cgroup, "cgroup.freeze", if frozen { "1" } else { "0" })
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let r: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|e| ContainerError::Parse(format!("linux.resources: {e}")))?;
+        apply_resources(&c.cgroup, &r)
+    }
+
+    pub fn cgroup(&self, id: &str) -> Result<PathBuf, ContainerError> {
+        Ok(self.get(id)?.cgroup.clone())
+    }
+
+    pub fn processes(&self, id: &str) -> Result<Vec<(u32, String)>, ContainerError> {
+        let c = self.get(id)?;
+        Ok(cgroup_pids(&c.cgroup)
+            .into_iter()
+            .map(|pid| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                (pid as u32, comm.trim().to_string())
+            })
+            .collect())
+    }
+
+    pub fn remove(&self, id: &str, force: bool) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let init = lock(&c.init).clone();
+        if let Some(init) = &init {
+            if self.reaper.try_wait(init.pid).is_none() {
+                if !force {
+                    return Err(ContainerError::Running(id.to_string()));
+                }
+                let _ = std::fs::write(c.cgroup.join("cgroup.freeze"), "0");
+                kill_cgroup(&c.cgroup, libc::SIGKILL);
+                self.reaper.wait(init.pid);
+            }
+        }
+        kill_cgroup(&c.cgroup, libc::SIGKILL);
+        // The cgroup empties once the killed processes are reaped.
+        for _ in 0..100 {
+            match std::fs::remove_dir(&c.cgroup) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        if let Some(init) = init {
+            self.reaper.forget(init.pid);
+        }
+        for p in lock(&c.execs).values() {
+            self.reaper.forget(p.pid);
+        }
+        lock(&self.table).remove(id);
+        Ok(())
+    }
+}
+
+fn oom_kills(cgroup: &Path) -> u64 {
+    std::fs::read_to_string(cgroup.join("memory.events"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}

@@ -1,0 +1,37 @@
+//! husk-agent: PID 1 of the husk guest.
+//!
+//! It prepares the guest (mounts, cgroups, the shared directory), serves the
+//! agent API over vsock and runs the containers the host asks for. Any fatal
+//! error is printed to the console and powers the VM off, so a broken guest
+//! never hangs the host waiting for it.
+
+mod container;
+mod init;
+mod power;
+mod process;
+mod server;
+mod spec;
+mod stats;
+mod streams;
+
+use std::sync::Arc;
+
+fn main() {
+    if let Err(reason) = run() {
+        power::fatal(&reason);
+    }
+}
+
+fn run() -> Result<(), String> {
+    // SIGCHLD goes to the reaper thread only: block it before any thread exists
+    // so every thread inherits the mask.
+    process::block_sigchld().map_err(|e| format!("blocking SIGCHLD: {e}"))?;
+    if std::process::id() == 1 {
+        init::setup_guest().map_err(|e| e.to_string())?;
+    }
+    let reaper = process::Reaper::start().map_err(|e| format!("starting the reaper: {e}"))?;
+    let registry = streams::StreamRegistry::new();
+    streams::listen(Arc::clone(&registry)).map_err(|e| e.to_string())?;
+    let service = server::AgentService::new(reaper, registry);
+    server::serve(service).map_err(|e| e.to_string())
+}

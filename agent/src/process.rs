@@ -1,0 +1,147 @@
+//! Child processes and the reaper.
+//!
+//! As PID 1 the agent must reap every zombie, its own children and orphans
+//! re-parented to it. One thread does all reaping on SIGCHLD. It takes the
+//! spawn lock first, so a child that `Command::spawn` is still setting up
+//! (std waits on a child whose exec failed) is never reaped from under it,
+//! and a child is always registered as tracked before it can be reaped.
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, or 128 + signal.
+    pub exit_code: i32,
+    /// Terminating signal, 0 for a normal exit.
+    pub signal: u32,
+    pub exited_at_unix_ns: u64,
+}
+
+impl ExitInfo {
+    fn from_status(status: WaitStatus) -> Option<(i32, Self)> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        match status {
+            WaitStatus::Exited(pid, code) => Some((
+                pid.as_raw(),
+                ExitInfo { exit_code: code, signal: 0, exited_at_unix_ns: now },
+            )),
+            WaitStatus::Signaled(pid, sig, _) => Some((
+                pid.as_raw(),
+                ExitInfo {
+                    exit_code: 128 + sig as i32,
+                    signal: sig as u32,
+                    exited_at_unix_ns: now,
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ReaperState {
+    tracked: HashSet<i32>,
+    exited: HashMap<i32, ExitInfo>,
+}
+
+/// Reaps all children and hands exit statuses of tracked ones to waiters.
+pub struct Reaper {
+    spawn_lock: Mutex<()>,
+    state: Mutex<ReaperState>,
+    exited: Condvar,
+}
+
+/// Blocks SIGCHLD in the calling thread (call before any thread starts).
+pub fn block_sigchld() -> nix::Result<()> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    set.thread_block()
+}
+
+impl Reaper {
+    pub fn start() -> nix::Result<Arc<Self>> {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGCHLD);
+        let sigfd = SignalFd::new(&set)?;
+        let reaper = Arc::new(Reaper {
+            spawn_lock: Mutex::new(()),
+            state: Mutex::new(ReaperState::default()),
+            exited: Condvar::new(),
+        });
+        let r = Arc::clone(&reaper);
+        std::thread::spawn(move || loop {
+            // Reap first: a child may have exited before the signalfd existed.
+            r.reap_all();
+            if let Err(e) = sigfd.read_signal() {
+                eprintln!("husk-agent: reaper: reading signalfd: {e}");
+            }
+        });
+        Ok(reaper)
+    }
+
+    /// Holds off reaping while a child is spawned and registered.
+    pub fn spawn_guard(&self) -> MutexGuard<'_, ()> {
+        self.spawn_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `pid` as one whose exit status somebody will wait for. Call
+    /// with the spawn guard held.
+    pub fn track(&self, pid: i32) {
+        self.lock_state().tracked.insert(pid);
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, ReaperState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reap_all(&self) {
+        let _spawning = self.spawn_guard();
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) => {
+                    if let Some((pid, info)) = ExitInfo::from_status(status) {
+                        let mut state = self.lock_state();
+                        if state.tracked.remove(&pid) {
+                            state.exited.insert(pid, info);
+                            self.exited.notify_all();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Blocks until tracked `pid` has exited.
+    pub fn wait(&self, pid: i32) -> ExitInfo {
+        let mut state = self.lock_state();
+        loop {
+            if let Some(info) = state.exited.get(&pid) {
+                return *info;
+            }
+            state = self.exited.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The exit status of `pid` if it has exited.
+    pub fn try_wait(&self, pid: i32) -> Option<ExitInfo> {
+        self.lock_state().exited.get(&pid).copied()
+    }
+
+    /// Forgets a process whose status is no longer needed.
+    pub fn forget(&self, pid: i32) {
+        let mut state = self.lock_state();
+        state.exited.remove(&pid);
+        state.tracked.remove(&pid);
+    }
+}

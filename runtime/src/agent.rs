@@ -1,0 +1,206 @@
+//! The host's client of the in-guest agent: ttrpc over the hybrid vsock
+//! socket, plus raw stream connections for process stdio.
+
+use husk_protocol::agent::*;
+use husk_protocol::agent_ttrpc::AgentClient as RpcClient;
+use husk_protocol::{StreamHeader, StreamKind, AGENT_PORT, STREAM_PORT};
+use std::io::{Read, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Timeout of ordinary RPCs (not WaitProcess, which blocks until exit).
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the `OK <port>` answer to a CONNECT may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("vsock {uds}: {source}")]
+    Connect { uds: PathBuf, source: std::io::Error },
+    #[error("vsock port {port}: the guest refused the connection (nothing listening yet)")]
+    Refused { port: u32 },
+    #[error("vsock port {port}: unexpected handshake answer {answer:?}")]
+    Handshake { port: u32, answer: String },
+    #[error("the agent did not answer within {0:?}")]
+    NotReady(Duration),
+    #[error("agent: {0}")]
+    Rpc(String),
+    #[error("{0}")]
+    Aborted(String),
+}
+
+impl From<ttrpc::Error> for AgentError {
+    fn from(e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) => AgentError::Rpc(s.message().to_string()),
+            other => AgentError::Rpc(other.to_string()),
+        }
+    }
+}
+
+/// Connects to guest vsock `port` through the hybrid Unix socket.
+pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
+    let mut stream = UnixStream::connect(uds).map_err(|source| AgentError::Connect { uds: uds.to_path_buf(), source })?;
+    let io = |source| AgentError::Connect { uds: uds.to_path_buf(), source };
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io)?;
+    // Read byte by byte: anything after the newline belongs to the peer.
+    let mut answer = Vec::with_capacity(16);
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(AgentError::Refused { port }),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if answer.len() < 64 => answer.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(AgentError::Refused { port }),
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    if !answer.starts_with("OK ") {
+        return Err(AgentError::Handshake { port, answer });
+    }
+    stream.set_read_timeout(None).map_err(io)?;
+    Ok(stream)
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+/// A connected agent.
+pub struct AgentClient {
+    rpc: RpcClient,
+    uds: PathBuf,
+}
+
+/// A fresh random stream token (never 0).
+pub fn new_token() -> u64 {
+    let mut buf = [0u8; 8];
+    // getrandom(2) cannot fail for 8 bytes once the pool is ready; fall back
+    // to time and pid rather than to a fixed value.
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let token = if n == 8 {
+        u64::from_le_bytes(buf)
+    } else {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        t ^ ((std::process::id() as u64) << 32)
+    };
+    token.max(1)
+}
+
+impl AgentClient {
+    /// Connects, retrying while the guest boots (connections are refused
+    /// until the agent listens) and `alive` says the VM is still there.
+    pub fn connect(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> Result<(), String>) -> Result<Self, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            alive().map_err(AgentError::Aborted)?;
+            match connect_port(uds, AGENT_PORT) {
+                Ok(stream) => {
+                    let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(AgentError::from)?;
+                    return Ok(AgentClient { rpc: RpcClient::new(client), uds: uds.to_path_buf() });
+                }
+                Err(AgentError::Refused { .. }) | Err(AgentError::Connect { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                Err(AgentError::Refused { .. }) => return Err(AgentError::NotReady(timeout)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Opens a stream connection of `kind` carrying `token`.
+    pub fn open_stream(&self, kind: StreamKind, token: u64) -> Result<UnixStream, AgentError> {
+        let mut stream = connect_port(&self.uds, STREAM_PORT)?;
+        StreamHeader { kind, token }
+            .write_to(&mut stream)
+            .map_err(|source| AgentError::Connect { uds: self.uds.clone(), source })?;
+        Ok(stream)
+    }
+
+    pub fn health(&self) -> Result<HealthResponse, AgentError> {
+        Ok(self.rpc.health(ctx(), &HealthRequest::default())?)
+    }
+
+    pub fn guest_info(&self) -> Result<GuestInfoResponse, AgentError> {
+        Ok(self.rpc.guest_info(ctx(), &GuestInfoRequest::default())?)
+    }
+
+    pub fn create_container(&self, req: &CreateContainerRequest) -> Result<(), AgentError> {
+        self.rpc.create_container(ctx(), req)?;
+        Ok(())
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<u32, AgentError> {
+        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        Ok(self.rpc.start_container(ctx(), &req)?.pid)
+    }
+
+    pub fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let req = RemoveContainerRequest { container_id: id.into(), force, ..Default::default() };
+        self.rpc.remove_container(ctx(), &req)?;
+        Ok(())
+    }
+
+    pub fn exec_process(&self, req: &ExecProcessRequest) -> Result<u32, AgentError> {
+        Ok(self.rpc.exec_process(ctx(), req)?.pid)
+    }
+
+    /// Blocks until the process exits (no timeout: processes live long).
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
+        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        Ok(self.rpc.wait_process(ttrpc::context::with_timeout(0), &req)?)
+    }
+
+    pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
+        let req = SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal, all, ..Default::default() };
+        self.rpc.signal_process(ctx(), &req)?;
+        Ok(())
+    }
+
+    pub fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
+        let req = ResizeTtyRequest { container_id: id.into(), exec_id: exec_id.into(), rows, cols, ..Default::default() };
+        self.rpc.resize_tty(ctx(), &req)?;
+        Ok(())
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.rpc.close_stdin(ctx(), &req)?;
+        Ok(())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<(), AgentError> {
+        self.rpc.pause_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?;
+        Ok(())
+    }
+
+    pub fn resume(&self, id: &str) -> Result<(), AgentError> {
+        self.rpc.resume_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?;
+        Ok(())
+    }
+
+    pub fn stats(&self, id: &str) -> Result<StatsResponse, AgentError> {
+        Ok(self.rpc.stats(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?)
+    }
+
+    pub fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, AgentError> {
+        Ok(self.rpc.list_processes(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?.processes)
+    }
+
+    pub fn update_resources(&self, id: &str, resources_json: Vec<u8>) -> Result<(), AgentError> {
+        let req = UpdateResourcesRequest { container_id: id.into(), resources_json, ..Default::default() };
+        self.rpc.update_resources(ctx(), &req)?;
+        Ok(())
+    }
+
+    pub fn shutdown(&self) -> Result<(), AgentError> {
+        self.rpc.shutdown(ctx(), &ShutdownRequest::default())?;
+        Ok(())
+    }
+}

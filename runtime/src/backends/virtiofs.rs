@@ -1,0 +1,35 @@
+//! virtio-fs through virtiofsd: one daemon per sandbox, sharing the
+//! sandbox's shared directory. It exits by itself when the VM disconnects.
+
+use super::{wait_for_socket, BackendError};
+use crate::child::HelperProcess;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The virtio-fs tag the guest mounts (the agent knows it too).
+pub const TAG: &str = "husk";
+
+pub struct VirtioFsBackend {
+    pub process: HelperProcess,
+    pub socket: PathBuf,
+}
+
+impl VirtioFsBackend {
+    pub fn spawn(program: &Path, shared_dir: &Path, socket: &Path, cache: &str, log: &Path) -> Result<Self, BackendError> {
+        let mut cmd = Command::new(program);
+        cmd.arg(format!("--socket-path={}", socket.display()))
+            .arg(format!("--shared-dir={}", shared_dir.display()))
+            .arg(format!("--cache={cache}"))
+            // Each container rootfs is a bind mount inside the shared
+            // directory: announce them so inode numbers do not collide.
+            .arg("--announce-submounts")
+            .arg("--log-level=error");
+        let mut process = HelperProcess::spawn("virtiofsd", cmd, log).map_err(|source| BackendError::Spawn {
+            name: "virtiofsd",
+            program: program.to_path_buf(),
+            source,
+        })?;
+        wait_for_socket(&mut process, socket, log)?;
+        Ok(VirtioFsBackend { process, socket: socket.to_path_buf() })
+    }
+}

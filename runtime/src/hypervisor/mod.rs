@@ -1,0 +1,96 @@
+//! Hypervisor backends behind one trait. Both boot the same kernel and
+//! initramfs and connect the same vhost-user device backends; they differ
+//! only in the process that runs the VM.
+
+pub mod husk_vmm;
+pub mod kvm;
+pub mod qemu;
+
+use crate::child::HelperProcess;
+use crate::config::HypervisorChoice;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("starting {name} ({program}): {source}")]
+    Spawn { name: &'static str, program: PathBuf, source: std::io::Error },
+    #[error("hypervisor husk-vmm needs KVM that can run a guest, and {0}")]
+    KvmUnusable(String),
+    #[error("{0}")]
+    Artifact(#[from] crate::artifacts::ArtifactError),
+}
+
+/// What a VM is made of; the same for every backend.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The kernel command line, without device announcements (the backend
+    /// adds those for its own device layout).
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// vhost-user socket of virtiofsd and the tag the guest mounts.
+    pub fs_socket: PathBuf,
+    pub fs_tag: String,
+    /// vhost-user socket of the vsock backend and the guest's CID.
+    pub vsock_socket: PathBuf,
+    pub guest_cid: u32,
+    /// The serial console is appended here.
+    pub console_log: PathBuf,
+    /// The VMM's own messages.
+    pub vmm_log: PathBuf,
+    /// Control socket (husk-vmm), or QMP (QEMU).
+    pub api_socket: PathBuf,
+}
+
+/// A hypervisor backend.
+pub trait Hypervisor: Send + Sync {
+    /// Short name for logs and `husk check`.
+    fn name(&self) -> &'static str;
+    /// How the backend runs the guest (e.g. "KVM", "TCG").
+    fn acceleration(&self) -> &'static str;
+    /// Starts the VM process; returns once it is spawned.
+    fn launch(&self, vm: &VmConfig) -> Result<HelperProcess, HypervisorError>;
+}
+
+/// The backend chosen for this machine and why.
+pub struct Selection {
+    pub hypervisor: Box<dyn Hypervisor>,
+    pub reason: String,
+}
+
+/// Picks the backend: `auto` uses husk-vmm where KVM can run a guest and
+/// QEMU otherwise (with TCG when KVM is unusable).
+pub fn select(choice: HypervisorChoice, config: &crate::config::Config) -> Result<Selection, HypervisorError> {
+    let kvm = kvm::probe();
+    match choice {
+        HypervisorChoice::HuskVmm => match &kvm {
+            kvm::KvmSupport::Usable => Ok(Selection {
+                hypervisor: Box::new(husk_vmm::HuskVmm::new(crate::artifacts::husk_vmm(config.husk_vmm.as_deref())?)),
+                reason: "configured".into(),
+            }),
+            kvm::KvmSupport::Unusable(why) => Err(HypervisorError::KvmUnusable(why.clone())),
+        },
+        HypervisorChoice::Qemu => Ok(Selection {
+            hypervisor: Box::new(qemu::Qemu::new(crate::artifacts::qemu(config.qemu.as_deref())?, kvm.is_usable())),
+            reason: match &kvm {
+                kvm::KvmSupport::Usable => "configured, with KVM".into(),
+                kvm::KvmSupport::Unusable(why) => format!("configured; TCG because {why}"),
+            },
+        }),
+        HypervisorChoice::Auto => match &kvm {
+            kvm::KvmSupport::Usable => match crate::artifacts::husk_vmm(config.husk_vmm.as_deref()) {
+                Ok(vmm) => Ok(Selection { hypervisor: Box::new(husk_vmm::HuskVmm::new(vmm)), reason: "auto: KVM can run guests".into() }),
+                Err(e) => Ok(Selection {
+                    hypervisor: Box::new(qemu::Qemu::new(crate::artifacts::qemu(config.qemu.as_deref())?, true)),
+                    reason: format!("auto: KVM usable but {e}"),
+                }),
+            },
+            kvm::KvmSupport::Unusable(why) => Ok(Selection {
+                hypervisor: Box::new(qemu::Qemu::new(crate::artifacts::qemu(config.qemu.as_deref())?, false)),
+                reason: format!("auto: TCG fallback because {why}"),
+            }),
+        },
+    }
+}

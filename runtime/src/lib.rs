@@ -1,0 +1,14 @@
+//! husk's sandbox library, shared by the `husk` CLI and the containerd shim.
+//!
+//! A [`sandbox::Sandbox`] is one microVM: its hypervisor process (QEMU or
+//! husk-vmm, behind [`hypervisor::Hypervisor`]), its vhost-user device
+//! backends ([`backends`]: virtiofsd and the vsock backend), the client of
+//! the agent inside it ([`agent::AgentClient`]) and its directory on disk.
+
+pub mod agent;
+pub mod artifacts;
+pub mod backends;
+pub mod child;
+pub mod config;
+pub mod hypervisor;
+pub mod sandbox;

@@ -1,0 +1,16 @@
+//! `husk`: a runc-compatible OCI runtime whose containers run in microVMs.
+
+mod cli;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("husk: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! A sandbox: one microVM with its device backends, the agent client and a
+//! directory on disk, holding one or more containers.
+//!
+//! Directory layout (`<state_root>/<id>/`): `shared/` (exported by virtio-fs;
+//! each container's rootfs is bind-mounted at `shared/<cid>/rootfs`),
+//! `vhost-fs.sock`, `vhost-vsock.sock`, `vsock.sock` (the hybrid vsock),
+//! `api.sock`, `console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`.
+
+use crate::agent::{new_token, AgentClient, AgentError};
+use crate::backends::{log_tail, virtiofs, virtiofs::VirtioFsBackend, vsock::VsockBackend, BackendError};
+use crate::child::{describe, HelperProcess};
+use crate::config::Config;
+use crate::hypervisor::{self, HypervisorError, VmConfig};
+use husk_protocol::agent::{CreateContainerRequest, Stdio as StdioTokens, WaitProcessResponse};
+use husk_protocol::{StreamKind, GUEST_CID};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Default parent of sandbox directories.
+pub const DEFAULT_STATE_ROOT: &str = "/run/husk/sandbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_.-], not starting with . or -")]
+    InvalidId(String),
+    #[error("sandbox {0} already exists")]
+    Exists(String),
+    #[error("shared directory {0} does not exist")]
+    MissingSharedDir(PathBuf),
+    #[error("{0}")]
+    Artifact(#[from] crate::artifacts::ArtifactError),
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("{name} (pid {pid}) {status}{detail}")]
+    ComponentDied { name: &'static str, pid: u32, status: String, detail: String },
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("container rootfs {0} does not exist")]
+    MissingRootfs(PathBuf),
+    #[error("mount {source_path} -> {target}: {error}")]
+    Mount { source_path: PathBuf, target: PathBuf, error: nix::Error },
+    #[error("cleaning up {path}: {reason}")]
+    Cleanup { path: PathBuf, reason: String },
+}
+
+/// How a sandbox is made.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub id: String,
+    pub state_root: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Share this existing directory instead of the sandbox's own `shared/`.
+    pub shared_dir: Option<PathBuf>,
+}
+
+impl SandboxConfig {
+    pub fn new(id: &str, config: &Config) -> Self {
+        SandboxConfig {
+            id: id.to_string(),
+            state_root: PathBuf::from(DEFAULT_STATE_ROOT),
+            memory_mib: config.default_memory_mib,
+            vcpus: config.default_vcpus,
+            shared_dir: None,
+        }
+    }
+}
+
+/// Where the time of a sandbox start went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    /// Spawning virtiofsd and the vsock backend until their sockets exist.
+    pub backends_ms: f64,
+    /// From spawning the VMM to the guest kernel starting (host time to
+    /// agent ready minus the guest's own boot-to-ready).
+    pub vmm_start_ms: f64,
+    /// Guest kernel start to agent serving, on the guest's clock (the boot
+    /// marker the agent reports).
+    pub kernel_boot_to_agent_ms: f64,
+    /// VMM spawn to the first answered RPC, on the host's clock.
+    pub vmm_spawn_to_agent_ms: f64,
+    /// The first Health RPC's round trip.
+    pub first_rpc_ms: f64,
+    /// Everything: from the start call to a sandbox ready for work.
+    pub total_start_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Host ends of a container process's stdio.
+#[derive(Default)]
+pub struct HostStdio {
+    pub stdin: Option<Box<dyn Read + Send>>,
+    pub stdout: Option<Box<dyn Write + Send>>,
+    pub stderr: Option<Box<dyn Write + Send>>,
+    pub terminal: bool,
+}
+
+/// Output pumps of a started process; join them to be sure every byte the
+/// process wrote has been delivered.
+pub struct StdioPumps {
+    outputs: Vec<JoinHandle<()>>,
+}
+
+impl StdioPumps {
+    pub fn finish(self) {
+        for h in self.outputs {
+            let _ = h.join();
+        }
+    }
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    shared_dir: PathBuf,
+    owns_shared_dir: bool,
+    pub hypervisor: &'static str,
+    pub acceleration: &'static str,
+    pub hypervisor_reason: String,
+    vm: Option<HelperProcess>,
+    fs: Option<VirtioFsBackend>,
+    vsock: Option<VsockBackend>,
+    agent: Option<AgentClient>,
+    pub timings: Timings,
+    console_log: PathBuf,
+    cleaned: bool,
+}
+
+/// `[A-Za-z0-9_.-]{1,64}`, not starting with `.` or `-` (so never `..`).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with(['.', '-'])
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+impl Sandbox {
+    /// Boots a sandbox and waits for its agent. On failure nothing is left
+    /// behind: processes are killed and the directory removed.
+    pub fn start(config: &Config, sc: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let t0 = Instant::now();
+        if !valid_id(&sc.id) {
+            return Err(SandboxError::InvalidId(sc.id.clone()));
+        }
+        if let Some(shared) = &sc.shared_dir {
+            if !shared.is_dir() {
+                return Err(SandboxError::MissingSharedDir(shared.clone()));
+            }
+        }
+        // Check every input before creating anything.
+        let kernel = crate::artifacts::kernel(config.kernel.as_deref())?;
+        let initramfs = crate::artifacts::initramfs(config.initramfs.as_deref())?;
+        let virtiofsd = crate::artifacts::virtiofsd(config.virtiofsd.as_deref())?;
+        let vsock_backend = crate::artifacts::vsock_backend(config.vsock_backend.as_deref())?;
+        let selection = hypervisor::select(config.hypervisor, config)?;
+
+        let dir = sc.state_root.join(&sc.id);
+        std::fs::create_dir_all(&sc.state_root)
+            .map_err(|source| SandboxError::Io { what: "creating", path: sc.state_root.clone(), source })?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(SandboxError::Exists(sc.id.clone())),
+            Err(source) => return Err(SandboxError::Io { what: "creating", path: dir, source }),
+        }
+        let (shared_dir, owns_shared_dir) = match &sc.shared_dir {
+            Some(d) => (d.clone(), false),
+            None => (dir.join("shared"), true),
+        };
+        let mut sandbox = Sandbox {
+            id: sc.id.clone(),
+            dir: dir.clone(),
+            shared_dir: shared_dir.clone(),
+            owns_shared_dir,
+            hypervisor: selection.hypervisor.name(),
+            acceleration: selection.hypervisor.acceleration(),
+            hypervisor_reason: selection.reason.clone(),
+            vm: None,
+            fs: None,
+            vsock: None,
+            agent: None,
+            timings: Timings::default(),
+            console_log: dir.join("console.log"),
+            cleaned: false,
+        };
+        // From here on, dropping `sandbox` cleans up whatever was made.
+        if owns_shared_dir {
+            std::fs::create_dir(&shared_dir)
+                .map_err(|source| SandboxError::Io { what: "creating", path: shared_dir.clone(), source })?;
+        }
+        let tb = Instant::now();
+        sandbox.fs = Some(VirtioFsBackend::spawn(
+            &virtiofsd,
+            &shared_dir,
+            &dir.join("vhost-fs.sock"),
+            &config.virtiofs_cache,
+            &dir.join("virtiofsd.log"),
+        )?);
+        sandbox.vsock = Some(VsockBackend::spawn(
+            &vsock_backend,
+            GUEST_CID,
+            &dir.join("vhost-vsock.sock"),
+            &dir.join("vsock.sock"),
+            &dir.join("vsock.log"),
+        )?);
+        sandbox.timings.backends_ms = ms(tb.elapsed());
+
+        let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+        if !config.kernel_params.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&config.kernel_params);
+        }
+        let vm_config = VmConfig {
+            kernel,
+            initramfs,
+            cmdline,
+            memory_mib: sc.memory_mib,
+            vcpus: sc.vcpus,
+            fs_socket: dir.join("vhost-fs.sock"),
+            fs_tag: virtiofs::TAG.to_string(),
+            vsock_socket: dir.join("vhost-vsock.sock"),
+            guest_cid: GUEST_CID,
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            api_socket: dir.join("api.sock"),
+        };
+        let tv = Instant::now();
+        sandbox.vm = Some(selection.hypervisor.launch(&vm_config)?);
+        let uds = dir.join("vsock.sock");
+        let timeout = Duration::from_secs(config.boot_timeout_secs);
+        let agent = {
+            let sb = &mut sandbox;
+            AgentClient::connect(&uds, timeout, || sb.check_components().map_err(|e| e.to_string()))
+        };
+        let agent = match agent {
+            Ok(a) => a,
+            Err(AgentError::NotReady(t)) => {
+                return Err(SandboxError::Agent(AgentError::Aborted(format!(
+                    "the guest agent did not answer within {t:?}; console: {}",
+                    log_tail(&sandbox.console_log)
+                ))))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tr = Instant::now();
+        let health = agent.health()?;
+        sandbox.timings.first_rpc_ms = ms(tr.elapsed());
+        let host_ready = tv.elapsed();
+        sandbox.timings.vmm_spawn_to_agent_ms = ms(host_ready);
+        sandbox.timings.kernel_boot_to_agent_ms = health.ready_boottime_ns as f64 / 1e6;
+        sandbox.timings.vmm_start_ms = (ms(host_ready) - sandbox.timings.kernel_boot_to_agent_ms).max(0.0);
+        sandbox.agent = Some(agent);
+        sandbox.timings.total_start_ms = ms(t0.elapsed());
+        Ok(sandbox)
+    }
+
+    /// The agent of a running sandbox.
+    pub fn agent(&self) -> &AgentClient {
+        // Only a started sandbox is ever handed out.
+        self.agent.as_ref().unwrap_or_else(|| unreachable!("sandbox without agent"))
+    }
+
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    pub fn vm_pid(&self) -> Option<u32> {
+        self.vm.as_ref().map(HelperProcess::pid)
+    }
+
+    /// Pids of the device backends (virtiofsd, vsock backend).
+    pub fn backend_pids(&self) -> Vec<(&'static str, u32)> {
+        let mut pids = Vec::new();
+        if let Some(fs) = &self.fs {
+            pids.push((fs.process.name, fs.process.pid()));
+        }
+        if let Some(v) = &self.vsock {
+            pids.push((v.process.name, v.process.pid()));
+        }
+        pids
+    }
+
+    /// Reports the first component (VMM or backend) that has died.
+    pub fn check_components(&mut self) -> Result<(), SandboxError> {
+        let console = self.console_log.clone();
+        let dir = self.dir.clone();
+        let mut parts: Vec<(&mut HelperProcess, PathBuf)> = Vec::new();
+        if let Some(vm) = self.vm.as_mut() {
+            parts.push((vm, dir.join("vmm.log")));
+        }
+        if let Some(fs) = self.fs.as_mut() {
+            parts.push((&mut fs.process, dir.join("virtiofsd.log")));
+        }
+        if let Some(v) = self.vsock.as_mut() {
+            parts.push((&mut v.process, dir.join("vsock.log")));
+        }
+        for (p, log) in parts {
+            if let Some(status) = p.try_wait() {
+                let mut detail = format!("; its log: {}", log_tail(&log));
+                if p.name == "qemu" || p.name == "husk-vmm" {
+                    detail.push_str(&format!("; console: {}", log_tail(&console)));
+                }
+                return Err(SandboxError::ComponentDied { name: p.name, pid: p.pid(), status: describe(status), detail });
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns an agent error into the cause the user needs: a dead component
+    /// explains a failed RPC better than the RPC error does.
+    pub fn explain(&mut self, e: AgentError) -> SandboxError {
+        // A VMM killed mid-call may need a moment to be reapable.
+        for _ in 0..50 {
+            if let Err(dead) = self.check_components() {
+                return dead;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        SandboxError::Agent(e)
+    }
+
+    /// Bind-mounts a container's rootfs into the shared directory and
+    /// returns its path relative to the share.
+    pub fn share_rootfs(&self, container_id: &str, rootfs: &Path) -> Result<String, SandboxError> {
+        if !rootfs.is_dir() {
+            return Err(SandboxError::MissingRootfs(rootfs.to_path_buf()));
+        }
+        let rel = format!("{container_id}/rootfs");
+        let target = self.shared_dir.join(&rel);
+        bind_mount(rootfs, &target, true)?;
+        Ok(rel)
+    }
+
+    /// Shares a host path (file or directory) for a bind mount of
+    /// `container_id`; returns its path relative to the share.
+    pub fn share_path(&self, container_id: &str, index: usize, source: &Path) -> Result<String, SandboxError> {
+        let meta = std::fs::metadata(source).map_err(|e| SandboxError::Io { what: "bind mount source", path: source.into(), source: e })?;
+        let rel = format!("{container_id}/mounts/{index}");
+        let target = self.shared_dir.join(&rel);
+        bind_mount(source, &target, meta.is_dir())?;
+        Ok(rel)
+    }
+
+    /// Opens the stdio streams of a process and starts the host-side pumps.
+    pub fn connect_stdio(&self, stdio: HostStdio) -> Result<(StdioTokens, StdioPumps), SandboxError> {
+        let agent = self.agent();
+        let mut tokens = StdioTokens { terminal: stdio.terminal, ..Default::default() };
+        let mut outputs = Vec::new();
+        if let Some(input) = stdio.stdin {
+            let token = new_token();
+            let stream = agent.open_stream(StreamKind::Process, token)?;
+            tokens.stdin = token;
+            std::thread::spawn(move || pump_in(input, stream));
+        }
+        for (output, slot) in [(stdio.stdout, &mut tokens.stdout), (stdio.stderr, &mut tokens.stderr)] {
+            if let Some(output) = output {
+                let token = new_token();
+                let stream = agent.open_stream(StreamKind::Process, token)?;
+                *slot = token;
+                outputs.push(std::thread::spawn(move || pump_out(stream, output)));
+            }
+        }
+        Ok((tokens, StdioPumps { outputs }))
+    }
+
+    /// Creates a container in the guest from a bundle's spec.
+    pub fn create_container(
+        &mut self,
+        container_id: &str,
+        spec_json: Vec<u8>,
+        rootfs_rel: String,
+        shared_mounts: HashMap<String, String>,
+        stdio: StdioTokens,
+    ) -> Result<(), SandboxError> {
+        let req = CreateContainerRequest {
+            container_id: container_id.into(),
+            oci_spec_json: spec_json,
+            rootfs: rootfs_rel,
+            stdio: Some(stdio).into(),
+            shared_mounts,
+            ..Default::default()
+        };
+        let result = self.agent().create_container(&req);
+        result.map_err(|e| self.explain(e))
+    }
+
+    pub fn start_container(&mut self, container_id: &str) -> Result<u32, SandboxError> {
+        let result = self.agent().start_container(container_id);
+        result.map_err(|e| self.explain(e))
+    }
+
+    pub fn wait_process(&mut self, container_id: &str, exec_id: &str) -> Result<WaitProcessResponse, SandboxError> {
+        let result = self.agent().wait_process(container_id, exec_id);
+        result.map_err(|e| self.explain(e))
+    }
+
+    /// Unshares a container's host paths (rootfs and bind mounts).
+    pub fn unshare_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        let dir = self.shared_dir.join(container_id);
+        unmount_below(&dir)?;
+        remove_tree_same_fs(&dir)
+    }
+
+    /// Asks the guest to power off, then stops what is left. Returns how
+    /// long the shutdown took.
+    pub fn shutdown(mut self) -> Result<Duration, SandboxError> {
+        let t = Instant::now();
+        if let Some(agent) = &self.agent {
+            // A guest that is already gone is not an error at shutdown.
+            let _ = agent.shutdown();
+        }
+        self.agent = None;
+        if let Some(vm) = self.vm.as_mut() {
+            if vm.wait_timeout(Duration::from_secs(5)).is_none() {
+                vm.stop(Duration::from_millis(500));
+            }
+        }
+        let elapsed = t.elapsed();
+        self.cleanup()?;
+        Ok(elapsed)
+    }
+
+    /// Stops every process and removes the sandbox's mounts and directory.
+    pub fn cleanup(&mut self) -> Result<(), SandboxError> {
+        if self.cleaned {
+            return Ok(());
+        }
+        self.cleaned = true;
+        self.agent = None;
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop(Duration::from_millis(500));
+        }
+        // virtiofsd exits when the VM disconnects; the vsock backend does not.
+        if let Some(mut fs) = self.fs.take() {
+            if fs.process.wait_timeout(Duration::from_millis(500)).is_none() {
+                fs.process.stop(Duration::from_millis(500));
+            }
+        }
+        if let Some(mut v) = self.vsock.take() {
+            v.process.stop(Duration::from_millis(500));
+        }
+        if self.owns_shared_dir {
+            unmount_below(&self.shared_dir)?;
+        }
+        remove_tree_same_fs(&self.dir)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            log::warn!("sandbox {}: {e}", self.id);
+        }
+    }
+}
+
+fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    // A whole close, not a half-close: the vsock backend drops a half-closed
+    // connection's pending data, and this stream only carries one direction.
+    drop(stream);
+}
+
+fn pump_out(mut stream: UnixStream, mut output: Box<dyn Write + Send>) {
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if output.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = output.flush();
+}
+
+fn bind_mount(source: &Path, target: &Path, dir: bool) -> Result<(), SandboxError> {
+    use nix::mount::{mount, MsFlags};
+    let io = |what, source| SandboxError::Io { what, path: target.to_path_buf(), source };
+    if dir {
+        std::fs::create_dir_all(target).map_err(|e| io("creating", e))?;
+    } else {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io("creating", e))?;
+        }
+        std::fs::write(target, b"").map_err(|e| io("creating", e))?;
+    }
+    let err = |error| SandboxError::Mount { source_path: source.to_path_buf(), target: target.to_path_buf(), error };
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err)?;
+    // Nothing mounted later inside the share propagates back to the host.
+    mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>).map_err(err)?;
+    Ok(())
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// Detaches every mount at or below `dir`.
+pub fn unmount_below(dir: &Path) -> Result<(), SandboxError> {
+    for m in mounts_below(dir) {
+        match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(SandboxError::Cleanup { path: m, reason: format!("unmounting: {e}") }),
+        }
+    }
+    Ok(())
+}
+
+/// Removes `dir` recursively without ever crossing into another file system,
+/// so a mount that failed to detach keeps its contents (a user's rootfs is
+/// never deleted through a bind mount).
+pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SandboxError::Cleanup { path: dir.into(), reason: e.to_string() }),
+    };
+    fn walk(path: &Path, dev: u64) -> Result<(), SandboxError> {
+        let cleanup = |reason: String| SandboxError::Cleanup { path: path.to_path_buf(), reason };
+        let meta = std::fs::symlink_metadata(path).map_err(|e| cleanup(e.to_string()))?;
+        if meta.is_dir() {
+            if meta.dev() != dev {
+                return Err(cleanup("still a mount point".into()));
+            }
+            for entry in std::fs::read_dir(path).map_err(|e| cleanup(e.to_string()))? {
+                let entry = entry.map_err(|e| cleanup(e.to_string()))?;
+                walk(&entry.path(), dev)?;
+            }
+            std::fs::remove_dir(path).map_err(|e| cleanup(e.to_string()))
+        } else {
+            std::fs::remove_file(path).map_err(|e| cleanup(e.to_string()))
+        }
+    }
+    walk(dir, meta.dev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(valid_id("abc-1_2.3"));
+        for bad in ["", "../x", "a/b", ".hidden", "-x", &"x".repeat(65), "a b"] {
+            assert!(!valid_id(bad), "{bad:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn remove_tree_removes_plain_trees() {
+        let dir = std::env::temp_dir().join(format!("husk-rm-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("a/b/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("a/link")).unwrap();
+        remove_tree_same_fs(&dir).unwrap();
+        assert!(!dir.exists());
+        assert!(Path::new("/etc").exists());
+    }
+}

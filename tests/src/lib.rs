@@ -1,0 +1,1 @@
+//! Integration tests that boot real microVMs live in tests/tests/.
