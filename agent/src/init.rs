@@ -33,8 +33,24 @@ struct PseudoFs {
     data: Option<&'static str>,
 }
 
+/// Leaves the initramfs's root mount: pivot_root(2) refuses to move away
+/// from the initial rootfs (it has no parent mount), so containers could not
+/// pivot. A recursive bind of / moved onto / has a parent, and chroot makes
+/// it the agent's root. Must run before anything else is mounted.
+fn leave_initial_rootfs() -> Result<(), InitError> {
+    let bind = |source: nix::Error| InitError::Mount { fstype: "bind", target: "/", source };
+    std::fs::create_dir_all("/newroot").map_err(|source| InitError::Mkdir { path: "/newroot", source })?;
+    mount(Some("/"), "/newroot", None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(bind)?;
+    nix::unistd::chdir("/newroot").map_err(bind)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(bind)?;
+    nix::unistd::chroot(".").map_err(bind)?;
+    nix::unistd::chdir("/").map_err(bind)?;
+    Ok(())
+}
+
 /// Mounts what the guest needs and enables the cgroup controllers.
 pub fn setup_guest() -> Result<(), InitError> {
+    leave_initial_rootfs()?;
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let mounts = [
         PseudoFs { fstype: "proc", target: "/proc", flags: nodev, data: None },

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 
 /// Timeout of ordinary RPCs (not WaitProcess, which blocks until exit).
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the `OK <port>` answer to a CONNECT may take.
+/// How long the `OK <port>` answer to a CONNECT may take once the guest runs.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// While the guest boots, a CONNECT can go unanswered (its vsock driver is
+/// not up yet): give up on that attempt quickly and try again.
+const BOOT_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -21,6 +24,8 @@ pub enum AgentError {
     Connect { uds: PathBuf, source: std::io::Error },
     #[error("vsock port {port}: the guest refused the connection (nothing listening yet)")]
     Refused { port: u32 },
+    #[error("vsock port {port}: no answer to CONNECT within {timeout:?}")]
+    Unanswered { port: u32, timeout: Duration },
     #[error("vsock port {port}: unexpected handshake answer {answer:?}")]
     Handshake { port: u32, answer: String },
     #[error("the agent did not answer within {0:?}")]
@@ -42,9 +47,13 @@ impl From<ttrpc::Error> for AgentError {
 
 /// Connects to guest vsock `port` through the hybrid Unix socket.
 pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
+    connect_port_within(uds, port, HANDSHAKE_TIMEOUT)
+}
+
+fn connect_port_within(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
     let mut stream = UnixStream::connect(uds).map_err(|source| AgentError::Connect { uds: uds.to_path_buf(), source })?;
     let io = |source| AgentError::Connect { uds: uds.to_path_buf(), source };
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io)?;
     // Read byte by byte: anything after the newline belongs to the peer.
     let mut answer = Vec::with_capacity(16);
@@ -56,6 +65,9 @@ pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
             Ok(_) if answer.len() < 64 => answer.push(byte[0]),
             Ok(_) => break,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(AgentError::Refused { port }),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(AgentError::Unanswered { port, timeout })
+            }
             Err(e) => return Err(io(e)),
         }
     }
@@ -100,15 +112,17 @@ impl AgentClient {
         let deadline = Instant::now() + timeout;
         loop {
             alive().map_err(AgentError::Aborted)?;
-            match connect_port(uds, AGENT_PORT) {
+            match connect_port_within(uds, AGENT_PORT, BOOT_HANDSHAKE_TIMEOUT) {
                 Ok(stream) => {
                     let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(AgentError::from)?;
                     return Ok(AgentClient { rpc: RpcClient::new(client), uds: uds.to_path_buf() });
                 }
-                Err(AgentError::Refused { .. }) | Err(AgentError::Connect { .. }) if Instant::now() < deadline => {
+                Err(AgentError::Refused { .. } | AgentError::Unanswered { .. } | AgentError::Connect { .. })
+                    if Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(3));
                 }
-                Err(AgentError::Refused { .. }) => return Err(AgentError::NotReady(timeout)),
+                Err(AgentError::Refused { .. } | AgentError::Unanswered { .. }) => return Err(AgentError::NotReady(timeout)),
                 Err(e) => return Err(e),
             }
         }

@@ -31,15 +31,15 @@ pub enum SandboxError {
     Exists(String),
     #[error("shared directory {0} does not exist")]
     MissingSharedDir(PathBuf),
-    #[error("{0}")]
+    #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
-    #[error("{0}")]
+    #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("{0}")]
+    #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error("{name} (pid {pid}) {status}{detail}")]
     ComponentDied { name: &'static str, pid: u32, status: String, detail: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
@@ -197,6 +197,7 @@ impl Sandbox {
         if owns_shared_dir {
             std::fs::create_dir(&shared_dir)
                 .map_err(|source| SandboxError::Io { what: "creating", path: shared_dir.clone(), source })?;
+            make_propagating_mount(&shared_dir)?;
         }
         let tb = Instant::now();
         sandbox.fs = Some(VirtioFsBackend::spawn(
@@ -517,8 +518,20 @@ fn bind_mount(source: &Path, target: &Path, dir: bool) -> Result<(), SandboxErro
     }
     let err = |error| SandboxError::Mount { source_path: source.to_path_buf(), target: target.to_path_buf(), error };
     mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err)?;
-    // Nothing mounted later inside the share propagates back to the host.
-    mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>).map_err(err)?;
+    Ok(())
+}
+
+/// Makes `dir` a mount point in a peer group of its own. virtiofsd lives in
+/// a mount namespace of its own (a slave copy of the host's, taken when it
+/// starts): only mounts under a shared mount reach it, so the rootfs binds
+/// made later for each container must be made under this one. Private first
+/// so it joins no peer group of the host (on systemd hosts / is shared).
+fn make_propagating_mount(dir: &Path) -> Result<(), SandboxError> {
+    use nix::mount::{mount, MsFlags};
+    let err = |error| SandboxError::Mount { source_path: dir.to_path_buf(), target: dir.to_path_buf(), error };
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(err)?;
+    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(err)?;
     Ok(())
 }
 

@@ -1,1 +1,177 @@
-//! Integration tests that boot real microVMs live in tests/tests/.
+//! Support for husk's integration tests: they boot real microVMs (QEMU with
+//! TCG on machines without hardware KVM) through the built binaries and the
+//! sandbox library. A missing prerequisite fails a test with a message
+//! saying what to build; nothing is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The `husk` binary under test (`$HUSK_BIN`, else target/release/husk).
+pub fn husk_bin() -> PathBuf {
+    let p = std::env::var_os("HUSK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/husk"));
+    assert!(p.is_file(), "{} is missing: run `make build` first (or set HUSK_BIN)", p.display());
+    p
+}
+
+/// Guest artifacts must exist: a test that cannot boot a VM fails.
+pub fn require_guest() {
+    for f in ["vmlinux", "initramfs.img"] {
+        let p = workspace_root().join("target/guest").join(f);
+        assert!(p.is_file(), "{} is missing: run `make build` first", p.display());
+    }
+}
+
+/// A directory for one test, removed (mounts first) when dropped.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = std::env::temp_dir().join(format!("husk-test-{name}-{}", std::process::id()));
+        if path.exists() {
+            let _ = husk_runtime::sandbox::unmount_below(&path);
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TestDir { path }
+    }
+
+    /// The state root to pass as `--root` (sandboxes under `<root>/sandbox`).
+    pub fn state_root(&self) -> PathBuf {
+        self.path.join("state")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = husk_runtime::sandbox::unmount_below(&self.path);
+        let _ = husk_runtime::sandbox::remove_tree_same_fs(&self.path);
+    }
+}
+
+/// Makes a busybox rootfs at `dir` (Debian's busybox-static).
+pub fn busybox_rootfs(dir: &Path) {
+    let script = workspace_root().join("scripts/busybox-rootfs.sh");
+    let out = Command::new(&script).arg(dir).output().unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    assert!(out.status.success(), "busybox-rootfs.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A runtime spec like `runc spec` writes, running `args`.
+pub fn default_spec(args: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "husk-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// Writes a bundle (busybox rootfs + config.json) at `dir`.
+pub fn write_bundle(dir: &Path, spec: &serde_json::Value) -> PathBuf {
+    if !dir.join("rootfs/bin/busybox").exists() {
+        busybox_rootfs(&dir.join("rootfs"));
+    }
+    let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
+    std::fs::write(dir.join("config.json"), text).unwrap_or_else(|e| panic!("writing config.json: {e}"));
+    dir.to_path_buf()
+}
+
+/// Runs `husk --root <root> <args>`.
+pub fn husk(root: &Path, args: &[&str]) -> Output {
+    husk_env(root, args, &[])
+}
+
+/// Like [`husk`] with extra environment variables.
+pub fn husk_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(husk_bin());
+    cmd.arg("--root").arg(root).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap_or_else(|e| panic!("running husk: {e}"))
+}
+
+/// Everything a sandbox could leave behind that mentions `marker` (a test's
+/// directory): live processes, mounts, and files under `state_root`.
+pub fn leftovers(marker: &Path, state_root: &Path) -> Vec<String> {
+    let marker_s = marker.display().to_string();
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if pid == std::process::id() {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // Zombies are reaped by their parent; only live processes count.
+            let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+            if cmdline.contains(&marker_s) && !zombie {
+                found.push(format!("process {pid}: {cmdline}"));
+            }
+        }
+    }
+    for line in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+        if line.contains(&marker_s) {
+            found.push(format!("mount: {line}"));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(state_root.join("sandbox")) {
+        for e in entries.flatten() {
+            found.push(format!("state entry: {}", e.path().display()));
+        }
+    }
+    found
+}
+
+/// Polls `leftovers` for up to two seconds (processes take a moment to be
+/// reaped) and returns what remains.
+pub fn leftovers_settled(marker: &Path, state_root: &Path) -> Vec<String> {
+    for _ in 0..100 {
+        let l = leftovers(marker, state_root);
+        if l.is_empty() {
+            return l;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    leftovers(marker, state_root)
+}
+
+/// stdout as a string.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as a string.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -16,7 +16,7 @@ pub enum HypervisorError {
     Spawn { name: &'static str, program: PathBuf, source: std::io::Error },
     #[error("hypervisor husk-vmm needs KVM that can run a guest, and {0}")]
     KvmUnusable(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
 }
 

@@ -1,0 +1,49 @@
+# husk: two commands on a fresh machine: `make demo`, then `make test`.
+CARGO ?= cargo
+GUEST := target/guest
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT := target/$(AGENT_TARGET)/release/husk-agent
+# The agent is PID 1 of a guest with no libc: link it statically.
+AGENT_RUSTFLAGS := -C target-feature=+crt-static
+TEST_THREADS ?= 2
+
+.PHONY: all deps tools kernel agent initramfs binaries build demo test bench lint clean
+
+all: build
+
+deps:
+	scripts/install-deps.sh
+
+tools: deps
+	scripts/install-tools.sh
+
+kernel: deps
+	guest-kernel/build.sh $(GUEST)/vmlinux
+
+agent:
+	RUSTFLAGS="$(AGENT_RUSTFLAGS)" $(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
+
+initramfs: agent deps
+	strip -o target/husk-agent.stripped $(AGENT)
+	agent/build-initramfs.sh target/husk-agent.stripped $(GUEST)/initramfs.img
+
+binaries:
+	$(CARGO) build --release -p husk-runtime -p husk-vmm
+
+build: tools kernel initramfs binaries
+
+demo: build
+	scripts/demo.sh
+
+test: build
+	$(CARGO) test --release --workspace -- --test-threads=$(TEST_THREADS)
+
+bench: build
+	python3 bench/run.py
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
