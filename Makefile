@@ -7,7 +7,7 @@ AGENT := target/$(AGENT_TARGET)/release/husk-agent
 AGENT_RUSTFLAGS := -C target-feature=+crt-static
 TEST_THREADS ?= 2
 
-.PHONY: all deps tools kernel agent initramfs binaries build demo test bench lint clean
+.PHONY: all deps tools kernel agent initramfs binaries build demo test bench lint install clean
 
 all: build
 
@@ -28,7 +28,7 @@ initramfs: agent deps
 	agent/build-initramfs.sh target/husk-agent.stripped $(GUEST)/initramfs.img
 
 binaries:
-	$(CARGO) build --release -p husk-runtime -p husk-vmm
+	$(CARGO) build --release -p husk-runtime -p husk-vmm -p containerd-shim-husk-v2 -p husk-cri-client
 
 build: tools kernel initramfs binaries
 
@@ -40,6 +40,12 @@ test: build
 
 bench: build
 	python3 bench/run.py
+
+# Installs the binaries and guest artifacts where husk and containerd find them.
+install: build
+	install -d $(DESTDIR)/usr/local/bin $(DESTDIR)/usr/local/share/husk
+	install -m 0755 target/release/husk target/release/husk-vmm target/release/containerd-shim-husk-v2 $(DESTDIR)/usr/local/bin/
+	install -m 0644 $(GUEST)/vmlinux $(GUEST)/initramfs.img $(DESTDIR)/usr/local/share/husk/
 
 lint:
 	$(CARGO) fmt --all -- --check

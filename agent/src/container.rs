@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,7 +41,11 @@ pub enum ContainerError {
     #[error("cgroup {path}: {reason}")]
     Cgroup { path: String, reason: String },
     #[error("starting {program:?}: {step}{reason}")]
-    Spawn { program: String, step: String, reason: String },
+    Spawn {
+        program: String,
+        step: String,
+        reason: String,
+    },
     #[error("{0}")]
     Stream(#[from] crate::streams::StreamError),
     #[error("{0}")]
@@ -91,11 +96,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn ensure_cgroup(path: &Path) -> Result<(), ContainerError> {
     let root = Path::new(CGROUP_ROOT);
     let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    let enable: Vec<String> = controllers.split_whitespace().map(|c| format!("+{c}")).collect();
-    let rel = path.strip_prefix(root).map_err(|_| ContainerError::Cgroup {
-        path: path.display().to_string(),
-        reason: "outside the cgroup root".into(),
-    })?;
+    let enable: Vec<String> = controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect();
+    let rel = path
+        .strip_prefix(root)
+        .map_err(|_| ContainerError::Cgroup {
+            path: path.display().to_string(),
+            reason: "outside the cgroup root".into(),
+        })?;
     let mut current = root.to_path_buf();
     for part in rel.components() {
         if current != root {
@@ -109,7 +119,10 @@ fn ensure_cgroup(path: &Path) -> Result<(), ContainerError> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
-                return Err(ContainerError::Cgroup { path: current.display().to_string(), reason: e.to_string() })
+                return Err(ContainerError::Cgroup {
+                    path: current.display().to_string(),
+                    reason: e.to_string(),
+                })
             }
         }
     }
@@ -127,15 +140,39 @@ fn write_cgroup(cgroup: &Path, file: &str, value: &str) -> Result<(), ContainerE
 pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), ContainerError> {
     if let Some(mem) = r.memory() {
         if let Some(limit) = mem.limit() {
-            write_cgroup(cgroup, "memory.max", &if limit < 0 { "max".into() } else { limit.to_string() })?;
+            write_cgroup(
+                cgroup,
+                "memory.max",
+                &if limit < 0 {
+                    "max".into()
+                } else {
+                    limit.to_string()
+                },
+            )?;
         }
         if let Some(res) = mem.reservation() {
-            write_cgroup(cgroup, "memory.low", &if res < 0 { "max".into() } else { res.to_string() })?;
+            write_cgroup(
+                cgroup,
+                "memory.low",
+                &if res < 0 {
+                    "max".into()
+                } else {
+                    res.to_string()
+                },
+            )?;
         }
     }
     if let Some(pids) = r.pids() {
         let limit = pids.limit();
-        write_cgroup(cgroup, "pids.max", &if limit <= 0 { "max".into() } else { limit.to_string() })?;
+        write_cgroup(
+            cgroup,
+            "pids.max",
+            &if limit <= 0 {
+                "max".into()
+            } else {
+                limit.to_string()
+            },
+        )?;
     }
     if let Some(cpu) = r.cpu() {
         if cpu.quota().is_some() || cpu.period().is_some() {
@@ -214,41 +251,82 @@ fn pump_stdin(mut from: VsockStream, stdin: Arc<Mutex<Option<File>>>) {
     lock(&stdin).take();
 }
 
-fn set_cloexec(fd: &OwnedFd) {
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+/// Receives the pty master a container child sent with SCM_RIGHTS.
+fn receive_fd(sock: &UnixStream) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(fd) = fds.first() {
+                // SAFETY: the fd was just received and is ours alone.
+                return Ok(unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+        }
+    }
+    Err(std::io::Error::other("no terminal fd in the message"))
 }
 
-fn spawn(reaper: &Reaper, plan: LaunchPlan, streams: ProcessStreams) -> Result<Arc<Proc>, ContainerError> {
+fn spawn(
+    reaper: &Reaper,
+    plan: LaunchPlan,
+    streams: ProcessStreams,
+) -> Result<Arc<Proc>, ContainerError> {
     let program = plan.args[0].clone();
     let mut cmd = Command::new(&plan.args[0]);
-    cmd.args(&plan.args[1..]).env_clear().envs(plan.env.iter().map(|(k, v)| (k, v)));
-    let mut pty_master = None;
-    if plan.terminal {
-        let pty = nix::pty::openpty(None, None).map_err(|e| ContainerError::Spawn {
-            program: program.clone(),
-            step: "opening a pty: ".into(),
-            reason: e.to_string(),
-        })?;
-        set_cloexec(&pty.master);
-        let slave = File::from(pty.slave);
-        cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
-        pty_master = Some(pty.master);
+    cmd.args(&plan.args[1..])
+        .env_clear()
+        .envs(plan.env.iter().map(|(k, v)| (k, v)));
+    // With a terminal the child opens its pty in the container and sends
+    // the master back over this pair.
+    let console_pair = if plan.terminal {
+        Some(UnixStream::pair()?)
     } else {
-        cmd.stdin(if streams.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-        cmd.stdout(if streams.stdout.is_some() { Stdio::piped() } else { Stdio::null() });
-        cmd.stderr(if streams.stderr.is_some() { Stdio::piped() } else { Stdio::null() });
+        None
+    };
+    if plan.terminal {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    } else {
+        cmd.stdin(if streams.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        cmd.stdout(if streams.stdout.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        cmd.stderr(if streams.stderr.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
     }
     let (diag_r, diag_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Io(e.into()))?;
     let diag_fd = diag_w.as_raw_fd();
+    let console_fd = console_pair
+        .as_ref()
+        .map_or(-1, |(_, child)| child.as_raw_fd());
     let plan = Arc::new(plan);
     let child_plan = Arc::clone(&plan);
     let names = StepNames::new();
     // SAFETY: apply_in_child only makes async-signal-safe syscalls on data
     // prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || spec::apply_in_child(&child_plan, &names, diag_fd));
+        cmd.pre_exec(move || spec::apply_in_child(&child_plan, &names, diag_fd, console_fd));
     }
     let spawned = {
         let _guard = reaper.spawn_guard();
@@ -272,10 +350,25 @@ fn spawn(reaper: &Reaper, plan: LaunchPlan, streams: ProcessStreams) -> Result<A
             } else {
                 e.to_string()
             };
-            return Err(ContainerError::Spawn { program, step, reason });
+            return Err(ContainerError::Spawn {
+                program,
+                step,
+                reason,
+            });
         }
     };
     let pid = child.id() as i32;
+    let pty_master = match console_pair {
+        Some((agent_end, child_end)) => {
+            drop(child_end);
+            Some(receive_fd(&agent_end).map_err(|e| ContainerError::Spawn {
+                program: program.clone(),
+                step: "receiving the terminal from the container: ".into(),
+                reason: e.to_string(),
+            })?)
+        }
+        None => None,
+    };
     let mut copiers = Vec::new();
     let stdin_pipe: Arc<Mutex<Option<File>>> = Arc::new(Mutex::new(None));
     if let Some(master) = &pty_master {
@@ -336,11 +429,17 @@ fn spawn(reaper: &Reaper, plan: LaunchPlan, streams: ProcessStreams) -> Result<A
 
 impl Containers {
     pub fn new(reaper: Arc<Reaper>) -> Self {
-        Containers { reaper, table: Mutex::new(HashMap::new()) }
+        Containers {
+            reaper,
+            table: Mutex::new(HashMap::new()),
+        }
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
-        lock(&self.table).get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.to_string()))
+        lock(&self.table)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound(id.to_string()))
     }
 
     fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Proc>, ContainerError> {
@@ -350,7 +449,10 @@ impl Containers {
         } else {
             lock(&c.execs).get(exec_id).cloned()
         };
-        p.ok_or_else(|| ContainerError::NoProcess { id: id.to_string(), exec_id: exec_id.to_string() })
+        p.ok_or_else(|| ContainerError::NoProcess {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        })
     }
 
     pub fn create(
@@ -360,20 +462,31 @@ impl Containers {
         rootfs: &str,
         shared_mounts: &HashMap<String, String>,
         streams: ProcessStreams,
+        no_pivot: bool,
     ) -> Result<(), ContainerError> {
         if lock(&self.table).contains_key(id) {
             return Err(ContainerError::Exists(id.to_string()));
         }
-        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| ContainerError::Parse(e.to_string()))?;
+        let spec: Spec =
+            serde_json::from_slice(spec_json).map_err(|e| ContainerError::Parse(e.to_string()))?;
         if !shared_dir_mounted() {
             return Err(ContainerError::NoShare);
         }
         let root = spec::join_inside(Path::new(SHARED_DIR), Path::new(rootfs));
         let cgroup = match spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
-            Some(p) => spec::join_inside(Path::new(CGROUP_ROOT), &PathBuf::from(p.display().to_string().replace(':', "/"))),
+            Some(p) => spec::join_inside(
+                Path::new(CGROUP_ROOT),
+                &PathBuf::from(p.display().to_string().replace(':', "/")),
+            ),
             None => Path::new(CGROUP_ROOT).join("husk").join(id),
         };
-        let plan = spec::plan_container(&spec, &root, shared_mounts, &cgroup.join("cgroup.procs"), false)?;
+        let plan = spec::plan_container(
+            &spec,
+            &root,
+            shared_mounts,
+            &cgroup.join("cgroup.procs"),
+            no_pivot,
+        )?;
         ensure_cgroup(&cgroup)?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         if let Some(r) = &resources {
@@ -399,24 +512,34 @@ impl Containers {
 
     pub fn start(&self, id: &str) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
-        let pending = lock(&c.pending).take().ok_or_else(|| ContainerError::AlreadyStarted(id.to_string()))?;
+        let pending = lock(&c.pending)
+            .take()
+            .ok_or_else(|| ContainerError::AlreadyStarted(id.to_string()))?;
         let proc = spawn(&self.reaper, pending.plan, pending.streams)?;
         let pid = proc.pid;
         *lock(&c.init) = Some(proc);
         Ok(pid as u32)
     }
 
-    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], streams: ProcessStreams) -> Result<u32, ContainerError> {
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        streams: ProcessStreams,
+    ) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
-        let init = lock(&c.init).clone().ok_or_else(|| ContainerError::NotRunning(id.to_string()))?;
+        let init = lock(&c.init)
+            .clone()
+            .ok_or_else(|| ContainerError::NotRunning(id.to_string()))?;
         if self.reaper.try_wait(init.pid).is_some() {
             return Err(ContainerError::NotRunning(id.to_string()));
         }
         if lock(&c.execs).contains_key(exec_id) {
             return Err(ContainerError::Exists(format!("{id}/{exec_id}")));
         }
-        let process: oci_spec::runtime::Process =
-            serde_json::from_slice(process_json).map_err(|e| ContainerError::Parse(format!("process: {e}")))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(process_json)
+            .map_err(|e| ContainerError::Parse(format!("process: {e}")))?;
         let plan = spec::plan_exec(&process, init.pid, &c.root, &c.cgroup.join("cgroup.procs"))?;
         let proc = spawn(&self.reaper, plan, streams)?;
         let pid = proc.pid;
@@ -443,13 +566,21 @@ impl Containers {
         Ok((info, oom))
     }
 
-    pub fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), ContainerError> {
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
         let c = self.get(id)?;
         if all {
             kill_cgroup(&c.cgroup, signal);
             return Ok(());
         }
-        let p = self.process(id, exec_id).map_err(|_| ContainerError::NotRunning(id.to_string()))?;
+        let p = self
+            .process(id, exec_id)
+            .map_err(|_| ContainerError::NotRunning(id.to_string()))?;
         if self.reaper.try_wait(p.pid).is_some() {
             return Err(ContainerError::NotRunning(id.to_string()));
         }
@@ -466,10 +597,21 @@ impl Containers {
         Ok(())
     }
 
-    pub fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), ContainerError> {
+    pub fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ContainerError> {
         let p = self.process(id, exec_id)?;
         if let Some(master) = &p.pty_master {
-            let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+            let ws = libc::winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
             // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
             if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
                 return Err(std::io::Error::last_os_error().into());
@@ -485,8 +627,8 @@ impl Containers {
 
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
         let c = self.get(id)?;
-        let r: LinuxResources =
-            serde_json::from_slice(resources_json).map_err(|e| ContainerError::Parse(format!("linux.resources: {e}")))?;
+        let r: LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|e| ContainerError::Parse(format!("linux.resources: {e}")))?;
         apply_resources(&c.cgroup, &r)
     }
 
@@ -542,6 +684,9 @@ fn oom_kills(cgroup: &Path) -> u64 {
     std::fs::read_to_string(cgroup.join("memory.events"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0)
 }

@@ -38,9 +38,23 @@ struct PseudoFs {
 /// pivot. A recursive bind of / moved onto / has a parent, and chroot makes
 /// it the agent's root. Must run before anything else is mounted.
 fn leave_initial_rootfs() -> Result<(), InitError> {
-    let bind = |source: nix::Error| InitError::Mount { fstype: "bind", target: "/", source };
-    std::fs::create_dir_all("/newroot").map_err(|source| InitError::Mkdir { path: "/newroot", source })?;
-    mount(Some("/"), "/newroot", None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(bind)?;
+    let bind = |source: nix::Error| InitError::Mount {
+        fstype: "bind",
+        target: "/",
+        source,
+    };
+    std::fs::create_dir_all("/newroot").map_err(|source| InitError::Mkdir {
+        path: "/newroot",
+        source,
+    })?;
+    mount(
+        Some("/"),
+        "/newroot",
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(bind)?;
     nix::unistd::chdir("/newroot").map_err(bind)?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(bind)?;
     nix::unistd::chroot(".").map_err(bind)?;
@@ -53,23 +67,70 @@ pub fn setup_guest() -> Result<(), InitError> {
     leave_initial_rootfs()?;
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let mounts = [
-        PseudoFs { fstype: "proc", target: "/proc", flags: nodev, data: None },
-        PseudoFs { fstype: "sysfs", target: "/sys", flags: nodev, data: None },
-        PseudoFs { fstype: "devtmpfs", target: "/dev", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
-        PseudoFs { fstype: "devpts", target: "/dev/pts", flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, data: Some("ptmxmode=0666,mode=0620") },
-        PseudoFs { fstype: "tmpfs", target: "/dev/shm", flags: nodev, data: Some("mode=1777") },
-        PseudoFs { fstype: "tmpfs", target: "/run", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=0755") },
-        PseudoFs { fstype: "tmpfs", target: "/tmp", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=1777") },
-        PseudoFs { fstype: "cgroup2", target: CGROUP_ROOT, flags: nodev, data: Some("nsdelegate") },
+        PseudoFs {
+            fstype: "proc",
+            target: "/proc",
+            flags: nodev,
+            data: None,
+        },
+        PseudoFs {
+            fstype: "sysfs",
+            target: "/sys",
+            flags: nodev,
+            data: None,
+        },
+        PseudoFs {
+            fstype: "devtmpfs",
+            target: "/dev",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
+        PseudoFs {
+            fstype: "devpts",
+            target: "/dev/pts",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("ptmxmode=0666,mode=0620"),
+        },
+        PseudoFs {
+            fstype: "tmpfs",
+            target: "/dev/shm",
+            flags: nodev,
+            data: Some("mode=1777"),
+        },
+        PseudoFs {
+            fstype: "tmpfs",
+            target: "/run",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=0755"),
+        },
+        PseudoFs {
+            fstype: "tmpfs",
+            target: "/tmp",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=1777"),
+        },
+        PseudoFs {
+            fstype: "cgroup2",
+            target: CGROUP_ROOT,
+            flags: nodev,
+            data: Some("nsdelegate"),
+        },
     ];
     for m in &mounts {
-        std::fs::create_dir_all(m.target).map_err(|source| InitError::Mkdir { path: m.target, source })?;
+        std::fs::create_dir_all(m.target).map_err(|source| InitError::Mkdir {
+            path: m.target,
+            source,
+        })?;
         match mount(Some(m.fstype), m.target, Some(m.fstype), m.flags, m.data) {
             Ok(()) => {}
             // devtmpfs may already be mounted by the kernel.
             Err(nix::Error::EBUSY) => {}
             Err(source) => {
-                return Err(InitError::Mount { fstype: m.fstype, target: m.target, source })
+                return Err(InitError::Mount {
+                    fstype: m.fstype,
+                    target: m.target,
+                    source,
+                })
             }
         }
     }
@@ -87,7 +148,10 @@ fn enable_cgroup_controllers() {
         return;
     };
     for controller in available.split_whitespace() {
-        if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), format!("+{controller}")) {
+        if let Err(e) = std::fs::write(
+            root.join("cgroup.subtree_control"),
+            format!("+{controller}"),
+        ) {
             eprintln!("husk-agent: warning: enabling cgroup controller {controller}: {e}");
         }
     }
@@ -100,7 +164,13 @@ fn mount_shared_dir() {
         eprintln!("husk-agent: warning: creating {SHARED_DIR}: {e}");
         return;
     }
-    if let Err(e) = mount(Some(SHARED_TAG), SHARED_DIR, Some("virtiofs"), MsFlags::empty(), None::<&str>) {
+    if let Err(e) = mount(
+        Some(SHARED_TAG),
+        SHARED_DIR,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    ) {
         eprintln!("husk-agent: warning: mounting virtio-fs tag {SHARED_TAG} on {SHARED_DIR}: {e}");
     }
 }
@@ -108,6 +178,9 @@ fn mount_shared_dir() {
 /// True once the shared directory is a virtio-fs mount.
 pub fn shared_dir_mounted() -> bool {
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(SHARED_DIR)))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(SHARED_DIR))
+        })
         .unwrap_or(false)
 }

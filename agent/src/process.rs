@@ -33,7 +33,11 @@ impl ExitInfo {
         match status {
             WaitStatus::Exited(pid, code) => Some((
                 pid.as_raw(),
-                ExitInfo { exit_code: code, signal: 0, exited_at_unix_ns: now },
+                ExitInfo {
+                    exit_code: code,
+                    signal: 0,
+                    exited_at_unix_ns: now,
+                },
             )),
             WaitStatus::Signaled(pid, sig, _) => Some((
                 pid.as_raw(),
@@ -72,7 +76,8 @@ impl Reaper {
     pub fn start() -> nix::Result<Arc<Self>> {
         let mut set = SigSet::empty();
         set.add(Signal::SIGCHLD);
-        let sigfd = SignalFd::new(&set)?;
+        // Close-on-exec: container processes must not inherit it.
+        let sigfd = SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)?;
         let reaper = Arc::new(Reaper {
             spawn_lock: Mutex::new(()),
             state: Mutex::new(ReaperState::default()),

@@ -37,9 +37,9 @@ impl From<ContainerError> for RpcError {
         let code = match &e {
             ContainerError::NotFound(_) | ContainerError::NoProcess { .. } => Code::NOT_FOUND,
             ContainerError::Exists(_) => Code::ALREADY_EXISTS,
-            ContainerError::NotRunning(_) | ContainerError::Running(_) | ContainerError::AlreadyStarted(_) => {
-                Code::FAILED_PRECONDITION
-            }
+            ContainerError::NotRunning(_)
+            | ContainerError::Running(_)
+            | ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
             ContainerError::Spec(_) | ContainerError::Parse(_) => Code::INVALID_ARGUMENT,
             _ => Code::INTERNAL,
         };
@@ -49,12 +49,22 @@ impl From<ContainerError> for RpcError {
 
 impl AgentService {
     pub fn new(reaper: Arc<Reaper>, streams: Arc<StreamRegistry>) -> Self {
-        AgentService { containers: Containers::new(reaper), streams, ready_boottime_ns: OnceLock::new() }
+        AgentService {
+            containers: Containers::new(reaper),
+            streams,
+            ready_boottime_ns: OnceLock::new(),
+        }
     }
 
     fn take_streams(&self, stdio: Option<&Stdio>) -> Result<ProcessStreams, RpcError> {
-        let Some(s) = stdio else { return Ok(ProcessStreams::default()) };
-        let take = |t| self.streams.take(t).map_err(|e| status(Code::DEADLINE_EXCEEDED, e));
+        let Some(s) = stdio else {
+            return Ok(ProcessStreams::default());
+        };
+        let take = |t| {
+            self.streams
+                .take(t)
+                .map_err(|e| status(Code::DEADLINE_EXCEEDED, e))
+        };
         Ok(ProcessStreams {
             stdin: take(s.stdin)?,
             stdout: take(s.stdout)?,
@@ -73,18 +83,28 @@ impl Agent for AgentService {
         })
     }
 
-    fn guest_info(&self, _: &TtrpcContext, _: GuestInfoRequest) -> ttrpc::Result<GuestInfoResponse> {
+    fn guest_info(
+        &self,
+        _: &TtrpcContext,
+        _: GuestInfoRequest,
+    ) -> ttrpc::Result<GuestInfoResponse> {
         let uts = nix::sys::utsname::uname().map_err(|e| status(Code::INTERNAL, e))?;
         let mem_kib = std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+            .find_map(|l| {
+                l.strip_prefix("MemTotal:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
             .unwrap_or(0);
-        let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+        let controllers =
+            std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
         Ok(GuestInfoResponse {
             kernel_release: uts.release().to_string_lossy().into_owned(),
             kernel_version: uts.version().to_string_lossy().into_owned(),
-            cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
             memory_total_bytes: mem_kib * 1024,
             cgroup_controllers: controllers.split_whitespace().map(String::from).collect(),
             agent_version: VERSION.to_string(),
@@ -92,18 +112,40 @@ impl Agent for AgentService {
         })
     }
 
-    fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+    fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let streams = self.take_streams(req.stdio.as_ref())?;
-        self.containers.create(&req.container_id, &req.oci_spec_json, &req.rootfs, &req.shared_mounts, streams)?;
+        self.containers.create(
+            &req.container_id,
+            &req.oci_spec_json,
+            &req.rootfs,
+            &req.shared_mounts,
+            streams,
+            req.no_pivot,
+        )?;
         Ok(Empty::default())
     }
 
-    fn start_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StartResponse> {
+    fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StartResponse> {
         let pid = self.containers.start(&req.container_id)?;
-        Ok(StartResponse { pid, ..Default::default() })
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
-    fn remove_container(&self, _: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+    fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.containers.remove(&req.container_id, req.force)?;
         Ok(Empty::default())
     }
@@ -118,8 +160,13 @@ impl Agent for AgentService {
         Ok(Empty::default())
     }
 
-    fn update_resources(&self, _: &TtrpcContext, req: UpdateResourcesRequest) -> ttrpc::Result<Empty> {
-        self.containers.update(&req.container_id, &req.resources_json)?;
+    fn update_resources(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateResourcesRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources_json)?;
         Ok(Empty::default())
     }
 
@@ -127,28 +174,53 @@ impl Agent for AgentService {
         Ok(stats::read(&self.containers.cgroup(&req.container_id)?))
     }
 
-    fn list_processes(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+    fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
         let processes = self
             .containers
             .processes(&req.container_id)?
             .into_iter()
-            .map(|(pid, command)| ProcessInfo { pid, command, ..Default::default() })
+            .map(|(pid, command)| ProcessInfo {
+                pid,
+                command,
+                ..Default::default()
+            })
             .collect();
-        Ok(ListProcessesResponse { processes, ..Default::default() })
+        Ok(ListProcessesResponse {
+            processes,
+            ..Default::default()
+        })
     }
 
-    fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<StartResponse> {
+    fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<StartResponse> {
         let streams = self.take_streams(req.stdio.as_ref())?;
-        let pid = self.containers.exec(&req.container_id, &req.exec_id, &req.process_json, streams)?;
-        Ok(StartResponse { pid, ..Default::default() })
+        let pid =
+            self.containers
+                .exec(&req.container_id, &req.exec_id, &req.process_json, streams)?;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
-        self.containers.signal(&req.container_id, &req.exec_id, req.signal as i32, req.all)?;
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal as i32, req.all)?;
         Ok(Empty::default())
     }
 
-    fn wait_process(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         let (info, oom_killed) = self.containers.wait(&req.container_id, &req.exec_id)?;
         Ok(WaitProcessResponse {
             exit_code: info.exit_code,
@@ -161,12 +233,18 @@ impl Agent for AgentService {
 
     fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
         let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
-        self.containers.resize(&req.container_id, &req.exec_id, clamp(req.rows), clamp(req.cols))?;
+        self.containers.resize(
+            &req.container_id,
+            &req.exec_id,
+            clamp(req.rows),
+            clamp(req.cols),
+        )?;
         Ok(Empty::default())
     }
 
     fn close_stdin(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
-        self.containers.close_stdin(&req.container_id, &req.exec_id)?;
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)?;
         Ok(Empty::default())
     }
 

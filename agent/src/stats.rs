@@ -18,7 +18,10 @@ fn keyed(path: &Path) -> HashMap<String, u64> {
 
 /// Reads a single-value file; "max" reads as 0 (no limit).
 fn single(path: &Path) -> u64 {
-    std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn read(cgroup: &Path) -> StatsResponse {
@@ -26,7 +29,10 @@ pub fn read(cgroup: &Path) -> StatsResponse {
     let events = keyed(&cgroup.join("memory.events"));
     let memory_stat = keyed(&cgroup.join("memory.stat"));
     let (mut rbytes, mut wbytes) = (0, 0);
-    for line in std::fs::read_to_string(cgroup.join("io.stat")).unwrap_or_default().lines() {
+    for line in std::fs::read_to_string(cgroup.join("io.stat"))
+        .unwrap_or_default()
+        .lines()
+    {
         for field in line.split_whitespace().skip(1) {
             if let Some(v) = field.strip_prefix("rbytes=") {
                 rbytes += v.parse::<u64>().unwrap_or(0);

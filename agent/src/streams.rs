@@ -74,8 +74,13 @@ impl StreamRegistry {
 
 /// Starts accepting stream connections in a background thread.
 pub fn listen(registry: Arc<StreamRegistry>) -> Result<(), StreamError> {
-    let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, STREAM_PORT)
-        .map_err(|source| StreamError::Listen { port: STREAM_PORT, source })?;
+    let listener =
+        VsockListener::bind_with_cid_port(VMADDR_CID_ANY, STREAM_PORT).map_err(|source| {
+            StreamError::Listen {
+                port: STREAM_PORT,
+                source,
+            }
+        })?;
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             match conn {

@@ -14,22 +14,23 @@ use std::time::{Duration, Instant};
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the `OK <port>` answer to a CONNECT may take once the guest runs.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// While the guest boots, a CONNECT can go unanswered (its vsock driver is
-/// not up yet): give up on that attempt quickly and try again.
-const BOOT_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(200);
+
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("vsock {uds}: {source}")]
-    Connect { uds: PathBuf, source: std::io::Error },
+    Connect {
+        uds: PathBuf,
+        source: std::io::Error,
+    },
     #[error("vsock port {port}: the guest refused the connection (nothing listening yet)")]
     Refused { port: u32 },
     #[error("vsock port {port}: no answer to CONNECT within {timeout:?}")]
     Unanswered { port: u32, timeout: Duration },
     #[error("vsock port {port}: unexpected handshake answer {answer:?}")]
     Handshake { port: u32, answer: String },
-    #[error("the agent did not answer within {0:?}")]
-    NotReady(Duration),
+    #[error("the agent did not answer within {0:?} (last attempt: {1})")]
+    NotReady(Duration, String),
     #[error("agent: {0}")]
     Rpc(String),
     #[error("{0}")]
@@ -47,14 +48,19 @@ impl From<ttrpc::Error> for AgentError {
 
 /// Connects to guest vsock `port` through the hybrid Unix socket.
 pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
-    connect_port_within(uds, port, HANDSHAKE_TIMEOUT)
-}
-
-fn connect_port_within(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
-    let mut stream = UnixStream::connect(uds).map_err(|source| AgentError::Connect { uds: uds.to_path_buf(), source })?;
-    let io = |source| AgentError::Connect { uds: uds.to_path_buf(), source };
+    let timeout = HANDSHAKE_TIMEOUT;
+    let mut stream = UnixStream::connect(uds).map_err(|source| AgentError::Connect {
+        uds: uds.to_path_buf(),
+        source,
+    })?;
+    let io = |source| AgentError::Connect {
+        uds: uds.to_path_buf(),
+        source,
+    };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(io)?;
     // Read byte by byte: anything after the newline belongs to the peer.
     let mut answer = Vec::with_capacity(16);
     let mut byte = [0u8; 1];
@@ -64,8 +70,15 @@ fn connect_port_within(uds: &Path, port: u32, timeout: Duration) -> Result<UnixS
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) if answer.len() < 64 => answer.push(byte[0]),
             Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(AgentError::Refused { port }),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(AgentError::Refused { port })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(AgentError::Unanswered { port, timeout })
             }
             Err(e) => return Err(io(e)),
@@ -84,6 +97,7 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 /// A connected agent.
+#[derive(Clone)]
 pub struct AgentClient {
     rpc: RpcClient,
     uds: PathBuf,
@@ -99,7 +113,10 @@ pub fn new_token() -> u64 {
     let token = if n == 8 {
         u64::from_le_bytes(buf)
     } else {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
         t ^ ((std::process::id() as u64) << 32)
     };
     token.max(1)
@@ -108,21 +125,36 @@ pub fn new_token() -> u64 {
 impl AgentClient {
     /// Connects, retrying while the guest boots (connections are refused
     /// until the agent listens) and `alive` says the VM is still there.
-    pub fn connect(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> Result<(), String>) -> Result<Self, AgentError> {
+    pub fn connect(
+        uds: &Path,
+        timeout: Duration,
+        mut alive: impl FnMut() -> Result<(), String>,
+    ) -> Result<Self, AgentError> {
         let deadline = Instant::now() + timeout;
         loop {
             alive().map_err(AgentError::Aborted)?;
-            match connect_port_within(uds, AGENT_PORT, BOOT_HANDSHAKE_TIMEOUT) {
+            // The sandbox connects only after the agent announced itself, so an
+            // attempt is given the full handshake time: abandoning slow
+            // CONNECTs (a loaded host) leaves the vsock backend wedged.
+            match connect_port(uds, AGENT_PORT) {
                 Ok(stream) => {
-                    let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(AgentError::from)?;
-                    return Ok(AgentClient { rpc: RpcClient::new(client), uds: uds.to_path_buf() });
+                    let client =
+                        ttrpc::Client::new(stream.into_raw_fd()).map_err(AgentError::from)?;
+                    return Ok(AgentClient {
+                        rpc: RpcClient::new(client),
+                        uds: uds.to_path_buf(),
+                    });
                 }
-                Err(AgentError::Refused { .. } | AgentError::Unanswered { .. } | AgentError::Connect { .. })
-                    if Instant::now() < deadline =>
-                {
+                Err(
+                    e @ (AgentError::Refused { .. }
+                    | AgentError::Unanswered { .. }
+                    | AgentError::Connect { .. }),
+                ) => {
+                    if Instant::now() >= deadline {
+                        return Err(AgentError::NotReady(timeout, e.to_string()));
+                    }
                     std::thread::sleep(Duration::from_millis(3));
                 }
-                Err(AgentError::Refused { .. } | AgentError::Unanswered { .. }) => return Err(AgentError::NotReady(timeout)),
                 Err(e) => return Err(e),
             }
         }
@@ -133,7 +165,10 @@ impl AgentClient {
         let mut stream = connect_port(&self.uds, STREAM_PORT)?;
         StreamHeader { kind, token }
             .write_to(&mut stream)
-            .map_err(|source| AgentError::Connect { uds: self.uds.clone(), source })?;
+            .map_err(|source| AgentError::Connect {
+                uds: self.uds.clone(),
+                source,
+            })?;
         Ok(stream)
     }
 
@@ -151,12 +186,19 @@ impl AgentClient {
     }
 
     pub fn start_container(&self, id: &str) -> Result<u32, AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         Ok(self.rpc.start_container(ctx(), &req)?.pid)
     }
 
     pub fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
-        let req = RemoveContainerRequest { container_id: id.into(), force, ..Default::default() };
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            force,
+            ..Default::default()
+        };
         self.rpc.remove_container(ctx(), &req)?;
         Ok(())
     }
@@ -167,48 +209,113 @@ impl AgentClient {
 
     /// Blocks until the process exits (no timeout: processes live long).
     pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
-        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        Ok(self.rpc.wait_process(ttrpc::context::with_timeout(0), &req)?)
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        Ok(self
+            .rpc
+            .wait_process(ttrpc::context::with_timeout(0), &req)?)
     }
 
-    pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
-        let req = SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal, all, ..Default::default() };
+    pub fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let req = SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
         self.rpc.signal_process(ctx(), &req)?;
         Ok(())
     }
 
-    pub fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
-        let req = ResizeTtyRequest { container_id: id.into(), exec_id: exec_id.into(), rows, cols, ..Default::default() };
+    pub fn resize_tty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        let req = ResizeTtyRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            cols,
+            ..Default::default()
+        };
         self.rpc.resize_tty(ctx(), &req)?;
         Ok(())
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
         self.rpc.close_stdin(ctx(), &req)?;
         Ok(())
     }
 
     pub fn pause(&self, id: &str) -> Result<(), AgentError> {
-        self.rpc.pause_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?;
+        self.rpc.pause_container(
+            ctx(),
+            &ContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )?;
         Ok(())
     }
 
     pub fn resume(&self, id: &str) -> Result<(), AgentError> {
-        self.rpc.resume_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?;
+        self.rpc.resume_container(
+            ctx(),
+            &ContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )?;
         Ok(())
     }
 
     pub fn stats(&self, id: &str) -> Result<StatsResponse, AgentError> {
-        Ok(self.rpc.stats(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?)
+        Ok(self.rpc.stats(
+            ctx(),
+            &ContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )?)
     }
 
     pub fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, AgentError> {
-        Ok(self.rpc.list_processes(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?.processes)
+        Ok(self
+            .rpc
+            .list_processes(
+                ctx(),
+                &ContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )?
+            .processes)
     }
 
     pub fn update_resources(&self, id: &str, resources_json: Vec<u8>) -> Result<(), AgentError> {
-        let req = UpdateResourcesRequest { container_id: id.into(), resources_json, ..Default::default() };
+        let req = UpdateResourcesRequest {
+            container_id: id.into(),
+            resources_json,
+            ..Default::default()
+        };
         self.rpc.update_resources(ctx(), &req)?;
         Ok(())
     }

@@ -12,9 +12,17 @@ pub const TOOL_CACHE: &str = "/var/cache/husk/tools";
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     #[error("{what} not found (looked in {looked}); {hint}")]
-    NotFound { what: &'static str, looked: String, hint: &'static str },
+    NotFound {
+        what: &'static str,
+        looked: String,
+        hint: &'static str,
+    },
     #[error("{what} {path}: {reason}")]
-    Invalid { what: &'static str, path: PathBuf, reason: String },
+    Invalid {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Directories that may hold `vmlinux` and `initramfs.img`.
@@ -38,7 +46,10 @@ fn find_in(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
 }
 
 fn looked(dirs: &[PathBuf]) -> String {
-    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The guest kernel: an uncompressed ELF vmlinux.
@@ -71,17 +82,34 @@ pub fn initramfs(configured: Option<&Path>) -> Result<PathBuf, ArtifactError> {
             })?
         }
     };
-    check_magic(&path, "agent initramfs", &[b"\x1f\x8b", b"070701"], "neither gzip nor a newc cpio")?;
+    check_magic(
+        &path,
+        "agent initramfs",
+        &[b"\x1f\x8b", b"070701"],
+        "neither gzip nor a newc cpio",
+    )?;
     Ok(path)
 }
 
-fn check_magic(path: &Path, what: &'static str, magics: &[&[u8]], reason: &str) -> Result<(), ArtifactError> {
+fn check_magic(
+    path: &Path,
+    what: &'static str,
+    magics: &[&[u8]],
+    reason: &str,
+) -> Result<(), ArtifactError> {
     use std::io::Read;
-    let invalid = |reason: String| ArtifactError::Invalid { what, path: path.to_path_buf(), reason };
+    let invalid = |reason: String| ArtifactError::Invalid {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut head = [0u8; 6];
     let mut file = std::fs::File::open(path).map_err(|e| invalid(e.to_string()))?;
     let n = file.read(&mut head).map_err(|e| invalid(e.to_string()))?;
-    if magics.iter().any(|m| n >= m.len() && &head[..m.len()] == *m) {
+    if magics
+        .iter()
+        .any(|m| n >= m.len() && &head[..m.len()] == *m)
+    {
         Ok(())
     } else {
         Err(invalid(format!("{reason} (corrupt or wrong file)")))
@@ -90,12 +118,16 @@ fn check_magic(path: &Path, what: &'static str, magics: &[&[u8]], reason: &str) 
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| is_executable(p))
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// The newest `<TOOL_CACHE>/<name>-<version>/bin/<name>`.
@@ -103,7 +135,11 @@ fn in_tool_cache(name: &str) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(TOOL_CACHE)
         .ok()?
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}-")))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}-"))
+        })
         .map(|e| e.path().join("bin").join(name))
         .filter(|p| is_executable(p))
         .collect();
@@ -118,29 +154,58 @@ fn program(
     extra: &[&str],
     hint: &'static str,
 ) -> Result<PathBuf, ArtifactError> {
-    if let Some(p) = configured.map(Path::to_path_buf).or_else(|| std::env::var_os(env).map(PathBuf::from)) {
+    if let Some(p) = configured
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+    {
         return if is_executable(&p) {
             Ok(p)
         } else {
-            Err(ArtifactError::Invalid { what: name, path: p, reason: "not an executable file".into() })
+            Err(ArtifactError::Invalid {
+                what: name,
+                path: p,
+                reason: "not an executable file".into(),
+            })
         };
     }
     on_path(name)
         .or_else(|| extra.iter().map(PathBuf::from).find(|p| is_executable(p)))
         .or_else(|| in_tool_cache(name))
-        .ok_or(ArtifactError::NotFound { what: name, looked: format!("${env}, PATH, {TOOL_CACHE}"), hint })
+        .ok_or(ArtifactError::NotFound {
+            what: name,
+            looked: format!("${env}, PATH, {TOOL_CACHE}"),
+            hint,
+        })
 }
 
 pub fn qemu(configured: Option<&Path>) -> Result<PathBuf, ArtifactError> {
-    program(configured, "HUSK_QEMU", "qemu-system-x86_64", &[], "apt-get install qemu-system-x86")
+    program(
+        configured,
+        "HUSK_QEMU",
+        "qemu-system-x86_64",
+        &[],
+        "apt-get install qemu-system-x86",
+    )
 }
 
 pub fn virtiofsd(configured: Option<&Path>) -> Result<PathBuf, ArtifactError> {
-    program(configured, "HUSK_VIRTIOFSD", "virtiofsd", &["/usr/libexec/virtiofsd"], "run `make tools`")
+    program(
+        configured,
+        "HUSK_VIRTIOFSD",
+        "virtiofsd",
+        &["/usr/libexec/virtiofsd"],
+        "run `make tools`",
+    )
 }
 
 pub fn vsock_backend(configured: Option<&Path>) -> Result<PathBuf, ArtifactError> {
-    program(configured, "HUSK_VSOCK_BACKEND", "vhost-device-vsock", &[], "run `make tools`")
+    program(
+        configured,
+        "HUSK_VSOCK_BACKEND",
+        "vhost-device-vsock",
+        &[],
+        "run `make tools`",
+    )
 }
 
 pub fn husk_vmm(configured: Option<&Path>) -> Result<PathBuf, ArtifactError> {

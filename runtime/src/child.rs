@@ -27,19 +27,34 @@ impl HelperProcess {
     /// Spawns `cmd` with stdout and stderr appended to `log`. The child gets
     /// SIGKILL if the spawning thread's process dies, and its own process
     /// group, so a terminal's Ctrl-C reaches the owner, which cleans up.
-    pub fn spawn(name: &'static str, mut cmd: Command, log: &std::path::Path) -> std::io::Result<Self> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    pub fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        log: &std::path::Path,
+    ) -> std::io::Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
         // SAFETY: prctl and setpgid are async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 || libc::setpgid(0, 0) < 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0
+                    || libc::setpgid(0, 0) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        Ok(HelperProcess { name, child: cmd.spawn()?, exited: None })
+        Ok(HelperProcess {
+            name,
+            child: cmd.spawn()?,
+            exited: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {

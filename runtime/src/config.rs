@@ -10,7 +10,10 @@ pub const DEFAULT_CONFIG: &str = "/etc/husk/config.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("hypervisor {0:?} is not one of auto, qemu, husk-vmm")]
@@ -89,7 +92,9 @@ impl Config {
     /// if it exists, else the defaults; then applies `$HUSK_HYPERVISOR`.
     pub fn load() -> Result<Self, ConfigError> {
         let explicit = std::env::var_os("HUSK_CONFIG").map(PathBuf::from);
-        let path = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let path = explicit
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         let mut config = if explicit.is_some() || path.exists() {
             Self::from_file(&path)?
         } else {
@@ -104,8 +109,14 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.message().to_string(),
+        })
     }
 }
 
@@ -115,7 +126,8 @@ mod tests {
 
     #[test]
     fn parses_a_full_file_and_rejects_unknown_keys() {
-        let c: Config = toml::from_str("hypervisor = \"qemu\"\ndefault_memory_mib = 256\n").unwrap();
+        let c: Config =
+            toml::from_str("hypervisor = \"qemu\"\ndefault_memory_mib = 256\n").unwrap();
         assert_eq!(c.hypervisor, HypervisorChoice::Qemu);
         assert_eq!(c.default_memory_mib, 256);
         assert_eq!(c.default_vcpus, 1);

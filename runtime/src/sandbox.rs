@@ -7,7 +7,9 @@
 //! `api.sock`, `console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`.
 
 use crate::agent::{new_token, AgentClient, AgentError};
-use crate::backends::{log_tail, virtiofs, virtiofs::VirtioFsBackend, vsock::VsockBackend, BackendError};
+use crate::backends::{
+    log_tail, virtiofs, virtiofs::VirtioFsBackend, vsock::VsockBackend, BackendError,
+};
 use crate::child::{describe, HelperProcess};
 use crate::config::Config;
 use crate::hypervisor::{self, HypervisorError, VmConfig};
@@ -38,15 +40,28 @@ pub enum SandboxError {
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error("{name} (pid {pid}) {status}{detail}")]
-    ComponentDied { name: &'static str, pid: u32, status: String, detail: String },
+    ComponentDied {
+        name: &'static str,
+        pid: u32,
+        status: String,
+        detail: String,
+    },
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("container rootfs {0} does not exist")]
     MissingRootfs(PathBuf),
     #[error("mount {source_path} -> {target}: {error}")]
-    Mount { source_path: PathBuf, target: PathBuf, error: nix::Error },
+    Mount {
+        source_path: PathBuf,
+        target: PathBuf,
+        error: nix::Error,
+    },
     #[error("cleaning up {path}: {reason}")]
     Cleanup { path: PathBuf, reason: String },
 }
@@ -142,7 +157,9 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && !id.starts_with(['.', '-'])
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 impl Sandbox {
@@ -166,12 +183,23 @@ impl Sandbox {
         let selection = hypervisor::select(config.hypervisor, config)?;
 
         let dir = sc.state_root.join(&sc.id);
-        std::fs::create_dir_all(&sc.state_root)
-            .map_err(|source| SandboxError::Io { what: "creating", path: sc.state_root.clone(), source })?;
+        std::fs::create_dir_all(&sc.state_root).map_err(|source| SandboxError::Io {
+            what: "creating",
+            path: sc.state_root.clone(),
+            source,
+        })?;
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(SandboxError::Exists(sc.id.clone())),
-            Err(source) => return Err(SandboxError::Io { what: "creating", path: dir, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists(sc.id.clone()))
+            }
+            Err(source) => {
+                return Err(SandboxError::Io {
+                    what: "creating",
+                    path: dir,
+                    source,
+                })
+            }
         }
         let (shared_dir, owns_shared_dir) = match &sc.shared_dir {
             Some(d) => (d.clone(), false),
@@ -195,8 +223,11 @@ impl Sandbox {
         };
         // From here on, dropping `sandbox` cleans up whatever was made.
         if owns_shared_dir {
-            std::fs::create_dir(&shared_dir)
-                .map_err(|source| SandboxError::Io { what: "creating", path: shared_dir.clone(), source })?;
+            std::fs::create_dir(&shared_dir).map_err(|source| SandboxError::Io {
+                what: "creating",
+                path: shared_dir.clone(),
+                source,
+            })?;
             make_propagating_mount(&shared_dir)?;
         }
         let tb = Instant::now();
@@ -239,16 +270,30 @@ impl Sandbox {
         sandbox.vm = Some(selection.hypervisor.launch(&vm_config)?);
         let uds = dir.join("vsock.sock");
         let timeout = Duration::from_secs(config.boot_timeout_secs);
+        // vhost-device-vsock 0.3 loses a host connection made before the
+        // guest driver set up its queues, and then answers no CONNECT again:
+        // connect only once the agent has announced itself on the console
+        // (it listens on vsock by then, so its driver is up).
+        {
+            let console = sandbox.console_log.clone();
+            let sb = &mut sandbox;
+            wait_for_marker(&console, READY_MARKER, timeout, || {
+                sb.check_components().map_err(|e| e.to_string())
+            })?;
+        }
         let agent = {
             let sb = &mut sandbox;
-            AgentClient::connect(&uds, timeout, || sb.check_components().map_err(|e| e.to_string()))
+            AgentClient::connect(&uds, timeout, || {
+                sb.check_components().map_err(|e| e.to_string())
+            })
         };
         let agent = match agent {
             Ok(a) => a,
-            Err(AgentError::NotReady(t)) => {
+            Err(AgentError::NotReady(t, last)) => {
                 return Err(SandboxError::Agent(AgentError::Aborted(format!(
-                    "the guest agent did not answer within {t:?}; console: {}",
-                    log_tail(&sandbox.console_log)
+                    "the guest agent did not answer within {t:?} (last attempt: {last}); console: {}; vsock backend: {}",
+                    log_tail(&sandbox.console_log),
+                    log_tail(&dir.join("vsock.log"))
                 ))))
             }
             Err(e) => return Err(e.into()),
@@ -259,7 +304,8 @@ impl Sandbox {
         let host_ready = tv.elapsed();
         sandbox.timings.vmm_spawn_to_agent_ms = ms(host_ready);
         sandbox.timings.kernel_boot_to_agent_ms = health.ready_boottime_ns as f64 / 1e6;
-        sandbox.timings.vmm_start_ms = (ms(host_ready) - sandbox.timings.kernel_boot_to_agent_ms).max(0.0);
+        sandbox.timings.vmm_start_ms =
+            (ms(host_ready) - sandbox.timings.kernel_boot_to_agent_ms).max(0.0);
         sandbox.agent = Some(agent);
         sandbox.timings.total_start_ms = ms(t0.elapsed());
         Ok(sandbox)
@@ -268,7 +314,15 @@ impl Sandbox {
     /// The agent of a running sandbox.
     pub fn agent(&self) -> &AgentClient {
         // Only a started sandbox is ever handed out.
-        self.agent.as_ref().unwrap_or_else(|| unreachable!("sandbox without agent"))
+        self.agent
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("sandbox without agent"))
+    }
+
+    /// A handle on the agent for another thread (e.g. one blocked in
+    /// WaitProcess while others keep calling).
+    pub fn agent_client(&self) -> AgentClient {
+        self.agent().clone()
     }
 
     pub fn shared_dir(&self) -> &Path {
@@ -315,7 +369,12 @@ impl Sandbox {
                 if p.name == "qemu" || p.name == "husk-vmm" {
                     detail.push_str(&format!("; console: {}", log_tail(&console)));
                 }
-                return Err(SandboxError::ComponentDied { name: p.name, pid: p.pid(), status: describe(status), detail });
+                return Err(SandboxError::ComponentDied {
+                    name: p.name,
+                    pid: p.pid(),
+                    status: describe(status),
+                    detail,
+                });
             }
         }
         Ok(())
@@ -348,8 +407,17 @@ impl Sandbox {
 
     /// Shares a host path (file or directory) for a bind mount of
     /// `container_id`; returns its path relative to the share.
-    pub fn share_path(&self, container_id: &str, index: usize, source: &Path) -> Result<String, SandboxError> {
-        let meta = std::fs::metadata(source).map_err(|e| SandboxError::Io { what: "bind mount source", path: source.into(), source: e })?;
+    pub fn share_path(
+        &self,
+        container_id: &str,
+        index: usize,
+        source: &Path,
+    ) -> Result<String, SandboxError> {
+        let meta = std::fs::metadata(source).map_err(|e| SandboxError::Io {
+            what: "bind mount source",
+            path: source.into(),
+            source: e,
+        })?;
         let rel = format!("{container_id}/mounts/{index}");
         let target = self.shared_dir.join(&rel);
         bind_mount(source, &target, meta.is_dir())?;
@@ -357,25 +425,11 @@ impl Sandbox {
     }
 
     /// Opens the stdio streams of a process and starts the host-side pumps.
-    pub fn connect_stdio(&self, stdio: HostStdio) -> Result<(StdioTokens, StdioPumps), SandboxError> {
-        let agent = self.agent();
-        let mut tokens = StdioTokens { terminal: stdio.terminal, ..Default::default() };
-        let mut outputs = Vec::new();
-        if let Some(input) = stdio.stdin {
-            let token = new_token();
-            let stream = agent.open_stream(StreamKind::Process, token)?;
-            tokens.stdin = token;
-            std::thread::spawn(move || pump_in(input, stream));
-        }
-        for (output, slot) in [(stdio.stdout, &mut tokens.stdout), (stdio.stderr, &mut tokens.stderr)] {
-            if let Some(output) = output {
-                let token = new_token();
-                let stream = agent.open_stream(StreamKind::Process, token)?;
-                *slot = token;
-                outputs.push(std::thread::spawn(move || pump_out(stream, output)));
-            }
-        }
-        Ok((tokens, StdioPumps { outputs }))
+    pub fn connect_stdio(
+        &self,
+        stdio: HostStdio,
+    ) -> Result<(StdioTokens, StdioPumps), SandboxError> {
+        connect_stdio_via(self.agent(), stdio)
     }
 
     /// Creates a container in the guest from a bundle's spec.
@@ -386,8 +440,10 @@ impl Sandbox {
         rootfs_rel: String,
         shared_mounts: HashMap<String, String>,
         stdio: StdioTokens,
+        no_pivot: bool,
     ) -> Result<(), SandboxError> {
         let req = CreateContainerRequest {
+            no_pivot,
             container_id: container_id.into(),
             oci_spec_json: spec_json,
             rootfs: rootfs_rel,
@@ -404,7 +460,11 @@ impl Sandbox {
         result.map_err(|e| self.explain(e))
     }
 
-    pub fn wait_process(&mut self, container_id: &str, exec_id: &str) -> Result<WaitProcessResponse, SandboxError> {
+    pub fn wait_process(
+        &mut self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse, SandboxError> {
         let result = self.agent().wait_process(container_id, exec_id);
         result.map_err(|e| self.explain(e))
     }
@@ -447,7 +507,11 @@ impl Sandbox {
         }
         // virtiofsd exits when the VM disconnects; the vsock backend does not.
         if let Some(mut fs) = self.fs.take() {
-            if fs.process.wait_timeout(Duration::from_millis(500)).is_none() {
+            if fs
+                .process
+                .wait_timeout(Duration::from_millis(500))
+                .is_none()
+            {
                 fs.process.stop(Duration::from_millis(500));
             }
         }
@@ -467,6 +531,37 @@ impl Drop for Sandbox {
             log::warn!("sandbox {}: {e}", self.id);
         }
     }
+}
+
+/// Opens the stdio streams of a process through `agent` and starts the
+/// host-side pumps (stdin in, stdout and stderr out).
+pub fn connect_stdio_via(
+    agent: &AgentClient,
+    stdio: HostStdio,
+) -> Result<(StdioTokens, StdioPumps), SandboxError> {
+    let mut tokens = StdioTokens {
+        terminal: stdio.terminal,
+        ..Default::default()
+    };
+    let mut outputs = Vec::new();
+    if let Some(input) = stdio.stdin {
+        let token = new_token();
+        let stream = agent.open_stream(StreamKind::Process, token)?;
+        tokens.stdin = token;
+        std::thread::spawn(move || pump_in(input, stream));
+    }
+    for (output, slot) in [
+        (stdio.stdout, &mut tokens.stdout),
+        (stdio.stderr, &mut tokens.stderr),
+    ] {
+        if let Some(output) = output {
+            let token = new_token();
+            let stream = agent.open_stream(StreamKind::Process, token)?;
+            *slot = token;
+            outputs.push(std::thread::spawn(move || pump_out(stream, output)));
+        }
+    }
+    Ok((tokens, StdioPumps { outputs }))
 }
 
 fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
@@ -507,7 +602,11 @@ fn pump_out(mut stream: UnixStream, mut output: Box<dyn Write + Send>) {
 
 fn bind_mount(source: &Path, target: &Path, dir: bool) -> Result<(), SandboxError> {
     use nix::mount::{mount, MsFlags};
-    let io = |what, source| SandboxError::Io { what, path: target.to_path_buf(), source };
+    let io = |what, source| SandboxError::Io {
+        what,
+        path: target.to_path_buf(),
+        source,
+    };
     if dir {
         std::fs::create_dir_all(target).map_err(|e| io("creating", e))?;
     } else {
@@ -516,9 +615,62 @@ fn bind_mount(source: &Path, target: &Path, dir: bool) -> Result<(), SandboxErro
         }
         std::fs::write(target, b"").map_err(|e| io("creating", e))?;
     }
-    let err = |error| SandboxError::Mount { source_path: source.to_path_buf(), target: target.to_path_buf(), error };
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err)?;
+    let err = |error| SandboxError::Mount {
+        source_path: source.to_path_buf(),
+        target: target.to_path_buf(),
+        error,
+    };
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err)?;
     Ok(())
+}
+
+/// The line the agent writes to the console once it serves (boot marker).
+pub const READY_MARKER: &str = "husk-agent: ready";
+
+/// Waits until `marker` appears in the console log, while `alive` holds.
+fn wait_for_marker(
+    console: &Path,
+    marker: &str,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<(), SandboxError> {
+    use std::io::{Seek, SeekFrom};
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        if let Ok(mut f) = std::fs::File::open(console) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let mut chunk = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut chunk) {
+                    offset += n as u64;
+                    seen.extend_from_slice(&chunk);
+                    if seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                        return Ok(());
+                    }
+                    // Keep only a tail long enough to hold a split marker.
+                    if seen.len() > 4096 {
+                        seen.drain(..seen.len() - marker.len());
+                    }
+                }
+            }
+        }
+        alive().map_err(|e| SandboxError::Agent(AgentError::Aborted(e)))?;
+        if Instant::now() >= deadline {
+            return Err(SandboxError::Agent(AgentError::Aborted(format!(
+                "the guest agent did not start within {timeout:?}; console: {}",
+                log_tail(console)
+            ))));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Makes `dir` a mount point in a peer group of its own. virtiofsd lives in
@@ -528,10 +680,28 @@ fn bind_mount(source: &Path, target: &Path, dir: bool) -> Result<(), SandboxErro
 /// so it joins no peer group of the host (on systemd hosts / is shared).
 fn make_propagating_mount(dir: &Path) -> Result<(), SandboxError> {
     use nix::mount::{mount, MsFlags};
-    let err = |error| SandboxError::Mount { source_path: dir.to_path_buf(), target: dir.to_path_buf(), error };
+    let err = |error| SandboxError::Mount {
+        source_path: dir.to_path_buf(),
+        target: dir.to_path_buf(),
+        error,
+    };
     mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
-    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(err)?;
-    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(err)?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(err)?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(err)?;
     Ok(())
 }
 
@@ -554,7 +724,12 @@ pub fn unmount_below(dir: &Path) -> Result<(), SandboxError> {
     for m in mounts_below(dir) {
         match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-            Err(e) => return Err(SandboxError::Cleanup { path: m, reason: format!("unmounting: {e}") }),
+            Err(e) => {
+                return Err(SandboxError::Cleanup {
+                    path: m,
+                    reason: format!("unmounting: {e}"),
+                })
+            }
         }
     }
     Ok(())
@@ -568,10 +743,18 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(SandboxError::Cleanup { path: dir.into(), reason: e.to_string() }),
+        Err(e) => {
+            return Err(SandboxError::Cleanup {
+                path: dir.into(),
+                reason: e.to_string(),
+            })
+        }
     };
     fn walk(path: &Path, dev: u64) -> Result<(), SandboxError> {
-        let cleanup = |reason: String| SandboxError::Cleanup { path: path.to_path_buf(), reason };
+        let cleanup = |reason: String| SandboxError::Cleanup {
+            path: path.to_path_buf(),
+            reason,
+        };
         let meta = std::fs::symlink_metadata(path).map_err(|e| cleanup(e.to_string()))?;
         if meta.is_dir() {
             if meta.dev() != dev {

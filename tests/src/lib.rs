@@ -8,7 +8,10 @@ use std::process::{Command, Output};
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// The `husk` binary under test (`$HUSK_BIN`, else target/release/husk).
@@ -16,7 +19,11 @@ pub fn husk_bin() -> PathBuf {
     let p = std::env::var_os("HUSK_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/husk"));
-    assert!(p.is_file(), "{} is missing: run `make build` first (or set HUSK_BIN)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make build` first (or set HUSK_BIN)",
+        p.display()
+    );
     p
 }
 
@@ -24,7 +31,11 @@ pub fn husk_bin() -> PathBuf {
 pub fn require_guest() {
     for f in ["vmlinux", "initramfs.img"] {
         let p = workspace_root().join("target/guest").join(f);
-        assert!(p.is_file(), "{} is missing: run `make build` first", p.display());
+        assert!(
+            p.is_file(),
+            "{} is missing: run `make build` first",
+            p.display()
+        );
     }
 }
 
@@ -40,7 +51,8 @@ impl TestDir {
             let _ = husk_runtime::sandbox::unmount_below(&path);
             let _ = std::fs::remove_dir_all(&path);
         }
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         TestDir { path }
     }
 
@@ -60,8 +72,15 @@ impl Drop for TestDir {
 /// Makes a busybox rootfs at `dir` (Debian's busybox-static).
 pub fn busybox_rootfs(dir: &Path) {
     let script = workspace_root().join("scripts/busybox-rootfs.sh");
-    let out = Command::new(&script).arg(dir).output().unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-    assert!(out.status.success(), "busybox-rootfs.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&script)
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "busybox-rootfs.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A runtime spec like `runc spec` writes, running `args`.
@@ -99,7 +118,8 @@ pub fn write_bundle(dir: &Path, spec: &serde_json::Value) -> PathBuf {
         busybox_rootfs(&dir.join("rootfs"));
     }
     let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
-    std::fs::write(dir.join("config.json"), text).unwrap_or_else(|e| panic!("writing config.json: {e}"));
+    std::fs::write(dir.join("config.json"), text)
+        .unwrap_or_else(|e| panic!("writing config.json: {e}"));
     dir.to_path_buf()
 }
 
@@ -109,13 +129,36 @@ pub fn husk(root: &Path, args: &[&str]) -> Output {
 }
 
 /// Like [`husk`] with extra environment variables.
+///
+/// Output goes through files, not pipes: after `create` the container holds
+/// the stdio it was given (as under runc), so a pipe would reach EOF only
+/// when the container ends. This waits for husk itself, then reads.
 pub fn husk_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("husk-out-{}-{n}", std::process::id()));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    let out =
+        std::fs::File::create(&out_path).unwrap_or_else(|e| panic!("{}: {e}", out_path.display()));
+    let err =
+        std::fs::File::create(&err_path).unwrap_or_else(|e| panic!("{}: {e}", err_path.display()));
     let mut cmd = Command::new(husk_bin());
     cmd.arg("--root").arg(root).args(args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().unwrap_or_else(|e| panic!("running husk: {e}"))
+    let status = cmd.status().unwrap_or_else(|e| panic!("running husk: {e}"));
+    let output = Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    output
 }
 
 /// Everything a sandbox could leave behind that mentions `marker` (a test's
@@ -126,7 +169,9 @@ pub fn leftovers(marker: &Path, state_root: &Path) -> Vec<String> {
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
             let name = e.file_name();
-            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
             if pid == std::process::id() {
                 continue;
             }
@@ -134,13 +179,19 @@ pub fn leftovers(marker: &Path, state_root: &Path) -> Vec<String> {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
             // Zombies are reaped by their parent; only live processes count.
-            let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
             if cmdline.contains(&marker_s) && !zombie {
                 found.push(format!("process {pid}: {cmdline}"));
             }
         }
     }
-    for line in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+    for line in std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
         if line.contains(&marker_s) {
             found.push(format!("mount: {line}"));
         }
@@ -174,4 +225,58 @@ pub fn stdout(o: &Output) -> String {
 /// stderr as a string.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+pub mod containerd;
+
+/// Makes this process adopt orphaned descendants, as conmon does, so a
+/// container's shadow process (state.pid) can be waited for here.
+pub fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes this process's reaping.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER failed");
+}
+
+/// How a waited-for process ended: (exit code, terminating signal).
+pub fn wait_pid(pid: i32) -> (Option<i32>, Option<i32>) {
+    let mut status = 0;
+    // SAFETY: waitpid on a pid this process adopted; status is written.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(
+        rc,
+        pid,
+        "waitpid({pid}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+    if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    }
+}
+
+/// Receives one fd sent with SCM_RIGHTS on a listening socket (the console
+/// socket protocol runc uses).
+pub fn receive_console_fd(listener: &std::os::unix::net::UnixListener) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (conn, _) = listener.accept().expect("console socket accept");
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .expect("recvmsg");
+    for c in msg.cmsgs().expect("cmsgs") {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the fd was just received and is ours.
+            return unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no fd received on the console socket");
 }

@@ -28,10 +28,21 @@ fn agent_answers_health_and_version_over_vsock() {
     assert!(health.ready_boottime_ns > 0, "no boot marker");
     assert!(health.now_boottime_ns >= health.ready_boottime_ns);
     let info = sandbox.agent().guest_info().expect("guest info RPC");
-    assert!(info.kernel_release.starts_with("6.1."), "guest kernel {}", info.kernel_release);
-    assert!(info.cgroup_controllers.iter().any(|c| c == "memory"), "controllers {:?}", info.cgroup_controllers);
+    assert!(
+        info.kernel_release.starts_with("6.1."),
+        "guest kernel {}",
+        info.kernel_release
+    );
+    assert!(
+        info.cgroup_controllers.iter().any(|c| c == "memory"),
+        "controllers {:?}",
+        info.cgroup_controllers
+    );
     sandbox.shutdown().expect("shutdown");
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new());
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
 }
 
 /// A deterministic byte stream per seed (xorshift64*).
@@ -66,7 +77,12 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
     let dir = TestDir::new("streams");
     let sandbox = start_sandbox(&dir, "streams");
     let streams: Vec<_> = (0..STREAMS)
-        .map(|i| sandbox.agent().open_stream(StreamKind::Echo, i).expect("open echo stream"))
+        .map(|i| {
+            sandbox
+                .agent()
+                .open_stream(StreamKind::Echo, i)
+                .expect("open echo stream")
+        })
         .collect();
     let started = std::time::Instant::now();
     let mut workers = Vec::new();
@@ -90,7 +106,9 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
             let mut got = 0usize;
             let mut sum = 0xcbf2_9ce4_8422_2325;
             while got < BYTES {
-                let n = reader.read(&mut buf[..CHUNK.min(BYTES - got)]).expect("read from guest");
+                let n = reader
+                    .read(&mut buf[..CHUNK.min(BYTES - got)])
+                    .expect("read from guest");
                 assert!(n > 0, "stream {i}: EOF after {got} of {BYTES} bytes");
                 sum = fnv1a(sum, &buf[..n]);
                 got += n;
@@ -102,7 +120,10 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
     for (i, sender, receiver) in workers {
         let sent = sender.join().expect("sender thread");
         let echoed = receiver.join().expect("receiver thread");
-        assert_eq!(sent, echoed, "stream {i}: checksum of the echoed 16 MiB differs");
+        assert_eq!(
+            sent, echoed,
+            "stream {i}: checksum of the echoed 16 MiB differs"
+        );
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
@@ -115,8 +136,15 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
 fn run_container(dir: &TestDir, id: &str, spec: &serde_json::Value) -> std::process::Output {
     require_guest();
     let bundle = write_bundle(&dir.path.join("bundle"), spec);
-    let out = husk(&dir.state_root(), &["run", "--bundle", bundle.to_str().unwrap_or_default(), id]);
-    eprintln!("husk run stdout: {}\nhusk run stderr: {}", stdout(&out), stderr(&out));
+    let out = husk(
+        &dir.state_root(),
+        &["run", "--bundle", bundle.to_str().unwrap_or_default(), id],
+    );
+    eprintln!(
+        "husk run stdout: {}\nhusk run stderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
     out
 }
 
@@ -126,13 +154,21 @@ fn virtio_fs_carries_files_host_to_guest_and_back() {
     let rootfs = dir.path.join("bundle/rootfs");
     busybox_rootfs(&rootfs);
     std::fs::write(rootfs.join("from-host"), "written on the host\n").expect("host write");
-    let spec = default_spec(&["sh", "-c", "cat /from-host && echo written in the guest > /from-guest"]);
+    let spec = default_spec(&[
+        "sh",
+        "-c",
+        "cat /from-host && echo written in the guest > /from-guest",
+    ]);
     let out = run_container(&dir, "virtiofs", &spec);
     assert!(out.status.success(), "husk run failed: {}", stderr(&out));
     assert_eq!(stdout(&out), "written on the host\n");
-    let back = std::fs::read_to_string(rootfs.join("from-guest")).expect("file written by the guest");
+    let back =
+        std::fs::read_to_string(rootfs.join("from-guest")).expect("file written by the guest");
     assert_eq!(back, "written in the guest\n");
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new());
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -156,11 +192,27 @@ fn guest_cannot_reach_host_paths_outside_the_share() {
     );
     let spec = default_spec(&["sh", "-c", &script]);
     let out = run_container(&dir, "escape", &spec);
-    assert!(!stdout(&out).contains("host-secret-4711"), "the guest read a host file outside the share");
-    assert!(stdout(&out).contains("done"), "the container did not run to its end: {}", stderr(&out));
-    assert!(!secret_dir.join("planted").exists(), "the guest wrote through an absolute symlink to the host");
-    assert!(!secret_dir.join("planted2").exists(), "the guest wrote through .. to the host");
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new());
+    assert!(
+        !stdout(&out).contains("host-secret-4711"),
+        "the guest read a host file outside the share"
+    );
+    assert!(
+        stdout(&out).contains("done"),
+        "the container did not run to its end: {}",
+        stderr(&out)
+    );
+    assert!(
+        !secret_dir.join("planted").exists(),
+        "the guest wrote through an absolute symlink to the host"
+    );
+    assert!(
+        !secret_dir.join("planted2").exists(),
+        "the guest wrote through .. to the host"
+    );
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -172,7 +224,12 @@ fn killing_qemu_mid_run_is_an_error_and_leaves_nothing() {
     let mut child = std::process::Command::new(husk_bin())
         .arg("--root")
         .arg(dir.state_root())
-        .args(["run", "--bundle", bundle.to_str().unwrap_or_default(), "killvmm"])
+        .args([
+            "run",
+            "--bundle",
+            bundle.to_str().unwrap_or_default(),
+            "killvmm",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -186,17 +243,32 @@ fn killing_qemu_mid_run_is_an_error_and_leaves_nothing() {
     unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
     let status = child.wait().expect("wait husk run");
     let mut err = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
-    assert!(!status.success(), "husk run succeeded although its VM was killed");
-    assert!(err.contains("qemu") && err.contains("killed by signal 9"), "error does not name the dead VMM: {err}");
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new());
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(
+        !status.success(),
+        "husk run succeeded although its VM was killed"
+    );
+    assert!(
+        err.contains("qemu") && err.contains("killed by signal 9"),
+        "error does not name the dead VMM: {err}"
+    );
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
 }
 
 fn find_pid(marker: &Path, name: &str) -> Option<i32> {
     let marker = marker.display().to_string();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
+            .replace('\0', " ");
         (cmd.contains(name) && cmd.contains(&marker)).then_some(pid)
     })
 }
@@ -229,7 +301,10 @@ fn kill_backend_and_expect_report(backend: &str) {
         other => panic!("killing {backend} was not reported: {other:?}"),
     }
     drop(sandbox);
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new());
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -252,11 +327,23 @@ fn check_fails_with(name: &str, args: &[&str], env: &[(&str, &str)], expect: &[&
     let err = stderr(&out);
     assert!(!out.status.success(), "{name}: husk check succeeded");
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{name}: expected one error line, got: {err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{name}: expected one error line, got: {err}"
+    );
     for e in expect {
-        assert!(lines[0].contains(e), "{name}: {:?} does not mention {e:?}", lines[0]);
+        assert!(
+            lines[0].contains(e),
+            "{name}: {:?} does not mention {e:?}",
+            lines[0]
+        );
     }
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new(), "{name}");
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new(),
+        "{name}"
+    );
 }
 
 #[test]
@@ -279,17 +366,55 @@ fn bad_inputs_give_one_clear_line_and_leave_nothing() {
         std::fs::write(&p, body).expect("config");
         p.to_str().unwrap_or_default().to_string()
     };
-    let missing_kernel = config("missing-kernel", "kernel = \"/nonexistent/vmlinux\"\n".into());
+    let missing_kernel = config(
+        "missing-kernel",
+        "kernel = \"/nonexistent/vmlinux\"\n".into(),
+    );
     let corrupt_kernel = config("corrupt-kernel", format!("kernel = \"{garbage}\"\n"));
     let short_kernel = config("short-kernel", format!("kernel = \"{truncated}\"\n"));
     let corrupt_initramfs = config("corrupt-initramfs", format!("initramfs = \"{garbage}\"\n"));
-    check_fails_with("missing-kernel", &[], &[("HUSK_CONFIG", &missing_kernel)], &["kernel", "/nonexistent/vmlinux"]);
-    check_fails_with("corrupt-kernel", &[], &[("HUSK_CONFIG", &corrupt_kernel)], &["kernel", "corrupt"]);
-    check_fails_with("truncated-kernel", &[], &[("HUSK_CONFIG", &short_kernel)], &["qemu", "exited"]);
-    check_fails_with("corrupt-initramfs", &[], &[("HUSK_CONFIG", &corrupt_initramfs)], &["initramfs", "corrupt"]);
-    check_fails_with("missing-qemu", &[], &[("HUSK_QEMU", "/nonexistent/qemu")], &["qemu", "/nonexistent/qemu"]);
-    check_fails_with("missing-virtiofsd", &[], &[("HUSK_VIRTIOFSD", "/nonexistent/virtiofsd")], &["virtiofsd", "/nonexistent/virtiofsd"]);
-    check_fails_with("missing-shared-dir", &["--shared-dir", "/nonexistent/share"], &[], &["shared directory", "/nonexistent/share", "does not exist"]);
+    check_fails_with(
+        "missing-kernel",
+        &[],
+        &[("HUSK_CONFIG", &missing_kernel)],
+        &["kernel", "/nonexistent/vmlinux"],
+    );
+    check_fails_with(
+        "corrupt-kernel",
+        &[],
+        &[("HUSK_CONFIG", &corrupt_kernel)],
+        &["kernel", "corrupt"],
+    );
+    check_fails_with(
+        "truncated-kernel",
+        &[],
+        &[("HUSK_CONFIG", &short_kernel)],
+        &["qemu", "exited"],
+    );
+    check_fails_with(
+        "corrupt-initramfs",
+        &[],
+        &[("HUSK_CONFIG", &corrupt_initramfs)],
+        &["initramfs", "corrupt"],
+    );
+    check_fails_with(
+        "missing-qemu",
+        &[],
+        &[("HUSK_QEMU", "/nonexistent/qemu")],
+        &["qemu", "/nonexistent/qemu"],
+    );
+    check_fails_with(
+        "missing-virtiofsd",
+        &[],
+        &[("HUSK_VIRTIOFSD", "/nonexistent/virtiofsd")],
+        &["virtiofsd", "/nonexistent/virtiofsd"],
+    );
+    check_fails_with(
+        "missing-shared-dir",
+        &["--shared-dir", "/nonexistent/share"],
+        &[],
+        &["shared directory", "/nonexistent/share", "does not exist"],
+    );
 }
 
 #[test]
@@ -300,13 +425,27 @@ fn husk_check_passes_and_reports_boot_timing() {
     assert!(out.status.success(), "husk check failed: {}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
     assert_eq!(report["ok"], true);
-    let boot = report["timings"]["kernel_boot_to_agent_ms"].as_f64().expect("boot time");
+    let boot = report["timings"]["kernel_boot_to_agent_ms"]
+        .as_f64()
+        .expect("boot time");
     assert!(boot > 0.0 && boot < 30_000.0, "boot {boot} ms");
     assert!(report["timings"]["first_rpc_ms"].as_f64().expect("rpc") > 0.0);
-    assert!(report["guest_kernel"].as_str().unwrap_or_default().contains("Linux 6.1."));
+    assert!(report["guest_kernel"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("Linux 6.1."));
     if !husk_runtime::hypervisor::kvm::probe().is_usable() {
-        assert_eq!(report["acceleration"], "TCG", "expected the TCG fallback here");
-        assert!(report["hypervisor_reason"].as_str().unwrap_or_default().contains("TCG fallback"));
+        assert_eq!(
+            report["acceleration"], "TCG",
+            "expected the TCG fallback here"
+        );
+        assert!(report["hypervisor_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("TCG fallback"));
     }
-    assert_eq!(leftovers_settled(&dir.path, &dir.state_root()), Vec::<String>::new());
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
 }

@@ -11,11 +11,24 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("starting {name} ({program}): {source}")]
-    Spawn { name: &'static str, program: PathBuf, source: std::io::Error },
+    Spawn {
+        name: &'static str,
+        program: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{name} {status} before creating its socket {socket}: {log_tail}")]
-    Died { name: &'static str, status: String, socket: PathBuf, log_tail: String },
+    Died {
+        name: &'static str,
+        status: String,
+        socket: PathBuf,
+        log_tail: String,
+    },
     #[error("{name} did not create its socket {socket} within {timeout:?}")]
-    Timeout { name: &'static str, socket: PathBuf, timeout: Duration },
+    Timeout {
+        name: &'static str,
+        socket: PathBuf,
+        timeout: Duration,
+    },
 }
 
 /// How long a backend may take to create its vhost-user socket.
@@ -34,11 +47,18 @@ pub fn log_tail(log: &Path) -> String {
 }
 
 /// Waits for a freshly spawned backend to create `socket`.
-fn wait_for_socket(process: &mut HelperProcess, socket: &Path, log: &Path) -> Result<(), BackendError> {
+fn wait_for_socket(
+    process: &mut HelperProcess,
+    socket: &Path,
+    log: &Path,
+) -> Result<(), BackendError> {
     use std::os::unix::fs::FileTypeExt;
     let deadline = Instant::now() + SOCKET_TIMEOUT;
     loop {
-        if std::fs::metadata(socket).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+        if std::fs::metadata(socket)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false)
+        {
             return Ok(());
         }
         if let Some(status) = process.try_wait() {
@@ -50,7 +70,11 @@ fn wait_for_socket(process: &mut HelperProcess, socket: &Path, log: &Path) -> Re
             });
         }
         if Instant::now() >= deadline {
-            return Err(BackendError::Timeout { name: process.name, socket: socket.to_path_buf(), timeout: SOCKET_TIMEOUT });
+            return Err(BackendError::Timeout {
+                name: process.name,
+                socket: socket.to_path_buf(),
+                timeout: SOCKET_TIMEOUT,
+            });
         }
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -15,7 +15,13 @@ pub struct VirtioFsBackend {
 }
 
 impl VirtioFsBackend {
-    pub fn spawn(program: &Path, shared_dir: &Path, socket: &Path, cache: &str, log: &Path) -> Result<Self, BackendError> {
+    pub fn spawn(
+        program: &Path,
+        shared_dir: &Path,
+        socket: &Path,
+        cache: &str,
+        log: &Path,
+    ) -> Result<Self, BackendError> {
         let mut cmd = Command::new(program);
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg(format!("--shared-dir={}", shared_dir.display()))
@@ -24,12 +30,16 @@ impl VirtioFsBackend {
             // directory: announce them so inode numbers do not collide.
             .arg("--announce-submounts")
             .arg("--log-level=error");
-        let mut process = HelperProcess::spawn("virtiofsd", cmd, log).map_err(|source| BackendError::Spawn {
-            name: "virtiofsd",
-            program: program.to_path_buf(),
-            source,
-        })?;
+        let mut process =
+            HelperProcess::spawn("virtiofsd", cmd, log).map_err(|source| BackendError::Spawn {
+                name: "virtiofsd",
+                program: program.to_path_buf(),
+                source,
+            })?;
         wait_for_socket(&mut process, socket, log)?;
-        Ok(VirtioFsBackend { process, socket: socket.to_path_buf() })
+        Ok(VirtioFsBackend {
+            process,
+            socket: socket.to_path_buf(),
+        })
     }
 }

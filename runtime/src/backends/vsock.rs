@@ -17,19 +17,32 @@ pub struct VsockBackend {
 }
 
 impl VsockBackend {
-    pub fn spawn(program: &Path, guest_cid: u32, vhost_socket: &Path, uds: &Path, log: &Path) -> Result<Self, BackendError> {
+    pub fn spawn(
+        program: &Path,
+        guest_cid: u32,
+        vhost_socket: &Path,
+        uds: &Path,
+        log: &Path,
+    ) -> Result<Self, BackendError> {
         let mut cmd = Command::new(program);
         cmd.arg("--vm").arg(format!(
             "guest-cid={guest_cid},socket={},uds-path={}",
             vhost_socket.display(),
             uds.display()
         ));
-        let mut process = HelperProcess::spawn("vhost-device-vsock", cmd, log).map_err(|source| BackendError::Spawn {
-            name: "vhost-device-vsock",
-            program: program.to_path_buf(),
-            source,
-        })?;
+        let mut process =
+            HelperProcess::spawn("vhost-device-vsock", cmd, log).map_err(|source| {
+                BackendError::Spawn {
+                    name: "vhost-device-vsock",
+                    program: program.to_path_buf(),
+                    source,
+                }
+            })?;
         wait_for_socket(&mut process, vhost_socket, log)?;
-        Ok(VsockBackend { process, vhost_socket: vhost_socket.to_path_buf(), uds: uds.to_path_buf() })
+        Ok(VsockBackend {
+            process,
+            vhost_socket: vhost_socket.to_path_buf(),
+            uds: uds.to_path_buf(),
+        })
     }
 }

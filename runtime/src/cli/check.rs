@@ -1,10 +1,10 @@
 //! `husk check`: every prerequisite, then a probe sandbox booted, its agent
 //! asked for health and version, shut down and cleaned up, with timings.
 
+use husk_runtime::artifacts;
 use husk_runtime::config::Config;
 use husk_runtime::hypervisor::{self, kvm};
 use husk_runtime::sandbox::{Sandbox, SandboxConfig, Timings};
-use husk_runtime::artifacts;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,12 @@ fn version_of(program: &Path, arg: &str) -> String {
         .arg(arg)
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(|l| l.trim().to_string()))
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -52,7 +57,9 @@ fn cgroup_mode() -> String {
     let fs = nix::sys::statfs::statfs("/sys/fs/cgroup").map(|s| s.filesystem_type());
     match fs {
         Ok(t) if t == nix::sys::statfs::CGROUP2_SUPER_MAGIC => "unified (cgroup v2)".into(),
-        Ok(_) if Path::new("/sys/fs/cgroup/unified").exists() => "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified)".into(),
+        Ok(_) if Path::new("/sys/fs/cgroup/unified").exists() => {
+            "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified)".into()
+        }
         Ok(_) => "legacy (cgroup v1)".into(),
         Err(e) => format!("unknown ({e})"),
     }
@@ -66,27 +73,75 @@ fn prerequisites(config: &Config, report: &mut Report) {
         };
         report.items.push(Item { name, ok, detail });
     };
-    add("root", if nix::unistd::geteuid().is_root() { Ok("running as root".into()) } else { Err("husk needs root (it mounts and creates cgroups)".into()) });
+    add(
+        "root",
+        if nix::unistd::geteuid().is_root() {
+            Ok("running as root".into())
+        } else {
+            Err("husk needs root (it mounts and creates cgroups)".into())
+        },
+    );
     add("cgroups", Ok(cgroup_mode()));
-    add("kvm", Ok(match kvm::probe() {
-        kvm::KvmSupport::Usable => "usable: hardware KVM can run guests".into(),
-        kvm::KvmSupport::Unusable(why) => format!("not usable for guests: {why}"),
-    }));
+    add(
+        "kvm",
+        Ok(match kvm::probe() {
+            kvm::KvmSupport::Usable => "usable: hardware KVM can run guests".into(),
+            kvm::KvmSupport::Unusable(why) => format!("not usable for guests: {why}"),
+        }),
+    );
     let selection = hypervisor::select(config.hypervisor, config);
     match &selection {
-        Ok(s) => add("hypervisor", Ok(format!("{} with {} ({})", s.hypervisor.name(), s.hypervisor.acceleration(), s.reason))),
+        Ok(s) => add(
+            "hypervisor",
+            Ok(format!(
+                "{} with {} ({})",
+                s.hypervisor.name(),
+                s.hypervisor.acceleration(),
+                s.reason
+            )),
+        ),
         Err(e) => add("hypervisor", Err(e.to_string())),
     }
     if matches!(&selection, Ok(s) if s.hypervisor.name() == "qemu") {
-        add("qemu", artifacts::qemu(config.qemu.as_deref()).map(|p| format!("{} ({})", p.display(), version_of(&p, "--version"))).map_err(|e| e.to_string()));
+        add(
+            "qemu",
+            artifacts::qemu(config.qemu.as_deref())
+                .map(|p| format!("{} ({})", p.display(), version_of(&p, "--version")))
+                .map_err(|e| e.to_string()),
+        );
     }
-    add("virtiofsd", artifacts::virtiofsd(config.virtiofsd.as_deref()).map(|p| format!("{} ({})", p.display(), version_of(&p, "--version"))).map_err(|e| e.to_string()));
-    add("vsock backend", artifacts::vsock_backend(config.vsock_backend.as_deref()).map(|p| format!("{} ({})", p.display(), version_of(&p, "--version"))).map_err(|e| e.to_string()));
-    add("kernel", artifacts::kernel(config.kernel.as_deref()).map(|p| p.display().to_string()).map_err(|e| e.to_string()));
-    add("initramfs", artifacts::initramfs(config.initramfs.as_deref()).map(|p| p.display().to_string()).map_err(|e| e.to_string()));
+    add(
+        "virtiofsd",
+        artifacts::virtiofsd(config.virtiofsd.as_deref())
+            .map(|p| format!("{} ({})", p.display(), version_of(&p, "--version")))
+            .map_err(|e| e.to_string()),
+    );
+    add(
+        "vsock backend",
+        artifacts::vsock_backend(config.vsock_backend.as_deref())
+            .map(|p| format!("{} ({})", p.display(), version_of(&p, "--version")))
+            .map_err(|e| e.to_string()),
+    );
+    add(
+        "kernel",
+        artifacts::kernel(config.kernel.as_deref())
+            .map(|p| p.display().to_string())
+            .map_err(|e| e.to_string()),
+    );
+    add(
+        "initramfs",
+        artifacts::initramfs(config.initramfs.as_deref())
+            .map(|p| p.display().to_string())
+            .map_err(|e| e.to_string()),
+    );
 }
 
-fn probe(config: &Config, root: &Path, shared_dir: Option<PathBuf>, report: &mut Report) -> Result<(), String> {
+fn probe(
+    config: &Config,
+    root: &Path,
+    shared_dir: Option<PathBuf>,
+    report: &mut Report,
+) -> Result<(), String> {
     let mut sc = SandboxConfig::new(&format!("husk-check-{}", std::process::id()), config);
     sc.state_root = root.join("sandbox");
     sc.shared_dir = shared_dir;
@@ -96,10 +151,17 @@ fn probe(config: &Config, root: &Path, shared_dir: Option<PathBuf>, report: &mut
     report.hypervisor_reason = sandbox.hypervisor_reason.clone();
     let info = sandbox.agent().guest_info();
     let info = info.map_err(|e| format!("probe sandbox: {}", sandbox.explain(e)))?;
-    report.guest_kernel = format!("Linux {} ({} CPU, {} MiB)", info.kernel_release, info.cpus, info.memory_total_bytes >> 20);
+    report.guest_kernel = format!(
+        "Linux {} ({} CPU, {} MiB)",
+        info.kernel_release,
+        info.cpus,
+        info.memory_total_bytes >> 20
+    );
     report.agent_version = info.agent_version;
     report.timings = Some(sandbox.timings.clone());
-    let shutdown = sandbox.shutdown().map_err(|e| format!("probe sandbox shutdown: {e}"))?;
+    let shutdown = sandbox
+        .shutdown()
+        .map_err(|e| format!("probe sandbox shutdown: {e}"))?;
     report.shutdown_ms = shutdown.as_secs_f64() * 1000.0;
     Ok(())
 }
@@ -107,15 +169,32 @@ fn probe(config: &Config, root: &Path, shared_dir: Option<PathBuf>, report: &mut
 fn print_text(r: &Report) {
     println!("husk check");
     for i in &r.items {
-        println!("  {:<14} {} {}", i.name, if i.ok { "ok  " } else { "FAIL" }, i.detail);
+        println!(
+            "  {:<14} {} {}",
+            i.name,
+            if i.ok { "ok  " } else { "FAIL" },
+            i.detail
+        );
     }
     if let Some(t) = &r.timings {
-        println!("probe sandbox ({} with {}: {})", r.hypervisor, r.acceleration, r.hypervisor_reason);
-        println!("  guest                          {}, agent {}", r.guest_kernel, r.agent_version);
+        println!(
+            "probe sandbox ({} with {}: {})",
+            r.hypervisor, r.acceleration, r.hypervisor_reason
+        );
+        println!(
+            "  guest                          {}, agent {}",
+            r.guest_kernel, r.agent_version
+        );
         println!("  device backends spawned        {:8.1} ms", t.backends_ms);
         println!("  VMM start                      {:8.1} ms", t.vmm_start_ms);
-        println!("  kernel boot to agent ready     {:8.1} ms (guest clock, boot marker)", t.kernel_boot_to_agent_ms);
-        println!("  VMM spawn to agent answering   {:8.1} ms (host clock)", t.vmm_spawn_to_agent_ms);
+        println!(
+            "  kernel boot to agent ready     {:8.1} ms (guest clock, boot marker)",
+            t.kernel_boot_to_agent_ms
+        );
+        println!(
+            "  VMM spawn to agent answering   {:8.1} ms (host clock)",
+            t.vmm_spawn_to_agent_ms
+        );
         println!("  first RPC round trip           {:8.3} ms", t.first_rpc_ms);
         println!("  shutdown                       {:8.1} ms", r.shutdown_ms);
     }
@@ -132,7 +211,11 @@ pub fn check(root: &Path, args: CheckArgs) -> anyhow::Result<i32> {
     let config = Config::load()?;
     let mut report = Report::default();
     prerequisites(&config, &mut report);
-    let failed = report.items.iter().find(|i| !i.ok).map(|i| format!("{}: {}", i.name, i.detail));
+    let failed = report
+        .items
+        .iter()
+        .find(|i| !i.ok)
+        .map(|i| format!("{}: {}", i.name, i.detail));
     report.error = match failed {
         Some(f) => Some(f),
         None => probe(&config, root, args.shared_dir, &mut report).err(),

@@ -1,14 +1,28 @@
-//! Command-line front end over the sandbox library.
+//! Command-line front end over the sandbox library: the runc command set.
 
 mod bundle;
 mod check;
-mod run;
+mod console;
+mod exec;
+mod hooks;
+mod info;
+mod lifecycle;
+mod monitor;
+mod shadow;
+mod signals;
+mod state;
 
+use anyhow::bail;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use husk_runtime::agent::AgentClient;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
-#[command(name = "husk", version, about = "OCI runtime running each container in its own microVM")]
+#[command(
+    name = "husk",
+    version,
+    about = "OCI runtime running each container in its own microVM"
+)]
 pub struct Cli {
     /// State directory.
     #[arg(long, global = true, default_value = "/run/husk")]
@@ -22,6 +36,12 @@ pub struct Cli {
     /// Verbose logging.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// Use systemd to manage cgroups (not supported).
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Rootless mode (not supported: husk needs root for KVM and mounts).
+    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub rootless: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -30,13 +50,143 @@ pub struct Cli {
 pub enum Command {
     /// Check the prerequisites, boot a probe microVM and report timings.
     Check(check::CheckArgs),
-    /// Create, start and wait for a container (foreground).
-    Run(run::RunArgs),
+    /// Create a container: boot its microVM and prepare its process.
+    Create(lifecycle::CreateArgs),
+    /// Start the process of a created container.
+    Start { id: String },
+    /// Create and start a container, and wait for it unless --detach.
+    Run(lifecycle::RunArgs),
+    /// Print a container's state as JSON.
+    State { id: String },
+    /// Send a signal to a container's process (or all of them with --all).
+    Kill {
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container and its microVM.
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Run a new process in a running container.
+    Exec(exec::ExecArgs),
+    /// List a container's processes (guest pids).
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+    },
+    /// List containers.
+    #[command(alias = "ls")]
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Write a config.json like `runc spec`.
+    Spec {
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+    },
+    /// Freeze a container's processes.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Print stats (and OOM) events.
+    Events {
+        #[arg(long)]
+        stats: bool,
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        id: String,
+    },
+    /// Change a container's resources.
+    Update(info::UpdateArgs),
+    /// Print the OCI features document.
+    Features,
+    #[command(name = "__monitor", hide = true)]
+    Monitor(monitor::MonitorArgs),
+    #[command(name = "__shadow", hide = true)]
+    Shadow {
+        /// The container it stands for (informational).
+        id: String,
+    },
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    if cli.systemd_cgroup {
+        bail!("--systemd-cgroup is not supported: husk manages the cgroups inside its microVMs");
+    }
+    if cli.rootless.as_deref().is_some_and(|v| v != "false") {
+        bail!(
+            "--rootless is not supported: husk needs root for KVM, mounts and vhost-user backends"
+        );
+    }
+    let root = cli.root.as_path();
     match cli.command {
-        Command::Check(args) => check::check(&cli.root, args),
-        Command::Run(args) => run::run(&cli.root, args),
+        Command::Check(args) => check::check(root, args),
+        Command::Create(args) => lifecycle::create(root, &args).map(|_| 0),
+        Command::Start { id } => lifecycle::start(root, &id).map(|_| 0),
+        Command::Run(args) => lifecycle::run(root, args),
+        Command::State { id } => lifecycle::state_cmd(root, &id).map(|_| 0),
+        Command::Kill { all, id, signal } => lifecycle::kill(root, &id, &signal, all).map(|_| 0),
+        Command::Delete { force, id } => lifecycle::delete(root, &id, force).map(|_| 0),
+        Command::Exec(args) => exec::exec(root, args),
+        Command::Ps { format, id } => info::ps(root, &id, &format).map(|_| 0),
+        Command::List { format, quiet } => lifecycle::list(root, &format, quiet).map(|_| 0),
+        Command::Spec { bundle } => info::spec(&bundle).map(|_| 0),
+        Command::Pause { id } => lifecycle::pause(root, &id, true).map(|_| 0),
+        Command::Resume { id } => lifecycle::pause(root, &id, false).map(|_| 0),
+        Command::Events {
+            stats,
+            interval,
+            id,
+        } => info::events(root, &id, stats, &interval).map(|_| 0),
+        Command::Update(args) => info::update(root, args).map(|_| 0),
+        Command::Features => info::features().map(|_| 0),
+        Command::Monitor(args) => monitor::monitor(root, args),
+        Command::Shadow { .. } => shadow::shadow(),
+    }
+}
+
+/// The agent of a container's sandbox, reached directly over its vsock.
+pub fn agent_of(root: &Path, id: &str) -> anyhow::Result<AgentClient> {
+    let uds = state::sandbox_root(root).join(id).join("vsock.sock");
+    AgentClient::connect(&uds, std::time::Duration::from_secs(5), || Ok(()))
+        .map_err(|e| anyhow::anyhow!("container {id}: cannot reach its agent: {e}"))
+}
+
+/// The error and its causes on one line, each cause once: our error messages
+/// already name their causes, and a repeated cause only adds noise.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+/// Ends this process by `signal`, as a container process ended.
+pub fn die_by_signal(signal: i32) {
+    // SAFETY: restoring the default action and raising a signal on ourselves.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(signal);
     }
 }

@@ -55,10 +55,12 @@ impl Hypervisor for HuskVmm {
     fn launch(&self, vm: &VmConfig) -> Result<HelperProcess, HypervisorError> {
         let mut cmd = Command::new(&self.program);
         cmd.args(self.args(vm));
-        HelperProcess::spawn("husk-vmm", cmd, &vm.vmm_log).map_err(|source| HypervisorError::Spawn {
-            name: "husk-vmm",
-            program: self.program.clone(),
-            source,
+        HelperProcess::spawn("husk-vmm", cmd, &vm.vmm_log).map_err(|source| {
+            HypervisorError::Spawn {
+                name: "husk-vmm",
+                program: self.program.clone(),
+                source,
+            }
         })
     }
 }

@@ -20,7 +20,11 @@ impl KvmSupport {
 }
 
 pub fn probe() -> KvmSupport {
-    probe_with(Path::new("/dev/kvm"), Path::new("/proc/cpuinfo"), Path::new("/sys/module"))
+    probe_with(
+        Path::new("/dev/kvm"),
+        Path::new("/proc/cpuinfo"),
+        Path::new("/sys/module"),
+    )
 }
 
 fn probe_with(dev: &Path, cpuinfo: &Path, modules: &Path) -> KvmSupport {
@@ -42,7 +46,10 @@ fn probe_with(dev: &Path, cpuinfo: &Path, modules: &Path) -> KvmSupport {
         .filter(|l| l.starts_with("flags"))
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if !hw {
-        return KvmSupport::Unusable(format!("the CPU has no vmx/svm flag, so {} is not hardware KVM", dev.display()));
+        return KvmSupport::Unusable(format!(
+            "the CPU has no vmx/svm flag, so {} is not hardware KVM",
+            dev.display()
+        ));
     }
     KvmSupport::Usable
 }
@@ -51,12 +58,20 @@ fn probe_with(dev: &Path, cpuinfo: &Path, modules: &Path) -> KvmSupport {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str, flags: &str, pvm: bool) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    fn fixture(
+        name: &str,
+        flags: &str,
+        pvm: bool,
+    ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("husk-kvm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("modules")).unwrap();
         std::fs::write(dir.join("dev"), b"").unwrap();
-        std::fs::write(dir.join("cpuinfo"), format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n")).unwrap();
+        std::fs::write(
+            dir.join("cpuinfo"),
+            format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n"),
+        )
+        .unwrap();
         if pvm {
             std::fs::create_dir_all(dir.join("modules/kvm_pvm")).unwrap();
         }

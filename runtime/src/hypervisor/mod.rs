@@ -13,7 +13,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("starting {name} ({program}): {source}")]
-    Spawn { name: &'static str, program: PathBuf, source: std::io::Error },
+    Spawn {
+        name: &'static str,
+        program: PathBuf,
+        source: std::io::Error,
+    },
     #[error("hypervisor husk-vmm needs KVM that can run a guest, and {0}")]
     KvmUnusable(String),
     #[error(transparent)]
@@ -62,33 +66,51 @@ pub struct Selection {
 
 /// Picks the backend: `auto` uses husk-vmm where KVM can run a guest and
 /// QEMU otherwise (with TCG when KVM is unusable).
-pub fn select(choice: HypervisorChoice, config: &crate::config::Config) -> Result<Selection, HypervisorError> {
+pub fn select(
+    choice: HypervisorChoice,
+    config: &crate::config::Config,
+) -> Result<Selection, HypervisorError> {
     let kvm = kvm::probe();
     match choice {
         HypervisorChoice::HuskVmm => match &kvm {
             kvm::KvmSupport::Usable => Ok(Selection {
-                hypervisor: Box::new(husk_vmm::HuskVmm::new(crate::artifacts::husk_vmm(config.husk_vmm.as_deref())?)),
+                hypervisor: Box::new(husk_vmm::HuskVmm::new(crate::artifacts::husk_vmm(
+                    config.husk_vmm.as_deref(),
+                )?)),
                 reason: "configured".into(),
             }),
             kvm::KvmSupport::Unusable(why) => Err(HypervisorError::KvmUnusable(why.clone())),
         },
         HypervisorChoice::Qemu => Ok(Selection {
-            hypervisor: Box::new(qemu::Qemu::new(crate::artifacts::qemu(config.qemu.as_deref())?, kvm.is_usable())),
+            hypervisor: Box::new(qemu::Qemu::new(
+                crate::artifacts::qemu(config.qemu.as_deref())?,
+                kvm.is_usable(),
+            )),
             reason: match &kvm {
                 kvm::KvmSupport::Usable => "configured, with KVM".into(),
                 kvm::KvmSupport::Unusable(why) => format!("configured; TCG because {why}"),
             },
         }),
         HypervisorChoice::Auto => match &kvm {
-            kvm::KvmSupport::Usable => match crate::artifacts::husk_vmm(config.husk_vmm.as_deref()) {
-                Ok(vmm) => Ok(Selection { hypervisor: Box::new(husk_vmm::HuskVmm::new(vmm)), reason: "auto: KVM can run guests".into() }),
+            kvm::KvmSupport::Usable => match crate::artifacts::husk_vmm(config.husk_vmm.as_deref())
+            {
+                Ok(vmm) => Ok(Selection {
+                    hypervisor: Box::new(husk_vmm::HuskVmm::new(vmm)),
+                    reason: "auto: KVM can run guests".into(),
+                }),
                 Err(e) => Ok(Selection {
-                    hypervisor: Box::new(qemu::Qemu::new(crate::artifacts::qemu(config.qemu.as_deref())?, true)),
+                    hypervisor: Box::new(qemu::Qemu::new(
+                        crate::artifacts::qemu(config.qemu.as_deref())?,
+                        true,
+                    )),
                     reason: format!("auto: KVM usable but {e}"),
                 }),
             },
             kvm::KvmSupport::Unusable(why) => Ok(Selection {
-                hypervisor: Box::new(qemu::Qemu::new(crate::artifacts::qemu(config.qemu.as_deref())?, false)),
+                hypervisor: Box::new(qemu::Qemu::new(
+                    crate::artifacts::qemu(config.qemu.as_deref())?,
+                    false,
+                )),
                 reason: format!("auto: TCG fallback because {why}"),
             }),
         },

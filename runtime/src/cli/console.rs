@@ -1,0 +1,62 @@
+//! `--console-socket`: like runc, a pty master is sent over the socket with
+//! SCM_RIGHTS. The real terminal lives in the guest; this host pty only
+//! carries bytes (its slave is raw) and window sizes.
+
+use anyhow::Context;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+pub struct HostPty {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+}
+
+/// Opens a pty pair with a raw slave.
+pub fn open_raw_pty() -> anyhow::Result<HostPty> {
+    let pty = nix::pty::openpty(None, None).context("opening a pty for the console")?;
+    let mut attrs = nix::sys::termios::tcgetattr(&pty.slave).context("reading pty attributes")?;
+    nix::sys::termios::cfmakeraw(&mut attrs);
+    nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &attrs)
+        .context("making the pty raw")?;
+    for fd in [&pty.master, &pty.slave] {
+        // SAFETY: fcntl on fds we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(HostPty {
+        master: pty.master,
+        slave: pty.slave,
+    })
+}
+
+/// Sends `master` to the console socket at `path`.
+pub fn send_master(path: &Path, master: &OwnedFd) -> anyhow::Result<()> {
+    let sock =
+        UnixStream::connect(path).with_context(|| format!("console socket {}", path.display()))?;
+    let fds = [master.as_raw_fd()];
+    let name = b"/dev/ptmx";
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(name)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .with_context(|| format!("sending the pty over {}", path.display()))?;
+    Ok(())
+}
+
+/// The window size of a terminal fd.
+pub fn window_size(fd: &impl AsRawFd) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0).then_some((ws.ws_row, ws.ws_col))
+}

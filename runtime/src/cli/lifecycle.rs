@@ -1,0 +1,407 @@
+//! The OCI lifecycle: create, start, run, kill, delete, state, list, pause,
+//! resume.
+
+use super::bundle::Bundle;
+use super::monitor::{self, FD_LINK, FD_READY, FD_STDERR, FD_STDIN, FD_STDOUT};
+use super::shadow::FD_SHADOW_LINK;
+use super::state::{self, ContainerState, Status};
+use anyhow::{bail, Context};
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Path to the bundle (the directory holding config.json).
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Unix socket that receives the pty master when process.terminal is set.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// File to write the pid of the container's host process to.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Enter the rootfs with MS_MOVE + chroot instead of pivot_root.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for compatibility (the guest kernel has its own keyrings).
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Extra fds to pass to the container; a VM boundary cannot carry them.
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    pub id: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// Return once the container runs instead of waiting for it.
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+/// The created container's shadow process (our child).
+pub struct Created {
+    pub shadow: std::process::Child,
+}
+
+/// Duplicates `fd` to a number >= 10 with close-on-exec, so the fixed
+/// numbers 3..7 can be assigned in the child without clobbering.
+fn high_dup(fd: RawFd) -> anyhow::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error()).context("duplicating a file descriptor");
+    }
+    // SAFETY: `new` was just returned by fcntl and is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn fd_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
+    if !husk_runtime::sandbox::valid_id(&args.id) {
+        bail!("invalid container id {:?}: use 1-64 characters of [A-Za-z0-9_.-], not starting with . or -", args.id);
+    }
+    if args.preserve_fds > 0 {
+        bail!(
+            "--preserve-fds {}: passing host file descriptors into a VM is not supported",
+            args.preserve_fds
+        );
+    }
+    let bundle = Bundle::load(&args.bundle)?;
+    let annotations = bundle
+        .spec
+        .annotations()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let containers = state::containers_dir(root);
+    std::fs::create_dir_all(&containers)
+        .with_context(|| format!("creating {}", containers.display()))?;
+    let dir = state::container_dir(root, &args.id);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("container with id {} already exists", args.id)
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let result = spawn_monitor_and_shadow(root, args, &bundle, annotations);
+    if result.is_err() {
+        // The monitor removes what it made; a monitor that died early cannot.
+        let _ = husk_runtime::sandbox::unmount_below(&state::sandbox_root(root).join(&args.id));
+        let _ =
+            husk_runtime::sandbox::remove_tree_same_fs(&state::sandbox_root(root).join(&args.id));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn spawn_monitor_and_shadow(
+    root: &Path,
+    args: &CreateArgs,
+    bundle: &Bundle,
+    annotations: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<Created> {
+    ContainerState {
+        id: args.id.clone(),
+        bundle: bundle.dir.clone(),
+        status: Status::Creating,
+        pid: 0,
+        monitor_pid: 0,
+        monitor_start: 0,
+        created: state::now_rfc3339(),
+        annotations,
+        exit_code: None,
+        guest_pid: 0,
+        error: None,
+    }
+    .save(root)?;
+    let exe = std::env::current_exe().context("finding the husk binary")?;
+    let (link_monitor, link_shadow) = UnixStream::pair().context("creating the shadow link")?;
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let shadow_link = high_dup(link_shadow.as_raw_fd())?;
+    drop(link_shadow);
+    let shadow_fd = shadow_link.as_raw_fd();
+    let mut cmd = Command::new(&exe);
+    // The root and id in its argv say whose shadow it is (ps, leftovers).
+    cmd.arg("--root")
+        .arg(root)
+        .arg("__shadow")
+        .arg(&args.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(shadow_fd, FD_SHADOW_LINK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut shadow = cmd.spawn().context("starting the shadow process")?;
+    drop(shadow_link);
+    // The container's stdio: what this command was given.
+    let stdio: Vec<Option<OwnedFd>> = (0..3)
+        .map(|fd| if fd_open(fd) { high_dup(fd).ok() } else { None })
+        .collect();
+    let link_m = high_dup(link_monitor.as_raw_fd())?;
+    let ready = high_dup(ready_w.as_raw_fd())?;
+    drop((link_monitor, ready_w));
+    let mapping: Vec<(RawFd, RawFd)> = stdio
+        .iter()
+        .zip([FD_STDIN, FD_STDOUT, FD_STDERR])
+        .filter_map(|(fd, to)| fd.as_ref().map(|f| (f.as_raw_fd(), to)))
+        .chain([(link_m.as_raw_fd(), FD_LINK), (ready.as_raw_fd(), FD_READY)])
+        .collect();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state::container_dir(root, &args.id).join("monitor.log"))
+        .context("creating the monitor log")?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--root")
+        .arg(root)
+        .arg("__monitor")
+        .arg("--bundle")
+        .arg(&bundle.dir)
+        .arg("--shadow-pid")
+        .arg(shadow.id().to_string());
+    if let Some(s) = &args.console_socket {
+        cmd.arg("--console-socket").arg(s);
+    }
+    if args.no_pivot {
+        cmd.arg("--no-pivot");
+    }
+    cmd.arg(&args.id)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid and dup2 are async-signal-safe; the fds are open.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (from, to) in &mapping {
+                if libc::dup2(*from, *to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut monitor = match cmd.spawn() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = shadow.kill();
+            let _ = shadow.wait();
+            return Err(e).context("starting the monitor");
+        }
+    };
+    drop((stdio, link_m, ready));
+
+    let mut answer = String::new();
+    let _ = std::fs::File::from(ready_r).read_to_string(&mut answer);
+    if answer.trim() != "ok" {
+        let _ = monitor.wait();
+        let _ = shadow.kill();
+        let _ = shadow.wait();
+        match answer.trim().strip_prefix("error ") {
+            Some(e) => bail!("{e}"),
+            None => {
+                let log = state::container_dir(root, &args.id).join("monitor.log");
+                bail!(
+                    "the monitor of {} died while creating it: {}",
+                    args.id,
+                    husk_runtime::backends::log_tail(&log)
+                )
+            }
+        }
+    }
+    // The monitor is a daemon; we do not wait for it. Reap it if it ever
+    // ends while we live (run in the foreground).
+    std::thread::spawn(move || monitor.wait());
+    let pid = shadow.id() as i32;
+    if let Some(pid_file) = &args.pid_file {
+        write_pid_file(pid_file, pid)?;
+    }
+    Ok(Created { shadow })
+}
+
+pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("husk-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .with_context(|| format!("writing pid file {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing pid file {}", path.display()))
+}
+
+pub fn start(root: &Path, id: &str) -> anyhow::Result<()> {
+    let st = ContainerState::load(root, id)?;
+    match st.effective_status() {
+        Status::Created => {}
+        s => bail!("cannot start a container that is {}", s.as_str()),
+    }
+    monitor::request(root, id, serde_json::json!({"op": "start"}))?;
+    super::hooks::run_host_hooks(root, id, "poststart")?;
+    Ok(())
+}
+
+/// Exit status of a child as the shell reports it.
+fn shell_status(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+pub fn run(root: &Path, args: RunArgs) -> anyhow::Result<i32> {
+    let mut created = create(root, &args.create)?;
+    let id = &args.create.id;
+    if let Err(e) = start(root, id) {
+        let _ = delete(root, id, true);
+        let _ = created.shadow.wait();
+        return Err(e);
+    }
+    if args.detach {
+        return Ok(0);
+    }
+    let status = created.shadow.wait().context("waiting for the container")?;
+    let error = ContainerState::load(root, id).ok().and_then(|s| s.error);
+    delete(root, id, true)?;
+    if let Some(e) = error {
+        bail!("container {id}: {e}");
+    }
+    Ok(shell_status(status))
+}
+
+pub fn kill(root: &Path, id: &str, signal: &str, all: bool) -> anyhow::Result<()> {
+    let signal = super::signals::parse(signal)?;
+    let st = ContainerState::load(root, id)?;
+    match st.effective_status() {
+        Status::Stopped => bail!("container {id} is not running"),
+        Status::Creating => bail!("container {id} is still being created"),
+        _ => {}
+    }
+    monitor::request(
+        root,
+        id,
+        serde_json::json!({"op": "kill", "signal": signal, "all": all}),
+    )?;
+    Ok(())
+}
+
+pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
+    let st = ContainerState::load(root, id)?;
+    if st.monitor_alive() {
+        monitor::request(
+            root,
+            id,
+            serde_json::json!({"op": "delete", "force": force}),
+        )?;
+        // The monitor exits after answering; wait so nothing of it remains.
+        for _ in 0..500 {
+            if !st.monitor_alive() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    } else {
+        // A crashed monitor took its VM with it; remove what is left on disk.
+        let sandbox = state::sandbox_root(root).join(id);
+        husk_runtime::sandbox::unmount_below(&sandbox)?;
+        husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
+        let _ = std::fs::remove_dir_all(state::container_dir(root, id));
+    }
+    super::hooks::run_saved_hooks(&st, "poststop");
+    Ok(())
+}
+
+pub fn state_cmd(root: &Path, id: &str) -> anyhow::Result<()> {
+    let st = ContainerState::load(root, id)?;
+    println!("{}", serde_json::to_string_pretty(&st.oci())?);
+    Ok(())
+}
+
+pub fn list(root: &Path, format: &str, quiet: bool) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(state::containers_dir(root)) {
+        for e in entries.flatten() {
+            if let Ok(st) = ContainerState::load(root, &e.file_name().to_string_lossy()) {
+                all.push(st);
+            }
+        }
+    }
+    all.sort_by(|a, b| a.created.cmp(&b.created));
+    if quiet {
+        for st in &all {
+            println!("{}", st.id);
+        }
+    } else if format == "json" {
+        let list: Vec<_> = all
+            .iter()
+            .map(|st| {
+                let mut v = st.oci();
+                v["created"] = serde_json::json!(st.created);
+                v["owner"] = serde_json::json!("root");
+                v["rootfs"] = serde_json::json!(st.bundle.join("rootfs"));
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&list)?);
+    } else {
+        println!(
+            "{:<20} {:<8} {:<10} {:<40} {:<32} OWNER",
+            "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+        );
+        for st in &all {
+            let oci = st.oci();
+            println!(
+                "{:<20} {:<8} {:<10} {:<40} {:<32} root",
+                st.id,
+                oci["pid"],
+                st.effective_status().as_str(),
+                st.bundle.display(),
+                st.created
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn pause(root: &Path, id: &str, pause: bool) -> anyhow::Result<()> {
+    let st = ContainerState::load(root, id)?;
+    let (want, to) = if pause {
+        (Status::Running, Status::Paused)
+    } else {
+        (Status::Paused, Status::Running)
+    };
+    if st.effective_status() != want {
+        bail!(
+            "container {id} is {}, not {}",
+            st.effective_status().as_str(),
+            want.as_str()
+        );
+    }
+    let agent = super::agent_of(root, id)?;
+    if pause {
+        agent.pause(id)?
+    } else {
+        agent.resume(id)?
+    }
+    state::update(root, id, |s| s.status = to)?;
+    Ok(())
+}

@@ -1,0 +1,1314 @@
+//! The task service: containerd's task API on top of husk sandboxes.
+//!
+//! Task pids: every task and exec of this shim reports the shim's own pid.
+//! The container's processes live in the guest, where host pids mean
+//! nothing; the shim lives exactly as long as the VM serving them, and
+//! `Pids` lists the real (guest) pids. containerd never signals the pid
+//! itself: it asks the shim (`Kill`).
+
+use crate::io::host_stdio;
+use crate::spec::{self, Role};
+use crate::state::{self, Record};
+use containerd_shim::api;
+use containerd_shim::protos::events::task::*;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::types::task::{ProcessInfo, Status};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
+use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
+use husk_runtime::agent::AgentClient;
+use husk_runtime::config::Config;
+use husk_runtime::sandbox::{Sandbox, SandboxConfig, StdioPumps};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use ttrpc::Code;
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
+    err(Code::INTERNAL, e.to_string())
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+fn ts_from_ns(ns: u64) -> Timestamp {
+    Timestamp {
+        seconds: (ns / 1_000_000_000) as i64,
+        nanos: (ns % 1_000_000_000) as i32,
+        ..Default::default()
+    }
+}
+
+/// How a process ended.
+#[derive(Clone)]
+struct Exit {
+    status: u32,
+    at: Timestamp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// The container's init process or an exec.
+struct Proc {
+    cid: String,
+    exec_id: String,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    state: Mutex<ProcState>,
+    exited: Condvar,
+}
+
+struct ProcState {
+    phase: Phase,
+    guest_pid: u32,
+    exit: Option<Exit>,
+    pumps: Option<StdioPumps>,
+    /// An exec's OCI process, until it starts.
+    exec_spec: Option<Vec<u8>>,
+}
+
+impl Proc {
+    fn new(
+        cid: &str,
+        exec_id: &str,
+        stdin: &str,
+        stdout: &str,
+        stderr: &str,
+        terminal: bool,
+    ) -> Arc<Proc> {
+        Arc::new(Proc {
+            cid: cid.into(),
+            exec_id: exec_id.into(),
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal,
+            state: Mutex::new(ProcState {
+                phase: Phase::Created,
+                guest_pid: 0,
+                exit: None,
+                pumps: None,
+                exec_spec: None,
+            }),
+            exited: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProcState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the exit once; false if it was already recorded.
+    fn set_exit(&self, exit: Exit) -> bool {
+        let mut st = self.lock();
+        if st.exit.is_some() {
+            return false;
+        }
+        st.exit = Some(exit);
+        st.phase = Phase::Stopped;
+        self.exited.notify_all();
+        true
+    }
+
+    fn wait(&self) -> Exit {
+        let mut st = self.lock();
+        loop {
+            if let Some(e) = &st.exit {
+                return e.clone();
+            }
+            st = self.exited.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One VM: a pod's or a plain container's.
+struct Pod {
+    id: String,
+    sandbox: Arc<Mutex<Option<Sandbox>>>,
+    /// A second agent connection for the blocking WaitProcess calls, so
+    /// they never hold the sandbox lock.
+    waiter: AgentClient,
+    dir: PathBuf,
+    shared_dir: PathBuf,
+    /// Tells the owner thread to shut the VM down.
+    stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    owner: Mutex<Option<std::thread::JoinHandle<()>>>,
+    dead: Mutex<Option<String>>,
+    /// Guest pid of the sandbox container's process (pods).
+    pause_pid: Mutex<Option<u32>>,
+}
+
+impl Pod {
+    /// Boots a VM on a thread of its own that lives as long as the VM: the
+    /// VM's helper processes die with the thread that spawned them.
+    fn boot(config: Config, sc: SandboxConfig, id: String) -> anyhow::Result<Arc<Pod>> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let slot: Arc<Mutex<Option<Sandbox>>> = Arc::new(Mutex::new(None));
+        let owner_slot = slot.clone();
+        let owner = std::thread::Builder::new()
+            .name(format!("vm-{}", sc.id))
+            .spawn(move || {
+                // A guest whose agent came up but never answered the host's
+                // connect is retried once (a vsock backend flake under load).
+                let mut started = Sandbox::start(&config, &sc);
+                if let Err(e) = &started {
+                    if e.to_string().contains("did not answer") {
+                        log::warn!("VM {}: {e}; retrying once", sc.id);
+                        started = Sandbox::start(&config, &sc);
+                    }
+                }
+                match started {
+                    Ok(sb) => {
+                        let dir = sb.dir.clone();
+                        let shared = sb.shared_dir().to_path_buf();
+                        *owner_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(sb);
+                        let _ = ready_tx.send(Ok((dir, shared)));
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("starting the VM: {e}")));
+                        return;
+                    }
+                }
+                // Until told to stop (or the shim drops the pod).
+                let _ = stop_rx.recv();
+                let sb = owner_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(sb) = sb {
+                    if let Err(e) = sb.shutdown() {
+                        log::warn!("shutting down the VM: {e}");
+                    }
+                }
+            })?;
+        let (dir, shared_dir) = match ready_rx.recv() {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = owner.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = owner.join();
+                anyhow::bail!("the VM thread died while starting");
+            }
+        };
+        let waiter =
+            match AgentClient::connect(&dir.join("vsock.sock"), Duration::from_secs(10), || Ok(()))
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    drop(stop_tx);
+                    let _ = owner.join();
+                    anyhow::bail!("second agent connection: {e}");
+                }
+            };
+        Ok(Arc::new(Pod {
+            id,
+            sandbox: slot,
+            waiter,
+            dir,
+            shared_dir,
+            stop: Mutex::new(Some(stop_tx)),
+            owner: Mutex::new(Some(owner)),
+            dead: Mutex::new(None),
+            pause_pid: Mutex::new(None),
+        }))
+    }
+
+    /// Runs `f` on the live sandbox.
+    fn try_with<T>(
+        &self,
+        f: impl FnOnce(&mut Sandbox) -> Result<T, String>,
+    ) -> Result<T, (Code, String)> {
+        if let Some(why) = self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err((Code::UNAVAILABLE, format!("the VM is gone: {why}")));
+        }
+        let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(sb) => f(sb).map_err(|e| (Code::UNKNOWN, e)),
+            None => Err((Code::UNAVAILABLE, "the VM is shut down".to_string())),
+        }
+    }
+
+    /// [`Self::try_with`] for an RPC's answer.
+    fn with<T>(&self, f: impl FnOnce(&mut Sandbox) -> Result<T, String>) -> TtrpcResult<T> {
+        self.try_with(f).map_err(|(code, msg)| err(code, msg))
+    }
+
+    /// Checks whether a component of the VM died; returns the reason once.
+    fn check(&self) -> Option<String> {
+        if self
+            .dead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return None;
+        }
+        let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
+        let sb = guard.as_mut()?;
+        let reason = sb.check_components().err()?.to_string();
+        drop(guard);
+        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+        Some(reason)
+    }
+
+    fn teardown(&self) {
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let owner = self.owner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = owner {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    pod: Arc<Pod>,
+    owns_vm: bool,
+    rootfs_mount: Option<PathBuf>,
+    init: Arc<Proc>,
+    execs: HashMap<String, Arc<Proc>>,
+}
+
+struct Inner {
+    namespace: String,
+    publisher: Mutex<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+    containers: Mutex<HashMap<String, Container>>,
+    /// VMs by pod (or plain container) id.
+    pods: Mutex<HashMap<String, Arc<Pod>>>,
+    /// Serializes Create, so two creates of one id cannot race.
+    create_lock: Mutex<()>,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl Service {
+    pub fn new(namespace: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
+        Service {
+            inner: Arc::new(Inner {
+                namespace,
+                publisher: Mutex::new(publisher),
+                exit,
+                containers: Mutex::new(HashMap::new()),
+                pods: Mutex::new(HashMap::new()),
+                create_lock: Mutex::new(()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
+        let ctx = ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64);
+        if let Err(e) = publisher.publish(ctx, topic, &self.namespace, event) {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    fn lookup(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Pod>, Arc<Proc>)> {
+        let containers = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+        let c = containers
+            .get(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))?;
+        let p = if exec_id.is_empty() {
+            c.init.clone()
+        } else {
+            c.execs
+                .get(exec_id)
+                .cloned()
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {id} not found")))?
+        };
+        Ok((c.pod.clone(), p))
+    }
+
+    fn pod_of(&self, id: &str) -> TtrpcResult<Arc<Pod>> {
+        let containers = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+        containers
+            .get(id)
+            .map(|c| c.pod.clone())
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))
+    }
+
+    /// Records an exit and publishes it (once).
+    fn exited(&self, proc_: &Proc, exit: Exit, oom: bool) {
+        // Every byte written before the exit reaches containerd first.
+        // (bounded: after a VM's death its streams may never close).
+        let pumps = proc_.lock().pumps.take();
+        if let Some(p) = pumps {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                p.finish();
+                let _ = tx.send(());
+            });
+            if rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                log::warn!(
+                    "output of {} {} not drained within 5s",
+                    proc_.cid,
+                    proc_.exec_id
+                );
+            }
+        }
+        if !proc_.set_exit(exit.clone()) {
+            return;
+        }
+        if oom {
+            self.publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: proc_.cid.clone(),
+                    ..Default::default()
+                }),
+            );
+        }
+        let id = if proc_.exec_id.is_empty() {
+            proc_.cid.clone()
+        } else {
+            proc_.exec_id.clone()
+        };
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: proc_.cid.clone(),
+                id,
+                pid: std::process::id(),
+                exit_status: exit.status,
+                exited_at: Some(exit.at).into(),
+                ..Default::default()
+            }),
+        );
+    }
+
+    /// Waits in the guest for the process's end.
+    fn spawn_waiter(self: &Arc<Self>, pod: Arc<Pod>, proc_: Arc<Proc>) {
+        let inner = self.clone();
+        std::thread::spawn(move || {
+            let result = pod.waiter.wait_process(&proc_.cid, &proc_.exec_id);
+            match result {
+                Ok(r) => {
+                    if proc_.exec_id.is_empty() {
+                        // The init is gone: so is the rest of the container,
+                        // as when a pid namespace's init dies.
+                        let id = proc_.cid.clone();
+                        let _ = pod.try_with(move |sb| {
+                            sb.agent()
+                                .signal_process(&id, "", libc::SIGKILL as u32, true)
+                                .map_err(|e| e.to_string())
+                        });
+                    }
+                    let host_now = now();
+                    // The guest's clock, unless it is clearly off.
+                    let at = if r.exited_at_unix_ns > 0
+                        && (ts_from_ns(r.exited_at_unix_ns).seconds - host_now.seconds).abs() < 5
+                    {
+                        ts_from_ns(r.exited_at_unix_ns)
+                    } else {
+                        host_now
+                    };
+                    inner.exited(
+                        &proc_,
+                        Exit {
+                            status: r.exit_code.max(0) as u32,
+                            at,
+                        },
+                        r.oom_killed,
+                    );
+                }
+                Err(e) => {
+                    // The VM died (the monitor reports it) or the agent broke.
+                    let reason = pod.check().unwrap_or_else(|| e.to_string());
+                    log::warn!("waiting for {} {}: {reason}", proc_.cid, proc_.exec_id);
+                    inner.exited(
+                        &proc_,
+                        Exit {
+                            status: 128 + libc::SIGKILL as u32,
+                            at: now(),
+                        },
+                        false,
+                    );
+                }
+            }
+        });
+    }
+
+    /// Every process still running in `pod`'s VM has ended with it.
+    fn vm_gone(&self, pod: &Arc<Pod>) {
+        let procs: Vec<Arc<Proc>> = {
+            let containers = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+            containers
+                .values()
+                .filter(|c| Arc::ptr_eq(&c.pod, pod))
+                .flat_map(|c| std::iter::once(c.init.clone()).chain(c.execs.values().cloned()))
+                .collect()
+        };
+        for p in procs {
+            let running = matches!(p.lock().phase, Phase::Running | Phase::Paused);
+            if running {
+                let exit = Exit {
+                    status: 128 + libc::SIGKILL as u32,
+                    at: now(),
+                };
+                self.exited(&p, exit, false);
+            }
+        }
+    }
+
+    /// Watches a VM: when its VMM or a backend dies, every process in it has
+    /// ended.
+    fn spawn_monitor(self: &Arc<Self>, pod: Arc<Pod>) {
+        let inner = Arc::downgrade(self);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let Some(inner) = inner.upgrade() else { return };
+            if pod
+                .sandbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+            {
+                return;
+            }
+            if let Some(reason) = pod.check() {
+                log::warn!("VM {} died: {reason}", pod.dir.display());
+                inner.vm_gone(&pod);
+                return;
+            }
+        });
+    }
+
+    fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
+        let _serial = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let id = req.id.clone();
+        if !husk_runtime::sandbox::valid_id(&id) {
+            anyhow::bail!("invalid container id {id:?}");
+        }
+        if self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
+        {
+            anyhow::bail!("container {id} already exists in this shim");
+        }
+        if !req.checkpoint.is_empty() {
+            anyhow::bail!("husk does not support restoring from a checkpoint");
+        }
+        let config = runtime_config(req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let mut bundle_spec = spec::load(&bundle)?;
+        let annotations = spec::annotations(&bundle_spec.value);
+        let role = spec::role(&id, &annotations);
+
+        // The rootfs containerd hands over as mounts.
+        let mut rootfs_mount = None;
+        if !req.rootfs.is_empty() {
+            let target = bundle.join("rootfs");
+            std::fs::create_dir_all(&target)?;
+            for m in &req.rootfs {
+                let options: Vec<String> = m.options.clone();
+                if let Err(e) = crate::mount::mount_one(&m.type_, &m.source, &options, &target) {
+                    let _ = husk_runtime::sandbox::unmount_below(&target);
+                    return Err(anyhow::anyhow!("mounting the rootfs: {e:#}"));
+                }
+                rootfs_mount = Some(target.clone());
+            }
+            bundle_spec.rootfs = target;
+        }
+        let undo_rootfs = |m: &Option<PathBuf>| {
+            if let Some(m) = m {
+                let _ = husk_runtime::sandbox::unmount_below(m);
+            }
+        };
+        if !bundle_spec.rootfs.is_dir() {
+            undo_rootfs(&rootfs_mount);
+            anyhow::bail!("rootfs {} does not exist", bundle_spec.rootfs.display());
+        }
+
+        // The VM: a new one, or the pod's.
+        let (pod, owns_vm) = match &role {
+            Role::Standalone | Role::PodSandbox { .. } => {
+                let vm_id = match &role {
+                    Role::PodSandbox { pod } => pod.clone(),
+                    _ => id.clone(),
+                };
+                if self
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&vm_id)
+                {
+                    undo_rootfs(&rootfs_mount);
+                    anyhow::bail!("a VM named {vm_id} already exists in this shim");
+                }
+                let mut sc = SandboxConfig::new(&spec::vm_dir_name(&vm_id), &config);
+                sc.state_root = state::state_root(&self.namespace);
+                let (memory, vcpus) = spec::vm_size(&bundle_spec.value, &config);
+                sc.memory_mib = memory;
+                sc.vcpus = vcpus;
+                match Pod::boot(config.clone(), sc, vm_id.clone()) {
+                    Ok(pod) => {
+                        self.pods
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(vm_id, pod.clone());
+                        self.spawn_monitor(pod.clone());
+                        (pod, true)
+                    }
+                    Err(e) => {
+                        undo_rootfs(&rootfs_mount);
+                        return Err(e);
+                    }
+                }
+            }
+            Role::PodMember { pod } => {
+                let found = self
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(pod)
+                    .cloned();
+                match found {
+                    Some(p) => (p, false),
+                    None => {
+                        undo_rootfs(&rootfs_mount);
+                        anyhow::bail!(
+                            "the pod sandbox {pod} of container {id} is not served by this shim"
+                        );
+                    }
+                }
+            }
+        };
+        let result = self.create_in_vm(&id, &bundle, &mut bundle_spec, &pod, owns_vm, &role, req);
+        match result {
+            Ok(pumps) => {
+                let record = Record {
+                    sandbox_dir: pod.dir.clone(),
+                    shared_dir: pod.shared_dir.clone(),
+                    owns_vm,
+                    rootfs_mount: rootfs_mount.clone(),
+                };
+                if let Err(e) = state::write_record(&bundle, &record) {
+                    log::warn!("writing the shim record: {e}");
+                }
+                let init = Proc::new(&id, "", &req.stdin, &req.stdout, &req.stderr, req.terminal);
+                self.containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        id.clone(),
+                        Container {
+                            id: id.clone(),
+                            bundle: bundle.clone(),
+                            pod,
+                            owns_vm,
+                            rootfs_mount,
+                            init: init.clone(),
+                            execs: HashMap::new(),
+                        },
+                    );
+                init.lock().pumps = Some(pumps);
+                Ok(std::process::id())
+            }
+            Err(e) => {
+                let _ = pod.with(|sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
+                if owns_vm {
+                    self.pods
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&pod.id);
+                    pod.teardown();
+                }
+                undo_rootfs(&rootfs_mount);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Inner {
+    #[allow(clippy::too_many_arguments)]
+    fn create_in_vm(
+        &self,
+        id: &str,
+        bundle: &Path,
+        bundle_spec: &mut spec::BundleSpec,
+        pod: &Arc<Pod>,
+        _owns_vm: bool,
+        role: &Role,
+        req: &api::CreateTaskRequest,
+    ) -> anyhow::Result<StdioPumps> {
+        let pause_pid = match role {
+            Role::PodMember { pod: pod_id } => {
+                let pid = *pod.pause_pid.lock().unwrap_or_else(|p| p.into_inner());
+                Some(pid.ok_or_else(|| {
+                    anyhow::anyhow!("the sandbox container of pod {pod_id} has not started yet")
+                })?)
+            }
+            _ => None,
+        };
+        spec::rewrite_for_guest(&mut bundle_spec.value, pause_pid);
+        let spec_json = serde_json::to_vec(&bundle_spec.value)?;
+        let binds = spec::bind_mounts(&bundle_spec.value, bundle);
+        let stdio = host_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
+        let rootfs = bundle_spec.rootfs.clone();
+        let id = id.to_string();
+        let result = pod.try_with(move |sb| {
+            let rel = sb.share_rootfs(&id, &rootfs).map_err(|e| e.to_string())?;
+            let mut shared = HashMap::new();
+            for (index, source, destination) in binds {
+                let r = sb
+                    .share_path(&id, index, &source)
+                    .map_err(|e| e.to_string())?;
+                shared.insert(destination, r);
+            }
+            let (tokens, pumps) = sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
+            sb.create_container(&id, spec_json, rel, shared, tokens, false)
+                .map_err(|e| e.to_string())?;
+            Ok(pumps)
+        });
+        result.map_err(|(_, e)| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// The husk configuration for a new VM: the file named by the runtime
+/// options (`ConfigPath`), else the default one.
+fn runtime_config(options: Option<&Any>) -> anyhow::Result<Config> {
+    let Some(any) = options.filter(|a| !a.type_url.is_empty()) else {
+        return Ok(Config::load()?);
+    };
+    let name = any.type_url.rsplit('/').next().unwrap_or(&any.type_url);
+    match name {
+        "runtimeoptions.v1.Options" => {
+            let (_type_url, config_path) = decode_runtime_options(&any.value)?;
+            if config_path.is_empty() {
+                Ok(Config::load()?)
+            } else {
+                Ok(Config::from_file(Path::new(&config_path))?)
+            }
+        }
+        "containerd.runc.v1.Options" => {
+            let o = api::Options::parse_from_bytes(&any.value)?;
+            if o != api::Options::default() {
+                anyhow::bail!("runtime options: husk does not take runc options ({o:?}); use runtimeoptions.v1.Options with ConfigPath naming a husk config file");
+            }
+            Ok(Config::load()?)
+        }
+        other => anyhow::bail!("runtime options of type {other:?} are not supported: husk takes runtimeoptions.v1.Options (ConfigPath = a husk config file)"),
+    }
+}
+
+/// `runtimeoptions.v1.Options { string type_url = 1; string config_path = 2; }`
+fn decode_runtime_options(bytes: &[u8]) -> anyhow::Result<(String, String)> {
+    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
+    let (mut type_url, mut config_path) = (String::new(), String::new());
+    while let Some(tag) = input.read_raw_tag_or_eof()? {
+        match tag {
+            10 => type_url = input.read_string()?,
+            18 => config_path = input.read_string()?,
+            _ => input.skip_field(
+                containerd_shim::protos::protobuf::rt::WireType::new(tag & 7)
+                    .ok_or_else(|| anyhow::anyhow!("runtime options: bad wire type"))?,
+            )?,
+        }
+    }
+    Ok((type_url, config_path))
+}
+
+fn status_of(phase: Phase) -> Status {
+    match phase {
+        Phase::Created => Status::CREATED,
+        Phase::Running => Status::RUNNING,
+        Phase::Paused => Status::PAUSED,
+        Phase::Stopped => Status::STOPPED,
+    }
+}
+
+fn any_err(e: anyhow::Error) -> ttrpc::Error {
+    let msg = format!("{e:#}");
+    let code = if msg.contains("already exists") {
+        Code::ALREADY_EXISTS
+    } else if msg.contains("does not exist") || msg.contains("not found") {
+        Code::NOT_FOUND
+    } else if msg.contains("not supported")
+        || msg.contains("does not take")
+        || msg.contains("unknown field")
+    {
+        Code::INVALID_ARGUMENT
+    } else {
+        Code::UNKNOWN
+    };
+    err(code, msg)
+}
+
+impl containerd_shim::Task for Service {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let (_pod, p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        let bundle = {
+            let containers = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            containers
+                .get(&req.id)
+                .map(|c| c.bundle.display().to_string())
+                .unwrap_or_default()
+        };
+        let st = p.lock();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            bundle,
+            pid: std::process::id(),
+            status: status_of(st.phase).into(),
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
+            exit_status: st.exit.as_ref().map(|e| e.status).unwrap_or(0),
+            exited_at: st.exit.as_ref().map(|e| e.at.clone()).into(),
+            ..Default::default()
+        })
+    }
+
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = self.inner.create(&req).map_err(any_err)?;
+        self.inner.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: Some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                checkpoint: req.checkpoint.clone(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let (pod, p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        if p.lock().phase != Phase::Created {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{} {} is not in the created state", req.id, req.exec_id),
+            ));
+        }
+        let guest_pid = if req.exec_id.is_empty() {
+            let id = req.id.clone();
+            pod.with(move |sb| sb.start_container(&id).map_err(|e| e.to_string()))?
+        } else {
+            let process_json = p.lock().exec_spec.take().unwrap_or_default();
+            let stdio = host_stdio(&p.stdin, &p.stdout, &p.stderr, p.terminal).map_err(internal)?;
+            let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+            let (pid, pumps) = pod.with(move |sb| {
+                let (tokens, pumps): (StdioTokens, StdioPumps) =
+                    sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
+                let r = AgentExec {
+                    container_id: id,
+                    exec_id,
+                    process_json,
+                    stdio: Some(tokens).into(),
+                    ..Default::default()
+                };
+                let pid = sb.agent().exec_process(&r).map_err(|e| e.to_string())?;
+                Ok((pid, pumps))
+            })?;
+            p.lock().pumps = Some(pumps);
+            pid
+        };
+        {
+            let mut st = p.lock();
+            st.phase = Phase::Running;
+            st.guest_pid = guest_pid;
+        }
+        if req.exec_id.is_empty() {
+            let is_vm_owner = {
+                let containers = self
+                    .inner
+                    .containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                containers.get(&req.id).is_some_and(|c| c.owns_vm)
+            };
+            if is_vm_owner {
+                *pod.pause_pid.lock().unwrap_or_else(|p| p.into_inner()) = Some(guest_pid);
+            }
+        }
+        self.inner.spawn_waiter(pod, p);
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            self.inner.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.inner.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let (pod, p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        let (phase, exit) = {
+            let st = p.lock();
+            (st.phase, st.exit.clone())
+        };
+        if matches!(phase, Phase::Running | Phase::Paused) {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{} {} is still running; kill it first", req.id, req.exec_id),
+            ));
+        }
+        let exit = exit.unwrap_or(Exit {
+            status: 0,
+            at: now(),
+        });
+        if !req.exec_id.is_empty() {
+            let mut containers = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = containers.get_mut(&req.id) {
+                c.execs.remove(&req.exec_id);
+            }
+            return Ok(api::DeleteResponse {
+                pid: std::process::id(),
+                exit_status: exit.status,
+                exited_at: Some(exit.at).into(),
+                ..Default::default()
+            });
+        }
+        let container = self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.id);
+        let Some(container) = container else {
+            return Err(err(
+                Code::NOT_FOUND,
+                format!("container {} not found", req.id),
+            ));
+        };
+        // Nothing of it stays in the guest or shared into it.
+        let id = container.id.clone();
+        let _ = pod.with(move |sb| {
+            let _ = sb.agent().remove_container(&id, true);
+            sb.unshare_container(&id).map_err(|e| e.to_string())
+        });
+        if container.owns_vm {
+            self.inner
+                .pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pod.id);
+            pod.teardown();
+            // Containers of the pod still left ended with its VM.
+            self.inner.vm_gone(&pod);
+        }
+        if let Some(m) = &container.rootfs_mount {
+            if let Err(e) = husk_runtime::sandbox::unmount_below(m) {
+                log::warn!("unmounting {}: {e}", m.display());
+            }
+        }
+        state::remove_record(&container.bundle);
+        self.inner.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid: std::process::id(),
+                exit_status: exit.status,
+                exited_at: Some(exit.at.clone()).into(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::DeleteResponse {
+            pid: std::process::id(),
+            exit_status: exit.status,
+            exited_at: Some(exit.at).into(),
+            ..Default::default()
+        })
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let pod = self.inner.pod_of(&req.id)?;
+        let id = req.id.clone();
+        let list = pod.with(move |sb| sb.agent().list_processes(&id).map_err(|e| e.to_string()))?;
+        Ok(api::PidsResponse {
+            processes: list
+                .into_iter()
+                .map(|p| ProcessInfo {
+                    pid: p.pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let (pod, p) = self.inner.lookup(&req.id, "")?;
+        let id = req.id.clone();
+        pod.with(move |sb| sb.agent().pause(&id).map_err(|e| e.to_string()))?;
+        p.lock().phase = Phase::Paused;
+        self.inner.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(TaskPaused {
+                container_id: req.id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let (pod, p) = self.inner.lookup(&req.id, "")?;
+        let id = req.id.clone();
+        pod.with(move |sb| sb.agent().resume(&id).map_err(|e| e.to_string()))?;
+        {
+            let mut st = p.lock();
+            if st.phase == Phase::Paused {
+                st.phase = Phase::Running;
+            }
+        }
+        self.inner.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed {
+                container_id: req.id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(err(
+            Code::UNIMPLEMENTED,
+            "checkpoint is not supported by husk (the container's state lives inside a VM)",
+        ))
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let (pod, p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        let phase = p.lock().phase;
+        match phase {
+            Phase::Stopped => {
+                return Err(err(
+                    Code::NOT_FOUND,
+                    format!("process {} {} already finished", req.id, req.exec_id),
+                ))
+            }
+            Phase::Created => {
+                // Never started: it ends without running (as with runc).
+                if req.exec_id.is_empty() {
+                    let id = req.id.clone();
+                    let _ = pod.with(move |sb| {
+                        sb.agent()
+                            .remove_container(&id, true)
+                            .map_err(|e| e.to_string())
+                    });
+                }
+                self.inner.exited(
+                    &p,
+                    Exit {
+                        status: 128 + req.signal,
+                        at: now(),
+                    },
+                    false,
+                );
+                return Ok(api::Empty::default());
+            }
+            Phase::Running | Phase::Paused => {}
+        }
+        let (id, exec_id, signal, all) = (req.id.clone(), req.exec_id.clone(), req.signal, req.all);
+        pod.with(move |sb| {
+            sb.agent()
+                .signal_process(&id, &exec_id, signal, all)
+                .map_err(|e| e.to_string())
+        })?;
+        Ok(api::Empty::default())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        if req.exec_id.is_empty() || !husk_runtime::sandbox::valid_id(&req.exec_id) {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("invalid exec id {:?}", req.exec_id),
+            ));
+        }
+        let process_json = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        if serde_json::from_slice::<oci_spec::runtime::Process>(&process_json).is_err() {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                "exec: the process spec is not a valid OCI process",
+            ));
+        }
+        {
+            let mut containers = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let c = containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+            if c.execs.contains_key(&req.exec_id) {
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
+            }
+            let p = Proc::new(
+                &req.id,
+                &req.exec_id,
+                &req.stdin,
+                &req.stdout,
+                &req.stderr,
+                req.terminal,
+            );
+            p.lock().exec_spec = Some(process_json);
+            c.execs.insert(req.exec_id.clone(), p);
+        }
+        self.inner.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let (pod, _p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        let (id, exec_id, rows, cols) =
+            (req.id.clone(), req.exec_id.clone(), req.height, req.width);
+        pod.with(move |sb| {
+            sb.agent()
+                .resize_tty(&id, &exec_id, rows, cols)
+                .map_err(|e| e.to_string())
+        })?;
+        Ok(api::Empty::default())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let (pod, _p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        if req.stdin {
+            let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+            pod.with(move |sb| {
+                sb.agent()
+                    .close_stdin(&id, &exec_id)
+                    .map_err(|e| e.to_string())
+            })?;
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let pod = self.inner.pod_of(&req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        if serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources).is_err() {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                "update: resources are not valid OCI linux.resources JSON",
+            ));
+        }
+        let id = req.id.clone();
+        pod.with(move |sb| {
+            sb.agent()
+                .update_resources(&id, resources)
+                .map_err(|e| e.to_string())
+        })?;
+        Ok(api::Empty::default())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (_pod, p) = self.inner.lookup(&req.id, &req.exec_id)?;
+        let exit = p.wait();
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: Some(exit.at).into(),
+            ..Default::default()
+        })
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let pod = self.inner.pod_of(&req.id)?;
+        let id = req.id.clone();
+        let s = pod.with(move |sb| sb.agent().stats(&id).map_err(|e| e.to_string()))?;
+        let metrics = crate::metrics::to_cgroup2(&s);
+        let any = Any {
+            type_url: metrics.descriptor_dyn().full_name().to_string(),
+            value: metrics.write_to_bytes().map_err(internal)?,
+            ..Default::default()
+        };
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: format!("husk {}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        // A pod's shim serves all its containers: stay while any is left.
+        if !self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Ok(api::Empty::default());
+        }
+        let pods: Vec<Arc<Pod>> = self
+            .inner
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for p in pods {
+            p.teardown();
+        }
+        self.inner.exit.signal();
+        Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime_options(config_path: &str) -> Any {
+        // runtimeoptions.v1.Options { type_url = 1; config_path = 2 }
+        let mut value = vec![10, 0, 18, config_path.len() as u8];
+        value.extend_from_slice(config_path.as_bytes());
+        Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runtime_options_name_a_config_file() {
+        let dir = std::env::temp_dir().join(format!("husk-shim-opts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "default_memory_mib = 300\n").unwrap();
+        let c = runtime_config(Some(&runtime_options(good.to_str().unwrap()))).unwrap();
+        assert_eq!(c.default_memory_mib, 300);
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "hypervisr = \"qemu\"\n").unwrap();
+        let e = runtime_config(Some(&runtime_options(bad.to_str().unwrap()))).unwrap_err();
+        assert!(format!("{e:#}").contains("hypervisr"), "{e:#}");
+        let other = Any {
+            type_url: "example.com/Other".into(),
+            ..Default::default()
+        };
+        let e = runtime_config(Some(&other)).unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

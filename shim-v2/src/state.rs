@@ -1,0 +1,67 @@
+//! What a shim leaves on disk for `delete` to clean up after it died: a
+//! record in the bundle naming the VM's directory.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Root of the shim's sandbox directories: `$HUSK_SHIM_ROOT`, else this.
+pub const DEFAULT_ROOT: &str = "/run/husk/containerd";
+const RECORD: &str = "husk-shim.json";
+
+/// `<root>/<namespace>`: the state root of sandboxes of one namespace.
+pub fn state_root(namespace: &str) -> PathBuf {
+    let root = std::env::var_os("HUSK_SHIM_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    root.join(namespace)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Record {
+    /// The VM's directory (`<state root>/<pod or container id>`).
+    pub sandbox_dir: PathBuf,
+    /// The shared directory of the VM.
+    pub shared_dir: PathBuf,
+    /// This container booted the VM (plain container or pod sandbox).
+    pub owns_vm: bool,
+    /// The shim mounted the rootfs at this path.
+    pub rootfs_mount: Option<PathBuf>,
+}
+
+pub fn write_record(bundle: &Path, record: &Record) -> anyhow::Result<()> {
+    let text = serde_json::to_vec_pretty(record)?;
+    std::fs::write(bundle.join(RECORD), text)?;
+    Ok(())
+}
+
+pub fn remove_record(bundle: &Path) {
+    let _ = std::fs::remove_file(bundle.join(RECORD));
+}
+
+/// Unmounts and removes what a dead shim left for container `id`. The VM's
+/// processes died with the shim (they get SIGKILL when it dies).
+pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> anyhow::Result<()> {
+    use husk_runtime::sandbox::{remove_tree_same_fs, unmount_below};
+    let path = bundle.join(RECORD);
+    let record: Record = match std::fs::read(&path) {
+        Ok(text) => serde_json::from_slice(&text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let container_dir = record.shared_dir.join(id);
+    if container_dir.exists() {
+        unmount_below(&container_dir)?;
+        remove_tree_same_fs(&container_dir)?;
+    }
+    if record.owns_vm && record.sandbox_dir.exists() {
+        // Give the VM's helpers a moment to die of their parent's death.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        unmount_below(&record.sandbox_dir)?;
+        remove_tree_same_fs(&record.sandbox_dir)?;
+    }
+    if let Some(rootfs) = &record.rootfs_mount {
+        unmount_below(rootfs)?;
+    }
+    remove_record(bundle);
+    Ok(())
+}

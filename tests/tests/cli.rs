@@ -1,0 +1,569 @@
+//! The runc-compatible CLI, driving real microVMs: the lifecycle, exit
+//! statuses through state.pid, stdio, the console socket, exec, pause,
+//! hooks, host bind mounts, scale and bad input.
+
+use husk_tests::*;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn bundle_with(dir: &TestDir, name: &str, spec: serde_json::Value) -> PathBuf {
+    require_guest();
+    let b = dir.path.join(name);
+    std::fs::create_dir_all(&b).expect("mkdir bundle");
+    write_bundle(&b, &spec)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+fn state(root: &Path, id: &str) -> serde_json::Value {
+    let out = husk(root, &["state", id]);
+    ok(&out, "husk state");
+    serde_json::from_slice(&out.stdout).expect("state JSON")
+}
+
+#[test]
+fn lifecycle_create_start_state_kill_delete() {
+    become_subreaper();
+    let dir = TestDir::new("lifecycle");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+    let pid_file = dir.path.join("pid");
+    let out = husk(
+        &root,
+        &[
+            "create",
+            "--bundle",
+            s(&b),
+            "--pid-file",
+            s(&pid_file),
+            "lc",
+        ],
+    );
+    ok(&out, "create");
+    let st = state(&root, "lc");
+    assert_eq!(st["status"], "created");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(st["pid"], pid);
+    assert_eq!(st["id"], "lc");
+    ok(&husk(&root, &["start", "lc"]), "start");
+    assert_eq!(state(&root, "lc")["status"], "running");
+    let list = husk(&root, &["list", "--format", "json"]);
+    ok(&list, "list");
+    assert!(stdout(&list).contains("\"lc\""));
+    let del = husk(&root, &["delete", "lc"]);
+    assert!(
+        !del.status.success(),
+        "delete of a running container must fail"
+    );
+    ok(&husk(&root, &["kill", "lc", "TERM"]), "kill");
+    assert_eq!(
+        wait_pid(pid),
+        (None, Some(libc::SIGTERM)),
+        "state.pid must die as the container did"
+    );
+    assert_eq!(state(&root, "lc")["status"], "stopped");
+    let again = husk(&root, &["kill", "lc", "KILL"]);
+    assert!(
+        !again.status.success(),
+        "kill of a stopped container must fail"
+    );
+    ok(&husk(&root, &["delete", "lc"]), "delete");
+    assert!(!husk(&root, &["state", "lc"]).status.success());
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn exit_code_and_signal_deaths_come_through_the_pid() {
+    become_subreaper();
+    let dir = TestDir::new("exitcodes");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sh", "-c", "exit 7"]));
+    let out = husk(&root, &["run", "--bundle", s(&b), "seven"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "run of exit 7: {}",
+        stderr(&out)
+    );
+
+    let b2 = bundle_with(&dir, "b2", default_spec(&["sleep", "600"]));
+    let pid_file = dir.path.join("pid");
+    ok(
+        &husk(
+            &root,
+            &["create", "-b", s(&b2), "--pid-file", s(&pid_file), "nine"],
+        ),
+        "create",
+    );
+    ok(&husk(&root, &["start", "nine"]), "start");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    ok(&husk(&root, &["kill", "nine", "9"]), "kill -9");
+    assert_eq!(
+        wait_pid(pid),
+        (None, Some(9)),
+        "a SIGKILLed container's pid dies by SIGKILL (status 128+9)"
+    );
+    ok(&husk(&root, &["delete", "nine"]), "delete");
+
+    // Killing state.pid from the host kills the container.
+    ok(
+        &husk(
+            &root,
+            &["create", "-b", s(&b2), "--pid-file", s(&pid_file), "victim"],
+        ),
+        "create",
+    );
+    ok(&husk(&root, &["start", "victim"]), "start");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    // SAFETY: kill(2) of the shadow process this test adopted.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_pid(pid);
+    let mut stopped = false;
+    for _ in 0..200 {
+        if state(&root, "victim")["status"] == "stopped" {
+            stopped = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(stopped, "killing state.pid did not stop the container");
+    ok(&husk(&root, &["delete", "victim"]), "delete");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn stdout_carries_64_mib_intact_and_stdin_eof_arrives() {
+    let dir = TestDir::new("stdio");
+    let root = dir.state_root();
+    let script = "head -c 67108864 /dev/urandom > /big && md5sum /big >&2 && cat /big && rm /big";
+    let b = bundle_with(&dir, "b", default_spec(&["sh", "-c", script]));
+    let out = husk(&root, &["run", "--bundle", s(&b), "big"]);
+    ok(&out, "run");
+    assert_eq!(out.stdout.len(), 64 << 20, "stdout length");
+    let guest_md5 = stderr(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut md5 = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    md5.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&out.stdout)
+        .expect("write");
+    let host_md5 = String::from_utf8_lossy(&md5.wait_with_output().expect("md5sum").stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(guest_md5.len(), 32, "guest md5sum: {}", stderr(&out));
+    assert_eq!(host_md5, guest_md5, "64 MiB arrived changed");
+
+    // cat ends only when stdin's EOF reaches it.
+    let b2 = bundle_with(
+        &dir,
+        "b2",
+        default_spec(&["sh", "-c", "cat; echo eof-seen"]),
+    );
+    let mut child = Command::new(husk_bin())
+        .args(["--root", s(&root), "run", "--bundle", s(&b2), "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"through stdin\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    ok(&out, "run cat");
+    assert_eq!(stdout(&out), "through stdin\neof-seen\n");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+fn read_until(master: &mut std::fs::File, needle: &str) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !seen.contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited for {needle:?}, got {seen:?}"
+        );
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) => panic!("reading the console: {e} (so far {seen:?})"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn console_socket_tty_and_exec_with_and_without_tty() {
+    become_subreaper();
+    let dir = TestDir::new("tty");
+    let root = dir.state_root();
+    let mut spec = default_spec(&["sh"]);
+    spec["process"]["terminal"] = serde_json::json!(true);
+    let b = bundle_with(&dir, "b", spec);
+    let sock_path = dir.path.join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock_path).expect("bind console socket");
+    let pid_file = dir.path.join("pid");
+    let create = {
+        let (root, b, sock, pid_file) =
+            (root.clone(), b.clone(), sock_path.clone(), pid_file.clone());
+        std::thread::spawn(move || {
+            husk(
+                &root,
+                &[
+                    "create",
+                    "-b",
+                    s(&b),
+                    "--console-socket",
+                    s(&sock),
+                    "--pid-file",
+                    s(&pid_file),
+                    "tty",
+                ],
+            )
+        })
+    };
+    let master = receive_console_fd(&listener);
+    ok(
+        &create.join().expect("create thread"),
+        "create with console socket",
+    );
+    ok(&husk(&root, &["start", "tty"]), "start");
+    let mut master = std::fs::File::from(master);
+    master
+        .write_all(b"echo tty-$((6*7))\n")
+        .expect("write to console");
+    let seen = read_until(&mut master, "tty-42");
+    assert!(seen.contains("tty-42"), "{seen}");
+
+    // exec without a tty: stdout comes back, the exit code too.
+    let out = husk(
+        &root,
+        &["exec", "tty", "sh", "-c", "echo from-exec; exit 5"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "exec exit code: {}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "from-exec\n");
+
+    // exec with a tty through its own console socket.
+    let sock2 = dir.path.join("console2.sock");
+    let listener2 = std::os::unix::net::UnixListener::bind(&sock2).expect("bind");
+    let exec = {
+        let (root, sock2) = (root.clone(), sock2.clone());
+        std::thread::spawn(move || {
+            husk(
+                &root,
+                &[
+                    "exec",
+                    "-t",
+                    "--console-socket",
+                    s(&sock2),
+                    "tty",
+                    "sh",
+                    "-c",
+                    "tty; echo exec-tty-ok",
+                ],
+            )
+        })
+    };
+    let mut m2 = std::fs::File::from(receive_console_fd(&listener2));
+    let seen = read_until(&mut m2, "exec-tty-ok");
+    assert!(seen.contains("/dev/pts/"), "exec -t has no tty: {seen}");
+    ok(&exec.join().expect("exec thread"), "exec -t");
+
+    master.write_all(b"exit 3\n").expect("write");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(wait_pid(pid), (Some(3), None));
+    ok(&husk(&root, &["delete", "tty"]), "delete");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn pause_resume_ps_and_events() {
+    let dir = TestDir::new("pause");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "p"]), "run -d");
+    ok(&husk(&root, &["pause", "p"]), "pause");
+    assert_eq!(state(&root, "p")["status"], "paused");
+    let frozen = husk(&root, &["exec", "p", "true"]);
+    assert!(
+        !frozen.status.success(),
+        "exec into a paused container must fail"
+    );
+    ok(&husk(&root, &["resume", "p"]), "resume");
+    assert_eq!(state(&root, "p")["status"], "running");
+    let ps = husk(&root, &["ps", "--format", "json", "p"]);
+    ok(&ps, "ps");
+    let pids: Vec<u32> = serde_json::from_slice(&ps.stdout).expect("ps json");
+    assert!(!pids.is_empty());
+    let ev = husk(&root, &["events", "--stats", "p"]);
+    ok(&ev, "events --stats");
+    let ev: serde_json::Value = serde_json::from_slice(&ev.stdout).expect("events json");
+    assert_eq!(ev["type"], "stats");
+    assert!(
+        ev["data"]["memory"]["usage"]["usage"].as_u64().unwrap_or(0) > 0,
+        "{ev}"
+    );
+    ok(
+        &husk(&root, &["update", "--memory", "50000000", "p"]),
+        "update",
+    );
+    ok(&husk(&root, &["delete", "--force", "p"]), "delete --force");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn hooks_run_in_order_with_the_state_on_stdin() {
+    let dir = TestDir::new("hooks");
+    let root = dir.state_root();
+    let log = dir.path.join("hooks.log");
+    let mut spec = default_spec(&["true"]);
+    let hook = |name: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {name} $(cat) >> {}", log.display())], "timeout": 10});
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": [hook("createRuntime")],
+        "prestart": [hook("prestart")],
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")],
+    });
+    let b = bundle_with(&dir, "b", spec);
+    ok(
+        &husk(&root, &["run", "-b", s(&b), "hooked"]),
+        "run with hooks",
+    );
+    let text = std::fs::read_to_string(&log).expect("hook log");
+    let order: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        order,
+        ["createRuntime", "prestart", "poststart", "poststop"],
+        "{text}"
+    );
+    for line in text.lines() {
+        let json = line.split_once(' ').map(|x| x.1).unwrap_or_default();
+        let st: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(st["id"], "hooked");
+        assert!(st["bundle"].as_str().unwrap_or_default().ends_with("/b"));
+    }
+
+    // A failing createRuntime hook fails create and leaves nothing.
+    let mut spec = default_spec(&["true"]);
+    spec["hooks"] = serde_json::json!({"createRuntime": [{"path": "/bin/false"}]});
+    let b = bundle_with(&dir, "bad", spec);
+    let out = husk(&root, &["create", "-b", s(&b), "badhook"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("createRuntime hook"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn bind_mount_from_the_host_is_visible_and_read_only() {
+    let dir = TestDir::new("bind");
+    let root = dir.state_root();
+    let host = dir.path.join("hostdata");
+    std::fs::create_dir_all(&host).expect("mkdir");
+    std::fs::write(host.join("file"), "host content\n").expect("write");
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "cat /data/file; echo x > /data/new && echo WRITABLE || echo read-only",
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": host, "options": ["rbind", "ro"]
+        }));
+    let b = bundle_with(&dir, "b", spec);
+    let out = husk(&root, &["run", "-b", s(&b), "bind"]);
+    ok(&out, "run");
+    assert_eq!(stdout(&out), "host content\nread-only\n");
+    assert!(!host.join("new").exists());
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn twenty_containers_created_in_parallel_all_work() {
+    let dir = TestDir::new("parallel");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sh", "-c", "echo ok-$HOSTNAME"]));
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (root, b) = (root.clone(), b.clone());
+            std::thread::spawn(move || husk(&root, &["run", "-b", s(&b), &format!("par{i}")]))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let out = h.join().expect("thread");
+        ok(&out, &format!("container par{i}"));
+        assert_eq!(stdout(&out), "ok-husk-test\n");
+    }
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn two_hundred_create_delete_cycles_leave_nothing() {
+    let dir = TestDir::new("cycles");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["true"]));
+    let workers: Vec<_> = (0..2)
+        .map(|w| {
+            let (root, b) = (root.clone(), b.clone());
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let id = format!("cyc{w}-{i}");
+                    let out = husk(&root, &["create", "-b", s(&b), &id]);
+                    ok(&out, &format!("create {id}"));
+                    let out = husk(&root, &["delete", &id]);
+                    ok(&out, &format!("delete {id}"));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    // Shadows carry the state root in their argv, so this covers them too.
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// Bad input: a clear error naming the problem, non-zero exit, nothing left.
+fn refused(root: &Path, args: &[&str], expect: &str, marker: &Path) {
+    let out = husk(root, args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = stderr(&out);
+    assert!(
+        err.to_lowercase().contains(&expect.to_lowercase()),
+        "{args:?}: error {err:?} does not mention {expect:?}"
+    );
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+    assert_eq!(
+        leftovers_settled(marker, root),
+        Vec::<String>::new(),
+        "{args:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_leaves_nothing() {
+    become_subreaper();
+    let dir = TestDir::new("badcli");
+    let root = dir.state_root();
+    let good = bundle_with(&dir, "good", default_spec(&["sleep", "600"]));
+    let malformed = dir.path.join("malformed");
+    std::fs::create_dir_all(malformed.join("rootfs")).expect("mkdir");
+    std::fs::write(malformed.join("config.json"), "{ this is not json").expect("write");
+    refused(
+        &root,
+        &["create", "-b", s(&malformed), "m1"],
+        "malformed",
+        &dir.path,
+    );
+    let mut spec = default_spec(&["true"]);
+    spec["ociVersion"] = serde_json::json!("2.0.0");
+    let v2 = bundle_with(&dir, "v2", spec);
+    refused(
+        &root,
+        &["create", "-b", s(&v2), "m2"],
+        "ociVersion",
+        &dir.path,
+    );
+    let mut spec = default_spec(&["true"]);
+    spec["root"]["path"] = serde_json::json!("no-such-rootfs");
+    let norootfs = bundle_with(&dir, "norootfs", spec);
+    refused(
+        &root,
+        &["create", "-b", s(&norootfs), "m3"],
+        "rootfs",
+        &dir.path,
+    );
+    let noexe = bundle_with(&dir, "noexe", default_spec(&["/no/such/program"]));
+    refused(
+        &root,
+        &["create", "-b", s(&noexe), "m4"],
+        "not found",
+        &dir.path,
+    );
+    refused(
+        &root,
+        &["create", "-b", s(&good), "../x"],
+        "invalid container id",
+        &dir.path,
+    );
+    ok(
+        &husk(&root, &["create", "-b", s(&good), "dup"]),
+        "create dup",
+    );
+    let out = husk(&root, &["create", "-b", s(&good), "dup"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("already exists"),
+        "{}",
+        stderr(&out)
+    );
+    let out = husk(&root, &["kill", "dup", "SIGNOPE"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("unknown signal"),
+        "{}",
+        stderr(&out)
+    );
+    ok(&husk(&root, &["delete", "--force", "dup"]), "delete dup");
+    let out = husk(&root, &["--systemd-cgroup", "list"]);
+    assert!(!out.status.success() && stderr(&out).contains("not supported"));
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
