@@ -15,7 +15,6 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the `OK <port>` answer to a CONNECT may take once the guest runs.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("vsock {uds}: {source}")]

@@ -152,6 +152,27 @@ pub struct Sandbox {
     cleaned: bool,
 }
 
+/// The longest socket name in a sandbox directory.
+const LONGEST_SOCKET: &str = "vhost-vsock.sock";
+/// sun_path holds 108 bytes with the NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The directory of sandbox `id` under `state_root`: named after the id,
+/// unless its sockets would not fit in a Unix socket address (long ids such
+/// as podman's 64 hex digits under a long root); then a prefix of the id and
+/// a hash of all of it, so every caller finds the same directory.
+pub fn sandbox_dir(state_root: &Path, id: &str) -> PathBuf {
+    let plain = state_root.join(id);
+    if plain.join(LONGEST_SOCKET).as_os_str().len() <= MAX_SOCKET_PATH {
+        return plain;
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let prefix: String = id.chars().take(8).collect();
+    state_root.join(format!("{prefix}-{hash:016x}"))
+}
+
 /// `[A-Za-z0-9_.-]{1,64}`, not starting with `.` or `-` (so never `..`).
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -182,7 +203,7 @@ impl Sandbox {
         let vsock_backend = crate::artifacts::vsock_backend(config.vsock_backend.as_deref())?;
         let selection = hypervisor::select(config.hypervisor, config)?;
 
-        let dir = sc.state_root.join(&sc.id);
+        let dir = sandbox_dir(&sc.state_root, &sc.id);
         std::fs::create_dir_all(&sc.state_root).map_err(|source| SandboxError::Io {
             what: "creating",
             path: sc.state_root.clone(),
@@ -775,6 +796,17 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_ids_get_short_directories() {
+        let root = Path::new("/tmp/husk-test-podman-12345/husk-root/sandbox");
+        assert_eq!(sandbox_dir(root, "short"), root.join("short"));
+        let long = "a".repeat(64);
+        let dir = sandbox_dir(root, &long);
+        assert!(dir.join(LONGEST_SOCKET).as_os_str().len() <= MAX_SOCKET_PATH);
+        assert_eq!(dir, sandbox_dir(root, &long), "stable");
+        assert_ne!(dir, sandbox_dir(root, &"b".repeat(64)));
+    }
 
     #[test]
     fn ids_are_checked() {

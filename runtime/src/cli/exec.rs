@@ -95,9 +95,9 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<i32> {
     }
     let terminal = process["terminal"].as_bool().unwrap_or(false);
     let agent = super::agent_of(root, &args.id)?;
-    let sandbox_uds = super::state::sandbox_root(root)
-        .join(&args.id)
-        .join("vsock.sock");
+    let sandbox_uds =
+        husk_runtime::sandbox::sandbox_dir(&super::state::sandbox_root(root), &args.id)
+            .join("vsock.sock");
     let mut host_pty = None;
     let stdio = if terminal {
         let socket = args

@@ -99,9 +99,14 @@ pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
     let result = spawn_monitor_and_shadow(root, args, &bundle, annotations);
     if result.is_err() {
         // The monitor removes what it made; a monitor that died early cannot.
-        let _ = husk_runtime::sandbox::unmount_below(&state::sandbox_root(root).join(&args.id));
-        let _ =
-            husk_runtime::sandbox::remove_tree_same_fs(&state::sandbox_root(root).join(&args.id));
+        let _ = husk_runtime::sandbox::unmount_below(&husk_runtime::sandbox::sandbox_dir(
+            &state::sandbox_root(root),
+            &args.id,
+        ));
+        let _ = husk_runtime::sandbox::remove_tree_same_fs(&husk_runtime::sandbox::sandbox_dir(
+            &state::sandbox_root(root),
+            &args.id,
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
@@ -321,7 +326,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         }
     } else {
         // A crashed monitor took its VM with it; remove what is left on disk.
-        let sandbox = state::sandbox_root(root).join(id);
+        let sandbox = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(root), id);
         husk_runtime::sandbox::unmount_below(&sandbox)?;
         husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
         let _ = std::fs::remove_dir_all(state::container_dir(root, id));

@@ -156,7 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 
 /// The agent of a container's sandbox, reached directly over its vsock.
 pub fn agent_of(root: &Path, id: &str) -> anyhow::Result<AgentClient> {
-    let uds = state::sandbox_root(root).join(id).join("vsock.sock");
+    let uds = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(root), id).join("vsock.sock");
     AgentClient::connect(&uds, std::time::Duration::from_secs(5), || Ok(()))
         .map_err(|e| anyhow::anyhow!("container {id}: cannot reach its agent: {e}"))
 }

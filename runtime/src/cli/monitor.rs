@@ -81,15 +81,14 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
-    let listener =
-        match UnixListener::bind(state::container_dir(root, &args.id).join("monitor.sock")) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = writeln!(ready, "error binding the monitor socket: {e}");
-                monitor.teardown();
-                return Ok(1);
-            }
-        };
+    let listener = match UnixListener::bind(state::monitor_socket(root, &args.id)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(ready, "error binding the monitor socket: {e}");
+            monitor.teardown();
+            return Ok(1);
+        }
+    };
     let _ = writeln!(ready, "ok");
     drop(ready);
     let m = Arc::clone(&monitor);

@@ -66,6 +66,12 @@ pub fn sandbox_root(root: &Path) -> PathBuf {
     root.join("sandbox")
 }
 
+/// The monitor's control socket. It lives in the sandbox directory, whose
+/// name is kept short enough for Unix socket addresses even for long ids.
+pub fn monitor_socket(root: &Path, id: &str) -> PathBuf {
+    husk_runtime::sandbox::sandbox_dir(&sandbox_root(root), id).join("monitor.sock")
+}
+
 /// The start time of a process (field 22 of /proc/<pid>/stat), if it lives.
 pub fn process_start(pid: i32) -> Option<u64> {
     if pid <= 0 {
@@ -133,7 +139,7 @@ impl ContainerState {
     }
 
     pub fn monitor_socket(&self, root: &Path) -> PathBuf {
-        container_dir(root, &self.id).join("monitor.sock")
+        monitor_socket(root, &self.id)
     }
 }
 
