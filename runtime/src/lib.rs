@@ -10,5 +10,6 @@ pub mod artifacts;
 pub mod backends;
 pub mod child;
 pub mod config;
+pub mod host_cgroup;
 pub mod hypervisor;
 pub mod sandbox;

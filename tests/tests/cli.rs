@@ -35,10 +35,20 @@ fn state(root: &Path, id: &str) -> serde_json::Value {
 
 #[test]
 fn lifecycle_create_start_state_kill_delete() {
+    // PID 1 of a pid namespace ignores signals it has no handler for (as
+    // under runc): the process handles TERM by dying of it.
     become_subreaper();
     let dir = TestDir::new("lifecycle");
     let root = dir.state_root();
-    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+    let b = bundle_with(
+        &dir,
+        "b",
+        default_spec(&[
+            "sh",
+            "-c",
+            "trap 'trap - TERM; kill -TERM $$' TERM; sleep 600 & wait",
+        ]),
+    );
     let pid_file = dir.path.join("pid");
     let out = husk(
         &root,
@@ -565,5 +575,55 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     ok(&husk(&root, &["delete", "--force", "dup"]), "delete dup");
     let out = husk(&root, &["--systemd-cgroup", "list"]);
     assert!(!out.status.success() && stderr(&out).contains("not supported"));
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// The cgroups of a process on the host, one "hierarchy:path" line each.
+fn host_cgroups(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+}
+
+fn pid_of(marker: &Path, name: &str) -> Option<i32> {
+    let marker = marker.display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
+            .replace('\0', " ");
+        (cmd.contains(name) && cmd.contains(&marker)).then_some(pid)
+    })
+}
+
+#[test]
+fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
+    let dir = TestDir::new("hostcg");
+    let root = dir.state_root();
+    let cg = format!("/husk-test-{}/hostcg", std::process::id());
+    let mut spec = default_spec(&["sleep", "600"]);
+    spec["linux"]["cgroupsPath"] = serde_json::json!(cg);
+    let b = bundle_with(&dir, "b", spec);
+    ok(
+        &husk(&root, &["run", "-d", "-b", s(&b), "hostcg"]),
+        "run -d",
+    );
+    for name in [
+        "qemu-system",
+        "__monitor",
+        "virtiofsd",
+        "vhost-device-vsock",
+    ] {
+        let pid = pid_of(&dir.path, name).unwrap_or_else(|| panic!("no {name} process"));
+        let cgroups = host_cgroups(pid);
+        assert!(
+            cgroups.lines().any(|l| l.ends_with(&cg)),
+            "{name} is not in {cg}: {cgroups}"
+        );
+    }
+    let hierarchies = husk_runtime::host_cgroup::hierarchies();
+    assert!(!hierarchies.is_empty());
+    ok(&husk(&root, &["delete", "-f", "hostcg"]), "delete");
+    for h in hierarchies {
+        let top = h.join(format!("husk-test-{}", std::process::id()));
+        assert!(!top.exists(), "{} left behind", top.display());
+    }
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }

@@ -2,7 +2,7 @@
 //! asked for health and version, shut down and cleaned up, with timings.
 
 use husk_runtime::artifacts;
-use husk_runtime::config::Config;
+use husk_runtime::config::{Config, HypervisorChoice};
 use husk_runtime::hypervisor::{self, kvm};
 use husk_runtime::sandbox::{Sandbox, SandboxConfig, Timings};
 use serde::Serialize;
@@ -25,6 +25,16 @@ struct Item {
     detail: String,
 }
 
+/// One probe sandbox's result, per hypervisor backend.
+#[derive(Serialize, Default, Clone)]
+struct Probe {
+    hypervisor: String,
+    acceleration: String,
+    timings: Option<Timings>,
+    shutdown_ms: f64,
+    error: Option<String>,
+}
+
 #[derive(Serialize, Default)]
 struct Report {
     ok: bool,
@@ -37,6 +47,8 @@ struct Report {
     timings: Option<Timings>,
     shutdown_ms: f64,
     error: Option<String>,
+    /// Where KVM runs guests: every backend probed, side by side.
+    backends: Vec<Probe>,
 }
 
 fn version_of(program: &Path, arg: &str) -> String {
@@ -198,6 +210,26 @@ fn print_text(r: &Report) {
         println!("  first RPC round trip           {:8.3} ms", t.first_rpc_ms);
         println!("  shutdown                       {:8.1} ms", r.shutdown_ms);
     }
+    if !r.backends.is_empty() {
+        println!("both backends (KVM can run guests here):");
+        println!(
+            "  {:<10} {:>22} {:>22}",
+            "backend", "kernel boot to agent", "VMM spawn to agent"
+        );
+        for b in &r.backends {
+            match (&b.timings, &b.error) {
+                (Some(t), None) => println!(
+                    "  {:<10} {:>19.1} ms {:>19.1} ms",
+                    b.hypervisor, t.kernel_boot_to_agent_ms, t.vmm_spawn_to_agent_ms
+                ),
+                (_, e) => println!(
+                    "  {:<10} FAILED: {}",
+                    b.hypervisor,
+                    e.as_deref().unwrap_or("no timings")
+                ),
+            }
+        }
+    }
     match &r.error {
         None => println!("ok"),
         Some(e) => println!("FAILED: {e}"),
@@ -218,8 +250,29 @@ pub fn check(root: &Path, args: CheckArgs) -> anyhow::Result<i32> {
         .map(|i| format!("{}: {}", i.name, i.detail));
     report.error = match failed {
         Some(f) => Some(f),
-        None => probe(&config, root, args.shared_dir, &mut report).err(),
+        None => probe(&config, root, args.shared_dir.clone(), &mut report).err(),
     };
+    if report.error.is_none() && kvm::probe().is_usable() {
+        // Both backends can run here: boot a probe with each, side by side.
+        for choice in [HypervisorChoice::Qemu, HypervisorChoice::HuskVmm] {
+            let mut c = config.clone();
+            c.hypervisor = choice;
+            let mut r = Report::default();
+            let error = probe(&c, root, args.shared_dir.clone(), &mut r).err();
+            report.backends.push(Probe {
+                hypervisor: r.hypervisor,
+                acceleration: r.acceleration,
+                timings: r.timings,
+                shutdown_ms: r.shutdown_ms,
+                error,
+            });
+        }
+        report.error = report.backends.iter().find_map(|b| {
+            b.error
+                .as_ref()
+                .map(|e| format!("{} probe: {e}", b.hypervisor))
+        });
+    }
     report.ok = report.error.is_none();
     if args.format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -14,6 +14,7 @@ use super::state::{self, ContainerState, Status};
 use anyhow::{bail, Context};
 use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
+use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{HostStdio, Sandbox, SandboxConfig, StdioPumps};
 use std::collections::HashMap;
 use std::fs::File;
@@ -51,6 +52,7 @@ struct Monitor {
     pumps: Mutex<Option<StdioPumps>>,
     link: Mutex<UnixStream>,
     host_pty_master: Mutex<Option<OwnedFd>>,
+    host_cgroup: Mutex<Option<HostCgroup>>,
 }
 
 fn take_fd(fd: i32) -> Option<File> {
@@ -112,6 +114,21 @@ fn setup(
 ) -> anyhow::Result<Monitor> {
     let bundle = Bundle::load(&args.bundle)?;
     let config = Config::load()?;
+    // Into the host cgroup first: the VMM and backends inherit it.
+    let host_cgroup = match bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+    {
+        Some(path) => {
+            let cg = HostCgroup::create(&path.display().to_string())?;
+            cg.add(std::process::id())?;
+            cg.add(args.shadow_pid as u32)?;
+            Some(cg)
+        }
+        None => None,
+    };
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);
     sc.memory_mib = bundle.memory_mib(&config);
@@ -185,6 +202,7 @@ fn setup(
         pumps: Mutex::new(Some(pumps)),
         link: Mutex::new(link),
         host_pty_master: Mutex::new(host_pty_master),
+        host_cgroup: Mutex::new(host_cgroup),
     })
 }
 
@@ -377,6 +395,9 @@ impl Monitor {
             if let Err(e) = sandbox.shutdown() {
                 log::warn!("{}: {e}", self.id);
             }
+        }
+        if let Some(mut cg) = lock(&self.host_cgroup).take() {
+            cg.remove(std::process::id());
         }
         let dir = state::container_dir(&self.root, &self.id);
         let _ = std::fs::remove_dir_all(dir);

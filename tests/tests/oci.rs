@@ -1,0 +1,290 @@
+//! The OCI runtime spec applied by the agent inside real guests: pid
+//! namespace, seccomp, capabilities, rlimits, cgroup limits (OOM, pids),
+//! readonly rootfs, oomScoreAdj, sysctl, linux.devices, and bad specs that
+//! must fail `create` cleanly.
+
+use husk_tests::*;
+use std::path::{Path, PathBuf};
+
+fn bundle_with(dir: &TestDir, name: &str, spec: serde_json::Value) -> PathBuf {
+    require_guest();
+    let b = dir.path.join(name);
+    std::fs::create_dir_all(&b).expect("mkdir bundle");
+    write_bundle(&b, &spec)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// `husk run` of `script` under `sh -c` with `edit` applied to the spec.
+fn run_sh(
+    dir: &TestDir,
+    name: &str,
+    script: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> std::process::Output {
+    let mut spec = default_spec(&["sh", "-c", script]);
+    edit(&mut spec);
+    let b = bundle_with(dir, name, spec);
+    husk(&dir.state_root(), &["run", "--bundle", s(&b), name])
+}
+
+#[test]
+fn pid_namespace_hides_the_guest_processes() {
+    let dir = TestDir::new("oci-pidns");
+    let out = run_sh(
+        &dir,
+        "pidns",
+        "echo pid=$$; ls /proc | grep -c '^[0-9]'; cat /proc/1/comm",
+        |_| {},
+    );
+    ok(&out, "run");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    // PID 1 is the namespace's holder, the process PID 2.
+    assert_eq!(lines.first(), Some(&"pid=2"), "{text}");
+    // Only the holder, the shell, ls and grep are visible in its /proc.
+    let count: u32 = lines
+        .get(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(99);
+    assert!(count <= 4, "the container sees other processes: {text}");
+    assert_eq!(lines.get(2), Some(&"husk-pidns-init"), "{text}");
+}
+
+#[test]
+fn seccomp_denies_with_the_configured_errno() {
+    let dir = TestDir::new("oci-seccomp");
+    let out = run_sh(
+        &dir,
+        "sec",
+        "mkdir /tmp/denied; echo rc=$?; test -d /tmp/denied && echo exists; echo still-running",
+        |spec| {
+            spec["linux"]["seccomp"] = serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "syscalls": [
+                    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 95},
+                    // An argument rule that never matches must not deny.
+                    {"names": ["write"], "action": "SCMP_ACT_ERRNO",
+                     "args": [{"index": 0, "value": 999, "op": "SCMP_CMP_EQ"}]}
+                ]
+            });
+        },
+    );
+    ok(&out, "run");
+    let text = stdout(&out);
+    assert!(text.contains("rc=1"), "mkdir was not denied: {text}");
+    assert!(!text.contains("exists"), "mkdir went through: {text}");
+    assert!(text.contains("still-running"), "{text}");
+    assert!(
+        stderr(&out).to_lowercase().contains("not supported"),
+        "wrong errno (want EOPNOTSUPP): {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn dropped_capabilities_are_gone() {
+    let dir = TestDir::new("oci-caps");
+    let out = run_sh(
+        &dir,
+        "caps",
+        "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status",
+        |spec| {
+            let set = serde_json::json!(["CAP_CHOWN", "CAP_KILL"]);
+            spec["process"]["capabilities"] = serde_json::json!({
+                "bounding": set, "effective": set, "permitted": set,
+                "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]
+            });
+            // Ambient capabilities need privileges to be kept across exec.
+            spec["process"]["noNewPrivileges"] = serde_json::json!(false);
+        },
+    );
+    ok(&out, "run");
+    let text = stdout(&out);
+    // CAP_CHOWN = bit 0, CAP_KILL = bit 5.
+    for (set, mask) in [
+        ("CapBnd", "0000000000000021"),
+        ("CapEff", "0000000000000021"),
+        ("CapPrm", "0000000000000021"),
+        ("CapInh", "0000000000000020"),
+        ("CapAmb", "0000000000000020"),
+    ] {
+        assert!(
+            text.contains(&format!("{set}:\t{mask}")),
+            "{set} is not {mask}: {text}"
+        );
+    }
+}
+
+#[test]
+fn rlimits_oom_score_adj_and_sysctl_are_applied() {
+    let dir = TestDir::new("oci-rlimits");
+    let out = run_sh(
+        &dir,
+        "rl",
+        "ulimit -n; ulimit -Hn; cat /proc/self/oom_score_adj; cat /proc/sys/net/ipv4/ip_forward; domainname 2>/dev/null || cat /proc/sys/kernel/domainname",
+        |spec| {
+            spec["process"]["rlimits"] =
+                serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 123, "hard": 456}]);
+            spec["process"]["oomScoreAdj"] = serde_json::json!(500);
+            spec["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": "1"});
+            spec["domainname"] = serde_json::json!("husk.example");
+        },
+    );
+    ok(&out, "run");
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        ["123", "456", "500", "1", "husk.example"],
+        "stderr: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn readonly_rootfs_refuses_writes_and_devices_are_created() {
+    let dir = TestDir::new("oci-rootfs");
+    let out = run_sh(
+        &dir,
+        "ro",
+        "touch /x 2>/dev/null && echo wrote; stat -c '%t:%T %a %u' /dev/husk-null",
+        |spec| {
+            spec["root"]["readonly"] = serde_json::json!(true);
+            spec["linux"]["devices"] = serde_json::json!([
+                {"path": "/dev/husk-null", "type": "c", "major": 1, "minor": 3,
+                 "fileMode": 0o640, "uid": 7, "gid": 7}
+            ]);
+        },
+    );
+    ok(&out, "run");
+    let text = stdout(&out);
+    assert!(!text.contains("wrote"), "the readonly rootfs took a write");
+    assert!(
+        text.contains("1:3 640 7"),
+        "device not as configured: {text}"
+    );
+}
+
+#[test]
+fn memory_limit_oom_kills_the_process_with_137() {
+    let dir = TestDir::new("oci-oom");
+    // tail keeps the whole newline-free input in memory.
+    let out = run_sh(&dir, "oom", "tail /dev/zero", |spec| {
+        spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16 * 1024 * 1024}});
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "not OOM-killed: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn crashes_and_fork_bombs_leave_the_agent_serving() {
+    become_subreaper();
+    let dir = TestDir::new("oci-robust");
+    let root = dir.state_root();
+    let mut spec = default_spec(&["sleep", "600"]);
+    spec["linux"]["resources"] = serde_json::json!({"pids": {"limit": 8}});
+    let b = bundle_with(&dir, "b", spec);
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "rb"]), "run -d");
+    // A crash.
+    let crash = husk(&root, &["exec", "rb", "sh", "-c", "kill -SEGV $$"]);
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            crash.status.code() == Some(139) || crash.status.signal() == Some(libc::SIGSEGV),
+            "exec of a crashing process: {:?} {}",
+            crash.status,
+            stderr(&crash)
+        );
+    }
+    // A fork bomb stopped by pids.max.
+    let bomb = husk(
+        &root,
+        &[
+            "exec",
+            "rb",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do sleep 30 & done 2>/dev/null; echo spawned",
+        ],
+    );
+    assert!(stdout(&bomb).contains("spawned") || !bomb.status.success());
+    // The agent still answers, and the container's init is still there.
+    let alive = husk(&root, &["exec", "rb", "sh", "-c", "echo alive"]);
+    // With the pids limit reached the exec itself may be refused; the
+    // agent must still answer either way.
+    assert!(
+        stdout(&alive).contains("alive") || stderr(&alive).contains("cgroup"),
+        "agent did not answer: {}{}",
+        stdout(&alive),
+        stderr(&alive)
+    );
+    let st = husk(&root, &["state", "rb"]);
+    ok(&st, "state");
+    assert!(stdout(&st).contains("running"), "{}", stdout(&st));
+    ok(&husk(&root, &["delete", "--force", "rb"]), "delete");
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
+}
+
+#[test]
+fn bad_specs_fail_create_naming_the_field_and_clean_up() {
+    let dir = TestDir::new("oci-bad");
+    let root = dir.state_root();
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        (
+            "mnt",
+            Box::new(|spec: &mut serde_json::Value| {
+                spec["mounts"].as_array_mut().map(|m| {
+                    m.push(serde_json::json!({"destination": "/data", "type": "bind",
+                        "source": "/nonexistent/husk-source", "options": ["rbind"]}))
+                });
+            }),
+            // The host runtime checks host bind sources before the VM starts.
+            "/nonexistent/husk-source",
+        ),
+        (
+            "sec",
+            Box::new(|spec: &mut serde_json::Value| {
+                spec["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_NOTIFY"});
+            }),
+            "seccomp",
+        ),
+        (
+            "sysctl",
+            Box::new(|spec: &mut serde_json::Value| {
+                spec["linux"]["sysctl"] = serde_json::json!({"kernel.no_such_sysctl": "1"});
+            }),
+            "sysctl",
+        ),
+    ];
+    for (name, edit, field) in cases {
+        let mut spec = default_spec(&["true"]);
+        edit(&mut spec);
+        let b = bundle_with(&dir, name, spec);
+        let out = husk(&root, &["create", "--bundle", s(&b), name]);
+        assert!(!out.status.success(), "{name}: create succeeded");
+        assert!(
+            stderr(&out).contains(field),
+            "{name}: error does not name {field}: {}",
+            stderr(&out)
+        );
+        let st = husk(&root, &["state", name]);
+        assert!(!st.status.success(), "{name}: container left behind");
+    }
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
+}
