@@ -280,3 +280,15 @@ pub fn receive_console_fd(listener: &std::os::unix::net::UnixListener) -> std::o
     }
     panic!("no fd received on the console socket");
 }
+
+/// The pid of a live process whose command line contains both `name` and
+/// `marker` (a test's directory).
+pub fn pid_of(marker: &Path, name: &str) -> Option<i32> {
+    let marker = marker.display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
+            .replace('\0', " ");
+        (cmd.contains(name) && cmd.contains(&marker)).then_some(pid)
+    })
+}

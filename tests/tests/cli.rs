@@ -583,16 +583,6 @@ fn host_cgroups(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
-fn pid_of(marker: &Path, name: &str) -> Option<i32> {
-    let marker = marker.display().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
-            .replace('\0', " ");
-        (cmd.contains(name) && cmd.contains(&marker)).then_some(pid)
-    })
-}
-
 #[test]
 fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
     let dir = TestDir::new("hostcg");

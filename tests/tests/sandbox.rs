@@ -7,7 +7,6 @@ use husk_runtime::config::Config;
 use husk_runtime::sandbox::{Sandbox, SandboxConfig, SandboxError};
 use husk_tests::*;
 use std::io::{Read, Write};
-use std::path::Path;
 use std::time::Duration;
 
 fn start_sandbox(dir: &TestDir, name: &str) -> Sandbox {
@@ -238,7 +237,7 @@ fn killing_qemu_mid_run_is_an_error_and_leaves_nothing() {
     let mut first = [0u8; 8];
     out.read_exact(&mut first).expect("container output");
     assert_eq!(&first, b"started\n");
-    let vmm_pid = find_pid(&dir.path, "qemu-system").expect("qemu pid");
+    let vmm_pid = pid_of(&dir.path, "qemu-system").expect("qemu pid");
     // SAFETY: kill(2) of the VMM process found above.
     unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
     let status = child.wait().expect("wait husk run");
@@ -261,16 +260,6 @@ fn killing_qemu_mid_run_is_an_error_and_leaves_nothing() {
         leftovers_settled(&dir.path, &dir.state_root()),
         Vec::<String>::new()
     );
-}
-
-fn find_pid(marker: &Path, name: &str) -> Option<i32> {
-    let marker = marker.display().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
-            .replace('\0', " ");
-        (cmd.contains(name) && cmd.contains(&marker)).then_some(pid)
-    })
 }
 
 fn kill_backend_and_expect_report(backend: &str) {

@@ -3,6 +3,8 @@
 //! carries bytes (its slave is raw) and window sizes.
 
 use anyhow::Context;
+use husk_runtime::agent::AgentClient;
+use husk_runtime::sandbox::HostStdio;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -59,4 +61,42 @@ pub fn window_size(fd: &impl AsRawFd) -> Option<(u16, u16)> {
     // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
     (rc == 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// The host side of a terminal process: a raw pty whose master goes to the
+/// console socket and whose slave carries the process's bytes. Returns the
+/// stdio to connect and the master, to follow its window size.
+pub fn console_stdio(socket: &Path) -> anyhow::Result<(HostStdio, OwnedFd)> {
+    let pty = open_raw_pty()?;
+    send_master(socket, &pty.master)?;
+    let slave = std::fs::File::from(pty.slave);
+    let stdio = HostStdio {
+        stdin: Some(Box::new(slave.try_clone()?)),
+        stdout: Some(Box::new(slave)),
+        stderr: None,
+        terminal: true,
+    };
+    Ok((stdio, pty.master))
+}
+
+/// Follows the window size that the console socket's owner sets on the host
+/// master into the guest pty of process `exec_id` (empty: the init), until
+/// the agent stops answering.
+pub fn follow_window_size(master: OwnedFd, agent: AgentClient, id: String, exec_id: String) {
+    let mut last = None;
+    loop {
+        let size = window_size(&master);
+        if size.is_some() && size != last {
+            if let Some((rows, cols)) = size {
+                if agent
+                    .resize_tty(&id, &exec_id, rows as u32, cols as u32)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            last = size;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -104,16 +104,9 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<i32> {
             .console_socket
             .as_ref()
             .context("a terminal process needs --console-socket")?;
-        let pty = console::open_raw_pty()?;
-        console::send_master(socket, &pty.master)?;
-        let slave = std::fs::File::from(pty.slave);
-        host_pty = Some(pty.master);
-        HostStdio {
-            stdin: Some(Box::new(slave.try_clone()?)),
-            stdout: Some(Box::new(slave)),
-            stderr: None,
-            terminal: true,
-        }
+        let (stdio, master) = console::console_stdio(socket)?;
+        host_pty = Some(master);
+        stdio
     } else {
         HostStdio {
             stdin: Some(Box::new(std::io::stdin())),
@@ -146,19 +139,7 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<i32> {
     }
     if let Some(master) = host_pty {
         let (agent, id, eid) = (agent.clone(), args.id.clone(), exec_id.clone());
-        std::thread::spawn(move || {
-            let mut last = None;
-            loop {
-                let size = console::window_size(&master);
-                if size.is_some() && size != last {
-                    if let Some((r, c)) = size {
-                        let _ = agent.resize_tty(&id, &eid, r as u32, c as u32);
-                    }
-                    last = size;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        });
+        std::thread::spawn(move || console::follow_window_size(master, agent, id, eid));
     }
     let status = agent.wait_process(&args.id, &exec_id)?;
     pumps.finish();

@@ -156,16 +156,9 @@ fn setup(
             .console_socket
             .as_ref()
             .context("process.terminal is true but no --console-socket was given")?;
-        let pty = console::open_raw_pty()?;
-        console::send_master(socket, &pty.master)?;
-        let slave = File::from(pty.slave);
-        host_pty_master = Some(pty.master);
-        HostStdio {
-            stdin: Some(Box::new(slave.try_clone()?)),
-            stdout: Some(Box::new(slave)),
-            stderr: None,
-            terminal: true,
-        }
+        let (stdio, master) = console::console_stdio(socket)?;
+        host_pty_master = Some(master);
+        stdio
     } else {
         let [stdin, stdout, stderr] = stdio;
         HostStdio {
@@ -292,7 +285,9 @@ impl Monitor {
         if let Some(master) = lock(&self.host_pty_master).take() {
             let agent = self.agent.clone();
             let id = self.id.clone();
-            std::thread::spawn(move || propagate_window_size(master, agent, id));
+            std::thread::spawn(move || {
+                console::follow_window_size(master, agent, id, String::new())
+            });
         }
         let m = Arc::clone(self);
         std::thread::spawn(move || m.wait_exit());
@@ -428,24 +423,6 @@ impl Monitor {
                 let _ = self.kill(libc::SIGKILL, true);
             }
         }
-    }
-}
-
-/// Follows the host pty's window size (set by the console socket's owner on
-/// the master) into the guest pty.
-fn propagate_window_size(master: OwnedFd, agent: AgentClient, id: String) {
-    let mut last = None;
-    loop {
-        let size = console::window_size(&master);
-        if size.is_some() && size != last {
-            if let Some((rows, cols)) = size {
-                if agent.resize_tty(&id, "", rows as u32, cols as u32).is_err() {
-                    return;
-                }
-            }
-            last = size;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
