@@ -27,8 +27,10 @@ initramfs: agent deps
 	strip -o target/husk-agent.stripped $(AGENT)
 	agent/build-initramfs.sh target/husk-agent.stripped $(GUEST)/initramfs.img
 
+# The whole workspace at once: the tests then reuse the same feature-unified
+# dependencies instead of compiling them a second time.
 binaries:
-	$(CARGO) build --release -p husk-runtime -p husk-vmm -p containerd-shim-husk-v2 -p husk-cri-client
+	$(CARGO) build --release --workspace --bins
 
 build: tools kernel initramfs binaries
 
@@ -36,7 +38,7 @@ demo: build
 	scripts/demo.sh
 
 test: build
-	$(CARGO) test --release --workspace -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test --release --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
 bench: build
 	python3 bench/run.py

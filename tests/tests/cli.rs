@@ -617,3 +617,61 @@ fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
     }
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
+
+#[test]
+fn a_crashed_monitor_shows_stopped_and_delete_cleans_up() {
+    let dir = TestDir::new("crash");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "crash"]), "run -d");
+    let monitor = pid_of(&dir.path, "__monitor").expect("monitor pid");
+    // SAFETY: kill(2) of the monitor process found above.
+    unsafe { libc::kill(monitor, libc::SIGKILL) };
+    // The VMM and the backends die with it; state must not hang on it.
+    let started = std::time::Instant::now();
+    let st = state(&root, "crash");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "state hung"
+    );
+    assert_eq!(st["status"], "stopped");
+    ok(&husk(&root, &["delete", "crash"]), "delete after a crash");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+#[test]
+fn the_memory_limit_sizes_the_vm_and_the_container_cgroup() {
+    let dir = TestDir::new("sizing");
+    let root = dir.state_root();
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "grep MemTotal /proc/meminfo; cat /sys/fs/cgroup/memory.max",
+    ]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 256u64 << 20}});
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]
+        }));
+    let b = bundle_with(&dir, "b", spec);
+    let out = husk(&root, &["run", "-b", s(&b), "sizing"]);
+    ok(&out, "run");
+    let text = stdout(&out);
+    let kib: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {text:?}"));
+    // 256 MiB limit + the 64 MiB guest overhead, less what the kernel keeps.
+    assert!(
+        (256 << 10..(320 << 10) + 1).contains(&kib),
+        "guest MemTotal {kib} KiB for a 256 MiB limit"
+    );
+    assert!(
+        text.lines().any(|l| l.trim() == (256u64 << 20).to_string()),
+        "container memory.max: {text}"
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}

@@ -268,9 +268,15 @@ fn check_boot_output(out: &Output, console: &Path) {
             (k, v.parse().unwrap())
         })
         .collect();
-    assert_eq!(fields.len(), 2, "{metrics}");
+    assert_eq!(fields.len(), 4, "{metrics}");
     assert_eq!(fields[0].0, "startup_us");
     assert_eq!(fields[1].0, "rss_kib");
+    assert_eq!(fields[2].0, "vmm_kib");
+    assert_eq!(fields[3].0, "guest_kib");
+    assert!(
+        fields[2].1 <= fields[1].1,
+        "own memory is part of the RSS: {metrics}"
+    );
     assert!(fields[0].1 > 0 && fields[0].1 < 10_000_000, "{metrics}");
     assert!(fields[1].1 > 100, "{metrics}");
     let marker = stderr

@@ -297,8 +297,23 @@ impl Monitor {
     fn wait_exit(&self) {
         let (code, signal) = match self.agent.wait_process(&self.id, "") {
             Ok(s) => (s.exit_code, s.signal as i32),
-            // The VM is gone, and the container with it.
-            Err(_) => (128 + libc::SIGKILL, libc::SIGKILL),
+            Err(e) => {
+                // The VM is gone, and the container with it: record why
+                // before the shadow exits, so `husk run` can say it.
+                let cause = match lock(&self.sandbox).as_mut() {
+                    Some(sb) => sb.explain(e).to_string(),
+                    None => e.to_string(),
+                };
+                let _ = state::update(&self.root, &self.id, |s| {
+                    if s.error.is_none() {
+                        s.error = Some(cause);
+                    }
+                });
+                // Output streams of a dead VM may never reach EOF: do not
+                // wait for them.
+                lock(&self.pumps).take();
+                (128 + libc::SIGKILL, libc::SIGKILL)
+            }
         };
         if let Some(pumps) = lock(&self.pumps).take() {
             pumps.finish();
