@@ -7,7 +7,7 @@ AGENT := target/$(AGENT_TARGET)/release/husk-agent
 AGENT_RUSTFLAGS := -C target-feature=+crt-static
 TEST_THREADS ?= 2
 
-.PHONY: all deps tools kernel agent initramfs binaries build demo test bench lint install clean
+.PHONY: all deps tools kernel agent initramfs binaries build demo test bench conformance lint install clean
 
 all: build
 
@@ -42,6 +42,11 @@ test: build
 
 bench: build
 	python3 bench/run.py
+
+# The OCI runtime-tools validation suite on husk and runc in the same run;
+# regenerates the table in docs/oci-conformance.md.
+conformance: build
+	scripts/conformance.sh
 
 # Installs the binaries and guest artifacts where husk and containerd find them.
 install: build

@@ -63,6 +63,8 @@ pub struct ProcessStreams {
 /// A running (or exited) process of a container.
 pub struct Proc {
     pub pid: i32,
+    /// PID 1 of the container's new pid namespace (see `fork_ns_holder`).
+    ns_holder: Mutex<Option<i32>>,
     stdin: Arc<Mutex<Option<File>>>,
     pty_master: Option<OwnedFd>,
     copiers: Mutex<Vec<JoinHandle<()>>>,
@@ -76,6 +78,8 @@ struct Pending {
 
 pub struct Container {
     root: PathBuf,
+    /// linux.seccomp, applied to exec'd processes too.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     pub cgroup: PathBuf,
     pending: Mutex<Option<Pending>>,
     init: Mutex<Option<Arc<Proc>>>,
@@ -136,6 +140,27 @@ fn write_cgroup(cgroup: &Path, file: &str, value: &str) -> Result<(), ContainerE
     })
 }
 
+/// Like `write_cgroup`, naming the spec field, and saying so when the
+/// guest kernel has no such file.
+fn write_cgroup_field(
+    cgroup: &Path,
+    file: &str,
+    value: &str,
+    field: &str,
+) -> Result<(), ContainerError> {
+    let path = cgroup.join(file);
+    if !path.exists() {
+        return Err(ContainerError::Cgroup {
+            path: field.to_string(),
+            reason: format!("the guest kernel has no {file} for this cgroup"),
+        });
+    }
+    std::fs::write(&path, value).map_err(|e| ContainerError::Cgroup {
+        path: field.to_string(),
+        reason: format!("writing {value:?} to {}: {e}", path.display()),
+    })
+}
+
 /// Applies OCI `linux.resources` to a cgroup v2 directory.
 pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), ContainerError> {
     if let Some(mem) = r.memory() {
@@ -160,6 +185,71 @@ pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), Containe
                     res.to_string()
                 },
             )?;
+        }
+    }
+    if let Some(mem) = r.memory() {
+        // OCI swap is memory+swap; cgroup v2 wants swap alone.
+        if let Some(swap) = mem.swap() {
+            let value = match (swap, mem.limit()) {
+                (s, _) if s < 0 => "max".to_string(),
+                (s, Some(l)) if l > 0 => {
+                    if s < l {
+                        return Err(ContainerError::Cgroup {
+                            path: "linux.resources.memory.swap".into(),
+                            reason: format!("swap {s} below the memory limit {l}"),
+                        });
+                    }
+                    (s - l).to_string()
+                }
+                (s, _) => s.to_string(),
+            };
+            // A guest kernel without swap has no memory.swap.max: the
+            // guest has no swap at all, so any swap limit holds.
+            if cgroup.join("memory.swap.max").exists() {
+                write_cgroup_field(
+                    cgroup,
+                    "memory.swap.max",
+                    &value,
+                    "linux.resources.memory.swap",
+                )?;
+            }
+        }
+    }
+    // linux.resources.blockIO does not apply in the guest: it has no block
+    // devices (the rootfs and volumes come over virtio-fs), so weights and
+    // throttles naming host major:minor numbers have nothing to act on.
+    // See docs/oci-conformance.md.
+    for h in r.hugepage_limits().iter().flatten() {
+        let size = h.page_size();
+        if size.is_empty() || size.contains('/') {
+            return Err(ContainerError::Cgroup {
+                path: "linux.resources.hugepageLimits".into(),
+                reason: format!("invalid pageSize {size:?}"),
+            });
+        }
+        let file = format!("hugetlb.{size}.max");
+        // A page size the guest (CPU or kernel) does not have cannot be
+        // allocated at all, so its limit holds.
+        if cgroup.join(&file).exists() {
+            write_cgroup_field(
+                cgroup,
+                &file,
+                &h.limit().to_string(),
+                "linux.resources.hugepageLimits",
+            )?;
+        }
+    }
+    if let Some(unified) = r.unified() {
+        let mut keys: Vec<_> = unified.iter().collect();
+        keys.sort();
+        for (k, v) in keys {
+            if k.is_empty() || k.contains('/') || k.starts_with('.') {
+                return Err(ContainerError::Cgroup {
+                    path: "linux.resources.unified".into(),
+                    reason: format!("invalid key {k:?}"),
+                });
+            }
+            write_cgroup_field(cgroup, k, v, "linux.resources.unified")?;
         }
     }
     if let Some(pids) = r.pids() {
@@ -276,6 +366,85 @@ fn receive_fd(sock: &UnixStream) -> std::io::Result<OwnedFd> {
     Err(std::io::Error::other("no terminal fd in the message"))
 }
 
+/// Points this thread's pid namespace for children at the container's, so
+/// the next fork lands there (and is its PID 1 when the namespace is new);
+/// returns this thread's own namespace to return to after the fork. Only
+/// the calling thread is affected, and it creates no threads in between.
+fn enter_pid_ns(ns: &spec::PidNs) -> std::io::Result<Option<OwnedFd>> {
+    use std::os::fd::AsFd;
+    if matches!(ns, spec::PidNs::Inherit) {
+        return Ok(None);
+    }
+    let own = OwnedFd::from(File::open("/proc/thread-self/ns/pid")?);
+    match ns {
+        spec::PidNs::Inherit => {}
+        spec::PidNs::New => {
+            // SAFETY: unshare of the pid namespace for children only.
+            if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        spec::PidNs::Join(path) => {
+            // SAFETY: open of a prepared CString path.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: fd was just opened and is owned here.
+            let target = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: setns on an fd we own.
+            if unsafe { libc::setns(target.as_fd().as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(Some(own))
+}
+
+/// Forks the init of a new pid namespace (the calling thread's namespace
+/// for children must already be the new one): a process that only reaps
+/// orphans of the namespace, as the `pause` process of a pod does. The
+/// container's process is forked next, as PID 2: a direct child of the
+/// agent that reaps it and reports its status, and an ordinary process for
+/// signals (a namespace's PID 1 ignores every signal it has no handler for,
+/// which would make `kill TERM` of a plain `sleep` a no-op). Killing the
+/// holder ends everything left in the namespace.
+fn fork_ns_holder() -> std::io::Result<i32> {
+    // SAFETY: fork; the child makes only raw syscalls and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: raw syscalls only, in the forked child. No fds of the
+        // agent stay open in it (streams must see EOF when their
+        // processes end).
+        unsafe {
+            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            libc::prctl(libc::PR_SET_NAME, c"husk-pidns-init".as_ptr());
+            loop {
+                let mut status = 0;
+                while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
+                let ts = libc::timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                libc::nanosleep(&ts, std::ptr::null_mut());
+            }
+        }
+    }
+    Ok(pid)
+}
+
+fn kill_holder(p: &Proc) {
+    if let Some(h) = lock(&p.ns_holder).take() {
+        // SAFETY: kill(2) of the namespace holder this agent forked. It
+        // only dies of this (once: the pid is taken), so it is not yet
+        // reaped and its pid not reused.
+        unsafe { libc::kill(h, libc::SIGKILL) };
+    }
+}
+
 fn spawn(
     reaper: &Reaper,
     plan: LaunchPlan,
@@ -328,9 +497,34 @@ fn spawn(
     unsafe {
         cmd.pre_exec(move || spec::apply_in_child(&child_plan, &names, diag_fd, console_fd));
     }
+    let mut ns_holder = None;
     let spawned = {
         let _guard = reaper.spawn_guard();
-        let spawned = cmd.spawn();
+        let restore = enter_pid_ns(&plan.pid_ns).map_err(|e| ContainerError::Spawn {
+            program: program.clone(),
+            step: "entering the pid namespace (linux.namespaces): ".into(),
+            reason: e.to_string(),
+        })?;
+        let spawned = if matches!(plan.pid_ns, spec::PidNs::New) {
+            match fork_ns_holder() {
+                Ok(pid) => {
+                    ns_holder = Some(pid);
+                    cmd.spawn()
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            cmd.spawn()
+        };
+        if let Some(own) = restore {
+            // SAFETY: setns back to this thread's own pid namespace.
+            if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+                eprintln!(
+                    "husk-agent: restoring the pid namespace for children: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         if let Ok(child) = &spawned {
             reaper.track(child.id() as i32);
         }
@@ -340,6 +534,10 @@ fn spawn(
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
+            if let Some(h) = ns_holder {
+                // SAFETY: kill(2) of the holder forked above.
+                unsafe { libc::kill(h, libc::SIGKILL) };
+            }
             let mut step = String::new();
             let _ = File::from(diag_r).read_to_string(&mut step);
             if !step.is_empty() {
@@ -420,6 +618,7 @@ fn spawn(
     }
     Ok(Arc::new(Proc {
         pid,
+        ns_holder: Mutex::new(ns_holder),
         stdin: stdin_pipe,
         pty_master,
         copiers: Mutex::new(copiers),
@@ -497,6 +696,7 @@ impl Containers {
         }
         let container = Arc::new(Container {
             root,
+            seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
             cgroup,
             pending: Mutex::new(Some(Pending { plan, streams })),
             init: Mutex::new(None),
@@ -540,7 +740,17 @@ impl Containers {
         }
         let process: oci_spec::runtime::Process = serde_json::from_slice(process_json)
             .map_err(|e| ContainerError::Parse(format!("process: {e}")))?;
-        let plan = spec::plan_exec(&process, init.pid, &c.root, &c.cgroup.join("cgroup.procs"))?;
+        let seccomp = match &c.seccomp {
+            Some(s) => Some(crate::seccomp::compile(s)?),
+            None => None,
+        };
+        let plan = spec::plan_exec(
+            &process,
+            init.pid,
+            &c.root,
+            &c.cgroup.join("cgroup.procs"),
+            seccomp,
+        )?;
         let proc = spawn(&self.reaper, plan, streams)?;
         let pid = proc.pid;
         lock(&c.execs).insert(exec_id.to_string(), proc);
@@ -555,6 +765,7 @@ impl Containers {
             if exec_id.is_empty() {
                 // The init's end ends the container, as a pid namespace would.
                 kill_cgroup(&c.cgroup, libc::SIGKILL);
+                kill_holder(&p);
             }
             info
         });
@@ -670,6 +881,7 @@ impl Containers {
             }
         }
         if let Some(init) = init {
+            kill_holder(&init);
             self.reaper.forget(init.pid);
         }
         for p in lock(&c.execs).values() {

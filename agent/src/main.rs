@@ -9,10 +9,12 @@ mod container;
 mod init;
 mod power;
 mod process;
+mod seccomp;
 mod server;
 mod spec;
 mod stats;
 mod streams;
+mod syscalls;
 
 use std::sync::Arc;
 

@@ -65,6 +65,27 @@ pub struct DeviceNode {
     pub path: CString,
     pub mode: libc::mode_t,
     pub dev: libc::dev_t,
+    /// Owner for linux.devices entries; None keeps root.
+    pub owner: Option<(libc::uid_t, libc::gid_t)>,
+}
+
+/// How the container's process gets its pid namespace. Pid namespaces only
+/// apply to children of the caller, so the agent enters it in the spawning
+/// thread (setns/unshare on that thread alone) around the fork.
+pub enum PidNs {
+    Inherit,
+    New,
+    Join(CString),
+}
+
+/// The five capability sets as bit masks.
+#[derive(Clone, Copy, Default)]
+pub struct CapSets {
+    pub bounding: u64,
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub ambient: u64,
 }
 
 /// Everything the forked child does before exec, precomputed.
@@ -87,6 +108,22 @@ pub struct LaunchPlan {
     pub rootfs: Option<RootfsPlan>,
     /// `cgroup.procs` of the container's cgroup.
     pub cgroup_procs: Option<CString>,
+    pub pid_ns: PidNs,
+    /// process.capabilities; None keeps the agent's (all).
+    pub caps: Option<CapSets>,
+    pub rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    /// process.oomScoreAdj as the text written to /proc/self/oom_score_adj.
+    pub oom_score_adj: Option<CString>,
+    /// linux.sysctl: (/proc/sys path, value).
+    pub sysctls: Vec<(CString, CString)>,
+    pub domainname: Option<CString>,
+    pub seccomp: Option<crate::seccomp::SeccompProgram>,
+    /// linux.personality (PER_LINUX or PER_LINUX32).
+    pub personality: Option<libc::c_ulong>,
+    /// process.ioPriority as the ioprio_set value.
+    pub ioprio: Option<libc::c_int>,
+    /// process.scheduler: (policy, priority, flags).
+    pub scheduler: Option<(libc::c_int, libc::c_int)>,
 }
 
 pub struct RootfsPlan {
@@ -98,6 +135,10 @@ pub struct RootfsPlan {
     pub readonly: Vec<CString>,
     pub readonly_root: bool,
     pub no_pivot: bool,
+    /// linux.rootfsPropagation, applied to / after pivot_root.
+    pub propagation: Option<libc::c_ulong>,
+    /// Directories to create for linux.devices.
+    pub device_dirs: Vec<CString>,
 }
 
 fn namespace_flag(t: LinuxNamespaceType) -> libc::c_int {
@@ -119,10 +160,8 @@ pub fn join_inside(root: &Path, rel: &Path) -> PathBuf {
     for c in rel.components() {
         match c {
             Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                if out != root {
-                    out.pop();
-                }
+            Component::ParentDir if out != root => {
+                out.pop();
             }
             _ => {}
         }
@@ -191,6 +230,7 @@ fn mount_step(
     m: &Mount,
     root: &Path,
     shared_mounts: &HashMap<String, String>,
+    own_cgroup: Option<&Path>,
 ) -> Result<MountStep, SpecError> {
     let destination = m.destination();
     let err = |reason: String| SpecError::Mount {
@@ -209,10 +249,23 @@ fn mount_step(
     if fstype == "cgroup" {
         fstype = "cgroup2".into();
     }
-    let bind = bind_opt || fstype == "bind";
     let mut source = m.source().as_ref().map(|s| s.to_path_buf());
+    // Without a cgroup namespace a cgroup2 mount would show the whole guest
+    // hierarchy (the agent's and the pod's other containers' groups): bind
+    // the container's own cgroup instead, as runc does where it cannot
+    // mount cgroup2.
+    let cgroup_bind = match own_cgroup {
+        Some(dir) if fstype == "cgroup2" => {
+            source = Some(dir.to_path_buf());
+            true
+        }
+        _ => false,
+    };
+    let bind = bind_opt || fstype == "bind" || cgroup_bind;
     let mut target_is_file = false;
-    if bind {
+    if cgroup_bind {
+        // The source is the guest's cgroup, not a host path.
+    } else if bind {
         let dest_key = destination.display().to_string();
         let src = if let Some(rel) = shared_mounts.get(&dest_key) {
             join_inside(Path::new(SHARED_DIR), Path::new(rel))
@@ -272,7 +325,12 @@ fn makedev(major: u64, minor: u64) -> libc::dev_t {
 }
 
 /// Default devices every container gets when its /dev is a fresh tmpfs.
-fn default_devices(root: &Path) -> Result<(Vec<DeviceNode>, Vec<(CString, CString)>), SpecError> {
+/// Symlinks to create: (target, link path).
+type Symlinks = Vec<(CString, CString)>;
+/// Environment as (name, value) pairs.
+type EnvPairs = Vec<(String, String)>;
+
+fn default_devices(root: &Path) -> Result<(Vec<DeviceNode>, Symlinks), SpecError> {
     let nodes = [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -287,6 +345,7 @@ fn default_devices(root: &Path) -> Result<(Vec<DeviceNode>, Vec<(CString, CStrin
             path: cpath(&root.join("dev").join(name))?,
             mode: libc::S_IFCHR | 0o666,
             dev: makedev(major, minor),
+            owner: None,
         });
     }
     let links = [
@@ -343,7 +402,7 @@ fn is_executable_inside(root: &Path, path: &Path) -> bool {
 
 fn process_plan(
     process: &oci_spec::runtime::Process,
-) -> Result<(Vec<String>, Vec<(String, String)>), SpecError> {
+) -> Result<(Vec<String>, EnvPairs), SpecError> {
     let args = process.args().clone().unwrap_or_default();
     if args.is_empty() || args[0].is_empty() {
         return Err(SpecError::Invalid("process.args must not be empty".into()));
@@ -399,37 +458,97 @@ pub fn plan_container(
     }
     let mut unshare_flags = libc::CLONE_NEWNS;
     let mut join = Vec::new();
+    let mut pid_ns = PidNs::Inherit;
     if let Some(linux) = spec.linux() {
-        for ns in linux.namespaces().as_deref().unwrap_or(&[]) {
+        let mut seen = Vec::new();
+        for (i, ns) in linux
+            .namespaces()
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+        {
             let flag = namespace_flag(ns.typ());
+            if seen.contains(&flag) {
+                return Err(SpecError::Namespace(format!(
+                    "[{i}]: namespace type {:?} is listed twice",
+                    ns.typ()
+                )));
+            }
+            seen.push(flag);
+            match ns.typ() {
+                LinuxNamespaceType::Pid => {
+                    pid_ns = match ns.path() {
+                        Some(p) => {
+                            if !p.exists() {
+                                return Err(SpecError::Namespace(format!(
+                                    "[{i}]: pid namespace path {} does not exist in the guest",
+                                    p.display()
+                                )));
+                            }
+                            PidNs::Join(cpath(p)?)
+                        }
+                        None => PidNs::New,
+                    };
+                    continue;
+                }
+                LinuxNamespaceType::User => {
+                    // Not implemented yet: the process runs in the guest's
+                    // initial user namespace (the VM is the isolation
+                    // boundary); the id maps are not applied. See
+                    // docs/oci-conformance.md.
+                    continue;
+                }
+                LinuxNamespaceType::Time => {
+                    return Err(SpecError::Namespace(format!(
+                        "[{i}]: time namespaces are not supported by husk \
+                         (the guest clock already belongs to the container's VM)"
+                    )));
+                }
+                _ => {}
+            }
             match ns.path() {
-                Some(path) => join.push((cpath(path)?, flag)),
-                None => match ns.typ() {
-                    // The container's process is spawned directly, so it
-                    // cannot become PID 1 of a new pid namespace here, and
-                    // user namespaces need id maps written from outside.
-                    LinuxNamespaceType::Pid
-                    | LinuxNamespaceType::User
-                    | LinuxNamespaceType::Time => {}
-                    _ => unshare_flags |= flag,
-                },
+                Some(path) => {
+                    if !path.exists() {
+                        return Err(SpecError::Namespace(format!(
+                            "[{i}]: {:?} namespace path {} does not exist in the guest",
+                            ns.typ(),
+                            path.display()
+                        )));
+                    }
+                    join.push((cpath(path)?, flag))
+                }
+                None => unshare_flags |= flag,
             }
         }
     }
     let (uid, gid, additional_gids, umask) = user_plan(process);
+    let extras = process_extras(process)?;
+    let linux_extras = linux_extras(spec, root, unshare_flags)?;
     let mut mounts = Vec::new();
     let mut dev_is_tmpfs = false;
     for (i, m) in spec.mounts().as_deref().unwrap_or(&[]).iter().enumerate() {
         if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
             dev_is_tmpfs = true;
         }
-        mounts.push(mount_step(i, m, root, shared_mounts)?);
+        let own_cgroup = if unshare_flags & libc::CLONE_NEWCGROUP == 0
+            && !join.iter().any(|(_, f)| *f == libc::CLONE_NEWCGROUP)
+        {
+            cgroup_procs.parent()
+        } else {
+            None
+        };
+        mounts.push(mount_step(i, m, root, shared_mounts, own_cgroup)?);
     }
-    let (devices, symlinks) = if dev_is_tmpfs {
+    let (mut devices, symlinks) = if dev_is_tmpfs {
         default_devices(root)?
     } else {
         (Vec::new(), Vec::new())
     };
+    let (spec_devices, device_dirs) = linux_devices(spec, root)?;
+    // A configured device replaces a default one at the same path.
+    devices.retain(|d| !spec_devices.iter().any(|s| s.path == d.path));
+    devices.extend(spec_devices);
     let (masked, readonly) = match spec.linux() {
         Some(linux) => (
             linux
@@ -479,9 +598,384 @@ pub fn plan_container(
             readonly,
             readonly_root,
             no_pivot,
+            propagation: linux_extras.propagation,
+            device_dirs,
         }),
         cgroup_procs: Some(cpath(cgroup_procs)?),
+        pid_ns,
+        caps: extras.caps,
+        rlimits: extras.rlimits,
+        oom_score_adj: extras.oom_score_adj,
+        sysctls: linux_extras.sysctls,
+        domainname: match spec.domainname() {
+            Some(d) if unshare_flags & libc::CLONE_NEWUTS != 0 => Some(cstr(d)?),
+            Some(_) => {
+                return Err(SpecError::Invalid(
+                    "domainname needs a new uts namespace (linux.namespaces)".into(),
+                ))
+            }
+            None => None,
+        },
+        seccomp: linux_extras.seccomp,
+        personality: linux_extras.personality,
+        ioprio: extras.ioprio,
+        scheduler: extras.scheduler,
     })
+}
+
+/// Process fields beyond args/env/user: capabilities, rlimits, oomScoreAdj,
+/// ioPriority, scheduler.
+struct ProcessExtras {
+    caps: Option<CapSets>,
+    rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    oom_score_adj: Option<CString>,
+    ioprio: Option<libc::c_int>,
+    scheduler: Option<(libc::c_int, libc::c_int)>,
+}
+
+/// Capability numbers by OCI name (linux/capability.h).
+const CAPS: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+pub fn cap_number(name: &str) -> Option<u32> {
+    let name = name.to_ascii_uppercase();
+    let name = if name.starts_with("CAP_") {
+        name
+    } else {
+        format!("CAP_{name}")
+    };
+    CAPS.iter().position(|c| *c == name).map(|i| i as u32)
+}
+
+fn cap_mask(set: &Option<oci_spec::runtime::Capabilities>, field: &str) -> Result<u64, SpecError> {
+    let mut mask = 0u64;
+    for c in set.iter().flatten() {
+        let name = serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let n = cap_number(&name).ok_or_else(|| {
+            SpecError::Invalid(format!(
+                "process.capabilities.{field}: unknown capability {name:?}"
+            ))
+        })?;
+        mask |= 1 << n;
+    }
+    Ok(mask)
+}
+
+fn rlimit_number(name: &str) -> Option<libc::c_int> {
+    const NAMES: [&str; 16] = [
+        "RLIMIT_CPU",
+        "RLIMIT_FSIZE",
+        "RLIMIT_DATA",
+        "RLIMIT_STACK",
+        "RLIMIT_CORE",
+        "RLIMIT_RSS",
+        "RLIMIT_NPROC",
+        "RLIMIT_NOFILE",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_AS",
+        "RLIMIT_LOCKS",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+    ];
+    NAMES
+        .iter()
+        .position(|n| *n == name)
+        .map(|i| i as libc::c_int)
+}
+
+fn process_extras(process: &oci_spec::runtime::Process) -> Result<ProcessExtras, SpecError> {
+    let caps = match process.capabilities() {
+        Some(c) => Some(CapSets {
+            bounding: cap_mask(c.bounding(), "bounding")?,
+            effective: cap_mask(c.effective(), "effective")?,
+            permitted: cap_mask(c.permitted(), "permitted")?,
+            inheritable: cap_mask(c.inheritable(), "inheritable")?,
+            ambient: cap_mask(c.ambient(), "ambient")?,
+        }),
+        None => None,
+    };
+    let mut rlimits = Vec::new();
+    for (i, r) in process
+        .rlimits()
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        let name = serde_json::to_value(r.typ())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let res = rlimit_number(&name).ok_or_else(|| {
+            SpecError::Invalid(format!("process.rlimits[{i}]: unknown type {name:?}"))
+        })?;
+        if r.soft() > r.hard() {
+            return Err(SpecError::Invalid(format!(
+                "process.rlimits[{i}] ({name}): soft limit {} above hard limit {}",
+                r.soft(),
+                r.hard()
+            )));
+        }
+        rlimits.push((
+            res,
+            libc::rlimit {
+                rlim_cur: r.soft(),
+                rlim_max: r.hard(),
+            },
+        ));
+    }
+    let oom_score_adj = match process.oom_score_adj() {
+        Some(v) if !(-1000..=1000).contains(&v) => {
+            return Err(SpecError::Invalid(format!(
+                "process.oomScoreAdj: {v} is outside -1000..1000"
+            )))
+        }
+        Some(v) => Some(cstr(v.to_string())?),
+        None => None,
+    };
+    let ioprio = match process.io_priority() {
+        Some(p) => {
+            use oci_spec::runtime::IOPriorityClass;
+            let class = match p.class() {
+                IOPriorityClass::IoprioClassRt => 1,
+                IOPriorityClass::IoprioClassBe => 2,
+                IOPriorityClass::IoprioClassIdle => 3,
+            };
+            if !(0..=7).contains(&p.priority()) {
+                return Err(SpecError::Invalid(format!(
+                    "process.ioPriority.priority: {} is outside 0..7",
+                    p.priority()
+                )));
+            }
+            Some((class << 13) | p.priority() as libc::c_int)
+        }
+        None => None,
+    };
+    let scheduler = match process.scheduler() {
+        Some(s) => {
+            let policy = serde_json::to_value(s.policy())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let p = match policy.as_str() {
+                "SCHED_OTHER" => libc::SCHED_OTHER,
+                "SCHED_FIFO" => libc::SCHED_FIFO,
+                "SCHED_RR" => libc::SCHED_RR,
+                "SCHED_BATCH" => libc::SCHED_BATCH,
+                "SCHED_IDLE" => libc::SCHED_IDLE,
+                other => {
+                    return Err(SpecError::Invalid(format!(
+                        "process.scheduler.policy: {other} is not supported in the guest"
+                    )))
+                }
+            };
+            Some((p, s.priority().unwrap_or(0)))
+        }
+        None => None,
+    };
+    Ok(ProcessExtras {
+        caps,
+        rlimits,
+        oom_score_adj,
+        ioprio,
+        scheduler,
+    })
+}
+
+struct LinuxExtras {
+    sysctls: Vec<(CString, CString)>,
+    seccomp: Option<crate::seccomp::SeccompProgram>,
+    propagation: Option<libc::c_ulong>,
+    personality: Option<libc::c_ulong>,
+}
+
+fn linux_extras(spec: &Spec, _root: &Path, unshare: libc::c_int) -> Result<LinuxExtras, SpecError> {
+    let Some(linux) = spec.linux() else {
+        return Ok(LinuxExtras {
+            sysctls: Vec::new(),
+            seccomp: None,
+            propagation: None,
+            personality: None,
+        });
+    };
+    let mut sysctls = Vec::new();
+    let mut keys: Vec<_> = linux.sysctl().iter().flatten().collect();
+    keys.sort();
+    for (k, v) in keys {
+        if k.is_empty() || k.contains('/') || k.split('.').any(|p| p.is_empty() || p == "..") {
+            return Err(SpecError::Invalid(format!(
+                "linux.sysctl: invalid key {k:?}"
+            )));
+        }
+        // Only sysctls of namespaces the container owns may be set: the
+        // others would change the whole guest (shared by a pod's containers).
+        let ns_ok = if k.starts_with("net.") {
+            unshare & libc::CLONE_NEWNET != 0
+        } else if k.starts_with("kernel.msg")
+            || k.starts_with("kernel.sem")
+            || k.starts_with("kernel.shm")
+            || k.starts_with("fs.mqueue.")
+        {
+            unshare & libc::CLONE_NEWIPC != 0
+        } else if k == "kernel.hostname" || k == "kernel.domainname" {
+            unshare & libc::CLONE_NEWUTS != 0
+        } else {
+            false
+        };
+        if !ns_ok {
+            return Err(SpecError::Invalid(format!(
+                "linux.sysctl: {k} is not namespaced by a namespace the container creates"
+            )));
+        }
+        let path = format!("/proc/sys/{}", k.replace('.', "/"));
+        if !Path::new(&path).exists() {
+            return Err(SpecError::Invalid(format!(
+                "linux.sysctl: {k}: the guest kernel has no {path}"
+            )));
+        }
+        sysctls.push((cstr(path)?, cstr(v)?));
+    }
+    let seccomp = match linux.seccomp() {
+        Some(s) => Some(crate::seccomp::compile(s)?),
+        None => None,
+    };
+    let propagation = match linux.rootfs_propagation().as_deref() {
+        None | Some("") => None,
+        Some(p) => Some(match p {
+            "private" => libc::MS_PRIVATE,
+            "rprivate" => libc::MS_PRIVATE | libc::MS_REC,
+            "shared" => libc::MS_SHARED,
+            "rshared" => libc::MS_SHARED | libc::MS_REC,
+            "slave" => libc::MS_SLAVE,
+            "rslave" => libc::MS_SLAVE | libc::MS_REC,
+            "unbindable" => libc::MS_UNBINDABLE,
+            "runbindable" => libc::MS_UNBINDABLE | libc::MS_REC,
+            other => {
+                return Err(SpecError::Invalid(format!(
+                    "linux.rootfsPropagation: unknown value {other:?}"
+                )))
+            }
+        }),
+    };
+    let personality = match linux.personality() {
+        Some(p) => {
+            let d = serde_json::to_value(p.domain())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            Some(match d.as_str() {
+                "LINUX" => 0,
+                "LINUX32" => 8,
+                other => {
+                    return Err(SpecError::Invalid(format!(
+                        "linux.personality.domain: unknown {other:?}"
+                    )))
+                }
+            })
+        }
+        None => None,
+    };
+    Ok(LinuxExtras {
+        sysctls,
+        seccomp,
+        propagation,
+        personality,
+    })
+}
+
+/// linux.devices as nodes to create, plus the directories they need.
+fn linux_devices(spec: &Spec, root: &Path) -> Result<(Vec<DeviceNode>, Vec<CString>), SpecError> {
+    use oci_spec::runtime::LinuxDeviceType;
+    let mut nodes = Vec::new();
+    let mut dirs: Vec<CString> = Vec::new();
+    let Some(linux) = spec.linux() else {
+        return Ok((nodes, dirs));
+    };
+    for (i, d) in linux.devices().as_deref().unwrap_or(&[]).iter().enumerate() {
+        let field = format!("linux.devices[{i}] ({})", d.path().display());
+        if !d.path().is_absolute() {
+            return Err(SpecError::Invalid(format!(
+                "{field}: path must be absolute"
+            )));
+        }
+        let kind = match d.typ() {
+            LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
+            LinuxDeviceType::B => libc::S_IFBLK,
+            LinuxDeviceType::P => libc::S_IFIFO,
+            LinuxDeviceType::A => {
+                return Err(SpecError::Invalid(format!(
+                    "{field}: type \"a\" is only valid in device cgroup rules"
+                )))
+            }
+        };
+        let target = join_inside(root, d.path());
+        if let Some(parent) = target.parent() {
+            for dir in dirs_to_create(root, parent)? {
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        let perm = d.file_mode().unwrap_or(0o666) & 0o7777;
+        nodes.push(DeviceNode {
+            path: cpath(&target)?,
+            mode: kind | perm,
+            dev: if kind == libc::S_IFIFO {
+                0
+            } else {
+                makedev(d.major() as u64, d.minor() as u64)
+            },
+            owner: Some((d.uid().unwrap_or(0), d.gid().unwrap_or(0))),
+        });
+    }
+    Ok((nodes, dirs))
 }
 
 /// Plans an exec into a running container whose init is `init_pid`.
@@ -490,6 +984,7 @@ pub fn plan_exec(
     init_pid: i32,
     root: &Path,
     cgroup_procs: &Path,
+    seccomp: Option<crate::seccomp::SeccompProgram>,
 ) -> Result<LaunchPlan, SpecError> {
     let (args, env) = process_plan(process)?;
     if !find_executable(root, &args[0], &path_of(&env)) {
@@ -511,6 +1006,15 @@ pub fn plan_exec(
         }
     }
     let (uid, gid, additional_gids, umask) = user_plan(process);
+    let extras = process_extras(process)?;
+    let pid_ns = {
+        let ns = format!("/proc/{init_pid}/ns/pid");
+        if std::fs::read_link(&ns).ok() != std::fs::read_link("/proc/self/ns/pid").ok() {
+            PidNs::Join(cstr(ns)?)
+        } else {
+            PidNs::Inherit
+        }
+    };
     Ok(LaunchPlan {
         args,
         env,
@@ -526,6 +1030,16 @@ pub fn plan_exec(
         join,
         rootfs: None,
         cgroup_procs: Some(cpath(cgroup_procs)?),
+        pid_ns,
+        caps: extras.caps,
+        rlimits: extras.rlimits,
+        oom_score_adj: extras.oom_score_adj,
+        sysctls: Vec::new(),
+        domainname: None,
+        seccomp,
+        personality: None,
+        ioprio: extras.ioprio,
+        scheduler: extras.scheduler,
     })
 }
 
@@ -568,6 +1082,17 @@ pub struct StepNames {
     pub mask: CString,
     pub console: CString,
     pub loopback: CString,
+    pub oom: CString,
+    pub sysctl: CString,
+    pub domainname: CString,
+    pub rlimit: CString,
+    pub caps: CString,
+    pub seccomp: CString,
+    pub personality: CString,
+    pub ioprio: CString,
+    pub scheduler: CString,
+    pub propagation: CString,
+    pub device: CString,
 }
 
 impl StepNames {
@@ -591,6 +1116,17 @@ impl StepNames {
             mask: c("masking linux.maskedPaths / linux.readonlyPaths"),
             console: c("opening the terminal (process.terminal) in the container's /dev/ptmx"),
             loopback: c("bringing up lo in the new network namespace"),
+            oom: c("writing process.oomScoreAdj"),
+            sysctl: c("writing linux.sysctl"),
+            domainname: c("setting the domainname"),
+            rlimit: c("setting process.rlimits"),
+            caps: c("applying process.capabilities"),
+            seccomp: c("loading linux.seccomp"),
+            personality: c("setting linux.personality"),
+            ioprio: c("setting process.ioPriority"),
+            scheduler: c("setting process.scheduler"),
+            propagation: c("applying linux.rootfsPropagation"),
+            device: c("creating linux.devices"),
         }
     }
 }
@@ -619,6 +1155,25 @@ pub unsafe fn apply_in_child(
         // SAFETY: closing the fd opened above.
         unsafe { libc::close(fd) };
     }
+    if let Some(v) = &plan.oom_score_adj {
+        // SAFETY: open of a static path.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(fail(diag, &names.oom));
+        }
+        check!(
+            diag,
+            &names.oom,
+            libc::write(fd, v.as_ptr().cast(), v.as_bytes().len()) as libc::c_int
+        );
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+    }
     for (path, flag) in &plan.join {
         // SAFETY: open of a prepared CString path.
         let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
@@ -636,9 +1191,59 @@ pub unsafe fn apply_in_child(
         // SAFETY: forwarded from the caller's contract.
         unsafe { loopback_up(names, diag)? };
     }
+    for (path, value) in &plan.sysctls {
+        // SAFETY: open of a prepared path; the agent's /proc shows the
+        // sysctls of this child's (new) namespaces.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(fail(diag, &names.sysctl));
+        }
+        check!(
+            diag,
+            &names.sysctl,
+            libc::write(fd, value.as_ptr().cast(), value.as_bytes().len()) as libc::c_int
+        );
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+    }
     if let Some(rootfs) = &plan.rootfs {
         // SAFETY: forwarded from the caller's contract.
         unsafe { setup_rootfs(rootfs, names, diag)? };
+    }
+    if let Some(d) = &plan.domainname {
+        check!(
+            diag,
+            &names.domainname,
+            libc::setdomainname(d.as_ptr(), d.as_bytes().len())
+        );
+    }
+    for (res, lim) in &plan.rlimits {
+        check!(
+            diag,
+            &names.rlimit,
+            libc::setrlimit(*res as libc::__rlimit_resource_t, lim)
+        );
+    }
+    if let Some(p) = plan.personality {
+        check!(diag, &names.personality, libc::personality(p));
+    }
+    if let Some(prio) = plan.ioprio {
+        // IOPRIO_WHO_PROCESS = 1, who 0 = this process.
+        check!(
+            diag,
+            &names.ioprio,
+            libc::syscall(libc::SYS_ioprio_set, 1, 0, prio) as libc::c_int
+        );
+    }
+    if let Some((policy, prio)) = plan.scheduler {
+        let param = libc::sched_param {
+            sched_priority: prio,
+        };
+        check!(
+            diag,
+            &names.scheduler,
+            libc::sched_setscheduler(0, policy, &param)
+        );
     }
     if let Some(h) = &plan.hostname {
         check!(
@@ -656,6 +1261,33 @@ pub unsafe fn apply_in_child(
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(mask as libc::mode_t) };
     }
+    if let Some(caps) = &plan.caps {
+        for cap in 0..64u64 {
+            if caps.bounding & (1 << cap) == 0 {
+                // SAFETY: prctl with integer arguments.
+                if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+                    // EINVAL: past the kernel's last capability.
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                        break;
+                    }
+                    return Err(fail(diag, &names.caps));
+                }
+            }
+        }
+        check!(
+            diag,
+            &names.caps,
+            libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        );
+    }
+    // Without noNewPrivileges the filter needs CAP_SYS_ADMIN, so it goes in
+    // before the user switch (as runc does); with it, right before exec.
+    if !plan.no_new_privileges {
+        if let Some(s) = &plan.seccomp {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { load_seccomp(s, names, diag)? };
+        }
+    }
     check!(
         diag,
         &names.user,
@@ -663,13 +1295,104 @@ pub unsafe fn apply_in_child(
     );
     check!(diag, &names.user, libc::setgid(plan.gid));
     check!(diag, &names.user, libc::setuid(plan.uid));
+    if let Some(caps) = &plan.caps {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { set_caps(caps, names, diag)? };
+    }
     if plan.no_new_privileges {
         check!(
             diag,
             &names.no_new_privs,
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         );
+        if let Some(s) = &plan.seccomp {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { load_seccomp(s, names, diag)? };
+        }
     }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Sets effective/permitted/inheritable with capset(2), then raises the
+/// ambient set.
+///
+/// # Safety
+/// Only between fork and exec.
+unsafe fn set_caps(c: &CapSets, names: &StepNames, diag: libc::c_int) -> std::io::Result<()> {
+    let header = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    // Effective must be a subset of permitted (capset fails otherwise):
+    // never grant more than permitted lists.
+    let effective = c.effective & c.permitted;
+    let data = [
+        CapData {
+            effective: effective as u32,
+            permitted: c.permitted as u32,
+            inheritable: c.inheritable as u32,
+        },
+        CapData {
+            effective: (effective >> 32) as u32,
+            permitted: (c.permitted >> 32) as u32,
+            inheritable: (c.inheritable >> 32) as u32,
+        },
+    ];
+    check!(
+        diag,
+        &names.caps,
+        libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int
+    );
+    for cap in 0..64u64 {
+        if c.ambient & (1 << cap) != 0 {
+            // Best effort, as runc: an ambient capability needs to be in
+            // both permitted and inheritable, and is skipped otherwise.
+            // SAFETY: prctl with integer arguments.
+            unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap,
+                    0,
+                    0,
+                )
+            };
+        }
+    }
+    Ok(())
+}
+
+/// # Safety
+/// Only between fork and exec.
+unsafe fn load_seccomp(
+    s: &crate::seccomp::SeccompProgram,
+    names: &StepNames,
+    diag: libc::c_int,
+) -> std::io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: s.filter.len() as libc::c_ushort,
+        filter: s.filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SECCOMP_SET_MODE_FILTER = 1.
+    check!(
+        diag,
+        &names.seccomp,
+        libc::syscall(libc::SYS_seccomp, 1, s.flags, &prog) as libc::c_int
+    );
     Ok(())
 }
 
@@ -861,12 +1584,39 @@ unsafe fn setup_rootfs(
             );
         }
     }
-    for d in &r.devices {
-        // SAFETY: mknod of a prepared path in the container's /dev tmpfs.
-        if unsafe { libc::mknod(d.path.as_ptr(), d.mode, d.dev) } < 0
+    for dir in &r.device_dirs {
+        // SAFETY: mkdir of a prepared path; EEXIST is fine.
+        if unsafe { libc::mkdir(dir.as_ptr(), 0o755) } < 0
             && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
         {
-            return Err(fail(diag, &names.mknod));
+            return Err(fail(diag, &names.device));
+        }
+    }
+    for d in &r.devices {
+        // SAFETY: mknod of a prepared path in the container's /dev.
+        if unsafe { libc::mknod(d.path.as_ptr(), d.mode, d.dev) } < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                return Err(fail(diag, &names.mknod));
+            }
+            if d.owner.is_some() {
+                // A configured device replaces whatever is there.
+                // SAFETY: unlink and mknod of a prepared path.
+                unsafe { libc::unlink(d.path.as_ptr()) };
+                check!(
+                    diag,
+                    &names.device,
+                    libc::mknod(d.path.as_ptr(), d.mode, d.dev)
+                );
+            }
+        }
+        if let Some((uid, gid)) = d.owner {
+            // mknod applies the umask: set the configured mode exactly.
+            check!(
+                diag,
+                &names.device,
+                libc::chmod(d.path.as_ptr(), d.mode & 0o7777)
+            );
+            check!(diag, &names.device, libc::chown(d.path.as_ptr(), uid, gid));
         }
     }
     for (target, link) in &r.symlinks {
@@ -962,6 +1712,13 @@ unsafe fn setup_rootfs(
         );
     }
     check!(diag, &names.pivot, libc::chdir(c"/".as_ptr()));
+    if let Some(p) = r.propagation {
+        check!(
+            diag,
+            &names.propagation,
+            libc::mount(null, c"/".as_ptr(), null, p, std::ptr::null())
+        );
+    }
     if r.readonly_root {
         check!(
             diag,

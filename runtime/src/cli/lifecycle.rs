@@ -148,12 +148,13 @@ fn spawn_monitor_and_shadow(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe.
+    // SAFETY: dup2 and close_range are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(shadow_fd, FD_SHADOW_LINK) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            libc::syscall(libc::SYS_close_range, FD_SHADOW_LINK + 1, u32::MAX, 0);
             Ok(())
         });
     }
@@ -195,7 +196,7 @@ fn spawn_monitor_and_shadow(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid and dup2 are async-signal-safe; the fds are open.
+    // SAFETY: setsid, dup2 and close_range are async-signal-safe; the fds are open.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -206,6 +207,9 @@ fn spawn_monitor_and_shadow(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Nothing else of the caller's (lock files, sockets) may live on
+            // in the daemon.
+            libc::syscall(libc::SYS_close_range, FD_READY + 1, u32::MAX, 0);
             Ok(())
         });
     }
