@@ -3,6 +3,7 @@
 use crate::init::{shared_dir_mounted, CGROUP_ROOT, SHARED_DIR};
 use crate::process::{ExitInfo, Reaper};
 use crate::spec::{self, LaunchPlan, SpecError, StepNames};
+use husk_protocol::agent::CreateContainerRequest;
 use oci_spec::runtime::{LinuxResources, Spec};
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,6 +23,8 @@ use vsock::VsockStream;
 pub enum ContainerError {
     #[error("{0}")]
     Spec(#[from] SpecError),
+    #[error("{0}")]
+    Hook(#[from] crate::hooks::HookError),
     #[error("config.json: {0}")]
     Parse(String),
     #[error("container {0} already exists")]
@@ -545,6 +548,9 @@ fn spawn(
             }
             let reason = if e.kind() == std::io::ErrorKind::NotFound {
                 "executable file not found in $PATH".to_string()
+            } else if e.raw_os_error() == Some(libc::ECANCELED) {
+                // Only a failed in-guest hook cancels; `step` says which.
+                "the container process was not started".to_string()
             } else {
                 e.to_string()
             };
@@ -656,13 +662,19 @@ impl Containers {
 
     pub fn create(
         &self,
-        id: &str,
-        spec_json: &[u8],
-        rootfs: &str,
-        shared_mounts: &HashMap<String, String>,
+        req: &CreateContainerRequest,
         streams: ProcessStreams,
-        no_pivot: bool,
     ) -> Result<(), ContainerError> {
+        let CreateContainerRequest {
+            container_id: id,
+            oci_spec_json: spec_json,
+            rootfs,
+            shared_mounts,
+            no_pivot,
+            bundle,
+            ..
+        } = req;
+        let (id, no_pivot) = (id.as_str(), *no_pivot);
         if lock(&self.table).contains_key(id) {
             return Err(ContainerError::Exists(id.to_string()));
         }
@@ -679,13 +691,14 @@ impl Containers {
             ),
             None => Path::new(CGROUP_ROOT).join("husk").join(id),
         };
-        let plan = spec::plan_container(
+        let mut plan = spec::plan_container(
             &spec,
             &root,
             shared_mounts,
             &cgroup.join("cgroup.procs"),
             no_pivot,
         )?;
+        plan.hooks = crate::hooks::plan(&spec, id, bundle)?;
         ensure_cgroup(&cgroup)?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         if let Some(r) = &resources {

@@ -6,6 +6,7 @@
 //! never hangs the host waiting for it.
 
 mod container;
+mod hooks;
 mod init;
 mod power;
 mod process;

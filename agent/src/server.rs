@@ -40,7 +40,9 @@ impl From<ContainerError> for RpcError {
             ContainerError::NotRunning(_)
             | ContainerError::Running(_)
             | ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
-            ContainerError::Spec(_) | ContainerError::Parse(_) => Code::INVALID_ARGUMENT,
+            ContainerError::Spec(_) | ContainerError::Hook(_) | ContainerError::Parse(_) => {
+                Code::INVALID_ARGUMENT
+            }
             _ => Code::INTERNAL,
         };
         status(code, e)
@@ -118,14 +120,7 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
         let streams = self.take_streams(req.stdio.as_ref())?;
-        self.containers.create(
-            &req.container_id,
-            &req.oci_spec_json,
-            &req.rootfs,
-            &req.shared_mounts,
-            streams,
-            req.no_pivot,
-        )?;
+        self.containers.create(&req, streams)?;
         Ok(Empty::default())
     }
 

@@ -124,6 +124,8 @@ pub struct LaunchPlan {
     pub ioprio: Option<libc::c_int>,
     /// process.scheduler: (policy, priority, flags).
     pub scheduler: Option<(libc::c_int, libc::c_int)>,
+    /// hooks.createContainer and hooks.startContainer (containers only).
+    pub hooks: Option<crate::hooks::GuestHooks>,
 }
 
 pub struct RootfsPlan {
@@ -620,6 +622,7 @@ pub fn plan_container(
         personality: linux_extras.personality,
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
+        hooks: None,
     })
 }
 
@@ -1040,6 +1043,7 @@ pub fn plan_exec(
         personality: None,
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
+        hooks: None,
     })
 }
 
@@ -1251,6 +1255,11 @@ pub unsafe fn apply_in_child(
             &names.hostname,
             libc::sethostname(h.as_ptr(), h.as_bytes().len())
         );
+    }
+    if let Some(hooks) = &plan.hooks {
+        // SAFETY: forwarded from the caller's contract; the namespaces,
+        // rootfs and hostname are in place.
+        unsafe { crate::hooks::run_in_child(hooks, diag)? };
     }
     if plan.terminal {
         // SAFETY: forwarded from the caller's contract.

@@ -9,7 +9,11 @@ fn main() {
     match cli::run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("husk: {}", cli::one_line(&e));
+            let line = cli::one_line(&e);
+            // The log file (when given) carries the error for clients that
+            // read it (conmon), stderr for the ones that read that.
+            log::error!("{line}");
+            eprintln!("husk: {line}");
             std::process::exit(1);
         }
     }

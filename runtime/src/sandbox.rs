@@ -66,6 +66,22 @@ pub enum SandboxError {
     Cleanup { path: PathBuf, reason: String },
 }
 
+/// A container to create in a sandbox's guest.
+pub struct NewContainer {
+    pub id: String,
+    /// config.json as the client gave it.
+    pub spec_json: Vec<u8>,
+    /// The rootfs, relative to the shared directory (from `share_rootfs`).
+    pub rootfs_rel: String,
+    /// Destination in the container -> path relative to the shared directory.
+    pub shared_mounts: HashMap<String, String>,
+    pub stdio: StdioTokens,
+    /// runc's --no-pivot.
+    pub no_pivot: bool,
+    /// The bundle's host path (for the state the in-guest hooks read).
+    pub bundle: PathBuf,
+}
+
 /// How a sandbox is made.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -454,22 +470,15 @@ impl Sandbox {
     }
 
     /// Creates a container in the guest from a bundle's spec.
-    pub fn create_container(
-        &mut self,
-        container_id: &str,
-        spec_json: Vec<u8>,
-        rootfs_rel: String,
-        shared_mounts: HashMap<String, String>,
-        stdio: StdioTokens,
-        no_pivot: bool,
-    ) -> Result<(), SandboxError> {
+    pub fn create_container(&mut self, c: NewContainer) -> Result<(), SandboxError> {
         let req = CreateContainerRequest {
-            no_pivot,
-            container_id: container_id.into(),
-            oci_spec_json: spec_json,
-            rootfs: rootfs_rel,
-            stdio: Some(stdio).into(),
-            shared_mounts,
+            no_pivot: c.no_pivot,
+            bundle: c.bundle.display().to_string(),
+            container_id: c.id,
+            oci_spec_json: c.spec_json,
+            rootfs: c.rootfs_rel,
+            stdio: Some(c.stdio).into(),
+            shared_mounts: c.shared_mounts,
             ..Default::default()
         };
         let result = self.agent().create_container(&req);

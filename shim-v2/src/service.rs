@@ -21,7 +21,7 @@ use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
 use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
-use husk_runtime::sandbox::{Sandbox, SandboxConfig, StdioPumps};
+use husk_runtime::sandbox::{NewContainer, Sandbox, SandboxConfig, StdioPumps};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -673,6 +673,7 @@ impl Inner {
         let stdio = host_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
         let rootfs = bundle_spec.rootfs.clone();
         let id = id.to_string();
+        let bundle = bundle.to_path_buf();
         let result = pod.try_with(move |sb| {
             let rel = sb.share_rootfs(&id, &rootfs).map_err(|e| e.to_string())?;
             let mut shared = HashMap::new();
@@ -683,8 +684,16 @@ impl Inner {
                 shared.insert(destination, r);
             }
             let (tokens, pumps) = sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
-            sb.create_container(&id, spec_json, rel, shared, tokens, false)
-                .map_err(|e| e.to_string())?;
+            sb.create_container(NewContainer {
+                id: id.clone(),
+                spec_json,
+                rootfs_rel: rel,
+                shared_mounts: shared,
+                stdio: tokens,
+                no_pivot: false,
+                bundle,
+            })
+            .map_err(|e| e.to_string())?;
             Ok(pumps)
         });
         result.map_err(|(_, e)| anyhow::anyhow!("{e}"))

@@ -418,6 +418,107 @@ fn hooks_run_in_order_with_the_state_on_stdin() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
+/// createContainer and startContainer run inside the guest, in the
+/// container's namespaces, with the state on stdin; a failing one fails
+/// `start` naming it, and the container is cleaned up by delete.
+#[test]
+fn container_hooks_run_in_the_guest_in_the_container_namespaces() {
+    let dir = TestDir::new("ghooks");
+    let root = dir.state_root();
+    let out_dir = dir.path.join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "readlink /proc/self/ns/mnt > /out/process.mnt; readlink /proc/self/ns/uts > /out/process.uts",
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({
+            "destination": "/out", "type": "bind", "source": out_dir, "options": ["rbind"]
+        }));
+    // Paths resolve in the container's rootfs (busybox), where the host's
+    // files are not.
+    let hook = |name: &str| {
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!(
+            "cat > /out/{name}.json; echo {name} >> /out/order; hostname > /out/{name}.host; \
+             readlink /proc/self/ns/mnt > /out/{name}.mnt; readlink /proc/self/ns/uts > /out/{name}.uts; \
+             test -f /out/{name}.json && echo $HOOK_ENV > /out/{name}.env"
+        )], "env": ["HOOK_ENV=from-config"], "timeout": 30})
+    };
+    spec["hooks"] = serde_json::json!({
+        "createContainer": [hook("createContainer")],
+        "startContainer": [hook("startContainer")],
+    });
+    let b = bundle_with(&dir, "b", spec.clone());
+    ok(&husk(&root, &["run", "-b", s(&b), "ghook"]), "run");
+    let read =
+        |f: &str| std::fs::read_to_string(out_dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    assert_eq!(read("order"), "createContainer\nstartContainer\n");
+    for (name, status) in [
+        ("createContainer", "creating"),
+        ("startContainer", "created"),
+    ] {
+        let st: serde_json::Value = serde_json::from_str(&read(&format!("{name}.json")))
+            .unwrap_or_else(|e| panic!("{name} state: {e}"));
+        assert_eq!(st["id"], "ghook", "{st}");
+        assert_eq!(st["status"], status, "{st}");
+        assert!(st["pid"].as_i64().is_some_and(|p| p > 0), "{st}");
+        assert!(
+            st["bundle"].as_str().is_some_and(|b| b.ends_with("/b")),
+            "{st}"
+        );
+        // The container's uts and mount namespaces, not the agent's.
+        assert_eq!(read(&format!("{name}.host")), "husk-test\n");
+        assert_eq!(read(&format!("{name}.mnt")), read("process.mnt"), "{name}");
+        assert_eq!(read(&format!("{name}.uts")), read("process.uts"), "{name}");
+        assert_eq!(read(&format!("{name}.env")), "from-config\n");
+    }
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+
+    // A failing startContainer hook fails start, naming the hook; the
+    // process never runs; delete cleans everything up.
+    let mut spec = default_spec(&["sh", "-c", "touch /out/ran"]);
+    spec["mounts"] = spec_mounts_with_out(&spec, &out_dir);
+    spec["hooks"] = serde_json::json!({"startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}]});
+    let b = bundle_with(&dir, "bad", spec);
+    ok(&husk(&root, &["create", "-b", s(&b), "badghook"]), "create");
+    let out = husk(&root, &["start", "badghook"]);
+    assert!(!out.status.success(), "start succeeded");
+    assert!(
+        stderr(&out).contains("hooks.startContainer[0] (/bin/sh): exited with status 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!out_dir.join("ran").exists(), "the process ran");
+    ok(&husk(&root, &["delete", "--force", "badghook"]), "delete");
+
+    // A hook past its timeout is killed and fails start.
+    let mut spec = default_spec(&["true"]);
+    spec["hooks"] = serde_json::json!({"createContainer": [{"path": "/bin/sleep", "args": ["sleep", "60"], "timeout": 1}]});
+    let b = bundle_with(&dir, "slow", spec);
+    let out = husk(&root, &["run", "-b", s(&b), "slowghook"]);
+    assert!(!out.status.success(), "run succeeded");
+    assert!(
+        stderr(&out).contains("hooks.createContainer[0] (/bin/sleep): killed after its timeout"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = husk(&root, &["delete", "--force", "slowghook"]);
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+fn spec_mounts_with_out(spec: &serde_json::Value, out_dir: &Path) -> serde_json::Value {
+    let mut mounts = spec["mounts"].clone();
+    if let Some(m) = mounts.as_array_mut() {
+        m.push(serde_json::json!({
+            "destination": "/out", "type": "bind", "source": out_dir, "options": ["rbind"]
+        }));
+    }
+    mounts
+}
+
 #[test]
 fn bind_mount_from_the_host_is_visible_and_read_only() {
     let dir = TestDir::new("bind");
@@ -672,6 +773,118 @@ fn the_memory_limit_sizes_the_vm_and_the_container_cgroup() {
     assert!(
         text.lines().any(|l| l.trim() == (256u64 << 20).to_string()),
         "container memory.max: {text}"
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// `cpu.cpus` names guest CPUs: the VM gets enough vCPUs for all of them,
+/// and the container's cgroup carries the cpuset.
+#[test]
+fn cpuset_cpus_sizes_the_vm() {
+    let dir = TestDir::new("cpuset");
+    let root = dir.state_root();
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "grep -c ^processor /proc/cpuinfo; cat /sys/fs/cgroup/cpuset.cpus",
+    ]);
+    spec["linux"]["resources"] = serde_json::json!({"cpu": {"cpus": "1-2"}});
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]
+        }));
+    let b = bundle_with(&dir, "b", spec.clone());
+    let out = husk(&root, &["run", "-b", s(&b), "cpuset"]);
+    ok(&out, "run");
+    assert_eq!(stdout(&out), "3\n1-2\n");
+
+    // A CPU list that cannot name guest CPUs is refused, naming the field.
+    spec["linux"]["resources"] = serde_json::json!({"cpu": {"cpus": "2-1"}});
+    let b = bundle_with(&dir, "bad", spec);
+    let out = husk(&root, &["run", "-b", s(&b), "badcpuset"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("linux.resources.cpu.cpus \"2-1\""),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// `--log` with `--log-format json|text` gets runc-shaped entries (conmon
+/// reads `msg` of the last json entry of a failed call); `--debug` adds the
+/// monitor's and the command's debug entries.
+#[test]
+fn log_file_gets_runc_shaped_entries() {
+    let dir = TestDir::new("log");
+    let root = dir.state_root();
+    let json_log = dir.path.join("json.log");
+    let out = husk(
+        &root,
+        &[
+            "--log",
+            s(&json_log),
+            "--log-format",
+            "json",
+            "kill",
+            "nosuch",
+            "KILL",
+        ],
+    );
+    assert!(!out.status.success());
+    let text = std::fs::read_to_string(&json_log).expect("json log");
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert_eq!(last["level"], "error", "{text}");
+    assert!(
+        last["msg"].as_str().is_some_and(|m| m.contains("nosuch")),
+        "{text}"
+    );
+    assert!(
+        last["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{text}"
+    );
+
+    let text_log = dir.path.join("text.log");
+    let b = bundle_with(&dir, "b", default_spec(&["true"]));
+    ok(
+        &husk(
+            &root,
+            &[
+                "--log",
+                s(&text_log),
+                "--debug",
+                "run",
+                "-b",
+                s(&b),
+                "logged",
+            ],
+        ),
+        "run",
+    );
+    let out = husk(&root, &["--log", s(&text_log), "start", "logged"]);
+    assert!(!out.status.success());
+    let text = std::fs::read_to_string(&text_log).expect("text log");
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("time=\"") && l.contains(" level=")),
+        "{text}"
+    );
+    assert!(text.contains("level=debug msg="), "{text}");
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("level=error") && l.contains("logged")),
+        "{text}"
+    );
+    let out = husk(&root, &["--log-format", "yaml", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--log-format \"yaml\""),
+        "{}",
+        stderr(&out)
     );
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }

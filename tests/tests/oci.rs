@@ -245,17 +245,22 @@ fn crashes_and_fork_bombs_leave_the_agent_serving() {
 fn bad_specs_fail_create_naming_the_field_and_clean_up() {
     let dir = TestDir::new("oci-bad");
     let root = dir.state_root();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type SpecEdit = Box<dyn Fn(&mut serde_json::Value)>;
+    let mounts = default_spec(&["true"])["mounts"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let missing_mount = format!("mounts[{mounts}] (/data): bind source /nonexistent/husk-source");
+    let cases: Vec<(&str, SpecEdit, &str)> = vec![
         (
             "mnt",
             Box::new(|spec: &mut serde_json::Value| {
-                spec["mounts"].as_array_mut().map(|m| {
+                if let Some(m) = spec["mounts"].as_array_mut() {
                     m.push(serde_json::json!({"destination": "/data", "type": "bind",
                         "source": "/nonexistent/husk-source", "options": ["rbind"]}))
-                });
+                }
             }),
             // The host runtime checks host bind sources before the VM starts.
-            "/nonexistent/husk-source",
+            &missing_mount,
         ),
         (
             "sec",

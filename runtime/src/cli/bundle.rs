@@ -50,12 +50,40 @@ impl Bundle {
                 rootfs.display()
             );
         }
-        Ok(Bundle {
+        let bundle = Bundle {
             dir,
             spec,
             spec_json,
             rootfs,
-        })
+        };
+        bundle.check_bind_sources(&path)?;
+        Ok(bundle)
+    }
+
+    /// A bind mount whose host source is missing fails here, naming the
+    /// mount, before a VM is started (runc fails `create` the same way).
+    fn check_bind_sources(&self, config: &Path) -> anyhow::Result<()> {
+        for (index, source, destination) in self.bind_mounts() {
+            let source = self.host_source(&source);
+            if let Err(e) = std::fs::metadata(&source) {
+                bail!(
+                    "{}: mounts[{index}] ({destination}): bind source {}: {e}",
+                    config.display(),
+                    source.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A bind source as a host path: relative sources are relative to the
+    /// bundle, as in runc.
+    pub fn host_source(&self, source: &Path) -> PathBuf {
+        if source.is_absolute() {
+            source.to_path_buf()
+        } else {
+            self.dir.join(source)
+        }
     }
 
     /// Guest memory for this container: its limit plus the guest's own
@@ -77,18 +105,35 @@ impl Bundle {
         }
     }
 
-    /// vCPUs: the CPU quota rounded up, or the default.
-    pub fn vcpus(&self, config: &husk_runtime::config::Config) -> u32 {
+    /// vCPUs: the CPU quota rounded up, or the default; at least enough for
+    /// every CPU `cpu.cpus` names, since the guest applies that cpuset to
+    /// its own CPUs.
+    pub fn vcpus(&self, config: &husk_runtime::config::Config) -> anyhow::Result<u32> {
         let cpu = self
             .spec
             .linux()
             .as_ref()
             .and_then(|l| l.resources().as_ref())
             .and_then(|r| r.cpu().as_ref());
-        match cpu.and_then(|c| Some((c.quota()?, c.period().unwrap_or(100_000)))) {
+        let by_quota = match cpu.and_then(|c| Some((c.quota()?, c.period().unwrap_or(100_000)))) {
             Some((q, p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 64) as u32,
             _ => config.default_vcpus,
+        };
+        let by_cpuset = match cpu.and_then(|c| c.cpus().as_deref()) {
+            Some(list) => highest_cpu(list)
+                .map_err(|e| {
+                    anyhow::anyhow!("config.json: linux.resources.cpu.cpus {list:?}: {e}")
+                })?
+                .map_or(0, |highest| highest + 1),
+            None => 0,
+        };
+        if by_cpuset > MAX_VCPUS {
+            bail!(
+                "config.json: linux.resources.cpu.cpus names CPU {}: a husk VM has at most {MAX_VCPUS} vCPUs",
+                by_cpuset - 1
+            );
         }
+        Ok(by_quota.max(by_cpuset))
     }
 
     /// Host paths of bind mounts to share into the guest: (index, source, destination).
@@ -115,5 +160,43 @@ impl Bundle {
                 ))
             })
             .collect()
+    }
+}
+
+/// The most vCPUs husk gives one VM.
+const MAX_VCPUS: u32 = 64;
+
+/// The highest CPU of a cpuset list (`0-3,7`), None for an empty list.
+fn highest_cpu(list: &str) -> Result<Option<u32>, String> {
+    let mut highest = None;
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let parse = |n: &str| {
+            n.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{part:?} is not a CPU number or range"))
+        };
+        let (first, last) = (parse(first)?, parse(last)?);
+        if first > last {
+            return Err(format!("{part:?} is a descending range"));
+        }
+        highest = highest.max(Some(last));
+    }
+    Ok(highest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::highest_cpu;
+
+    #[test]
+    fn cpuset_lists_parse() {
+        assert_eq!(highest_cpu("0"), Ok(Some(0)));
+        assert_eq!(highest_cpu("0-3,7"), Ok(Some(7)));
+        assert_eq!(highest_cpu(" 2 , 0-1 "), Ok(Some(2)));
+        assert_eq!(highest_cpu(""), Ok(None));
+        assert!(highest_cpu("3-1").is_err());
+        assert!(highest_cpu("a").is_err());
+        assert!(highest_cpu("1-").is_err());
     }
 }

@@ -179,9 +179,9 @@ fn spawn_monitor_and_shadow(
         .open(state::container_dir(root, &args.id).join("monitor.log"))
         .context("creating the monitor log")?;
     let mut cmd = Command::new(&exe);
-    cmd.arg("--root")
-        .arg(root)
-        .arg("__monitor")
+    cmd.arg("--root").arg(root);
+    super::log::forward_flags(&mut cmd);
+    cmd.arg("__monitor")
         .arg("--bundle")
         .arg(&bundle.dir)
         .arg("--shadow-pid")

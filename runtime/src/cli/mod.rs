@@ -7,6 +7,7 @@ mod exec;
 mod hooks;
 mod info;
 mod lifecycle;
+pub mod log;
 mod monitor;
 mod shadow;
 mod signals;
@@ -127,6 +128,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             "--rootless is not supported: husk needs root for KVM, mounts and vhost-user backends"
         );
     }
+    let format = log::LogFormat::parse(&cli.log_format)?;
+    log::init(cli.log.as_deref(), format, cli.debug)?;
+    ::log::debug!("husk {:?}", std::env::args().skip(1).collect::<Vec<_>>());
     let root = cli.root.as_path();
     match cli.command {
         Command::Check(args) => check::check(root, args),

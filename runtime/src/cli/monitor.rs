@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
-use husk_runtime::sandbox::{HostStdio, Sandbox, SandboxConfig, StdioPumps};
+use husk_runtime::sandbox::{HostStdio, NewContainer, Sandbox, SandboxConfig, StdioPumps};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -132,17 +132,16 @@ fn setup(
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);
     sc.memory_mib = bundle.memory_mib(&config);
-    sc.vcpus = bundle.vcpus(&config);
+    sc.vcpus = bundle.vcpus(&config)?;
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
     let rootfs = sandbox.share_rootfs(&args.id, &bundle.rootfs)?;
     let mut shared = HashMap::new();
     for (index, source, destination) in bundle.bind_mounts() {
-        let source = if source.is_absolute() {
-            source
-        } else {
-            bundle.dir.join(source)
-        };
-        shared.insert(destination, sandbox.share_path(&args.id, index, &source)?);
+        let source = bundle.host_source(&source);
+        let rel = sandbox
+            .share_path(&args.id, index, &source)
+            .with_context(|| format!("config.json: mounts[{index}] ({destination})"))?;
+        shared.insert(destination, rel);
     }
     let terminal = bundle
         .spec
@@ -169,14 +168,15 @@ fn setup(
         }
     };
     let (tokens, pumps) = sandbox.connect_stdio(host_stdio)?;
-    sandbox.create_container(
-        &args.id,
-        bundle.spec_json.clone(),
-        rootfs,
-        shared,
-        tokens,
-        args.no_pivot,
-    )?;
+    sandbox.create_container(NewContainer {
+        id: args.id.clone(),
+        spec_json: bundle.spec_json.clone(),
+        rootfs_rel: rootfs,
+        shared_mounts: shared,
+        stdio: tokens,
+        no_pivot: args.no_pivot,
+        bundle: bundle.dir.clone(),
+    })?;
     let agent = sandbox.agent_client();
     let st = state::update(root, &args.id, |s| {
         s.status = Status::Created;
