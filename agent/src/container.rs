@@ -287,6 +287,12 @@ pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), Containe
         if let Some(mems) = cpu.mems() {
             write_cgroup(cgroup, "cpuset.mems", mems)?;
         }
+        if let Some(idle) = cpu.idle() {
+            write_cgroup(cgroup, "cpu.idle", &idle.to_string())?;
+        }
+        // realtimeRuntime/realtimePeriod: cgroup v2 has no per-group
+        // real-time budget; ignored as runc does on v2 (the host runtime
+        // mirrors them to a v1 host cgroup that has one).
     }
     Ok(())
 }

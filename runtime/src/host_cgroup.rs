@@ -2,8 +2,16 @@
 //! the VMM and the device backends) are placed in the OCI `cgroupsPath` on
 //! the host, in every mounted hierarchy: cgroup v1 controllers, cgroup v2,
 //! or both on a hybrid host. The container's limits apply inside the guest
-//! (and size the VM); on the host the cgroup is for accounting.
+//! (and size the VM). On the host the cgroup accounts for the whole sandbox
+//! and carries the container's CPU limits (`mirror_cpu`): shares, quota and
+//! period, cpuset and real-time budget bound the host CPU time of the VM's
+//! vCPU threads and of the backends doing its I/O, which is what the
+//! container was granted. Memory and pids limits are not mirrored: they
+//! count the VMM's and backends' own memory and threads, so the container's
+//! value would kill the VM on the host before the guest ever enforced it;
+//! the VM's RAM size bounds the guest instead.
 
+use oci_spec::runtime::LinuxCpu;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +112,24 @@ impl HostCgroup {
         Ok(cg)
     }
 
+    /// The existing directories of `cgroups_path` (a running sandbox's), to
+    /// change its limits; dropping it removes nothing.
+    pub fn existing(cgroups_path: &str) -> Result<HostCgroup, HostCgroupError> {
+        let rel = relative(cgroups_path)?;
+        let dirs = hierarchies()
+            .into_iter()
+            .map(|mount| {
+                let dir = mount.join(&rel);
+                (mount, dir)
+            })
+            .filter(|(_, dir)| dir.is_dir())
+            .collect();
+        Ok(HostCgroup {
+            dirs,
+            created: Vec::new(),
+        })
+    }
+
     /// Moves `pid` (and its future children) into the cgroup.
     pub fn add(&self, pid: u32) -> Result<(), HostCgroupError> {
         for (_, dir) in &self.dirs {
@@ -112,6 +138,74 @@ impl HostCgroup {
                 path: procs,
                 source,
             })?;
+        }
+        Ok(())
+    }
+
+    /// Writes the container's CPU limits to the host cgroup (see the module
+    /// comment). Shares, quota and period fail when the host refuses them
+    /// (as runc fails); a cpuset or real-time budget the host cannot give
+    /// (CPUs it lacks: `cpu.cpus` names guest CPUs, and the VM may have more
+    /// than the host) is left at the parent's, with a warning.
+    pub fn mirror_cpu(&self, cpu: &LinuxCpu) -> Result<(), HostCgroupError> {
+        for (_, dir) in &self.dirs {
+            let write = |file: &str, value: String| {
+                let path = dir.join(file);
+                std::fs::write(&path, value).map_err(|source| HostCgroupError::Io { path, source })
+            };
+            let has = |file: &str| dir.join(file).exists();
+            // cgroup v1 cpu controller.
+            if has("cpu.shares") {
+                if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
+                    write("cpu.shares", shares.to_string())?;
+                }
+                if let Some(period) = cpu.period().filter(|p| *p > 0) {
+                    write("cpu.cfs_period_us", period.to_string())?;
+                }
+                if let Some(quota) = cpu.quota().filter(|q| *q != 0) {
+                    write("cpu.cfs_quota_us", quota.to_string())?;
+                }
+                // The budget comes from the parent: period first, then runtime.
+                for (file, value) in [
+                    (
+                        "cpu.rt_period_us",
+                        cpu.realtime_period().map(|v| v.to_string()),
+                    ),
+                    (
+                        "cpu.rt_runtime_us",
+                        cpu.realtime_runtime().map(|v| v.to_string()),
+                    ),
+                ] {
+                    if let (Some(v), true) = (value, has(file)) {
+                        if let Err(e) = write(file, v) {
+                            log::warn!("{e}: real-time budget not mirrored on the host");
+                        }
+                    }
+                }
+            }
+            // cgroup v2 cpu controller (when the parent delegates it).
+            if has("cpu.weight") {
+                if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
+                    write("cpu.weight", shares_to_weight(shares).to_string())?;
+                }
+                let period = cpu.period().filter(|p| *p > 0);
+                match cpu.quota().filter(|q| *q != 0) {
+                    Some(q) if q > 0 => {
+                        write("cpu.max", format!("{q} {}", period.unwrap_or(100_000)))?
+                    }
+                    Some(_) => write("cpu.max", format!("max {}", period.unwrap_or(100_000)))?,
+                    None => {}
+                }
+            }
+            if has("cpuset.cpus") {
+                for (file, value) in [("cpuset.cpus", cpu.cpus()), ("cpuset.mems", cpu.mems())] {
+                    if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+                        if let Err(e) = write(file, v.to_string()) {
+                            log::warn!("{e}: the sandbox keeps its parent's {file}");
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -150,9 +244,23 @@ impl Drop for HostCgroup {
     }
 }
 
+/// cgroup v1 shares (2..262144) to v2 weight (1..10000), as runc and crun
+/// convert them.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_convert_to_weight_like_runc() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+    }
 
     #[test]
     fn paths_are_kept_inside_the_hierarchy() {

@@ -691,11 +691,54 @@ fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
     let cg = format!("/husk-test-{}/hostcg", std::process::id());
     let mut spec = default_spec(&["sleep", "600"]);
     spec["linux"]["cgroupsPath"] = serde_json::json!(cg);
+    spec["linux"]["resources"] = serde_json::json!({"cpu": {"shares": 512, "quota": 150000, "period": 100000, "cpus": "0", "mems": "0"}});
     let b = bundle_with(&dir, "b", spec);
     ok(
         &husk(&root, &["run", "-d", "-b", s(&b), "hostcg"]),
         "run -d",
     );
+    // The container's CPU limits are mirrored on the host cgroup of the
+    // sandbox (v1 cpu and cpuset controllers here), and `update` changes them.
+    let hierarchies = husk_runtime::host_cgroup::hierarchies();
+    let host_file = |controller_file: &str| {
+        hierarchies
+            .iter()
+            .map(|h| h.join(cg.trim_start_matches('/')).join(controller_file))
+            .find(|p| p.exists())
+            .map(|p| {
+                std::fs::read_to_string(&p)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
+    };
+    if let Some(shares) = host_file("cpu.shares") {
+        assert_eq!(shares, "512");
+        assert_eq!(host_file("cpu.cfs_quota_us").as_deref(), Some("150000"));
+        assert_eq!(host_file("cpu.cfs_period_us").as_deref(), Some("100000"));
+    } else {
+        let max = host_file("cpu.max").expect("neither v1 cpu.shares nor v2 cpu.max on the host");
+        assert_eq!(max, "150000 100000");
+    }
+    assert_eq!(host_file("cpuset.cpus").as_deref(), Some("0"));
+    ok(
+        &husk(
+            &root,
+            &[
+                "update",
+                "--cpu-quota",
+                "50000",
+                "--cpu-shares",
+                "256",
+                "hostcg",
+            ],
+        ),
+        "update",
+    );
+    if host_file("cpu.shares").is_some() {
+        assert_eq!(host_file("cpu.cfs_quota_us").as_deref(), Some("50000"));
+        assert_eq!(host_file("cpu.shares").as_deref(), Some("256"));
+    }
     for name in [
         "qemu-system",
         "__monitor",
@@ -709,7 +752,6 @@ fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
             "{name} is not in {cg}: {cgroups}"
         );
     }
-    let hierarchies = husk_runtime::host_cgroup::hierarchies();
     assert!(!hierarchies.is_empty());
     ok(&husk(&root, &["delete", "-f", "hostcg"]), "delete");
     for h in hierarchies {

@@ -133,9 +133,20 @@ pub fn update(root: &Path, a: UpdateArgs) -> anyhow::Result<()> {
         set(&mut r, "pids", "limit", v.into())
     }
     // Check it is a valid linux.resources before sending it.
-    serde_json::from_value::<oci_spec::runtime::LinuxResources>(r.clone())
-        .context("invalid resources")?;
+    let resources: oci_spec::runtime::LinuxResources =
+        serde_json::from_value(r.clone()).context("invalid resources")?;
     super::agent_of(root, &a.id)?.update_resources(&a.id, serde_json::to_vec(&r)?)?;
+    // The host side carries the CPU limits too (host_cgroup's module comment).
+    let bundle = super::bundle::Bundle::load(&st.bundle)?;
+    let cgroups_path = bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone());
+    if let (Some(path), Some(cpu)) = (cgroups_path, resources.cpu()) {
+        husk_runtime::host_cgroup::HostCgroup::existing(&path.display().to_string())?
+            .mirror_cpu(cpu)?;
+    }
     Ok(())
 }
 

@@ -123,6 +123,16 @@ fn setup(
     {
         Some(path) => {
             let cg = HostCgroup::create(&path.display().to_string())?;
+            if let Some(cpu) = bundle
+                .spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.resources().as_ref())
+                .and_then(|r| r.cpu().as_ref())
+            {
+                cg.mirror_cpu(cpu)
+                    .context("config.json: linux.resources.cpu on the host cgroup")?;
+            }
             cg.add(std::process::id())?;
             cg.add(args.shadow_pid as u32)?;
             Some(cg)
