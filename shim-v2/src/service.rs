@@ -7,6 +7,7 @@
 //! itself: it asks the shim (`Kill`).
 
 use crate::io::host_stdio;
+use crate::publisher::Publisher;
 use crate::spec::{self, Role};
 use crate::state::{self, Record};
 use containerd_shim::api;
@@ -16,7 +17,6 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageDyn};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
 use husk_runtime::agent::AgentClient;
@@ -289,7 +289,7 @@ struct Container {
 
 struct Inner {
     namespace: String,
-    publisher: Mutex<RemotePublisher>,
+    publisher: Arc<Publisher>,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Container>>,
     /// VMs by pod (or plain container) id.
@@ -304,11 +304,11 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(namespace: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
+    pub fn new(namespace: String, publisher: Arc<Publisher>, exit: Arc<ExitSignal>) -> Service {
         Service {
             inner: Arc::new(Inner {
                 namespace,
-                publisher: Mutex::new(publisher),
+                publisher,
                 exit,
                 containers: Mutex::new(HashMap::new()),
                 pods: Mutex::new(HashMap::new()),
@@ -319,10 +319,10 @@ impl Service {
 }
 
 impl Inner {
+    /// Queues an event for containerd; it is sent (and retried) in order
+    /// by the publisher's own thread.
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
-        let ctx = ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64);
-        if let Err(e) = publisher.publish(ctx, topic, &self.namespace, event) {
+        if let Err(e) = self.publisher.publish(topic, &self.namespace, event) {
             log::warn!("publishing {topic}: {e}");
         }
     }
