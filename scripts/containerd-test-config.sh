@@ -22,6 +22,13 @@ ln -sfn /usr/lib/cni/loopback "$dir/cni-bin/loopback"
 cat > "$dir/cni/10-husk-test.conflist" <<JSON
 {"cniVersion": "0.4.0", "name": "husk-test", "plugins": [{"type": "husk-test-net"}]}
 JSON
+# CRI gives a pod's sandbox container oom_score_adj -998; lowering it needs
+# CAP_SYS_RESOURCE, which some build machines (containers) lack, and runc
+# then fails the pod. Without it, let containerd clamp the value instead.
+restrict_oom=false
+if ! sh -c 'echo -999 > /proc/self/oom_score_adj' 2>/dev/null; then
+    restrict_oom=true
+fi
 cat > "$dir/config.toml" <<TOML
 version = 2
 root = "$dir/root"
@@ -35,6 +42,7 @@ state = "$dir/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "docker.io/library/husk-pause:latest"
   enable_selinux = false
+  restrict_oom_score_adj = $restrict_oom
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "husk"
