@@ -115,16 +115,17 @@ impl Proc {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the exit once; false if it was already recorded.
-    fn set_exit(&self, exit: Exit) -> bool {
+    /// Records the exit once, calling `before_wake` first (under the lock,
+    /// before any waiter wakes); a second exit is ignored.
+    fn set_exit(&self, exit: Exit, before_wake: impl FnOnce()) {
         let mut st = self.lock();
         if st.exit.is_some() {
-            return false;
+            return;
         }
+        before_wake();
         st.exit = Some(exit);
         st.phase = Phase::Stopped;
         self.exited.notify_all();
-        true
     }
 
     fn wait(&self) -> Exit {
@@ -370,34 +371,36 @@ impl Inner {
                 );
             }
         }
-        if !proc_.set_exit(exit.clone()) {
-            return;
-        }
-        if oom {
+        // TaskExit is queued before Wait returns: containerd deletes the
+        // task once Wait returns, and its TaskDelete must not overtake the
+        // TaskExit (the publisher sends in queue order).
+        proc_.set_exit(exit.clone(), || {
+            if oom {
+                self.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(TaskOOM {
+                        container_id: proc_.cid.clone(),
+                        ..Default::default()
+                    }),
+                );
+            }
+            let id = if proc_.exec_id.is_empty() {
+                proc_.cid.clone()
+            } else {
+                proc_.exec_id.clone()
+            };
             self.publish(
-                topics::TASK_OOM_EVENT_TOPIC,
-                Box::new(TaskOOM {
+                topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(TaskExit {
                     container_id: proc_.cid.clone(),
+                    id,
+                    pid: std::process::id(),
+                    exit_status: exit.status,
+                    exited_at: Some(exit.at.clone()).into(),
                     ..Default::default()
                 }),
             );
-        }
-        let id = if proc_.exec_id.is_empty() {
-            proc_.cid.clone()
-        } else {
-            proc_.exec_id.clone()
-        };
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit {
-                container_id: proc_.cid.clone(),
-                id,
-                pid: std::process::id(),
-                exit_status: exit.status,
-                exited_at: Some(exit.at).into(),
-                ..Default::default()
-            }),
-        );
+        });
     }
 
     /// Waits in the guest for the process's end.

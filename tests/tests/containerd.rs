@@ -151,6 +151,17 @@ fn ctr_run_prints_output_and_passes_exit_codes() {
     }
     let exit = events.wait_for("/tasks/exit", "seven", Duration::from_secs(1));
     assert!(exit.contains("\"exit_status\":7"), "exit event: {exit}");
+    // ctr deletes the task as soon as Wait returns: the shim's TaskExit
+    // still comes first.
+    let text = events.text();
+    let at = |topic: &str| {
+        text.lines()
+            .position(|l| l.contains(&format!(" {topic} ")) && l.contains("seven"))
+    };
+    assert!(
+        at("/tasks/exit") < at("/tasks/delete"),
+        "TaskExit before TaskDelete:\n{text}"
+    );
     assert_clean(&c);
 }
 
