@@ -6,6 +6,7 @@ AGENT := target/$(AGENT_TARGET)/release/husk-agent
 # The agent is PID 1 of a guest with no libc: link it statically.
 AGENT_RUSTFLAGS := -C target-feature=+crt-static
 TEST_THREADS ?= 2
+BENCH ?=
 
 .PHONY: all deps tools kernel agent initramfs binaries build demo test bench conformance lint install clean
 
@@ -40,8 +41,9 @@ demo: build
 test: build
 	$(CARGO) test --release --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
+# `make bench BENCH=containerd` runs only the named sections (see bench/run.py).
 bench: build
-	python3 bench/run.py
+	python3 bench/run.py $(BENCH)
 
 # The OCI runtime-tools validation suite on husk and runc in the same run;
 # regenerates the table in docs/oci-conformance.md.

@@ -8,7 +8,14 @@ Prints medians over N runs (default 10, HUSK_BENCH_RUNS) and ratios:
      and vs the bare boot;
   3. exec latency into a running container and stdout throughput: husk vs runc;
   4. husk-vmm start-up to its first vCPU entry and its RSS before the guest
-     touches RAM (Firecracker publishes ~12 ms and <= 5 MiB).
+     touches RAM (Firecracker publishes ~12 ms and <= 5 MiB);
+  5. containerd (issue 5), on a private containerd set up as the tests set it
+     up: `ctr run --rm ... true` with the husk shim vs the runc shim, a CRI pod
+     start to a running container with the `husk` vs the `runc` handler, and
+     the PSS of one idle pod's host processes (the RuntimeClass overhead).
+
+Sections: `python3 bench/run.py [boot] [run] [exec] [vmm] [containerd]`
+(`make bench BENCH=containerd`); none named runs them all.
 """
 import json
 import os
@@ -23,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUSK = os.path.join(ROOT, "target/release/husk")
 VMM = os.path.join(ROOT, "target/release/husk-vmm")
 KERNEL = os.path.join(ROOT, "target/guest/vmlinux")
+SHIM = os.path.join(ROOT, "target/release/containerd-shim-husk-v2")
+CRI = os.path.join(ROOT, "target/release/husk-cri")
 RUNS = int(os.environ.get("HUSK_BENCH_RUNS", "10"))
 WORK = tempfile.mkdtemp(prefix="husk-bench-")
 RESULTS = {}
@@ -159,7 +168,8 @@ def section_run(bare):
     r = report("runc run true", "ms", runc_t)
     report("crun run true", "ms", crun_t, r, "runc")
     h = report("husk run true", "ms", husk_t, r, "runc")
-    print(f"  {'husk run true vs crun':<44} ratio {h / median(crun_t):.2f}x;  vs the bare boot: {h / bare:.2f}x")
+    vs_bare = f";  vs the bare boot: {h / bare:.2f}x" if bare else ""
+    print(f"  {'husk run true vs crun':<44} ratio {h / median(crun_t):.2f}x{vs_bare}")
 
 
 def section_exec_and_stdout():
@@ -221,23 +231,245 @@ def section_vmm():
         report("husk-vmm: own memory (RSS less guest RAM)", "MiB", own, 5.0, "Firecracker's 5 MiB")
         report("husk-vmm: RSS incl. loaded kernel+initrd", "MiB", rss)
 
+CTR_NS = "bench"
+CTR_IMAGE = "docker.io/library/husk-busybox:latest"
+
+
+def pids_with(marker):
+    """Live processes whose command line contains `marker`."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            cmdline = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(d))
+    return found
+
+
+def descendants(root):
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def smaps_rollup(pid):
+    """PSS, RSS and private (USS) memory of a process in kB, or None."""
+    fields = {}
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                fields[parts[0][:-1]] = int(parts[1])
+    except OSError:
+        return None
+    if "Pss" not in fields:
+        return None
+    return {"pss": fields["Pss"], "rss": fields.get("Rss", 0),
+            "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
+
+
+def proc_name(pid):
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).replace(" (deleted)", "")
+    except OSError:
+        return "?"
+
+
+class Containerd:
+    """A private containerd set up as tests/src/containerd.rs does it: the
+    same scripts (containerd-test-setup.sh for the packages and the image
+    tarball, containerd-test-config.sh for the configuration), the husk shim
+    first on its PATH."""
+
+    def __init__(self):
+        cache = os.path.join(ROOT, "target/containerd-test")
+        sh([os.path.join(ROOT, "scripts/containerd-test-setup.sh"), cache])
+        self.dir = os.path.join(WORK, "containerd")
+        os.makedirs(self.dir)
+        sh([os.path.join(ROOT, "scripts/containerd-test-config.sh"), self.dir])
+        self.socket = os.path.join(self.dir, "containerd.sock")
+        self.husk_root = os.path.join(self.dir, "husk")
+        env = {**os.environ, "PATH": f"{os.path.dirname(SHIM)}:{os.environ.get('PATH', '')}",
+               "HUSK_SHIM_ROOT": self.husk_root}
+        self.log = open(os.path.join(self.dir, "containerd.log"), "w")
+        self.proc = subprocess.Popen(["containerd", "--config", os.path.join(self.dir, "config.toml")],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while subprocess.run(self.ctr("version"), capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                sys.exit(f"bench: containerd did not come up; see {self.log.name}")
+            time.sleep(0.1)
+        for ns in (CTR_NS, "k8s.io"):
+            sh(["ctr", "-a", self.socket, "-n", ns, "images", "import", os.path.join(cache, "images.tar")])
+
+    def ctr(self, *args):
+        return ["ctr", "-a", self.socket, "-n", CTR_NS, *args]
+
+    def cri(self, *args):
+        p = subprocess.run([CRI, self.socket, *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"husk-cri {' '.join(args)}: {p.stderr.strip()}")
+        return p.stdout.strip()
+
+    def shim_pid(self, binary):
+        pids = [p for p in pids_with(self.socket) if binary in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+        return pids[0] if len(pids) == 1 else None
+
+    def stop(self):
+        # Shims first (a husk shim takes its VM with it), then containerd.
+        for pid in pids_with(self.socket):
+            if pid != self.proc.pid:
+                subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        time.sleep(0.3)
+
+
+def cri_pod(c, handler, name, cmd):
+    """RunPodSandbox + CreateContainer + StartContainer, then ContainerStatus
+    until the container runs. Returns (ms, pod id)."""
+    logs = os.path.join(c.dir, "pod-logs", name)
+    os.makedirs(logs, exist_ok=True)
+    meta = [f"name={name}", f"uid=uid-{name}", "ns=bench", f"log-dir={logs}"]
+    t0 = time.monotonic()
+    pod = c.cri("runp", *meta, f"handler={handler}")
+    cid = c.cri("create", f"pod={pod}", *meta, "cname=app", f"image={CTR_IMAGE}", "log=app.log", "--", *cmd)
+    c.cri("start", cid)
+    deadline = time.monotonic() + 60
+    while c.cri("status", cid).split()[0] != "CONTAINER_RUNNING":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{handler} pod {name}: container {cid} never ran")
+        time.sleep(0.005)
+    return (time.monotonic() - t0) * 1000, pod
+
+
+def remove_pod(c, pod):
+    c.cri("stopp", pod)
+    c.cri("rmp", pod)
+
+
+def pod_memory(c, binary, marker=None, samples=5):
+    """Memory of a pod's host processes: its shim and everything below it,
+    and any other process naming `marker` (husk: the VMs' directory). Per
+    process, the median of `samples` readings a second apart of PSS, RSS and
+    USS. PSS splits a shared page among the processes that map it, also
+    other pods' (and other users' QEMUs): USS <= PSS <= RSS bound it."""
+    shim = c.shim_pid(binary)
+    if shim is None:
+        raise RuntimeError(f"no single {binary} for the pod")
+    readings = {}
+    for _ in range(samples):
+        pids = set(descendants(shim)) | set(pids_with(marker) if marker else [])
+        for pid in pids:
+            m = smaps_rollup(pid)
+            if m is not None:
+                readings.setdefault(pid, []).append(m)
+        time.sleep(1)
+    return {pid: (proc_name(pid), {k: median([m[k] for m in ms]) for k in ("pss", "rss", "uss")})
+            for pid, ms in sorted(readings.items())}
+
+
+def section_containerd():
+    print("\n== 5. containerd (issue 5): the husk shim vs runc's on the same private containerd")
+    for f in (SHIM, CRI):
+        if not os.path.exists(f):
+            sys.exit(f"bench: {f} is missing: run make build")
+    c = Containerd()
+    try:
+        husk_t, runc_t = [], []
+        for i in range(RUNS):
+            for runtime, ts, name in (("io.containerd.husk.v2", husk_t, f"h{i}"), ("io.containerd.runc.v2", runc_t, f"r{i}")):
+                ts.append(timed(c.ctr("run", "--rm", "--runtime", runtime, CTR_IMAGE, name, "true"),
+                                stdin=subprocess.DEVNULL))
+        r = report("ctr run --rm true: runc shim", "ms", runc_t)
+        report("ctr run --rm true: husk shim", "ms", husk_t, r, "runc")
+
+        husk_p, runc_p = [], []
+        for i in range(RUNS):
+            for handler, ts in (("husk", husk_p), ("runc", runc_p)):
+                ms, pod = cri_pod(c, handler, f"{handler}-{i}", ["sleep", "3600"])
+                ts.append(ms)
+                remove_pod(c, pod)
+        r = report("CRI pod start to running: runc handler", "ms", runc_p)
+        report("CRI pod start to running: husk handler", "ms", husk_p, r, "runc")
+
+        # One idle pod each: the pause container and an idle busybox.
+        print("  memory of one idle pod's host processes (/proc/PID/smaps_rollup, median of 5 readings), kB:")
+        print(f"    {'':<6}{'process':<28}{'pid':<9}{'PSS':>9}{'RSS':>10}{'USS':>10}")
+        totals = {}
+        for handler, binary, marker in (("runc", "containerd-shim-runc-v2", None),
+                                        ("husk", "containerd-shim-husk-v2", c.husk_root)):
+            _, pod = cri_pod(c, handler, f"{handler}-idle", ["sleep", "3600"])
+            time.sleep(5)  # let the guest settle
+            try:
+                procs = pod_memory(c, binary, marker)
+            finally:
+                remove_pod(c, pod)
+            for pid, (name, m) in procs.items():
+                print(f"    {handler + ':':<6}{name:<28}{pid:<9}{m['pss']:9,.0f}{m['rss']:10,.0f}{m['uss']:10,.0f}",
+                      flush=True)
+                RESULTS[f"{handler} pod PSS kB: {name} (pid {pid})"] = m["pss"]
+            total = {k: sum(m[k] for _, m in procs.values()) for k in ("pss", "rss", "uss")}
+            totals[handler] = total["pss"]
+            print(f"    {handler + ':':<6}{'total':<37}{total['pss']:9,.0f}{total['rss']:10,.0f}{total['uss']:10,.0f}"
+                  f"   (PSS {total['pss'] / 1024:.1f} MiB)", flush=True)
+            for k, v in total.items():
+                RESULTS[f"{handler} pod {k.upper()} total kB"] = v
+        print(f"  {'husk pod PSS vs runc pod':<44} ratio {totals['husk'] / totals['runc']:.1f}x")
+    finally:
+        c.stop()
+
+
+SECTIONS = ("boot", "run", "exec", "vmm", "containerd")
+
 
 def main():
+    wanted = sys.argv[1:] or list(SECTIONS)
+    unknown = [w for w in wanted if w not in SECTIONS]
+    if unknown:
+        sys.exit(f"bench: unknown section {' '.join(unknown)}; sections: {' '.join(SECTIONS)}")
     for f in (HUSK, KERNEL):
         if not os.path.exists(f):
             sys.exit(f"bench: {f} is missing: run make build")
     ensure_packages()
     print(f"husk benchmarks: {RUNS} runs each, QEMU with TCG where KVM cannot run guests; {time.strftime('%Y-%m-%d %H:%M')}")
     try:
-        bare = section_boot()
-        section_run(bare)
-        section_exec_and_stdout()
-        section_vmm()
+        bare = section_boot() if "boot" in wanted else None
+        if "run" in wanted:
+            section_run(bare)
+        if "exec" in wanted:
+            section_exec_and_stdout()
+        if "vmm" in wanted:
+            section_vmm()
+        if "containerd" in wanted:
+            section_containerd()
     finally:
         subprocess.run(["sh", "-c", f"grep -o '{WORK}[^ ]*' /proc/self/mountinfo | sort -r | xargs -r umount -l"],
                        capture_output=True)
         shutil.rmtree(WORK, ignore_errors=True)
-    with open(os.path.join(ROOT, "target/bench-results.json"), "w") as f:
+    # A partial run does not overwrite the results of a whole one.
+    suffix = "" if set(wanted) == set(SECTIONS) else "-" + "-".join(wanted)
+    with open(os.path.join(ROOT, f"target/bench-results{suffix}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
 
 

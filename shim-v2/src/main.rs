@@ -16,6 +16,7 @@
 mod io;
 mod metrics;
 mod mount;
+mod publisher;
 mod service;
 mod spec;
 mod state;
@@ -162,9 +163,13 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     };
     let ttrpc_address =
         std::env::var("TTRPC_ADDRESS").map_err(|_| anyhow::anyhow!("TTRPC_ADDRESS is not set"))?;
-    let publisher = containerd_shim::publisher::RemotePublisher::new(&ttrpc_address)?;
+    // Reconnects when containerd restarts (see publisher.rs).
+    let publisher = Arc::new(publisher::Publisher::new(
+        &ttrpc_address,
+        publisher::Retry::default(),
+    )?);
     let exit = Arc::new(containerd_shim::ExitSignal::default());
-    let service = service::Service::new(flags.namespace.clone(), publisher, exit.clone());
+    let service = service::Service::new(flags.namespace.clone(), publisher.clone(), exit.clone());
     let task: Arc<dyn containerd_shim::protos::shim::shim_ttrpc::Task + Send + Sync> =
         Arc::new(service);
     // containerd 1.6 calls containerd.task.v2.Task, 2.x calls v3: same messages.
@@ -186,6 +191,10 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     log::info!("husk shim serving {} for {}", flags.socket, flags.id);
     exit.wait();
     server.shutdown();
+    // The last events (TaskDelete) are still queued: let them out first.
+    if !publisher.close(std::time::Duration::from_secs(5)) {
+        log::warn!("exiting with events not yet sent to containerd");
+    }
     let _ = std::fs::remove_file(&path);
     Ok(())
 }

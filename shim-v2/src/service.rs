@@ -7,6 +7,7 @@
 //! itself: it asks the shim (`Kill`).
 
 use crate::io::host_stdio;
+use crate::publisher::Publisher;
 use crate::spec::{self, Role};
 use crate::state::{self, Record};
 use containerd_shim::api;
@@ -16,7 +17,6 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageDyn};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
 use husk_runtime::agent::AgentClient;
@@ -115,16 +115,17 @@ impl Proc {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the exit once; false if it was already recorded.
-    fn set_exit(&self, exit: Exit) -> bool {
+    /// Records the exit once, calling `before_wake` first (under the lock,
+    /// before any waiter wakes); a second exit is ignored.
+    fn set_exit(&self, exit: Exit, before_wake: impl FnOnce()) {
         let mut st = self.lock();
         if st.exit.is_some() {
-            return false;
+            return;
         }
+        before_wake();
         st.exit = Some(exit);
         st.phase = Phase::Stopped;
         self.exited.notify_all();
-        true
     }
 
     fn wait(&self) -> Exit {
@@ -289,7 +290,7 @@ struct Container {
 
 struct Inner {
     namespace: String,
-    publisher: Mutex<RemotePublisher>,
+    publisher: Arc<Publisher>,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Container>>,
     /// VMs by pod (or plain container) id.
@@ -304,11 +305,11 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(namespace: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
+    pub fn new(namespace: String, publisher: Arc<Publisher>, exit: Arc<ExitSignal>) -> Service {
         Service {
             inner: Arc::new(Inner {
                 namespace,
-                publisher: Mutex::new(publisher),
+                publisher,
                 exit,
                 containers: Mutex::new(HashMap::new()),
                 pods: Mutex::new(HashMap::new()),
@@ -319,10 +320,10 @@ impl Service {
 }
 
 impl Inner {
+    /// Queues an event for containerd; it is sent (and retried) in order
+    /// by the publisher's own thread.
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
-        let ctx = ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64);
-        if let Err(e) = publisher.publish(ctx, topic, &self.namespace, event) {
+        if let Err(e) = self.publisher.publish(topic, &self.namespace, event) {
             log::warn!("publishing {topic}: {e}");
         }
     }
@@ -370,34 +371,36 @@ impl Inner {
                 );
             }
         }
-        if !proc_.set_exit(exit.clone()) {
-            return;
-        }
-        if oom {
+        // TaskExit is queued before Wait returns: containerd deletes the
+        // task once Wait returns, and its TaskDelete must not overtake the
+        // TaskExit (the publisher sends in queue order).
+        proc_.set_exit(exit.clone(), || {
+            if oom {
+                self.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(TaskOOM {
+                        container_id: proc_.cid.clone(),
+                        ..Default::default()
+                    }),
+                );
+            }
+            let id = if proc_.exec_id.is_empty() {
+                proc_.cid.clone()
+            } else {
+                proc_.exec_id.clone()
+            };
             self.publish(
-                topics::TASK_OOM_EVENT_TOPIC,
-                Box::new(TaskOOM {
+                topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(TaskExit {
                     container_id: proc_.cid.clone(),
+                    id,
+                    pid: std::process::id(),
+                    exit_status: exit.status,
+                    exited_at: Some(exit.at.clone()).into(),
                     ..Default::default()
                 }),
             );
-        }
-        let id = if proc_.exec_id.is_empty() {
-            proc_.cid.clone()
-        } else {
-            proc_.exec_id.clone()
-        };
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit {
-                container_id: proc_.cid.clone(),
-                id,
-                pid: std::process::id(),
-                exit_status: exit.status,
-                exited_at: Some(exit.at).into(),
-                ..Default::default()
-            }),
-        );
+        });
     }
 
     /// Waits in the guest for the process's end.

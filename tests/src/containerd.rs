@@ -2,7 +2,9 @@
 //! root, state and socket of its own under a [`TestDir`], with the husk shim
 //! (target/release/containerd-shim-husk-v2) first on its PATH, a busybox
 //! image and a pause image imported from a local OCI tarball (no registry),
-//! and the CRI plugin configured with the `husk` runtime handler.
+//! and the CRI plugin configured with the `husk` runtime handler (and `runc`,
+//! the benchmarks' reference). The configuration is written by
+//! scripts/containerd-test-config.sh, which bench/run.py uses too.
 
 use crate::{workspace_root, TestDir};
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 pub const NAMESPACE: &str = "husk-test";
 pub const RUNTIME: &str = "io.containerd.husk.v2";
 pub const IMAGE: &str = "docker.io/library/husk-busybox:latest";
+/// The CRI sandbox image (named in scripts/containerd-test-config.sh).
 pub const PAUSE_IMAGE: &str = "docker.io/library/husk-pause:latest";
 
 /// The shim binary under test (`$HUSK_SHIM_BIN`, else target/release/…).
@@ -82,97 +85,28 @@ impl Containerd {
     /// Starts containerd for test `name` and imports the images.
     pub fn start(name: &str) -> Containerd {
         crate::require_guest();
-        let shim = shim_bin();
+        shim_bin();
         let images = setup();
         let dir = TestDir::new(name);
         let root = dir.path.clone();
-        let socket = root.join("containerd.sock");
-        let husk_root = root.join("husk");
-        let cni = root.join("cni");
-        let cni_bin = root.join("cni-bin");
-        for d in [&cni, &cni_bin] {
-            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
-        }
-        // A pod's network lives in its VM; the CRI plugin still sets up a
-        // host-side pod netns through CNI and wants an IP back. The test
-        // plugin configures nothing on the host (scripts/containerd-test-cni.sh).
-        let plugin = workspace_root().join("scripts/containerd-test-cni.sh");
-        std::os::unix::fs::symlink(&plugin, cni_bin.join("husk-test-net"))
-            .unwrap_or_else(|e| panic!("linking the CNI plugin: {e}"));
-        // CRI always adds the loopback network (Debian's CNI plugins).
-        std::os::unix::fs::symlink("/usr/lib/cni/loopback", cni_bin.join("loopback"))
-            .unwrap_or_else(|e| panic!("linking the loopback CNI plugin: {e}"));
-        std::fs::write(
-            cni.join("10-husk-test.conflist"),
-            r#"{"cniVersion": "0.4.0", "name": "husk-test", "plugins": [{"type": "husk-test-net"}]}"#,
-        )
-        .unwrap_or_else(|e| panic!("writing the CNI config: {e}"));
-        let config = format!(
-            r#"version = 2
-root = "{root}/root"
-state = "{root}/state"
-[grpc]
-  address = "{socket}"
-[debug]
-  level = "debug"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{root}/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  enable_selinux = false
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "husk"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
-      runtime_type = "{RUNTIME}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni_bin}"
-    conf_dir = "{cni}"
-"#,
-            root = root.display(),
-            cni_bin = cni_bin.display(),
-            socket = socket.display(),
-            cni = cni.display(),
+        // The same configuration as the benchmarks (bench/run.py).
+        let script = workspace_root().join("scripts/containerd-test-config.sh");
+        let out = Command::new(&script)
+            .arg(&root)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "containerd-test-config.sh: {}",
+            crate::stderr(&out)
         );
-        let config_path = root.join("config.toml");
-        std::fs::write(&config_path, config)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", config_path.display()));
-        let shim_dir = shim.parent().map(Path::to_path_buf).unwrap_or_default();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(root.join("containerd.log"))
-            .unwrap_or_else(|e| panic!("containerd.log: {e}"));
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .env("PATH", path)
-            .env("HUSK_SHIM_ROOT", &husk_root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting containerd: {e}"));
-        let c = Containerd {
+        let mut c = Containerd {
+            socket: root.join("containerd.sock"),
+            husk_root: root.join("husk"),
             dir,
-            socket,
-            husk_root,
-            child: Some(child),
+            child: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if c.socket.exists() && c.ctr(&["version"]).status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not come up: {}",
-                c.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        c.spawn();
         // Into the test namespace (ctr) and CRI's (k8s.io).
         for ns in [NAMESPACE, "k8s.io"] {
             let out = Command::new("ctr")
@@ -188,6 +122,74 @@ state = "{root}/state"
             );
         }
         c
+    }
+
+    /// Runs containerd on the configuration in the test directory and
+    /// waits until it answers.
+    fn spawn(&mut self) {
+        let root = &self.dir.path;
+        let shim_dir = shim_bin()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        // Appended to, so a restart keeps the first run's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("containerd.log"))
+            .unwrap_or_else(|e| panic!("containerd.log: {e}"));
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(root.join("config.toml"))
+            .env("PATH", path)
+            .env("HUSK_SHIM_ROOT", &self.husk_root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting containerd: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.socket.exists() && self.ctr(&["version"]).status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up: {}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops containerd with SIGTERM, waits for it to exit, and starts it
+    /// again on the same configuration, root, state and socket. The shims
+    /// run on: containerd reconnects to them from its state directory.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    other => panic!(
+                        "containerd did not exit within 20 s of SIGTERM ({other:?}): {}",
+                        self.log_tail()
+                    ),
+                }
+            }
+        }
+        self.spawn();
     }
 
     pub fn pid(&self) -> u32 {

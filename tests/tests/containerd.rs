@@ -151,6 +151,17 @@ fn ctr_run_prints_output_and_passes_exit_codes() {
     }
     let exit = events.wait_for("/tasks/exit", "seven", Duration::from_secs(1));
     assert!(exit.contains("\"exit_status\":7"), "exit event: {exit}");
+    // ctr deletes the task as soon as Wait returns: the shim's TaskExit
+    // still comes first.
+    let text = events.text();
+    let at = |topic: &str| {
+        text.lines()
+            .position(|l| l.contains(&format!(" {topic} ")) && l.contains("seven"))
+    };
+    assert!(
+        at("/tasks/exit") < at("/tasks/delete"),
+        "TaskExit before TaskDelete:\n{text}"
+    );
     assert_clean(&c);
 }
 
@@ -606,5 +617,93 @@ fn an_oom_kill_is_reported() {
         stdout(&out)
     );
     events.wait_for("/tasks/oom", "oom", Duration::from_secs(5));
+    assert_clean(&c);
+}
+
+/// The pid column of `ctr task ls` for `id`.
+fn task_pid(c: &Containerd, id: &str) -> String {
+    let out = c.ctr(&["task", "ls"]);
+    stdout(&out)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_task_survives_a_containerd_restart() {
+    let mut c = Containerd::start("ctr-restart");
+    // The trap gives the exit a status of its own, so the test sees that
+    // the status, not just "stopped", crosses the restart.
+    let out = c.ctr(&run_args(
+        "survivor",
+        &["-d"],
+        &["sh", "-c", "trap 'exit 42' TERM; sleep 1000 & wait"],
+    ));
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    wait_status(&c, "survivor", "RUNNING", Duration::from_secs(10));
+    let pid = task_pid(&c, "survivor");
+    let shims = c.shim_pids();
+    let vms = c.vm_pids();
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    assert_eq!(vms.len(), 1, "one VM: {vms:?}");
+
+    c.restart();
+    // Subscribed to the new containerd: what the shim publishes from now on
+    // must reach it.
+    let events = Events::watch(&c);
+    assert_eq!(task_status(&c, "survivor"), "RUNNING", "after the restart");
+    assert_eq!(task_pid(&c, "survivor"), pid, "the same task pid");
+    assert_eq!(c.shim_pids(), shims, "the same shim");
+    assert_eq!(c.vm_pids(), vms, "the same VM");
+
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        "survivor",
+        "sh",
+        "-c",
+        "echo exec-after-restart",
+    ]);
+    assert!(
+        out.status.success(),
+        "exec after the restart: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    assert_eq!(stdout(&out), "exec-after-restart\n");
+    events.wait_for("/tasks/exec-started", "after", Duration::from_secs(5));
+
+    let out = c.ctr(&["task", "kill", "-s", "SIGTERM", "survivor"]);
+    assert!(out.status.success(), "kill: {}", stderr(&out));
+    // The TaskExit event the shim publishes reaches the new containerd ...
+    let exit = events.wait_for(
+        "/tasks/exit",
+        "\"id\":\"survivor\"",
+        Duration::from_secs(10),
+    );
+    assert!(exit.contains("\"exit_status\":42"), "exit event: {exit}");
+    // ... and so does the stopped state with its status.
+    wait_status(&c, "survivor", "STOPPED", Duration::from_secs(10));
+
+    // `ctr task delete` reports the status the shim's Delete returns.
+    let out = c.ctr(&["task", "delete", "survivor"]);
+    assert!(out.status.success(), "task delete: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exit code 42"),
+        "task delete reports the status: {}",
+        stderr(&out)
+    );
+    events.wait_for("/tasks/delete", "survivor", Duration::from_secs(5));
+    let out = c.ctr(&["containers", "rm", "survivor"]);
+    assert!(out.status.success(), "containers rm: {}", stderr(&out));
     assert_clean(&c);
 }
