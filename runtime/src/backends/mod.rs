@@ -46,7 +46,24 @@ pub fn log_tail(log: &Path) -> String {
         .to_string()
 }
 
-/// Waits for a freshly spawned backend to create `socket`.
+/// Whether a Unix socket bound at `socket` listens, from /proc/net/unix
+/// (`__SO_ACCEPTCON` in its flags). A backend binds (creating the file)
+/// before it listens; a VMM connecting in between is refused. Probing with a
+/// connection is no option: a vhost-user backend serves its first connection
+/// as its one frontend. None when /proc/net/unix cannot be read.
+fn listening(socket: &Path) -> Option<bool> {
+    const SO_ACCEPTCON: u32 = 0x10000;
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let path = socket.to_str()?;
+    Some(table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & SO_ACCEPTCON != 0)
+    }))
+}
+
+/// Waits for a freshly spawned backend to listen on `socket`.
 fn wait_for_socket(
     process: &mut HelperProcess,
     socket: &Path,
@@ -58,6 +75,7 @@ fn wait_for_socket(
         if std::fs::metadata(socket)
             .map(|m| m.file_type().is_socket())
             .unwrap_or(false)
+            && listening(socket) != Some(false)
         {
             return Ok(());
         }
@@ -77,5 +95,27 @@ fn wait_for_socket(
             });
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening;
+
+    #[test]
+    fn a_bound_socket_listens_only_after_listen() {
+        let dir = std::env::temp_dir().join(format!("husk-listen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        // A datagram socket is bound but never listens.
+        let bound = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        assert_eq!(listening(&path), Some(false));
+        drop(bound);
+        std::fs::remove_file(&path).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(listening(&path), Some(true));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
