@@ -15,15 +15,19 @@
 //! `allow c 1:5 w` allow `rw`, which a "the whole request must be a subset
 //! of one rule" check (runc's and crun's generated programs) would deny.
 //!
-//! As runc does on cgroup v2, runc's default allow-list ([`RUNC_DEFAULTS`])
-//! is appended after the spec's rules, so a bare `[{"allow": false,
-//! "access": "rwm"}]` (what `runc spec` and `husk spec` write) still leaves
-//! /dev/null, /dev/zero, ptys and friends usable, and a spec without
-//! `linux.resources.devices` gets exactly that list. One difference: a
-//! default rule is left out when the spec has a rule for the very same
-//! type, major and minor, so a spec can deny or narrow one of the defaults
-//! (`deny c 1:5 rwm`); runc appends them unconditionally (its own comment
-//! calls this questionable) and such a rule has no effect there.
+//! Like runc, every container gets runc's default allow-list
+//! ([`RUNC_DEFAULTS`]: mknod of any node, /dev/null, zero, full, random,
+//! urandom, tty, ptmx, the pty slaves, /dev/net/tun), so a bare
+//! `[{"allow": false, "access": "rwm"}]` (what `runc spec` and `husk spec`
+//! write) still leaves those usable, and a spec without
+//! `linux.resources.devices` gets exactly that list. Where: right after the
+//! spec's last deny-all rule (type `a`, any major and minor, `rwm`), or
+//! first when it has none. runc appends the list after all of the spec's
+//! rules instead, so there a spec cannot deny one of those devices (its
+//! own comment calls this questionable); here the rules after a deny-all
+//! are taken as written: `deny c 1:5 rwm` makes /dev/zero unusable. For
+//! the usual spec (deny-all, then allows, as docker, containerd and podman
+//! write it) the two agree.
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -179,14 +183,17 @@ pub fn rules_from_spec(
             access,
         });
     }
-    for default in RUNC_DEFAULTS {
-        let named = rules.iter().any(|r| {
-            r.kind == default.kind && r.major == default.major && r.minor == default.minor
-        });
-        if !named {
-            rules.push(default);
-        }
-    }
+    let after_deny_all = rules
+        .iter()
+        .rposition(|r| {
+            !r.allow
+                && r.kind == Kind::All
+                && r.major.is_none()
+                && r.minor.is_none()
+                && r.access == ACC_ALL
+        })
+        .map_or(0, |i| i + 1);
+    rules.splice(after_deny_all..after_deny_all, RUNC_DEFAULTS);
     Ok(rules)
 }
 
@@ -646,24 +653,43 @@ mod tests {
     }
 
     #[test]
-    fn an_explicit_rule_for_a_default_device_wins() {
+    fn rules_after_the_deny_all_refine_the_defaults() {
         let rules = spec_rules(serde_json::json!([
+            {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "rwm"},
             {"allow": false, "access": "rwm"},
             {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
-            {"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"},
             {"allow": false, "type": "c", "major": 1, "minor": 5, "access": "rwm"},
-            {"allow": true, "type": "c", "major": 1, "minor": 7, "access": "r"}
+            {"allow": true, "type": "c", "major": 1, "minor": 4, "access": "r"},
+            {"allow": false, "type": "c", "major": 1, "minor": 7, "access": "w"}
         ]))
         .unwrap();
+        // The defaults sit right after the deny-all.
+        assert_eq!(rules[2..2 + RUNC_DEFAULTS.len()], RUNC_DEFAULTS);
+        assert!(!decide(&rules, 'c', 1, 11, "r"));
         assert!(decide(&rules, 'c', 1, 3, "rw"));
         assert!(!decide(&rules, 'c', 1, 5, "r"));
-        // mknod stays allowed by the appended `c *:* m`, as in runc.
-        assert!(decide(&rules, 'c', 1, 5, "m"));
+        assert!(!decide(&rules, 'c', 1, 5, "m"));
+        assert!(decide(&rules, 'c', 1, 4, "r"));
+        assert!(!decide(&rules, 'c', 1, 4, "w"));
+        assert!(!decide(&rules, 'c', 1, 4, "rw"));
         assert!(decide(&rules, 'c', 1, 7, "r"));
         assert!(!decide(&rules, 'c', 1, 7, "w"));
-        assert!(!decide(&rules, 'c', 1, 7, "rw"));
-        // Other defaults are still there.
+        // The other defaults are untouched.
         assert!(decide(&rules, 'c', 1, 9, "rw"));
+        assert!(decide(&rules, 'c', 136, 0, "rw"));
+    }
+
+    #[test]
+    fn without_a_deny_all_the_rules_refine_the_defaults_too() {
+        // What an update with one rule sends.
+        let rules = spec_rules(serde_json::json!([
+            {"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}
+        ]))
+        .unwrap();
+        assert_eq!(rules[..RUNC_DEFAULTS.len()], RUNC_DEFAULTS);
+        assert!(decide(&rules, 'c', 1, 3, "r"));
+        assert!(!decide(&rules, 'c', 1, 3, "w"));
+        assert!(!decide(&rules, 'c', 10, 229, "r"));
     }
 
     #[test]
@@ -694,7 +720,7 @@ mod tests {
         assert!(decide(&rules, 'b', 259, 0, "rw"));
         let prog = compile(&rules);
         // The prologue, per bit the skip test and jump, the final verdict:
-        // the defaults after the allow-all and the deny before it are gone.
+        // the defaults and the deny before the allow-all are gone.
         assert_eq!(prog.len(), 6 + 3 * 2 + 2, "{prog:?}");
     }
 
@@ -705,11 +731,13 @@ mod tests {
             {"allow": false, "type": "c", "access": "rwm"}
         ]))
         .unwrap();
+        // Not a deny-all (char devices only): the defaults come first and
+        // the wildcard deny after them wins.
         assert!(!decide(&rules, 'c', 1, 3, "r"));
-        // The defaults for char devices come after the wildcard deny and
-        // restore them; block devices keep only mknod.
-        assert!(decide(&rules, 'c', 1, 5, "r"));
+        assert!(!decide(&rules, 'c', 1, 5, "r"));
+        assert!(!decide(&rules, 'c', 1, 5, "m"));
         assert!(!decide(&rules, 'b', 1, 3, "r"));
+        assert!(decide(&rules, 'b', 8, 0, "m"));
     }
 
     /// Many random rule lists against the reference, on a small space of

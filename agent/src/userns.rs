@@ -314,10 +314,9 @@ impl Helper {
             // on fds inherited from the parent.
             unsafe { helper_main(join_raw, flags, ready_raw) }
         }
-        let helper = Helper { pid, holder: None };
+        let mut helper = Helper { pid, holder: None };
         drop(ready_w);
         let mut status = [0u8; 8];
-        let mut helper = helper;
         File::from(ready_r)
             .read_exact(&mut status)
             .map_err(helper_err("waiting for the helper"))?;
@@ -549,6 +548,13 @@ mod tests {
                 process(0, 0, &[]),
                 "linux.uidMappings[1] overlaps",
             ),
+            // Root not mapped: the set-up runs as the namespace's root.
+            (
+                serde_json::json!({"uidMappings": [mapping(1, 1000, 10)], "gidMappings": [mapping(0, 1000, 10)]}),
+                Some(None),
+                process(1, 0, &[]),
+                "uid and gid 0 must be mapped",
+            ),
             // process.user outside the mappings.
             (
                 both.clone(),
@@ -564,6 +570,80 @@ mod tests {
                 Ok(_) => panic!("{l} was accepted"),
             };
             assert!(err.contains(want), "{l}: {err}");
+        }
+    }
+
+    fn ns_inode(path: &std::ffi::CStr) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let p = path.to_str().unwrap();
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .ino()
+    }
+
+    /// The user namespace owning a namespace (ioctl NS_GET_USERNS).
+    fn owner_inode(path: &std::ffi::CStr) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let ns = File::open(path.to_str().unwrap()).unwrap();
+        // SAFETY: NS_GET_USERNS (_IO(0xb7, 1)) on an nsfs fd returns a new fd.
+        let fd = unsafe { libc::ioctl(ns.as_raw_fd(), 0xb701) };
+        assert!(
+            fd >= 0,
+            "NS_GET_USERNS: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the fd was just returned to us.
+        let owner = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        owner.metadata().unwrap().ino()
+    }
+
+    /// The helper as the agent uses it, on the host (as root, like the
+    /// agent): a new user namespace with its maps owning a new pid
+    /// namespace, then a second helper joining that user namespace by path
+    /// for another pid namespace it owns.
+    #[test]
+    fn the_helper_makes_and_joins_user_namespaces() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test creates namespaces as the agent does: run it as root"
+        );
+        let maps = vec![IdMap {
+            container: 0,
+            host: 100_000,
+            size: 65536,
+        }];
+        let new = UserNs::New {
+            uid: maps.clone(),
+            gid: maps.clone(),
+        };
+        let mut first = Helper::start(&new, true).unwrap();
+        let user = first.user_ns_path();
+        for file in ["uid_map", "gid_map"] {
+            let path = format!("/proc/{}/{file}", first.pid);
+            assert_eq!(
+                read_proc_map(std::path::Path::new(&path)),
+                Some(maps.clone())
+            );
+        }
+        let (holder, pid_ns) = first.pid_ns().expect("a pid namespace holder");
+        assert_ne!(ns_inode(&pid_ns), ns_inode(c"/proc/self/ns/pid"));
+        assert_eq!(owner_inode(&pid_ns), ns_inode(&user));
+
+        let mut second = Helper::start(&UserNs::Join(user.clone()), true).unwrap();
+        assert_eq!(ns_inode(&second.user_ns_path()), ns_inode(&user));
+        let (holder2, pid_ns2) = second.pid_ns().expect("a pid namespace holder");
+        assert_ne!(ns_inode(&pid_ns2), ns_inode(&pid_ns));
+        assert_eq!(owner_inode(&pid_ns2), ns_inode(&user));
+
+        let helpers = [first.pid, second.pid];
+        drop(first);
+        drop(second);
+        kill_holder(holder);
+        kill_holder(holder2);
+        for pid in helpers {
+            let mut status = 0;
+            // SAFETY: waitpid of a child this test forked (through start).
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         }
     }
 

@@ -437,44 +437,76 @@ fn runc_default_device_rules() -> Vec<serde_json::Value> {
 
 #[test]
 fn device_cgroup_rules_deny_and_narrow_access() {
+    become_subreaper();
     let dir = TestDir::new("oci-devcg");
+    let root = dir.state_root();
     let out = run_sh(
         &dir,
         "devcg",
         "head -c 1 /dev/zero; echo zero=$?; echo x > /dev/null && echo null-ok; \
-         head -c 4 /dev/full | wc -c; echo x > /dev/full; echo full=$?; \
-         head -c 1 /dev/husk-kmsg; echo kmsg=$?",
+         head -c 1 /dev/husk-kmsg | wc -c; echo x > /dev/husk-kmsg; echo kmsg=$?; \
+         head -c 1 /dev/husk-port; echo port=$?",
         |spec| {
+            // Deny all, the usual allow-list, then /dev/zero denied and
+            // /dev/kmsg (not in the list) allowed for reading only.
             let mut rules = vec![serde_json::json!({"allow": false, "access": "rwm"})];
-            // The defaults, but /dev/full only for reading.
-            rules.extend(
-                runc_default_device_rules()
-                    .into_iter()
-                    .filter(|r| r["minor"] != 7),
-            );
+            rules.extend(runc_default_device_rules());
             rules.push(serde_json::json!({"allow": false, "type": "c", "major": 1,
                 "minor": 5, "access": "rwm"}));
             rules.push(serde_json::json!({"allow": true, "type": "c", "major": 1,
-                "minor": 7, "access": "r"}));
+                "minor": 11, "access": "r"}));
             spec["linux"]["resources"] = serde_json::json!({"devices": rules});
-            // A node the rules do not allow at all (/dev/kmsg's numbers).
+            // Nodes outside the allow-list: /dev/kmsg's and /dev/port's numbers.
             spec["linux"]["devices"] = serde_json::json!([
-                {"path": "/dev/husk-kmsg", "type": "c", "major": 1, "minor": 11}
+                {"path": "/dev/husk-kmsg", "type": "c", "major": 1, "minor": 11},
+                {"path": "/dev/husk-port", "type": "c", "major": 1, "minor": 4}
             ]);
         },
     );
     ok(&out, "run");
     let (text, err) = (stdout(&out), stderr(&out));
     assert_eq!(
-        text.lines().collect::<Vec<_>>(),
-        ["zero=1", "null-ok", "4", "full=1", "kmsg=1"],
+        text.lines().map(str::trim).collect::<Vec<_>>(),
+        ["zero=1", "null-ok", "1", "kmsg=1", "port=1"],
         "stderr: {err}"
     );
-    for node in ["/dev/zero", "/dev/full", "/dev/husk-kmsg"] {
+    for node in ["/dev/zero", "/dev/husk-kmsg", "/dev/husk-port"] {
         assert!(
             err.lines()
                 .any(|l| l.contains(node) && l.contains("Operation not permitted")),
             "{node} was not refused by the device cgroup: {err}"
         );
     }
+
+    // An update swaps the filter of a running container: without a
+    // deny-all, the rules refine the default list.
+    let b = bundle_with(&dir, "upd", default_spec(&["sleep", "600"]));
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "upd"]), "run -d");
+    let probe = "echo x > /dev/null && echo write-ok; cat /dev/null && echo read-ok";
+    let before = husk(&root, &["exec", "upd", "sh", "-c", probe]);
+    assert_eq!(
+        stdout(&before),
+        "write-ok\nread-ok\n",
+        "{}",
+        stderr(&before)
+    );
+    let resources = dir.path.join("resources.json");
+    std::fs::write(
+        &resources,
+        r#"{"devices": [{"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}]}"#,
+    )
+    .expect("write resources.json");
+    ok(
+        &husk(&root, &["update", "-r", s(&resources), "upd"]),
+        "update",
+    );
+    let after = husk(&root, &["exec", "upd", "sh", "-c", probe]);
+    assert_eq!(stdout(&after), "read-ok\n", "{}", stderr(&after));
+    assert!(
+        stderr(&after).contains("Operation not permitted"),
+        "{}",
+        stderr(&after)
+    );
+    ok(&husk(&root, &["delete", "--force", "upd"]), "delete");
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
 }
