@@ -15,6 +15,10 @@ fi
 command -v cpio >/dev/null || die "cpio is not installed (apt-get install cpio)"
 stage=$(mktemp -d "${TMPDIR:-/tmp}/husk-initramfs.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
+# mktemp makes the stage 0700, which would become the guest's / : a
+# container set up as the root of a user namespace (not the guest's root)
+# walks the agent's paths (/proc, the shared directory) before pivot_root.
+chmod 0755 "$stage"
 mkdir -p "$stage"/{dev,proc,sys,run,tmp}
 install -m 0755 "$agent" "$stage/init"
 # The kernel opens /dev/console for init's stdio before anything is mounted.

@@ -1,8 +1,10 @@
 //! Containers in the guest: their cgroups, processes and stdio.
 
+use crate::cgroup_devices::{self, DeviceFilter, DeviceFilterError};
 use crate::init::{shared_dir_mounted, CGROUP_ROOT, SHARED_DIR};
 use crate::process::{ExitInfo, Reaper};
-use crate::spec::{self, LaunchPlan, SpecError, StepNames};
+use crate::spec::{self, LaunchPlan, SpecError, StagedDevice, StepNames};
+use crate::userns::{self, UserNs, UsernsError};
 use husk_protocol::agent::CreateContainerRequest;
 use oci_spec::runtime::{LinuxResources, Spec};
 use std::collections::HashMap;
@@ -10,10 +12,12 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -52,6 +56,15 @@ pub enum ContainerError {
     #[error("{0}")]
     Stream(#[from] crate::streams::StreamError),
     #[error("{0}")]
+    Userns(#[from] UsernsError),
+    #[error("{0}")]
+    Devices(#[from] DeviceFilterError),
+    #[error("linux.devices: making {path} for the user namespace: {source}")]
+    StageDevice {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -79,8 +92,21 @@ struct Pending {
     streams: ProcessStreams,
 }
 
+/// Where the agent makes the linux.devices nodes of containers with a
+/// user namespace (see `StagedDevice`): its own devtmpfs, where nodes open.
+const DEVICE_STAGE_ROOT: &str = "/dev/.husk-devices";
+
+/// The device filter of a container, kept for updates.
+struct DeviceFilterState {
+    cgroup_dir: OwnedFd,
+    prog: OwnedFd,
+}
+
 pub struct Container {
     root: PathBuf,
+    /// Directory of staged linux.devices nodes, removed with the container.
+    device_stage: PathBuf,
+    device_filter: Mutex<Option<DeviceFilterState>>,
     /// linux.seccomp, applied to exec'd processes too.
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     pub cgroup: PathBuf,
@@ -162,6 +188,63 @@ fn write_cgroup_field(
         path: field.to_string(),
         reason: format!("writing {value:?} to {}: {e}", path.display()),
     })
+}
+
+/// Compiles and loads the device filter and opens the cgroup it goes on.
+fn load_device_filter(
+    cgroup: &Path,
+    rules: &[cgroup_devices::Rule],
+) -> Result<DeviceFilter, ContainerError> {
+    let prog = cgroup_devices::load(&cgroup_devices::compile(rules))?;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(cgroup)
+        .map_err(|e| ContainerError::Cgroup {
+            path: cgroup.display().to_string(),
+            reason: format!("opening for the device filter: {e}"),
+        })?;
+    Ok(DeviceFilter::new(OwnedFd::from(dir), prog))
+}
+
+/// Makes the linux.devices nodes of a container with a user namespace in
+/// the agent's /dev, with their mode and (mapped) owner, for the child to
+/// bind-mount: the child cannot mknod in its user namespace.
+fn stage_devices(stage: &Path, devices: &[StagedDevice]) -> Result<(), ContainerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ContainerError::StageDevice { path, source }
+    };
+    // Searchable: the child binds the nodes as the root of its user
+    // namespace, which is not the guest's root.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(stage)
+        .map_err(err(stage))?;
+    for d in devices {
+        nix::sys::stat::mknod(
+            &d.path,
+            nix::sys::stat::SFlag::from_bits_truncate(d.mode & libc::S_IFMT),
+            nix::sys::stat::Mode::from_bits_truncate(d.mode & 0o7777),
+            d.dev,
+        )
+        .map_err(|e| err(&d.path)(e.into()))?;
+        // mknod applies the umask: set the mode exactly, then the owner.
+        nix::sys::stat::fchmodat(
+            None,
+            &d.path,
+            nix::sys::stat::Mode::from_bits_truncate(d.mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| err(&d.path)(e.into()))?;
+        std::os::unix::fs::chown(&d.path, Some(d.uid), Some(d.gid)).map_err(err(&d.path))?;
+    }
+    Ok(())
 }
 
 /// Applies OCI `linux.resources` to a cgroup v2 directory.
@@ -379,21 +462,31 @@ fn receive_fd(sock: &UnixStream) -> std::io::Result<OwnedFd> {
 /// the next fork lands there (and is its PID 1 when the namespace is new);
 /// returns this thread's own namespace to return to after the fork. Only
 /// the calling thread is affected, and it creates no threads in between.
-fn enter_pid_ns(ns: &spec::PidNs) -> std::io::Result<Option<OwnedFd>> {
+///
+/// `made` is a new pid namespace the user namespace helper made (owned by
+/// the container's user namespace), entered instead of unsharing one.
+fn enter_pid_ns(
+    ns: &spec::PidNs,
+    made: Option<&std::ffi::CStr>,
+) -> std::io::Result<Option<OwnedFd>> {
     use std::os::fd::AsFd;
     if matches!(ns, spec::PidNs::Inherit) {
         return Ok(None);
     }
     let own = OwnedFd::from(File::open("/proc/thread-self/ns/pid")?);
-    match ns {
-        spec::PidNs::Inherit => {}
-        spec::PidNs::New => {
+    let join = match ns {
+        spec::PidNs::New => made,
+        spec::PidNs::Join(path) => Some(path.as_c_str()),
+        spec::PidNs::Inherit => None,
+    };
+    match join {
+        None => {
             // SAFETY: unshare of the pid namespace for children only.
             if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        spec::PidNs::Join(path) => {
+        Some(path) => {
             // SAFETY: open of a prepared CString path.
             let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
             if fd < 0 {
@@ -425,24 +518,33 @@ fn fork_ns_holder() -> std::io::Result<i32> {
         return Err(std::io::Error::last_os_error());
     }
     if pid == 0 {
-        // SAFETY: raw syscalls only, in the forked child. No fds of the
-        // agent stay open in it (streams must see EOF when their
-        // processes end).
-        unsafe {
-            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-            libc::prctl(libc::PR_SET_NAME, c"husk-pidns-init".as_ptr());
-            loop {
-                let mut status = 0;
-                while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
-                let ts = libc::timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
-                };
-                libc::nanosleep(&ts, std::ptr::null_mut());
-            }
-        }
+        // SAFETY: in the forked child.
+        unsafe { pidns_holder_main() }
     }
     Ok(pid)
+}
+
+/// The body of a pid namespace holder (see `fork_ns_holder`; the user
+/// namespace helper forks one too).
+///
+/// # Safety
+/// Only in a freshly forked child.
+pub unsafe fn pidns_holder_main() -> ! {
+    // SAFETY: raw syscalls only. No fds of the agent stay open in it
+    // (streams must see EOF when their processes end).
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        libc::prctl(libc::PR_SET_NAME, c"husk-pidns-init".as_ptr());
+        loop {
+            let mut status = 0;
+            while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
+            let ts = libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            libc::nanosleep(&ts, std::ptr::null_mut());
+        }
+    }
 }
 
 fn kill_holder(p: &Proc) {
@@ -456,10 +558,29 @@ fn kill_holder(p: &Proc) {
 
 fn spawn(
     reaper: &Reaper,
-    plan: LaunchPlan,
+    mut plan: LaunchPlan,
     streams: ProcessStreams,
 ) -> Result<Arc<Proc>, ContainerError> {
     let program = plan.args[0].clone();
+    let new_pid_ns = matches!(plan.pid_ns, spec::PidNs::New);
+    // Lives until the child has joined its namespaces (it has exec'd when
+    // spawn returns), then is killed.
+    let mut userns_helper = if userns::Helper::needed(&plan.user_ns, new_pid_ns) {
+        Some(userns::Helper::start(&plan.user_ns, new_pid_ns)?)
+    } else {
+        None
+    };
+    let mut made_pid_ns = None;
+    let mut ns_holder = None;
+    if let Some(h) = &mut userns_helper {
+        if matches!(plan.user_ns, UserNs::New { .. }) {
+            plan.join.insert(0, (h.user_ns_path(), libc::CLONE_NEWUSER));
+        }
+        if let Some((holder, path)) = h.pid_ns() {
+            ns_holder = Some(holder);
+            made_pid_ns = Some(path);
+        }
+    }
     let mut cmd = Command::new(&plan.args[0]);
     cmd.args(&plan.args[1..])
         .env_clear()
@@ -506,15 +627,22 @@ fn spawn(
     unsafe {
         cmd.pre_exec(move || spec::apply_in_child(&child_plan, &names, diag_fd, console_fd));
     }
-    let mut ns_holder = None;
     let spawned = {
         let _guard = reaper.spawn_guard();
-        let restore = enter_pid_ns(&plan.pid_ns).map_err(|e| ContainerError::Spawn {
-            program: program.clone(),
-            step: "entering the pid namespace (linux.namespaces): ".into(),
-            reason: e.to_string(),
-        })?;
-        let spawned = if matches!(plan.pid_ns, spec::PidNs::New) {
+        let restore = match enter_pid_ns(&plan.pid_ns, made_pid_ns.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(h) = ns_holder {
+                    userns::kill_holder(h);
+                }
+                return Err(ContainerError::Spawn {
+                    program: program.clone(),
+                    step: "entering the pid namespace (linux.namespaces): ".into(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let spawned = if new_pid_ns && ns_holder.is_none() {
             match fork_ns_holder() {
                 Ok(pid) => {
                     ns_holder = Some(pid);
@@ -540,6 +668,7 @@ fn spawn(
         spawned
     };
     drop(diag_w);
+    drop(userns_helper);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -697,33 +826,57 @@ impl Containers {
             ),
             None => Path::new(CGROUP_ROOT).join("husk").join(id),
         };
+        static STAGE_SEQ: AtomicU64 = AtomicU64::new(0);
+        let device_stage = Path::new(DEVICE_STAGE_ROOT)
+            .join(STAGE_SEQ.fetch_add(1, Ordering::Relaxed).to_string());
         let mut plan = spec::plan_container(
             &spec,
             &root,
             shared_mounts,
             &cgroup.join("cgroup.procs"),
             no_pivot,
+            &device_stage,
+        )?;
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        // Checked before anything exists, like the rest of the spec.
+        let device_rules = cgroup_devices::rules_from_spec(
+            resources.as_ref().and_then(|r| r.devices().as_deref()),
         )?;
         plan.hooks = crate::hooks::plan(&spec, id, bundle)?;
         ensure_cgroup(&cgroup)?;
-        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        let undo = |e: ContainerError| {
+            let _ = std::fs::remove_dir_all(&device_stage);
+            let _ = std::fs::remove_dir(&cgroup);
+            e
+        };
         if let Some(r) = &resources {
-            if let Err(e) = apply_resources(&cgroup, r) {
-                let _ = std::fs::remove_dir(&cgroup);
-                return Err(e);
-            }
+            apply_resources(&cgroup, r).map_err(undo)?;
+        }
+        let filter = load_device_filter(&cgroup, &device_rules).map_err(undo)?;
+        let kept = DeviceFilterState {
+            cgroup_dir: filter
+                .cgroup_dir()
+                .try_clone()
+                .map_err(|e| undo(e.into()))?,
+            prog: filter.prog().try_clone().map_err(|e| undo(e.into()))?,
+        };
+        plan.device_filter = Some(filter);
+        if let Some(rootfs) = &plan.rootfs {
+            stage_devices(&device_stage, &rootfs.staged_devices).map_err(undo)?;
         }
         let container = Arc::new(Container {
             root,
+            device_stage: device_stage.clone(),
+            device_filter: Mutex::new(Some(kept)),
             seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
-            cgroup,
+            cgroup: cgroup.clone(),
             pending: Mutex::new(Some(Pending { plan, streams })),
             init: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
         });
         let mut table = lock(&self.table);
         if table.contains_key(id) {
-            return Err(ContainerError::Exists(id.to_string()));
+            return Err(undo(ContainerError::Exists(id.to_string())));
         }
         table.insert(id.to_string(), container);
         Ok(())
@@ -859,7 +1012,42 @@ impl Containers {
         let c = self.get(id)?;
         let r: LinuxResources = serde_json::from_slice(resources_json)
             .map_err(|e| ContainerError::Parse(format!("linux.resources: {e}")))?;
+        if let Some(devices) = r.devices() {
+            self.update_devices(&c, devices)?;
+        }
         apply_resources(&c.cgroup, &r)
+    }
+
+    /// New device rules: a running container's filter is swapped in one
+    /// step (BPF_F_REPLACE); before start the pending one is.
+    fn update_devices(
+        &self,
+        c: &Container,
+        devices: &[oci_spec::runtime::LinuxDeviceCgroup],
+    ) -> Result<(), ContainerError> {
+        let rules = cgroup_devices::rules_from_spec(Some(devices))?;
+        let mut state = lock(&c.device_filter);
+        let Some(current) = state.as_mut() else {
+            return Ok(());
+        };
+        let new = cgroup_devices::load(&cgroup_devices::compile(&rules))?;
+        let mut pending = lock(&c.pending);
+        match pending.as_mut() {
+            Some(p) => {
+                p.plan.device_filter = Some(DeviceFilter::new(
+                    current.cgroup_dir.try_clone()?,
+                    new.try_clone()?,
+                ));
+            }
+            None => cgroup_devices::replace(
+                &current.cgroup_dir,
+                &current.prog,
+                &new,
+                &c.cgroup.display().to_string(),
+            )?,
+        }
+        current.prog = new;
+        Ok(())
     }
 
     pub fn cgroup(&self, id: &str) -> Result<PathBuf, ContainerError> {
@@ -906,6 +1094,7 @@ impl Containers {
         for p in lock(&c.execs).values() {
             self.reaper.forget(p.pid);
         }
+        let _ = std::fs::remove_dir_all(&c.device_stage);
         lock(&self.table).remove(id);
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! error is printed to the console and powers the VM off, so a broken guest
 //! never hangs the host waiting for it.
 
+mod cgroup_devices;
 mod container;
 mod hooks;
 mod init;
@@ -16,6 +17,7 @@ mod spec;
 mod stats;
 mod streams;
 mod syscalls;
+mod userns;
 
 use std::sync::Arc;
 

@@ -67,6 +67,21 @@ pub struct DeviceNode {
     pub dev: libc::dev_t,
     /// Owner for linux.devices entries; None keeps root.
     pub owner: Option<(libc::uid_t, libc::gid_t)>,
+    /// The node to bind-mount instead of mknod in a user namespace (where
+    /// mknod is not permitted, as runc does): the agent's own /dev node for
+    /// the defaults, a node the agent made for linux.devices.
+    pub bind_from: Option<CString>,
+}
+
+/// A linux.devices node the agent makes (in its own /dev) before the start
+/// of a container with a user namespace, for the child to bind-mount.
+pub struct StagedDevice {
+    pub path: PathBuf,
+    pub mode: libc::mode_t,
+    pub dev: libc::dev_t,
+    /// Owner in the guest's initial user namespace (mapped from the spec's).
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
 }
 
 /// How the container's process gets its pid namespace. Pid namespaces only
@@ -126,6 +141,12 @@ pub struct LaunchPlan {
     pub scheduler: Option<(libc::c_int, libc::c_int)>,
     /// hooks.createContainer and hooks.startContainer (containers only).
     pub hooks: Option<crate::hooks::GuestHooks>,
+    /// The user namespace to create (through a helper, see userns.rs); a
+    /// joined one is the first entry of `join`.
+    pub user_ns: crate::userns::UserNs,
+    /// linux.resources.devices, attached by the child once its /dev is
+    /// made (as runc: after mknod and the terminal, before exec).
+    pub device_filter: Option<crate::cgroup_devices::DeviceFilter>,
 }
 
 pub struct RootfsPlan {
@@ -141,6 +162,17 @@ pub struct RootfsPlan {
     pub propagation: Option<libc::c_ulong>,
     /// Directories to create for linux.devices.
     pub device_dirs: Vec<CString>,
+    /// Bind-mount device nodes (`bind_from`) instead of mknod: the
+    /// container has a user namespace.
+    pub bind_devices: bool,
+    /// linux.devices nodes the agent makes for `bind_devices`.
+    pub staged_devices: Vec<StagedDevice>,
+    /// With a user namespace: mount points (directories, then files) that
+    /// lie on the rootfs itself, made before the user namespace is joined.
+    /// The rootfs usually belongs to the guest's root, which is not mapped
+    /// in the container's namespace: its root could not create them.
+    pub early_mkdirs: Vec<CString>,
+    pub early_files: Vec<CString>,
 }
 
 fn namespace_flag(t: LinuxNamespaceType) -> libc::c_int {
@@ -225,6 +257,26 @@ fn dirs_to_create(root: &Path, path: &Path) -> Result<Vec<CString>, SpecError> {
     }
     dirs.reverse();
     Ok(dirs)
+}
+
+/// The mount points of `mounts` that are on the rootfs, not below the
+/// target of an earlier mount: (directories, files).
+fn early_mount_points(mounts: &[MountStep]) -> (Vec<CString>, Vec<CString>) {
+    use std::os::unix::ffi::OsStrExt;
+    let path = |c: &CString| PathBuf::from(std::ffi::OsStr::from_bytes(c.as_bytes()));
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
+    for (i, m) in mounts.iter().enumerate() {
+        let on_rootfs = |p: &Path| !mounts[..i].iter().any(|e| p.starts_with(path(&e.target)));
+        for d in &m.mkdirs {
+            if on_rootfs(&path(d)) && !dirs.contains(d) {
+                dirs.push(d.clone());
+            }
+        }
+        if m.target_is_file && on_rootfs(&path(&m.target)) {
+            files.push(m.target.clone());
+        }
+    }
+    (dirs, files)
 }
 
 fn mount_step(
@@ -348,6 +400,7 @@ fn default_devices(root: &Path) -> Result<(Vec<DeviceNode>, Symlinks), SpecError
             mode: libc::S_IFCHR | 0o666,
             dev: makedev(major, minor),
             owner: None,
+            bind_from: Some(cpath(&Path::new("/dev").join(name))?),
         });
     }
     let links = [
@@ -446,6 +499,7 @@ pub fn plan_container(
     shared_mounts: &HashMap<String, String>,
     cgroup_procs: &Path,
     no_pivot: bool,
+    device_stage: &Path,
 ) -> Result<LaunchPlan, SpecError> {
     let process = spec
         .process()
@@ -461,6 +515,8 @@ pub fn plan_container(
     let mut unshare_flags = libc::CLONE_NEWNS;
     let mut join = Vec::new();
     let mut pid_ns = PidNs::Inherit;
+    // None: no user namespace; Some(None): a new one; Some(Some(path)).
+    let mut user_decl = None;
     if let Some(linux) = spec.linux() {
         let mut seen = Vec::new();
         for (i, ns) in linux
@@ -495,10 +551,18 @@ pub fn plan_container(
                     continue;
                 }
                 LinuxNamespaceType::User => {
-                    // Not implemented yet: the process runs in the guest's
-                    // initial user namespace (the VM is the isolation
-                    // boundary); the id maps are not applied. See
-                    // docs/oci-conformance.md.
+                    user_decl = Some(match ns.path() {
+                        Some(p) => {
+                            if !p.exists() {
+                                return Err(SpecError::Namespace(format!(
+                                    "[{i}]: user namespace path {} does not exist in the guest",
+                                    p.display()
+                                )));
+                            }
+                            Some(cpath(p)?)
+                        }
+                        None => None,
+                    });
                     continue;
                 }
                 LinuxNamespaceType::Time => {
@@ -524,6 +588,15 @@ pub fn plan_container(
             }
         }
     }
+    let user_ns = match spec.linux() {
+        Some(linux) => crate::userns::plan(linux, user_decl, process)?,
+        None => crate::userns::UserNs::Inherit,
+    };
+    if let crate::userns::UserNs::Join(path) = &user_ns {
+        // First: the namespaces joined or created after it must be
+        // entered with its capabilities (as runc orders them).
+        join.insert(0, (path.clone(), libc::CLONE_NEWUSER));
+    }
     let (uid, gid, additional_gids, umask) = user_plan(process);
     let extras = process_extras(process)?;
     let linux_extras = linux_extras(spec, root, unshare_flags)?;
@@ -542,12 +615,39 @@ pub fn plan_container(
         };
         mounts.push(mount_step(i, m, root, shared_mounts, own_cgroup)?);
     }
+    let (early_mkdirs, early_files) = if matches!(user_ns, crate::userns::UserNs::Inherit) {
+        (Vec::new(), Vec::new())
+    } else {
+        early_mount_points(&mounts)
+    };
     let (mut devices, symlinks) = if dev_is_tmpfs {
         default_devices(root)?
     } else {
         (Vec::new(), Vec::new())
     };
-    let (spec_devices, device_dirs) = linux_devices(spec, root)?;
+    let (mut spec_devices, device_dirs) = linux_devices(spec, root)?;
+    let bind_devices = !matches!(user_ns, crate::userns::UserNs::Inherit);
+    let mut staged_devices = Vec::new();
+    if bind_devices {
+        for (i, d) in spec_devices.iter_mut().enumerate() {
+            let (uid, gid) = d.owner.unwrap_or((0, 0));
+            let (uid, gid) = user_ns.host_ids(uid, gid).ok_or_else(|| {
+                SpecError::Invalid(format!(
+                    "linux.devices[{i}]: uid {uid} or gid {gid} is not mapped by \
+                     linux.uidMappings / linux.gidMappings"
+                ))
+            })?;
+            let path = device_stage.join(i.to_string());
+            d.bind_from = Some(cpath(&path)?);
+            staged_devices.push(StagedDevice {
+                path,
+                mode: d.mode,
+                dev: d.dev,
+                uid,
+                gid,
+            });
+        }
+    }
     // A configured device replaces a default one at the same path.
     devices.retain(|d| !spec_devices.iter().any(|s| s.path == d.path));
     devices.extend(spec_devices);
@@ -602,6 +702,10 @@ pub fn plan_container(
             no_pivot,
             propagation: linux_extras.propagation,
             device_dirs,
+            bind_devices,
+            staged_devices,
+            early_mkdirs,
+            early_files,
         }),
         cgroup_procs: Some(cpath(cgroup_procs)?),
         pid_ns,
@@ -623,6 +727,8 @@ pub fn plan_container(
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
         hooks: None,
+        user_ns,
+        device_filter: None,
     })
 }
 
@@ -976,6 +1082,7 @@ fn linux_devices(spec: &Spec, root: &Path) -> Result<(Vec<DeviceNode>, Vec<CStri
                 makedev(d.major() as u64, d.minor() as u64)
             },
             owner: Some((d.uid().unwrap_or(0), d.gid().unwrap_or(0))),
+            bind_from: None,
         });
     }
     Ok((nodes, dirs))
@@ -994,8 +1101,10 @@ pub fn plan_exec(
         return Err(SpecError::ExecutableNotFound(args[0].clone()));
     }
     let mut join = Vec::new();
-    // The mount namespace last: the other /proc paths must still resolve.
+    // The user namespace first (the others are owned by it); the child
+    // opens every path before it joins any.
     for (name, flag) in [
+        ("user", libc::CLONE_NEWUSER),
         ("ipc", libc::CLONE_NEWIPC),
         ("uts", libc::CLONE_NEWUTS),
         ("net", libc::CLONE_NEWNET),
@@ -1044,6 +1153,8 @@ pub fn plan_exec(
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
         hooks: None,
+        user_ns: crate::userns::UserNs::Inherit,
+        device_filter: None,
     })
 }
 
@@ -1097,6 +1208,9 @@ pub struct StepNames {
     pub scheduler: CString,
     pub propagation: CString,
     pub device: CString,
+    pub bind_device: CString,
+    pub device_filter: CString,
+    pub userns_root: CString,
 }
 
 impl StepNames {
@@ -1131,6 +1245,9 @@ impl StepNames {
             scheduler: c("setting process.scheduler"),
             propagation: c("applying linux.rootfsPropagation"),
             device: c("creating linux.devices"),
+            bind_device: c("bind-mounting /dev nodes (user namespace: no mknod)"),
+            device_filter: c("attaching the linux.resources.devices filter"),
+            userns_root: c("becoming root of the user namespace (uid and gid 0 must be mapped)"),
         }
     }
 }
@@ -1178,15 +1295,79 @@ pub unsafe fn apply_in_child(
         // SAFETY: closing the fd opened above.
         unsafe { libc::close(fd) };
     }
-    for (path, flag) in &plan.join {
+    // Before any namespace is joined: raising a hard limit, a real-time
+    // I/O class or scheduler needs capabilities in the guest's initial user
+    // namespace, which a process in a new user namespace lacks.
+    for (res, lim) in &plan.rlimits {
+        check!(
+            diag,
+            &names.rlimit,
+            libc::setrlimit(*res as libc::__rlimit_resource_t, lim)
+        );
+    }
+    if let Some(prio) = plan.ioprio {
+        // IOPRIO_WHO_PROCESS = 1, who 0 = this process.
+        check!(
+            diag,
+            &names.ioprio,
+            libc::syscall(libc::SYS_ioprio_set, 1, 0, prio) as libc::c_int
+        );
+    }
+    if let Some((policy, prio)) = plan.scheduler {
+        let param = libc::sched_param {
+            sched_priority: prio,
+        };
+        check!(
+            diag,
+            &names.scheduler,
+            libc::sched_setscheduler(0, policy, &param)
+        );
+    }
+    if let Some(r) = &plan.rootfs {
+        for d in &r.early_mkdirs {
+            // SAFETY: mkdir of a prepared path; EEXIST is fine.
+            if unsafe { libc::mkdir(d.as_ptr(), 0o755) } < 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                return Err(fail(diag, &names.mkdir));
+            }
+        }
+        for f in &r.early_files {
+            // SAFETY: an empty regular file as a mount point; EEXIST is fine.
+            if unsafe { libc::mknod(f.as_ptr(), libc::S_IFREG | 0o644, 0) } < 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                return Err(fail(diag, &names.mkdir));
+            }
+        }
+    }
+    // Every path is opened before the first setns: after joining a user
+    // or mount namespace the others' paths may no longer be reachable.
+    let mut fds: [libc::c_int; 8] = [-1; 8];
+    if plan.join.len() > fds.len() {
+        // SAFETY: setting errno for the report below.
+        unsafe { *libc::__errno_location() = libc::E2BIG };
+        return Err(fail(diag, &names.setns));
+    }
+    for ((path, _), fd) in plan.join.iter().zip(fds.iter_mut()) {
         // SAFETY: open of a prepared CString path.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
+        *fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if *fd < 0 {
             return Err(fail(diag, &names.setns));
         }
+    }
+    for ((_, flag), fd) in plan.join.iter().zip(fds) {
         check!(diag, &names.setns, libc::setns(fd, *flag));
         // SAFETY: closing the fd opened above.
         unsafe { libc::close(fd) };
+    }
+    if plan.join.iter().any(|(_, f)| *f == libc::CLONE_NEWUSER) {
+        // The agent's root is not mapped in the container's user namespace:
+        // files made on file systems mounted there need a mapped owner, so
+        // the set-up runs as the namespace's root (as runc does); the
+        // capabilities there stay.
+        check!(diag, &names.userns_root, libc::setresgid(0, 0, 0));
+        check!(diag, &names.userns_root, libc::setresuid(0, 0, 0));
     }
     if plan.unshare_flags != 0 {
         check!(diag, &names.unshare, libc::unshare(plan.unshare_flags));
@@ -1221,33 +1402,8 @@ pub unsafe fn apply_in_child(
             libc::setdomainname(d.as_ptr(), d.as_bytes().len())
         );
     }
-    for (res, lim) in &plan.rlimits {
-        check!(
-            diag,
-            &names.rlimit,
-            libc::setrlimit(*res as libc::__rlimit_resource_t, lim)
-        );
-    }
     if let Some(p) = plan.personality {
         check!(diag, &names.personality, libc::personality(p));
-    }
-    if let Some(prio) = plan.ioprio {
-        // IOPRIO_WHO_PROCESS = 1, who 0 = this process.
-        check!(
-            diag,
-            &names.ioprio,
-            libc::syscall(libc::SYS_ioprio_set, 1, 0, prio) as libc::c_int
-        );
-    }
-    if let Some((policy, prio)) = plan.scheduler {
-        let param = libc::sched_param {
-            sched_priority: prio,
-        };
-        check!(
-            diag,
-            &names.scheduler,
-            libc::sched_setscheduler(0, policy, &param)
-        );
     }
     if let Some(h) = &plan.hostname {
         check!(
@@ -1264,6 +1420,13 @@ pub unsafe fn apply_in_child(
     if plan.terminal {
         // SAFETY: forwarded from the caller's contract.
         unsafe { open_console(console_sock, names, diag)? };
+    }
+    if let Some(filter) = &plan.device_filter {
+        check!(
+            diag,
+            &names.device_filter,
+            crate::cgroup_devices::attach_raw(filter.attach_attr())
+        );
     }
     check!(diag, &names.chdir, libc::chdir(plan.cwd.as_ptr()));
     if let Some(mask) = plan.umask {
@@ -1579,11 +1742,7 @@ unsafe fn setup_rootfs(
             libc::mount(src, m.target.as_ptr(), fstype, m.flags, data)
         );
         if let Some(flags) = m.remount_flags {
-            check!(
-                diag,
-                &m.what,
-                libc::mount(null, m.target.as_ptr(), null, flags, std::ptr::null())
-            );
+            check!(diag, &m.what, remount(&m.target, flags));
         }
         if let Some(p) = m.propagation {
             check!(
@@ -1602,6 +1761,11 @@ unsafe fn setup_rootfs(
         }
     }
     for d in &r.devices {
+        if r.bind_devices {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { bind_device(d, names, diag)? };
+            continue;
+        }
         // SAFETY: mknod of a prepared path in the container's /dev.
         if unsafe { libc::mknod(d.path.as_ptr(), d.mode, d.dev) } < 0 {
             if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
@@ -1618,13 +1782,14 @@ unsafe fn setup_rootfs(
                 );
             }
         }
+        // mknod applies the umask: set the mode exactly (the defaults are
+        // 0666, as runc makes them, not 0644).
+        check!(
+            diag,
+            &names.device,
+            libc::chmod(d.path.as_ptr(), d.mode & 0o7777)
+        );
         if let Some((uid, gid)) = d.owner {
-            // mknod applies the umask: set the configured mode exactly.
-            check!(
-                diag,
-                &names.device,
-                libc::chmod(d.path.as_ptr(), d.mode & 0o7777)
-            );
             check!(diag, &names.device, libc::chown(d.path.as_ptr(), uid, gid));
         }
     }
@@ -1685,12 +1850,9 @@ unsafe fn setup_rootfs(
         check!(
             diag,
             &names.mask,
-            libc::mount(
-                null,
-                p.as_ptr(),
-                null,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-                std::ptr::null()
+            remount(
+                p,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC
             )
         );
     }
@@ -1732,15 +1894,110 @@ unsafe fn setup_rootfs(
         check!(
             diag,
             &names.readonly_root,
-            libc::mount(
-                null,
-                c"/".as_ptr(),
-                null,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                std::ptr::null()
-            )
+            remount(c"/", libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY)
         );
     }
+    Ok(())
+}
+
+/// The kernel's `struct statfs` on x86_64 (every field 64 bits).
+#[repr(C)]
+#[derive(Default)]
+struct KernelStatfs {
+    f_type: i64,
+    f_bsize: i64,
+    f_blocks: u64,
+    f_bfree: u64,
+    f_bavail: u64,
+    f_files: u64,
+    f_ffree: u64,
+    f_fsid: [i32; 2],
+    f_namelen: i64,
+    f_frsize: i64,
+    f_flags: i64,
+    f_spare: [i64; 4],
+}
+
+/// A bind remount (mount(2) with MS_REMOUNT | MS_BIND) that keeps the flags
+/// a user namespace locks: a mount copied into a mount namespace owned by a
+/// user namespace keeps its nosuid, nodev, noexec, read-only and atime
+/// flags, and a remount that would clear one fails with EPERM. Then the
+/// mount's current flags (statfs) are added and it is tried again, as runc
+/// does. Without a user namespace nothing is locked and the first call
+/// stands.
+///
+/// # Safety
+/// Only between fork and exec; a raw syscall wrapper.
+unsafe fn remount(target: &std::ffi::CStr, flags: libc::c_ulong) -> libc::c_int {
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: mount of a prepared path.
+    let rc = unsafe { libc::mount(null, target.as_ptr(), null, flags, std::ptr::null()) };
+    if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return rc;
+    }
+    let mut st = KernelStatfs::default();
+    // SAFETY: statfs(2) of a prepared path into a buffer of the kernel's
+    // struct statfs size (the libc crate does not expose f_flags).
+    if unsafe { libc::syscall(libc::SYS_statfs, target.as_ptr(), &mut st) } < 0 {
+        return -1;
+    }
+    let mut locked = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if st.f_flags as libc::c_ulong & st_flag != 0 {
+            locked |= ms_flag;
+        }
+    }
+    // SAFETY: mount of a prepared path.
+    unsafe {
+        libc::mount(
+            null,
+            target.as_ptr(),
+            null,
+            flags | locked,
+            std::ptr::null(),
+        )
+    }
+}
+
+/// Puts a device node in the container's /dev by bind-mounting `bind_from`
+/// onto an empty file: mknod needs CAP_MKNOD in the initial user namespace,
+/// and nodes on a file system mounted in a user namespace do not open. The
+/// source carries mode and owner.
+///
+/// # Safety
+/// Only between fork and exec.
+unsafe fn bind_device(d: &DeviceNode, names: &StepNames, diag: libc::c_int) -> std::io::Result<()> {
+    let Some(src) = &d.bind_from else {
+        // SAFETY: setting errno for the report below.
+        unsafe { *libc::__errno_location() = libc::EINVAL };
+        return Err(fail(diag, &names.bind_device));
+    };
+    // SAFETY: creating the empty mount point file (a regular file needs no
+    // CAP_MKNOD); whatever is already there serves as well.
+    if unsafe { libc::mknod(d.path.as_ptr(), libc::S_IFREG | 0o644, 0) } < 0
+        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+    {
+        return Err(fail(diag, &names.bind_device));
+    }
+    check!(
+        diag,
+        &names.bind_device,
+        libc::mount(
+            src.as_ptr(),
+            d.path.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null()
+        )
+    );
     Ok(())
 }
 

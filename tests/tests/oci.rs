@@ -1,7 +1,7 @@
 //! The OCI runtime spec applied by the agent inside real guests: pid
-//! namespace, seccomp, capabilities, rlimits, cgroup limits (OOM, pids),
-//! readonly rootfs, oomScoreAdj, sysctl, linux.devices, and bad specs that
-//! must fail `create` cleanly.
+//! namespace, user namespace, seccomp, capabilities, rlimits, cgroup limits
+//! (OOM, pids, device rules), readonly rootfs, oomScoreAdj, sysctl,
+//! linux.devices, and bad specs that must fail `create` cleanly.
 
 use husk_tests::*;
 use std::path::{Path, PathBuf};
@@ -241,11 +241,13 @@ fn crashes_and_fork_bombs_leave_the_agent_serving() {
     assert!(leftovers_settled(&dir.path, &root).is_empty());
 }
 
+/// A change to a test's spec.
+type SpecEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn bad_specs_fail_create_naming_the_field_and_clean_up() {
     let dir = TestDir::new("oci-bad");
     let root = dir.state_root();
-    type SpecEdit = Box<dyn Fn(&mut serde_json::Value)>;
     let mounts = default_spec(&["true"])["mounts"]
         .as_array()
         .map_or(0, Vec::len);
@@ -276,6 +278,16 @@ fn bad_specs_fail_create_naming_the_field_and_clean_up() {
             }),
             "sysctl",
         ),
+        (
+            // Mappings without a user namespace in linux.namespaces.
+            "idmap",
+            Box::new(|spec: &mut serde_json::Value| {
+                let map = serde_json::json!([{"containerID": 0, "hostID": 1000, "size": 65536}]);
+                spec["linux"]["uidMappings"] = map.clone();
+                spec["linux"]["gidMappings"] = map;
+            }),
+            "linux.uidMappings",
+        ),
     ];
     for (name, edit, field) in cases {
         let mut spec = default_spec(&["true"]);
@@ -291,5 +303,214 @@ fn bad_specs_fail_create_naming_the_field_and_clean_up() {
         let st = husk(&root, &["state", name]);
         assert!(!st.status.success(), "{name}: container left behind");
     }
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
+}
+
+/// The words of each line, so `/proc/self/uid_map`'s column padding does
+/// not matter.
+fn words(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+fn owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid())
+}
+
+#[test]
+fn user_namespace_maps_ids_for_the_container_and_its_execs() {
+    become_subreaper();
+    let dir = TestDir::new("oci-userns");
+    let root = dir.state_root();
+    // A host directory the container's root (host uid 1000) may write to.
+    let data = dir.path.join("data");
+    std::fs::create_dir_all(&data).expect("mkdir data");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod data");
+    }
+    // What the init sees goes to a file on the host (written as the
+    // container's root, so its owner is checked too); then it stays up
+    // for an exec. Mounts, devices (bound, not made: no mknod in a user
+    // namespace), sysctl and hostname must still work.
+    let script = "{ cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
+                  cat /proc/sys/net/ipv4/ip_forward; hostname; \
+                  echo x > /dev/null && echo null-ok; head -c 3 /dev/zero | wc -c; \
+                  stat -c '%t:%T %a %u' /dev/husk-null; echo end; } > /data/init-view 2>&1; \
+                  exec sleep 600";
+    let mut spec = default_spec(&["sh", "-c", script]);
+    let map = serde_json::json!([{"containerID": 0, "hostID": 1000, "size": 65536}]);
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .expect("namespaces")
+        .push(serde_json::json!({"type": "user"}));
+    spec["linux"]["uidMappings"] = map.clone();
+    spec["linux"]["gidMappings"] = map;
+    spec["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": "1"});
+    spec["linux"]["devices"] = serde_json::json!([
+        {"path": "/dev/husk-null", "type": "c", "major": 1, "minor": 3,
+         "fileMode": 0o640, "uid": 7, "gid": 7}
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({"destination": "/data", "type": "bind",
+            "source": s(&data), "options": ["rbind", "rw"]}));
+    let b = bundle_with(&dir, "b", spec);
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "uns"]), "run -d");
+
+    let view = data.join("init-view");
+    let mut text = String::new();
+    for _ in 0..600 {
+        text = std::fs::read_to_string(&view).unwrap_or_default();
+        if text.contains("end") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        words(&text),
+        [
+            "0 1000 65536",
+            "0 1000 65536",
+            "0",
+            "0",
+            "1",
+            "husk-test",
+            "null-ok",
+            "3",
+            "1:3 640 7",
+            "end"
+        ],
+        "the init's view: {text}"
+    );
+    // Root in the container is uid/gid 1000 outside.
+    assert_eq!(owner(&view), (1000, 1000));
+
+    let exec = husk(
+        &root,
+        &[
+            "exec",
+            "uns",
+            "sh",
+            "-c",
+            "cat /proc/self/uid_map /proc/self/gid_map; id -u; touch /data/from-exec",
+        ],
+    );
+    ok(&exec, "exec");
+    assert_eq!(
+        words(&stdout(&exec)),
+        ["0 1000 65536", "0 1000 65536", "0"],
+        "the exec's view"
+    );
+    assert_eq!(owner(&data.join("from-exec")), (1000, 1000));
+
+    ok(&husk(&root, &["delete", "--force", "uns"]), "delete");
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
+}
+
+/// runc's default allow-list, as docker and containerd spell it out after
+/// a deny-all.
+fn runc_default_device_rules() -> Vec<serde_json::Value> {
+    let mut rules = vec![
+        serde_json::json!({"allow": true, "type": "c", "access": "m"}),
+        serde_json::json!({"allow": true, "type": "b", "access": "m"}),
+        serde_json::json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}),
+    ];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 2),
+        (10, 200),
+    ] {
+        rules.push(
+            serde_json::json!({"allow": true, "type": "c", "major": major,
+            "minor": minor, "access": "rwm"}),
+        );
+    }
+    rules
+}
+
+#[test]
+fn device_cgroup_rules_deny_and_narrow_access() {
+    become_subreaper();
+    let dir = TestDir::new("oci-devcg");
+    let root = dir.state_root();
+    let out = run_sh(
+        &dir,
+        "devcg",
+        "head -c 1 /dev/zero; echo zero=$?; echo x > /dev/null && echo null-ok; \
+         head -c 1 /dev/husk-kmsg | wc -c; echo x > /dev/husk-kmsg; echo kmsg=$?; \
+         head -c 1 /dev/husk-port; echo port=$?",
+        |spec| {
+            // Deny all, the usual allow-list, then /dev/zero denied and
+            // /dev/kmsg (not in the list) allowed for reading only.
+            let mut rules = vec![serde_json::json!({"allow": false, "access": "rwm"})];
+            rules.extend(runc_default_device_rules());
+            rules.push(serde_json::json!({"allow": false, "type": "c", "major": 1,
+                "minor": 5, "access": "rwm"}));
+            rules.push(serde_json::json!({"allow": true, "type": "c", "major": 1,
+                "minor": 11, "access": "r"}));
+            spec["linux"]["resources"] = serde_json::json!({"devices": rules});
+            // Nodes outside the allow-list: /dev/kmsg's and /dev/port's numbers.
+            spec["linux"]["devices"] = serde_json::json!([
+                {"path": "/dev/husk-kmsg", "type": "c", "major": 1, "minor": 11},
+                {"path": "/dev/husk-port", "type": "c", "major": 1, "minor": 4}
+            ]);
+        },
+    );
+    ok(&out, "run");
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert_eq!(
+        text.lines().map(str::trim).collect::<Vec<_>>(),
+        ["zero=1", "null-ok", "1", "kmsg=1", "port=1"],
+        "stderr: {err}"
+    );
+    for node in ["/dev/zero", "/dev/husk-kmsg", "/dev/husk-port"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(node) && l.contains("Operation not permitted")),
+            "{node} was not refused by the device cgroup: {err}"
+        );
+    }
+
+    // An update swaps the filter of a running container: without a
+    // deny-all, the rules refine the default list.
+    let b = bundle_with(&dir, "upd", default_spec(&["sleep", "600"]));
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "upd"]), "run -d");
+    let probe = "echo x > /dev/null && echo write-ok; cat /dev/null && echo read-ok";
+    let before = husk(&root, &["exec", "upd", "sh", "-c", probe]);
+    assert_eq!(
+        stdout(&before),
+        "write-ok\nread-ok\n",
+        "{}",
+        stderr(&before)
+    );
+    let resources = dir.path.join("resources.json");
+    std::fs::write(
+        &resources,
+        r#"{"devices": [{"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}]}"#,
+    )
+    .expect("write resources.json");
+    ok(
+        &husk(&root, &["update", "-r", s(&resources), "upd"]),
+        "update",
+    );
+    let after = husk(&root, &["exec", "upd", "sh", "-c", probe]);
+    assert_eq!(stdout(&after), "read-ok\n", "{}", stderr(&after));
+    assert!(
+        stderr(&after).contains("Operation not permitted"),
+        "{}",
+        stderr(&after)
+    );
+    ok(&husk(&root, &["delete", "--force", "upd"]), "delete");
     assert!(leftovers_settled(&dir.path, &root).is_empty());
 }
