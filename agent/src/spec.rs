@@ -117,6 +117,10 @@ pub struct LaunchPlan {
     pub hostname: Option<CString>,
     /// Namespaces to create (CLONE_NEW* flags).
     pub unshare_flags: libc::c_int,
+    /// linux.timeOffsets as written to /proc/self/timens_offsets, right
+    /// after a new time namespace is created (before anything enters it:
+    /// the child itself does at exec).
+    pub time_offsets: Option<CString>,
     /// Namespaces to join: (path, CLONE_NEW* type).
     pub join: Vec<(CString, libc::c_int)>,
     /// Root file system set-up; None for exec into an existing container.
@@ -565,12 +569,6 @@ pub fn plan_container(
                     });
                     continue;
                 }
-                LinuxNamespaceType::Time => {
-                    return Err(SpecError::Namespace(format!(
-                        "[{i}]: time namespaces are not supported by husk \
-                         (the guest clock already belongs to the container's VM)"
-                    )));
-                }
                 _ => {}
             }
             match ns.path() {
@@ -713,6 +711,7 @@ pub fn plan_container(
         rlimits: extras.rlimits,
         oom_score_adj: extras.oom_score_adj,
         sysctls: linux_extras.sysctls,
+        time_offsets: time_offsets(spec, unshare_flags)?,
         domainname: match spec.domainname() {
             Some(d) if unshare_flags & libc::CLONE_NEWUTS != 0 => Some(cstr(d)?),
             Some(_) => {
@@ -730,6 +729,42 @@ pub fn plan_container(
         user_ns,
         device_filter: None,
     })
+}
+
+/// linux.timeOffsets as the text /proc/self/timens_offsets takes
+/// (`monotonic <secs> <nanosecs>` per clock); they need a new time namespace.
+fn time_offsets(spec: &Spec, unshare_flags: libc::c_int) -> Result<Option<CString>, SpecError> {
+    let offsets = match spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.time_offsets().as_ref())
+    {
+        Some(o) if !o.is_empty() => o,
+        _ => return Ok(None),
+    };
+    if unshare_flags & libc::CLONE_NEWTIME == 0 {
+        return Err(SpecError::Invalid(
+            "linux.timeOffsets needs a new time namespace (linux.namespaces)".into(),
+        ));
+    }
+    let mut text = String::new();
+    let mut clocks: Vec<_> = offsets.iter().collect();
+    clocks.sort_by_key(|(name, _)| name.as_str());
+    for (clock, offset) in clocks {
+        if clock != "monotonic" && clock != "boottime" {
+            return Err(SpecError::Invalid(format!(
+                "linux.timeOffsets: unknown clock {clock:?} (monotonic or boottime)"
+            )));
+        }
+        let nanos = offset.nanosecs().unwrap_or(0);
+        if nanos >= 1_000_000_000 {
+            return Err(SpecError::Invalid(format!(
+                "linux.timeOffsets.{clock}.nanosecs {nanos} is not below one second"
+            )));
+        }
+        text.push_str(&format!("{clock} {} {nanos}\n", offset.secs().unwrap_or(0)));
+    }
+    Ok(Some(cstr(text)?))
 }
 
 /// Process fields beyond args/env/user: capabilities, rlimits, oomScoreAdj,
@@ -1109,6 +1144,7 @@ pub fn plan_exec(
         ("uts", libc::CLONE_NEWUTS),
         ("net", libc::CLONE_NEWNET),
         ("cgroup", libc::CLONE_NEWCGROUP),
+        ("time", libc::CLONE_NEWTIME),
         ("mnt", libc::CLONE_NEWNS),
     ] {
         let ns = format!("/proc/{init_pid}/ns/{name}");
@@ -1153,6 +1189,7 @@ pub fn plan_exec(
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
         hooks: None,
+        time_offsets: None,
         user_ns: crate::userns::UserNs::Inherit,
         device_filter: None,
     })
@@ -1208,6 +1245,7 @@ pub struct StepNames {
     pub scheduler: CString,
     pub propagation: CString,
     pub device: CString,
+    pub time_offsets: CString,
     pub bind_device: CString,
     pub device_filter: CString,
     pub userns_root: CString,
@@ -1245,6 +1283,7 @@ impl StepNames {
             scheduler: c("setting process.scheduler"),
             propagation: c("applying linux.rootfsPropagation"),
             device: c("creating linux.devices"),
+            time_offsets: c("writing linux.timeOffsets"),
             bind_device: c("bind-mounting /dev nodes (user namespace: no mknod)"),
             device_filter: c("attaching the linux.resources.devices filter"),
             userns_root: c("becoming root of the user namespace (uid and gid 0 must be mapped)"),
@@ -1371,6 +1410,44 @@ pub unsafe fn apply_in_child(
     }
     if plan.unshare_flags != 0 {
         check!(diag, &names.unshare, libc::unshare(plan.unshare_flags));
+    }
+    if let Some(offsets) = &plan.time_offsets {
+        // SAFETY: open of a static path.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/timens_offsets".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(fail(diag, &names.time_offsets));
+        }
+        check!(
+            diag,
+            &names.time_offsets,
+            libc::write(fd, offsets.as_ptr().cast(), offsets.as_bytes().len()) as libc::c_int
+        );
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+    }
+    if plan.unshare_flags & libc::CLONE_NEWTIME != 0 {
+        // unshare put only this child's future children in the new time
+        // namespace (and this guest kernel does not move a process into it
+        // at exec): enter it now. setns into a time namespace needs a
+        // single-threaded caller, which the forked child is.
+        // SAFETY: open of a static path.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/ns/time_for_children".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(fail(diag, &names.unshare));
+        }
+        check!(diag, &names.unshare, libc::setns(fd, libc::CLONE_NEWTIME));
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
     }
     if plan.unshare_flags & libc::CLONE_NEWNET != 0 {
         // SAFETY: forwarded from the caller's contract.

@@ -514,3 +514,65 @@ fn device_cgroup_rules_deny_and_narrow_access() {
     ok(&husk(&root, &["delete", "--force", "upd"]), "delete");
     assert!(leftovers_settled(&dir.path, &root).is_empty());
 }
+
+/// A time namespace with a boottime offset: the container (and a process
+/// exec'd into it) sees the shifted uptime, the guest does not; offsets
+/// without a time namespace are refused naming the field.
+#[test]
+fn time_namespace_shifts_the_container_clocks() {
+    let dir = TestDir::new("oci-timens");
+    let root = dir.state_root();
+    const TEN_DAYS: u64 = 10 * 86_400;
+    let mut spec = default_spec(&["sleep", "600"]);
+    if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+        ns.push(serde_json::json!({"type": "time"}));
+    }
+    spec["linux"]["timeOffsets"] = serde_json::json!({
+        "boottime": {"secs": TEN_DAYS, "nanosecs": 0},
+        "monotonic": {"secs": TEN_DAYS, "nanosecs": 0}
+    });
+    let b = bundle_with(&dir, "t", spec.clone());
+    ok(
+        &husk(&root, &["run", "-d", "-b", s(&b), "timens"]),
+        "run -d",
+    );
+    let uptime = |out: &std::process::Output| -> f64 {
+        stdout(out)
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no uptime: {}{}", stdout(out), stderr(out)))
+    };
+    // The exec joins the container's time namespace.
+    let inside = husk(&root, &["exec", "timens", "cat", "/proc/uptime"]);
+    ok(&inside, "exec");
+    let shifted = uptime(&inside);
+    assert!(
+        shifted >= TEN_DAYS as f64 && shifted < TEN_DAYS as f64 + 3600.0,
+        "uptime in the container: {shifted}"
+    );
+    ok(&husk(&root, &["delete", "--force", "timens"]), "delete");
+
+    // The same clocks without the namespace: the guest's own uptime.
+    let mut plain = default_spec(&["cat", "/proc/uptime"]);
+    plain["linux"]["namespaces"] = spec["linux"]["namespaces"].clone();
+    if let Some(ns) = plain["linux"]["namespaces"].as_array_mut() {
+        ns.retain(|n| n["type"] != "time");
+    }
+    let b = bundle_with(&dir, "plain", plain.clone());
+    let out = husk(&root, &["run", "-b", s(&b), "plainclock"]);
+    ok(&out, "run");
+    assert!(uptime(&out) < 3600.0, "guest uptime {}", uptime(&out));
+
+    // Offsets need a new time namespace.
+    plain["linux"]["timeOffsets"] = spec["linux"]["timeOffsets"].clone();
+    let b = bundle_with(&dir, "bad", plain);
+    let out = husk(&root, &["create", "-b", s(&b), "badtime"]);
+    assert!(!out.status.success(), "create succeeded");
+    assert!(
+        stderr(&out).contains("linux.timeOffsets"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
+}
