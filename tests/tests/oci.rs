@@ -192,6 +192,50 @@ fn memory_limit_oom_kills_the_process_with_137() {
     );
 }
 
+/// An OOM kill of a process that is not the container's init: the
+/// container keeps running and `husk events` reports `{"type": "oom"}`,
+/// as runc does.
+#[test]
+fn oom_kill_inside_a_running_container_is_an_oom_event() {
+    let dir = TestDir::new("oci-oomev");
+    let root = dir.state_root();
+    let mut spec = default_spec(&["sh", "-c", "sleep 3; tail /dev/zero; sleep 600"]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16 * 1024 * 1024}});
+    let b = bundle_with(&dir, "b", spec);
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "oomev"]), "run -d");
+    let events_out = dir.path.join("events.out");
+    let file = std::fs::File::create(&events_out).expect("events file");
+    let mut events = std::process::Command::new(husk_bin())
+        .args(["--root", s(&root), "events", "--interval", "0.3s", "oomev"])
+        .stdout(file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("husk events");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline {
+        text = std::fs::read_to_string(&events_out).unwrap_or_default();
+        if text.contains("\"oom\"") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let st = husk(&root, &["state", "oomev"]);
+    ok(&husk(&root, &["delete", "--force", "oomev"]), "delete");
+    let _ = events.kill();
+    let _ = events.wait();
+    let oom = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["type"] == "oom");
+    assert!(
+        oom.is_some_and(|e| e["id"] == "oomev"),
+        "no oom event: {text}"
+    );
+    assert!(stdout(&st).contains("\"running\""), "{}", stdout(&st));
+    assert!(leftovers_settled(&dir.path, &root).is_empty());
+}
+
 #[test]
 fn crashes_and_fork_bombs_leave_the_agent_serving() {
     become_subreaper();
@@ -263,6 +307,15 @@ fn bad_specs_fail_create_naming_the_field_and_clean_up() {
             }),
             // The host runtime checks host bind sources before the VM starts.
             &missing_mount,
+        ),
+        (
+            "ns",
+            Box::new(|spec: &mut serde_json::Value| {
+                if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+                    ns.push(serde_json::json!({"type": "bogus"}));
+                }
+            }),
+            "].type: unknown variant `bogus`",
         ),
         (
             "sec",

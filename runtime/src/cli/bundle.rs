@@ -31,8 +31,16 @@ impl Bundle {
                 path.display()
             );
         }
-        let spec: Spec = serde_json::from_value(value)
-            .with_context(|| format!("{}: invalid runtime spec", path.display()))?;
+        // The error names the field (`linux.namespaces[5].type: unknown
+        // variant ...`), not only the bad value.
+        let spec: Spec = serde_path_to_error::deserialize(value).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: invalid runtime spec: {}: {}",
+                path.display(),
+                e.path(),
+                e.inner()
+            )
+        })?;
         let root = spec
             .root()
             .as_ref()
