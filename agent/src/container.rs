@@ -87,9 +87,13 @@ pub struct Proc {
     exit: OnceLock<ExitInfo>,
 }
 
-struct Pending {
-    plan: LaunchPlan,
-    streams: ProcessStreams,
+/// A created container: its child is parked before exec (namespaces and
+/// rootfs set up, createContainer hooks run) while the thread that spawned
+/// it waits in `Command::spawn` for the exec. `start` sends
+/// `spec::START` on `go` and joins the thread; `delete` sends anything else.
+struct Parked {
+    go: OwnedFd,
+    spawning: JoinHandle<Result<Arc<Proc>, ContainerError>>,
 }
 
 /// Where the agent makes the linux.devices nodes of containers with a
@@ -110,7 +114,7 @@ pub struct Container {
     /// linux.seccomp, applied to exec'd processes too.
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     pub cgroup: PathBuf,
-    pending: Mutex<Option<Pending>>,
+    parked: Mutex<Option<Parked>>,
     init: Mutex<Option<Arc<Proc>>>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
@@ -556,6 +560,64 @@ fn kill_holder(p: &Proc) {
     }
 }
 
+/// Spawns a container's process up to its park point (see `Parked`): returns
+/// once the child reports it is parked, or with the error of its set-up or
+/// createContainer hooks.
+fn park(
+    reaper: &Arc<Reaper>,
+    mut plan: LaunchPlan,
+    streams: ProcessStreams,
+) -> Result<Parked, ContainerError> {
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ContainerError::Io(e.into()))
+    };
+    let (parked_r, parked_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    plan.park = Some(spec::ParkFds {
+        parked_w: parked_w.as_raw_fd(),
+        go_r: go_r.as_raw_fd(),
+    });
+    let reaper = Arc::clone(reaper);
+    let spawning = std::thread::spawn(move || {
+        let result = spawn(&reaper, plan, streams);
+        // Our ends of the child's pipes: closing them lets the creating
+        // thread see EOF when the child failed before parking.
+        drop((parked_w, go_r));
+        result
+    });
+    let mut byte = [0u8; 1];
+    let parked = File::from(parked_r).read(&mut byte).unwrap_or(0) == 1;
+    if parked {
+        return Ok(Parked { go: go_w, spawning });
+    }
+    match spawning.join() {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(proc)) => {
+            // Cannot happen (the child parks before exec); do not leave it.
+            // SAFETY: kill(2) of a child this agent spawned and still tracks.
+            unsafe { libc::kill(proc.pid, libc::SIGKILL) };
+            Err(ContainerError::Io(std::io::Error::other(
+                "the container process ran before start",
+            )))
+        }
+        Err(_) => Err(ContainerError::Io(std::io::Error::other(
+            "the thread spawning the container process panicked",
+        ))),
+    }
+}
+
+/// Sends `byte` to a parked child and waits for the spawn to finish: the
+/// process when it was `spec::START` and it exec'd.
+fn release(parked: Parked, byte: u8) -> Result<Arc<Proc>, ContainerError> {
+    // A failed write (the child died) shows in the spawn's result.
+    let _ = File::from(parked.go).write_all(&[byte]);
+    parked.spawning.join().unwrap_or_else(|_| {
+        Err(ContainerError::Io(std::io::Error::other(
+            "the thread spawning the container process panicked",
+        )))
+    })
+}
+
 fn spawn(
     reaper: &Reaper,
     mut plan: LaunchPlan,
@@ -870,24 +932,35 @@ impl Containers {
             device_filter: Mutex::new(Some(kept)),
             seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
             cgroup: cgroup.clone(),
-            pending: Mutex::new(Some(Pending { plan, streams })),
+            parked: Mutex::new(None),
             init: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
         });
-        let mut table = lock(&self.table);
-        if table.contains_key(id) {
-            return Err(undo(ContainerError::Exists(id.to_string())));
+        {
+            let mut table = lock(&self.table);
+            if table.contains_key(id) {
+                return Err(undo(ContainerError::Exists(id.to_string())));
+            }
+            table.insert(id.to_string(), Arc::clone(&container));
         }
-        table.insert(id.to_string(), container);
-        Ok(())
+        match park(&self.reaper, plan, streams) {
+            Ok(parked) => {
+                *lock(&container.parked) = Some(parked);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.table).remove(id);
+                Err(undo(e))
+            }
+        }
     }
 
     pub fn start(&self, id: &str) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
-        let pending = lock(&c.pending)
+        let parked = lock(&c.parked)
             .take()
             .ok_or_else(|| ContainerError::AlreadyStarted(id.to_string()))?;
-        let proc = spawn(&self.reaper, pending.plan, pending.streams)?;
+        let proc = release(parked, spec::START)?;
         let pid = proc.pid;
         *lock(&c.init) = Some(proc);
         Ok(pid as u32)
@@ -1031,21 +1104,19 @@ impl Containers {
             return Ok(());
         };
         let new = cgroup_devices::load(&cgroup_devices::compile(&rules))?;
-        let mut pending = lock(&c.pending);
-        match pending.as_mut() {
-            Some(p) => {
-                p.plan.device_filter = Some(DeviceFilter::new(
-                    current.cgroup_dir.try_clone()?,
-                    new.try_clone()?,
-                ));
-            }
-            None => cgroup_devices::replace(
-                &current.cgroup_dir,
-                &current.prog,
-                &new,
-                &c.cgroup.display().to_string(),
-            )?,
+        if lock(&c.parked).is_some() {
+            // The parked child attaches the filter it was created with just
+            // before exec; there is no attached program to replace yet.
+            return Err(ContainerError::Io(std::io::Error::other(
+                "linux.resources.devices of a created container can be updated once it has started",
+            )));
         }
+        cgroup_devices::replace(
+            &current.cgroup_dir,
+            &current.prog,
+            &new,
+            &c.cgroup.display().to_string(),
+        )?;
         current.prog = new;
         Ok(())
     }
@@ -1067,6 +1138,10 @@ impl Containers {
 
     pub fn remove(&self, id: &str, force: bool) -> Result<(), ContainerError> {
         let c = self.get(id)?;
+        // A created container's parked child ends without exec.
+        if let Some(parked) = lock(&c.parked).take() {
+            let _ = release(parked, b'x');
+        }
         let init = lock(&c.init).clone();
         if let Some(init) = &init {
             if self.reaper.try_wait(init.pid).is_none() {

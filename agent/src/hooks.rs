@@ -336,22 +336,33 @@ unsafe fn run_one(hook: &GuestHook, state_head: &[u8], diag: libc::c_int) -> boo
     false
 }
 
-/// Runs the `createContainer` and then the `startContainer` hooks; the first
-/// failure ends the child's set-up with an error (reported on `diag`).
+/// Runs the `createContainer` hooks (at `create`); the first failure ends
+/// the child's set-up with an error (reported on `diag`).
 ///
 /// # Safety
 /// Only between fork and exec, once the container's namespaces and rootfs
 /// are in place.
-pub unsafe fn run_in_child(hooks: &GuestHooks, diag: libc::c_int) -> std::io::Result<()> {
-    for (list, head) in [
-        (&hooks.create_container, &hooks.state_creating),
-        (&hooks.start_container, &hooks.state_created),
-    ] {
-        for hook in list {
-            // SAFETY: forwarded from the caller's contract.
-            if !unsafe { run_one(hook, head, diag) } {
-                return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
-            }
+pub unsafe fn run_create(hooks: &GuestHooks, diag: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_list(&hooks.create_container, &hooks.state_creating, diag) }
+}
+
+/// Runs the `startContainer` hooks (at `start`, before exec).
+///
+/// # Safety
+/// As [`run_create`].
+pub unsafe fn run_start(hooks: &GuestHooks, diag: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_list(&hooks.start_container, &hooks.state_created, diag) }
+}
+
+/// # Safety
+/// As [`run_create`].
+unsafe fn run_list(list: &[GuestHook], head: &[u8], diag: libc::c_int) -> std::io::Result<()> {
+    for hook in list {
+        // SAFETY: forwarded from the caller's contract.
+        if !unsafe { run_one(hook, head, diag) } {
+            return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
         }
     }
     Ok(())

@@ -145,6 +145,10 @@ pub struct LaunchPlan {
     pub scheduler: Option<(libc::c_int, libc::c_int)>,
     /// hooks.createContainer and hooks.startContainer (containers only).
     pub hooks: Option<crate::hooks::GuestHooks>,
+    /// A container's child parks here between `create` and `start` (once
+    /// its namespaces and rootfs are set up and the createContainer hooks
+    /// have run); None for exec'd processes.
+    pub park: Option<ParkFds>,
     /// The user namespace to create (through a helper, see userns.rs); a
     /// joined one is the first entry of `join`.
     pub user_ns: crate::userns::UserNs,
@@ -726,6 +730,7 @@ pub fn plan_container(
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
         hooks: None,
+        park: None,
         user_ns,
         device_filter: None,
     })
@@ -1189,6 +1194,7 @@ pub fn plan_exec(
         ioprio: extras.ioprio,
         scheduler: extras.scheduler,
         hooks: None,
+        park: None,
         time_offsets: None,
         user_ns: crate::userns::UserNs::Inherit,
         device_filter: None,
@@ -1246,6 +1252,8 @@ pub struct StepNames {
     pub propagation: CString,
     pub device: CString,
     pub time_offsets: CString,
+    pub park: CString,
+    pub deleted: CString,
     pub bind_device: CString,
     pub device_filter: CString,
     pub userns_root: CString,
@@ -1284,6 +1292,8 @@ impl StepNames {
             propagation: c("applying linux.rootfsPropagation"),
             device: c("creating linux.devices"),
             time_offsets: c("writing linux.timeOffsets"),
+            park: c("reporting the created container"),
+            deleted: c("deleted before start"),
             bind_device: c("bind-mounting /dev nodes (user namespace: no mknod)"),
             device_filter: c("attaching the linux.resources.devices filter"),
             userns_root: c("becoming root of the user namespace (uid and gid 0 must be mapped)"),
@@ -1492,7 +1502,15 @@ pub unsafe fn apply_in_child(
     if let Some(hooks) = &plan.hooks {
         // SAFETY: forwarded from the caller's contract; the namespaces,
         // rootfs and hostname are in place.
-        unsafe { crate::hooks::run_in_child(hooks, diag)? };
+        unsafe { crate::hooks::run_create(hooks, diag)? };
+    }
+    if let Some(park) = &plan.park {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { wait_for_start(park, names, diag)? };
+    }
+    if let Some(hooks) = &plan.hooks {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { crate::hooks::run_start(hooks, diag)? };
     }
     if plan.terminal {
         // SAFETY: forwarded from the caller's contract.
@@ -1560,6 +1578,50 @@ pub unsafe fn apply_in_child(
         }
     }
     Ok(())
+}
+
+/// The pipes of a parked child (see `LaunchPlan::park`).
+#[derive(Clone, Copy)]
+pub struct ParkFds {
+    /// The child writes one byte here once it is parked.
+    pub parked_w: libc::c_int,
+    /// The child reads here: `START` goes on, anything else (or EOF) ends it.
+    pub go_r: libc::c_int,
+}
+
+/// The byte `start` sends a parked child; `delete` sends another.
+pub const START: u8 = b'g';
+
+/// Tells the agent the container is created, then waits for `start`.
+///
+/// # Safety
+/// Only between fork and exec.
+unsafe fn wait_for_start(
+    park: &ParkFds,
+    names: &StepNames,
+    diag: libc::c_int,
+) -> std::io::Result<()> {
+    check!(
+        diag,
+        &names.park,
+        libc::write(park.parked_w, b"p".as_ptr().cast(), 1) as libc::c_int
+    );
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: a one-byte read into a local.
+        let n = unsafe { libc::read(park.go_r, (&mut byte as *mut u8).cast(), 1) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        if n == 1 && byte == START {
+            return Ok(());
+        }
+        // Deleted before start: end without exec.
+        let what = names.deleted.as_bytes();
+        // SAFETY: writing a valid buffer to the diagnostics pipe.
+        unsafe { libc::write(diag, what.as_ptr().cast(), what.len()) };
+        return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+    }
 }
 
 #[repr(C)]

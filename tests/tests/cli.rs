@@ -494,18 +494,35 @@ fn container_hooks_run_in_the_guest_in_the_container_namespaces() {
     assert!(!out_dir.join("ran").exists(), "the process ran");
     ok(&husk(&root, &["delete", "--force", "badghook"]), "delete");
 
-    // A hook past its timeout is killed and fails start.
+    // A failing createContainer hook fails create (the guest process is
+    // set up and parked at create) and leaves nothing; one past its
+    // timeout is killed.
     let mut spec = default_spec(&["true"]);
     spec["hooks"] = serde_json::json!({"createContainer": [{"path": "/bin/sleep", "args": ["sleep", "60"], "timeout": 1}]});
     let b = bundle_with(&dir, "slow", spec);
-    let out = husk(&root, &["run", "-b", s(&b), "slowghook"]);
-    assert!(!out.status.success(), "run succeeded");
+    let out = husk(&root, &["create", "-b", s(&b), "slowghook"]);
+    assert!(!out.status.success(), "create succeeded");
     assert!(
         stderr(&out).contains("hooks.createContainer[0] (/bin/sleep): killed after its timeout"),
         "{}",
         stderr(&out)
     );
-    let _ = husk(&root, &["delete", "--force", "slowghook"]);
+    let st = husk(&root, &["state", "slowghook"]);
+    assert!(!st.status.success(), "container left behind");
+
+    // A created container that is deleted never runs its process.
+    let mut spec = default_spec(&["sh", "-c", "touch /out/ran-after-delete"]);
+    spec["mounts"] = spec_mounts_with_out(&spec, &out_dir);
+    let b = bundle_with(&dir, "never", spec);
+    ok(
+        &husk(&root, &["create", "-b", s(&b), "neverstarted"]),
+        "create",
+    );
+    ok(&husk(&root, &["delete", "neverstarted"]), "delete");
+    assert!(
+        !out_dir.join("ran-after-delete").exists(),
+        "the process ran"
+    );
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
