@@ -77,10 +77,16 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
     let sandbox = start_sandbox(&dir, "streams");
     let streams: Vec<_> = (0..STREAMS)
         .map(|i| {
-            sandbox
+            let stream = sandbox
                 .agent()
                 .open_stream(StreamKind::Echo, i)
-                .expect("open echo stream")
+                .expect("open echo stream");
+            // A stalled stream fails the test instead of hanging it (seen
+            // once under load: the vsock backend stopped moving data).
+            let stall = Some(std::time::Duration::from_secs(60));
+            stream.set_read_timeout(stall).expect("read timeout");
+            stream.set_write_timeout(stall).expect("write timeout");
+            stream
         })
         .collect();
     let started = std::time::Instant::now();
