@@ -6,32 +6,38 @@
 # <key> hashes the fragment, this script and the source package version, so a
 # machine builds each configuration once. The vmlinux is then copied to
 # $OUT (default target/guest/vmlinux).
+#
+#   build.sh [OUT]
+#
+# OUT and HUSK_CACHE may be relative: they are resolved against the caller's
+# directory before anything changes directory. HUSK_KERNEL_TARBALL names
+# another source tarball (the tests give a small stand-in, with stand-in
+# `make` and `dpkg-query` first on PATH).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+script="$here/$(basename "$0")"
 fragment="$here/husk.config"
-cache_root=${HUSK_CACHE:-/var/cache/husk}
-out=${1:-$here/../target/guest/vmlinux}
-tarball=/usr/src/linux-source-6.1.tar.xz
+
+# Absolute from the caller's directory: the build itself runs elsewhere.
+absolute() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s/%s\n' "$PWD" "$1" ;; esac; }
+cache_root=$(absolute "${HUSK_CACHE:-/var/cache/husk}")
+out=$(absolute "${1:-$here/../target/guest/vmlinux}")
+tarball=$(absolute "${HUSK_KERNEL_TARBALL:-/usr/src/linux-source-6.1.tar.xz}")
 
 die() { echo "guest-kernel: $*" >&2; exit 1; }
 
 [ -f "$tarball" ] || die "missing $tarball (apt-get install linux-source-6.1)"
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null) \
     || die "linux-source-6.1 is not installed"
-key=$( { cat "$fragment" "$0"; echo "$src_version"; } | sha256sum | cut -c1-16)
+key=$( { cat "$fragment" "$script"; echo "$src_version"; } | sha256sum | cut -c1-16)
 cache="$cache_root/kernel/$key"
 
-if [ ! -f "$cache/vmlinux" ]; then
-    echo "guest-kernel: building $key (linux-source $src_version); takes a few minutes once per machine"
-    work=$(mktemp -d "${TMPDIR:-/tmp}/husk-kernel.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
-    tar -C "$work" -xf "$tarball"
-    cd "$work/linux-source-6.1"
+build() { # the unpacked source tree: everything here runs inside it
     make -s KCONFIG_ALLCONFIG="$fragment" allnoconfig
     # Every option the fragment names must have kept its value: a silently
     # dropped dependency would otherwise only show as a guest that cannot boot.
-    missing=0
+    local missing=0 line opt
     while IFS= read -r line; do
         case "$line" in
             CONFIG_*=*) grep -qxF "$line" .config || { echo "guest-kernel: not in .config: $line" >&2; missing=1; } ;;
@@ -44,6 +50,17 @@ if [ ! -f "$cache/vmlinux" ]; then
     mkdir -p "$cache.tmp"
     cp vmlinux "$cache.tmp/vmlinux"
     cp .config "$cache.tmp/config"
+}
+
+if [ ! -f "$cache/vmlinux" ]; then
+    echo "guest-kernel: building $key (linux-source $src_version); takes a few minutes once per machine"
+    work=$(mktemp -d "${TMPDIR:-/tmp}/husk-kernel.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    tar -C "$work" -xf "$tarball"
+    rm -rf "$cache.tmp"
+    # A subshell: the `cd` ends with the build, so nothing after it can
+    # resolve a path inside the tree the trap deletes.
+    (cd "$work/linux-source-6.1" && build)
     rm -rf "$cache"
     mv "$cache.tmp" "$cache"
 fi

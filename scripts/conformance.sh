@@ -10,12 +10,18 @@
 # OCI_VALIDATION_* are passed through to run.sh (e.g. OCI_VALIDATION_TESTS),
 # CONFORMANCE_TABLE_ONLY=1 only regenerates the table from an earlier OUTDIR.
 set -euo pipefail
+# Paths given by the caller are theirs: resolve them before changing directory.
+absolute() { case "$1" in /*|"") printf '%s\n' "$1" ;; *) printf '%s/%s\n' "$PWD" "$1" ;; esac; }
+ARG_OUT=$(absolute "${1:-}")
+[ -z "${HUSK:-}" ] || HUSK=$(absolute "$HUSK")
+[ -z "${RUNC:-}" ] || RUNC=$(absolute "$RUNC")
+[ -z "${OCI_VALIDATION_RUN:-}" ] || OCI_VALIDATION_RUN=$(absolute "$OCI_VALIDATION_RUN")
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SUITE=${OCI_VALIDATION_RUN:-$ROOT/../shared/oci-validation/run.sh}
 HUSK=${HUSK:-$ROOT/target/release/husk}
 RUNC=${RUNC:-$(command -v runc || true)}
-OUT=${1:-$ROOT/target/conformance}
+OUT=${ARG_OUT:-$ROOT/target/conformance}
 DOC=$ROOT/docs/oci-conformance.md
 
 [ -x "$SUITE" ] || { echo "conformance: no suite at $SUITE" >&2; exit 2; }

@@ -21,7 +21,16 @@ mod userns;
 
 use std::sync::Arc;
 
+const USAGE: &str = "usage: husk-agent
+husk-agent is PID 1 of a husk guest (the /init of its initramfs): it mounts the
+guest's file systems, serves the agent API over vsock and runs the containers.
+It takes no arguments; husk starts it inside the VM, never on the host.";
+
 fn main() {
+    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
     if let Err(reason) = run() {
         power::fatal(&reason);
     }

@@ -6,8 +6,19 @@ use std::path::{Path, PathBuf};
 
 /// Where `make install` puts guest artifacts.
 pub const INSTALLED_GUEST_DIR: &str = "/usr/local/share/husk";
-/// The machine-wide cache the Makefile installs helper tools into.
-pub const TOOL_CACHE: &str = "/var/cache/husk/tools";
+/// The machine-wide cache the Makefile installs helper tools into, unless
+/// `HUSK_CACHE` names another (as it does for the install scripts).
+pub const DEFAULT_CACHE: &str = "/var/cache/husk";
+
+/// `$HUSK_CACHE/tools` (default `/var/cache/husk/tools`): where
+/// `scripts/install-tools.sh` puts the vhost-user backends.
+pub fn tool_cache() -> PathBuf {
+    std::env::var_os("HUSK_CACHE")
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE))
+        .join("tools")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -130,9 +141,9 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The newest `<TOOL_CACHE>/<name>-<version>/bin/<name>`.
+/// The newest `<tool cache>/<name>-<version>/bin/<name>`.
 fn in_tool_cache(name: &str) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(TOOL_CACHE)
+    let mut found: Vec<PathBuf> = std::fs::read_dir(tool_cache())
         .ok()?
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -173,7 +184,7 @@ fn program(
         .or_else(|| in_tool_cache(name))
         .ok_or(ArtifactError::NotFound {
             what: name,
-            looked: format!("${env}, PATH, {TOOL_CACHE}"),
+            looked: format!("${env}, PATH, {}", tool_cache().display()),
             hint,
         })
 }

@@ -29,8 +29,23 @@ use std::sync::Arc;
 
 pub const RUNTIME_ID: &str = "io.containerd.husk.v2";
 
+const USAGE: &str = "usage: containerd-shim-husk-v2 -namespace NS [-id ID] [-address ADDR] \
+[-publish-binary BIN] [-socket ADDR] [-bundle DIR] [-debug] [-v] [start | delete]
+containerd starts this binary for runtime io.containerd.husk.v2 (see docs/containerd.md):
+  start    spawn (or reuse) the shim serving this container and print its address
+  delete   clean up after a shim that died
+  (none)   serve the task API on -socket";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // Go's flag package (containerd's own shims) accepts -h, -help and --help.
+    if args[1..]
+        .iter()
+        .any(|a| matches!(a.as_str(), "-h" | "-help" | "--help"))
+    {
+        println!("{USAGE}");
+        return;
+    }
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,
         Err(e) => fail(format!("bad arguments: {e}")),

@@ -15,6 +15,14 @@ const USAGE: &str = "usage: husk-vmm --kernel <vmlinux> [--initrd <file>] [--cmd
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 
+/// What the command line asks for.
+#[derive(Debug)]
+enum Command {
+    /// `--help`: the usage on stdout, exit 0.
+    Help,
+    Run(Box<Args>),
+}
+
 /// Parsed command line.
 #[derive(Debug, Default)]
 struct Args {
@@ -22,7 +30,11 @@ struct Args {
     api_socket: Option<PathBuf>,
 }
 
-fn parse_args(argv: &[String]) -> Result<Args, String> {
+fn parse_args(argv: &[String]) -> Result<Command, String> {
+    // Like runc's and containerd's: a help flag anywhere wins.
+    if argv.iter().any(|a| a == "--help" || a == "-h") {
+        return Ok(Command::Help);
+    }
     let mut a = Args::default();
     a.vm.memory_mib = 128;
     a.vm.vcpus = 1;
@@ -39,9 +51,6 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         if name == "--no-seccomp" {
             a.vm.seccomp = false;
             continue;
-        }
-        if name == "--help" || name == "-h" {
-            return Err(USAGE.to_string());
         }
         let mut value = || -> Result<String, String> {
             inline
@@ -83,7 +92,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         (None, None) => None,
         _ => return Err("--vsock-socket and --vsock-cid must be given together".into()),
     };
-    Ok(a)
+    Ok(Command::Run(Box::new(a)))
 }
 
 /// Print the single failure line.
@@ -142,7 +151,11 @@ fn main() -> ExitCode {
     husk_vmm::logger::init(level);
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let args = match parse_args(&argv) {
-        Ok(a) => a,
+        Ok(Command::Run(a)) => *a,
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             print_failure(&e);
             return ExitCode::from(1);
@@ -175,7 +188,18 @@ mod tests {
     use super::*;
 
     fn p(args: &[&str]) -> Result<Args, String> {
-        parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        match parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())? {
+            Command::Run(a) => Ok(*a),
+            Command::Help => Err("help".into()),
+        }
+    }
+
+    #[test]
+    fn help_anywhere_asks_for_the_usage() {
+        for argv in [&["--help"][..], &["-h"], &["--kernel", "k", "--help"]] {
+            let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            assert!(matches!(parse_args(&argv), Ok(Command::Help)), "{argv:?}");
+        }
     }
 
     #[test]

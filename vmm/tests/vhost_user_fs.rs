@@ -26,7 +26,7 @@ const OUT_HEADER: usize = 16;
 fn virtiofsd() -> std::path::PathBuf {
     tool(
         "HUSK_VIRTIOFSD",
-        "/var/cache/husk/tools/virtiofsd-1.14.0/bin/virtiofsd",
+        "tools/virtiofsd-1.14.0/bin/virtiofsd",
     )
 }
 

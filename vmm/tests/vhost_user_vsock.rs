@@ -99,7 +99,7 @@ impl Vsock {
     fn start(name: &str) -> Self {
         let bin = tool(
             "HUSK_VSOCK_BACKEND",
-            "/var/cache/husk/tools/vhost-device-vsock-0.3.0/bin/vhost-device-vsock",
+            "tools/vhost-device-vsock-0.3.0/bin/vhost-device-vsock",
         );
         let dir = scratch(name);
         let sock = dir.join("vsock.sock");

@@ -157,9 +157,18 @@ fn pod_config(kv: &HashMap<String, Vec<String>>) -> anyhow::Result<PodSandboxCon
     Ok(c)
 }
 
+const USAGE: &str = "usage: husk-cri SOCKET COMMAND ARGS…
+A small CRI client for husk's tests: COMMAND is one of the CRI calls this
+file implements (version, runp, create, start, exec, stop, rm, …; see the source).";
+
 async fn run(args: Vec<String>) -> anyhow::Result<i32> {
+    // Only in front: what follows a COMMAND may be a container's own argv.
+    if matches!(args.first().map(String::as_str), Some("--help" | "-h")) {
+        println!("{USAGE}");
+        return Ok(0);
+    }
     if args.len() < 2 {
-        anyhow::bail!("usage: husk-cri SOCKET COMMAND ARGS… (see the source)");
+        anyhow::bail!("{USAGE}");
     }
     let client = Client {
         socket: args[0].clone(),

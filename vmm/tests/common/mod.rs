@@ -19,12 +19,17 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 
-/// Resolve a tool binary: env override or the default path; a missing tool
-/// is a test FAILURE with a clear message, never a skip.
-pub fn tool(env: &str, default: &str) -> PathBuf {
+/// Resolve a tool binary: env override, else `in_cache` under `$HUSK_CACHE`
+/// (default /var/cache/husk, where scripts/install-tools.sh puts it); a
+/// missing tool is a test FAILURE with a clear message, never a skip.
+pub fn tool(env: &str, in_cache: &str) -> PathBuf {
+    let cache = std::env::var_os("HUSK_CACHE")
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/husk"));
     let path = std::env::var_os(env)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(default));
+        .unwrap_or_else(|| cache.join(in_cache));
     assert!(
         path.is_file(),
         "required backend binary {} is missing (set {env} to override); this test cannot run without it",
