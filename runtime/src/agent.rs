@@ -324,3 +324,140 @@ impl AgentClient {
         Ok(())
     }
 }
+
+/// How a process ended, as the host may act on it. Built only by
+/// [`ProcessExit::from_guest`]: the guest's numbers are data, never a
+/// signal the host raises as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// The exit status a shell would show: 0-255.
+    pub code: i32,
+    /// A signal that ends a process by default (so one the host may raise
+    /// on a stand-in process, as runc's pid does), or 0.
+    pub signal: i32,
+}
+
+impl ProcessExit {
+    /// Decodes a guest's WaitProcess reply. A signal is kept only when it
+    /// is in 1-64 and its default action ends a process: a stop signal
+    /// (which would freeze the host process raising it), an ignored one
+    /// (which would leave it running) or a number out of range becomes an
+    /// exit code (128+n, capped at 255) instead. The code is capped to 0-255.
+    pub fn from_guest(exit_code: i32, signal: u32) -> ProcessExit {
+        if signal == 0 {
+            return ProcessExit {
+                code: exit_code.clamp(0, 255),
+                signal: 0,
+            };
+        }
+        let code = signal.saturating_add(128).min(255) as i32;
+        match i32::try_from(signal) {
+            Ok(n) if is_fatal_signal(n) => ProcessExit { code, signal: n },
+            _ => ProcessExit { code, signal: 0 },
+        }
+    }
+}
+
+/// A string from the guest made fit for a terminal or a log line: control
+/// characters (C0, DEL, C1 — escape sequences, bells, carriage returns)
+/// become `?`, and at most `max_chars` characters are kept.
+pub fn printable(guest: &str, max_chars: usize) -> String {
+    let mut out: String = guest
+        .chars()
+        .take(max_chars)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if guest.chars().nth(max_chars).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// Signals 1-64 whose default action terminates the process.
+pub fn is_fatal_signal(n: i32) -> bool {
+    use libc::*;
+    match n {
+        SIGCHLD | SIGCONT | SIGSTOP | SIGTSTP | SIGTTIN | SIGTTOU | SIGURG | SIGWINCH => false,
+        // 32 and 33 are glibc's own (NPTL) and never a process's exit.
+        32 | 33 => false,
+        1..=64 => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod exit_tests {
+    use super::ProcessExit as E;
+
+    #[test]
+    fn guest_strings_lose_their_control_characters() {
+        assert_eq!(
+            super::printable("sh -c \u{1b}]0;x\u{7}\u{1b}[2J\r\n\u{9b}1m", 100),
+            "sh -c ?]0;x??[2J???1m"
+        );
+        assert_eq!(super::printable("abcdef", 3), "abc…");
+        assert_eq!(super::printable("ünï", 3), "ünï");
+    }
+
+    #[test]
+    fn guest_exit_signals_are_data() {
+        assert_eq!(E::from_guest(3, 0), E { code: 3, signal: 0 });
+        assert_eq!(E::from_guest(-7, 0), E { code: 0, signal: 0 });
+        assert_eq!(
+            E::from_guest(9999, 0),
+            E {
+                code: 255,
+                signal: 0
+            }
+        );
+        assert_eq!(
+            E::from_guest(0, 9),
+            E {
+                code: 137,
+                signal: 9
+            }
+        );
+        assert_eq!(
+            E::from_guest(0, 64),
+            E {
+                code: 192,
+                signal: 64
+            }
+        );
+        // A stop signal would stop the host process raising it.
+        for stop in [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+            assert_eq!(E::from_guest(0, stop as u32).signal, 0);
+            assert_eq!(E::from_guest(0, stop as u32).code, 128 + stop);
+        }
+        for ignored in [
+            libc::SIGCHLD,
+            libc::SIGCONT,
+            libc::SIGURG,
+            libc::SIGWINCH,
+            0,
+        ] {
+            assert!(!super::is_fatal_signal(ignored));
+        }
+        assert_eq!(
+            E::from_guest(0, 999),
+            E {
+                code: 255,
+                signal: 0
+            }
+        );
+        assert_eq!(
+            E::from_guest(0, u32::MAX),
+            E {
+                code: 255,
+                signal: 0
+            }
+        );
+        assert_eq!(
+            E::from_guest(0, 65),
+            E {
+                code: 193,
+                signal: 0
+            }
+        );
+    }
+}

@@ -24,7 +24,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HypervisorChoice {
-    /// husk-vmm where KVM can run a guest, else QEMU (TCG without KVM).
+    /// QEMU, with KVM where KVM can run a guest and TCG otherwise; husk-vmm
+    /// becomes the default once it has passed the end-to-end suite on a
+    /// hardware-KVM host (`hypervisor::AUTO_PREFERS_QEMU`).
     Auto,
     Qemu,
     HuskVmm,

@@ -13,3 +13,5 @@ pub mod config;
 pub mod host_cgroup;
 pub mod hypervisor;
 pub mod sandbox;
+pub mod share;
+pub mod sizing;

@@ -13,6 +13,7 @@ use crate::backends::{
 use crate::child::{describe, HelperProcess};
 use crate::config::Config;
 use crate::hypervisor::{self, HypervisorError, VmConfig};
+use crate::share::{ReadOnly, Share};
 use husk_protocol::agent::{CreateContainerRequest, Stdio as StdioTokens, WaitProcessResponse};
 use husk_protocol::{StreamKind, GUEST_CID};
 use std::collections::HashMap;
@@ -64,6 +65,10 @@ pub enum SandboxError {
     },
     #[error("cleaning up {path}: {reason}")]
     Cleanup { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
+    #[error("this sandbox exports a directory it was given: containers cannot be shared into it")]
+    NoShare,
 }
 
 /// A container to create in a sandbox's guest.
@@ -154,8 +159,11 @@ impl StdioPumps {
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
+    /// What virtiofsd exports (the guest's view of the share).
     shared_dir: PathBuf,
-    owns_shared_dir: bool,
+    /// The share this sandbox made (None when the caller gave a directory
+    /// to export as it is, as `husk check --shared-dir` does).
+    share: Option<Share>,
     pub hypervisor: &'static str,
     pub acceleration: &'static str,
     pub hypervisor_reason: String,
@@ -189,6 +197,33 @@ pub fn sandbox_dir(state_root: &Path, id: &str) -> PathBuf {
     state_root.join(format!("{prefix}-{hash:016x}"))
 }
 
+/// Creates `dir` (and its missing parents) as root's alone: 0700 whatever
+/// the caller's umask, as runc makes its state root. Sockets, state and
+/// logs below it are then out of reach of other users.
+pub fn private_dir_all(dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let existed = dir.is_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| SandboxError::Io {
+            what: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    if !existed {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| SandboxError::Io {
+                what: "setting the mode of",
+                path: dir.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// `[A-Za-z0-9_.-]{1,64}`, not starting with `.` or `-` (so never `..`).
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -220,12 +255,12 @@ impl Sandbox {
         let selection = hypervisor::select(config.hypervisor, config)?;
 
         let dir = sandbox_dir(&sc.state_root, &sc.id);
-        std::fs::create_dir_all(&sc.state_root).map_err(|source| SandboxError::Io {
-            what: "creating",
-            path: sc.state_root.clone(),
-            source,
-        })?;
-        match std::fs::create_dir(&dir) {
+        private_dir_all(&sc.state_root)?;
+        let made = {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&dir)
+        };
+        match made {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(SandboxError::Exists(sc.id.clone()))
@@ -240,13 +275,13 @@ impl Sandbox {
         }
         let (shared_dir, owns_shared_dir) = match &sc.shared_dir {
             Some(d) => (d.clone(), false),
-            None => (dir.join("shared"), true),
+            None => (Share::at(&dir).guest_view().to_path_buf(), true),
         };
         let mut sandbox = Sandbox {
             id: sc.id.clone(),
             dir: dir.clone(),
             shared_dir: shared_dir.clone(),
-            owns_shared_dir,
+            share: None,
             hypervisor: selection.hypervisor.name(),
             acceleration: selection.hypervisor.acceleration(),
             hypervisor_reason: selection.reason.clone(),
@@ -260,12 +295,7 @@ impl Sandbox {
         };
         // From here on, dropping `sandbox` cleans up whatever was made.
         if owns_shared_dir {
-            std::fs::create_dir(&shared_dir).map_err(|source| SandboxError::Io {
-                what: "creating",
-                path: shared_dir.clone(),
-                source,
-            })?;
-            make_propagating_mount(&shared_dir)?;
+            sandbox.share = Some(Share::create(&dir)?);
         }
         let tb = Instant::now();
         sandbox.fs = Some(VirtioFsBackend::spawn(
@@ -430,35 +460,39 @@ impl Sandbox {
         SandboxError::Agent(e)
     }
 
-    /// Bind-mounts a container's rootfs into the shared directory and
-    /// returns its path relative to the share.
+    /// The share this sandbox made, where containers' paths are bound.
+    fn share(&self) -> Result<&Share, SandboxError> {
+        self.share.as_ref().ok_or(SandboxError::NoShare)
+    }
+
+    /// The host-only side of the share (where the mounts are made), for a
+    /// caller that must clean up after this process died.
+    pub fn share_host_dir(&self) -> Option<&Path> {
+        self.share.as_ref().map(Share::host_dir)
+    }
+
+    /// Bind-mounts a container's rootfs into the share (nosuid, nodev on
+    /// the host) and returns its path relative to the share.
     pub fn share_rootfs(&self, container_id: &str, rootfs: &Path) -> Result<String, SandboxError> {
         if !rootfs.is_dir() {
             return Err(SandboxError::MissingRootfs(rootfs.to_path_buf()));
         }
         let rel = format!("{container_id}/rootfs");
-        let target = self.shared_dir.join(&rel);
-        bind_mount(rootfs, &target, true)?;
-        Ok(rel)
+        Ok(self.share()?.bind(rootfs, &rel, ReadOnly::No)?)
     }
 
     /// Shares a host path (file or directory) for a bind mount of
-    /// `container_id`; returns its path relative to the share.
+    /// `container_id`, read-only on the host as `readonly` says; returns its
+    /// path relative to the share.
     pub fn share_path(
         &self,
         container_id: &str,
         index: usize,
         source: &Path,
+        readonly: ReadOnly,
     ) -> Result<String, SandboxError> {
-        let meta = std::fs::metadata(source).map_err(|e| SandboxError::Io {
-            what: "bind mount source",
-            path: source.into(),
-            source: e,
-        })?;
         let rel = format!("{container_id}/mounts/{index}");
-        let target = self.shared_dir.join(&rel);
-        bind_mount(source, &target, meta.is_dir())?;
-        Ok(rel)
+        Ok(self.share()?.bind(source, &rel, readonly)?)
     }
 
     /// Opens the stdio streams of a process and starts the host-side pumps.
@@ -501,9 +535,7 @@ impl Sandbox {
 
     /// Unshares a container's host paths (rootfs and bind mounts).
     pub fn unshare_container(&self, container_id: &str) -> Result<(), SandboxError> {
-        let dir = self.shared_dir.join(container_id);
-        unmount_below(&dir)?;
-        remove_tree_same_fs(&dir)
+        Ok(self.share()?.remove_below(container_id)?)
     }
 
     /// Asks the guest to power off, then stops what is left. Returns how
@@ -548,8 +580,8 @@ impl Sandbox {
         if let Some(mut v) = self.vsock.take() {
             v.process.stop(Duration::from_millis(500));
         }
-        if self.owns_shared_dir {
-            unmount_below(&self.shared_dir)?;
+        if let Some(share) = self.share.take() {
+            share.remove()?;
         }
         remove_tree_same_fs(&self.dir)
     }
@@ -630,37 +662,6 @@ fn pump_out(mut stream: UnixStream, mut output: Box<dyn Write + Send>) {
     let _ = output.flush();
 }
 
-fn bind_mount(source: &Path, target: &Path, dir: bool) -> Result<(), SandboxError> {
-    use nix::mount::{mount, MsFlags};
-    let io = |what, source| SandboxError::Io {
-        what,
-        path: target.to_path_buf(),
-        source,
-    };
-    if dir {
-        std::fs::create_dir_all(target).map_err(|e| io("creating", e))?;
-    } else {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io("creating", e))?;
-        }
-        std::fs::write(target, b"").map_err(|e| io("creating", e))?;
-    }
-    let err = |error| SandboxError::Mount {
-        source_path: source.to_path_buf(),
-        target: target.to_path_buf(),
-        error,
-    };
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(err)?;
-    Ok(())
-}
-
 /// The line the agent writes to the console once it serves (boot marker).
 pub const READY_MARKER: &str = "husk-agent: ready";
 
@@ -703,66 +704,10 @@ fn wait_for_marker(
     }
 }
 
-/// Makes `dir` a mount point in a peer group of its own. virtiofsd lives in
-/// a mount namespace of its own (a slave copy of the host's, taken when it
-/// starts): only mounts under a shared mount reach it, so the rootfs binds
-/// made later for each container must be made under this one. Private first
-/// so it joins no peer group of the host (on systemd hosts / is shared).
-fn make_propagating_mount(dir: &Path) -> Result<(), SandboxError> {
-    use nix::mount::{mount, MsFlags};
-    let err = |error| SandboxError::Mount {
-        source_path: dir.to_path_buf(),
-        target: dir.to_path_buf(),
-        error,
-    };
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
-    mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
-        MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(err)?;
-    mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(err)?;
-    Ok(())
-}
-
-/// Mount points at or below `dir`, deepest first.
-fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found.dedup();
-    found
-}
-
-/// Detaches every mount at or below `dir`.
+/// Detaches every mount at or below `dir` (deepest first, never following a
+/// symlink at a mount point).
 pub fn unmount_below(dir: &Path) -> Result<(), SandboxError> {
-    for m in mounts_below(dir) {
-        match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-            Err(e) => {
-                return Err(SandboxError::Cleanup {
-                    path: m,
-                    reason: format!("unmounting: {e}"),
-                })
-            }
-        }
-    }
-    Ok(())
+    Ok(crate::share::unmount_below(dir)?)
 }
 
 /// Removes `dir` recursively without ever crossing into another file system,

@@ -179,7 +179,12 @@ impl Pod {
                 match started {
                     Ok(sb) => {
                         let dir = sb.dir.clone();
-                        let shared = sb.shared_dir().to_path_buf();
+                        // Where the mounts are made, for cleanup after a
+                        // dead shim (the guest's view is read-only).
+                        let shared = sb
+                            .share_host_dir()
+                            .unwrap_or_else(|| sb.shared_dir())
+                            .to_path_buf();
                         *owner_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(sb);
                         let _ = ready_tx.send(Ok((dir, shared)));
                     }
@@ -566,7 +571,13 @@ impl Inner {
                 }
                 let mut sc = SandboxConfig::new(&spec::vm_dir_name(&vm_id), &config);
                 sc.state_root = state::state_root(&self.namespace);
-                let (memory, vcpus) = spec::vm_size(&bundle_spec.value, &config);
+                let (memory, vcpus) = match spec::vm_size(&bundle_spec.value, &config) {
+                    Ok(size) => size,
+                    Err(e) => {
+                        undo_rootfs(&rootfs_mount);
+                        return Err(e);
+                    }
+                };
                 sc.memory_mib = memory;
                 sc.vcpus = vcpus;
                 match Pod::boot(config.clone(), sc, vm_id.clone()) {
@@ -680,9 +691,9 @@ impl Inner {
         let result = pod.try_with(move |sb| {
             let rel = sb.share_rootfs(&id, &rootfs).map_err(|e| e.to_string())?;
             let mut shared = HashMap::new();
-            for (index, source, destination) in binds {
+            for (index, source, destination, readonly) in binds {
                 let r = sb
-                    .share_path(&id, index, &source)
+                    .share_path(&id, index, &source, readonly)
                     .map_err(|e| e.to_string())?;
                 shared.insert(destination, r);
             }

@@ -3,6 +3,7 @@
 //! mean something inside the pod's VM.
 
 use husk_runtime::config::Config;
+use husk_runtime::share::ReadOnly;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -108,7 +109,9 @@ pub fn load(bundle: &Path) -> anyhow::Result<BundleSpec> {
 }
 
 /// VM memory (MiB) and vCPUs for a pod or plain container.
-pub fn vm_size(spec: &Value, config: &Config) -> (u32, u32) {
+pub fn vm_size(spec: &Value, config: &Config) -> anyhow::Result<(u32, u32)> {
+    use husk_runtime::sizing;
+    let host_mib = sizing::host_memory_mib();
     let ann = annotations(spec);
     let num = |k: &str| {
         ann.get(k)
@@ -116,21 +119,26 @@ pub fn vm_size(spec: &Value, config: &Config) -> (u32, u32) {
             .filter(|v| *v > 0)
     };
     let memory = if let Some(m) = num(HUSK_MEMORY_MIB) {
-        m as u32
+        sizing::checked_memory(HUSK_MEMORY_MIB, m.unsigned_abs(), host_mib)?
     } else if let Some(bytes) = num(SANDBOX_MEMORY) {
-        ((bytes as u64).div_ceil(1 << 20) as u32).saturating_add(config.guest_overhead_mib)
+        sizing::memory_for_limit(SANDBOX_MEMORY, bytes, config.guest_overhead_mib, host_mib)?
     } else if let Some(bytes) = spec
         .pointer("/linux/resources/memory/limit")
         .and_then(Value::as_i64)
         .filter(|v| *v > 0)
     {
-        ((bytes as u64).div_ceil(1 << 20) as u32).saturating_add(config.guest_overhead_mib)
+        sizing::memory_for_limit(
+            "linux.resources.memory.limit",
+            bytes,
+            config.guest_overhead_mib,
+            host_mib,
+        )?
     } else {
         config.default_memory_mib
     };
-    let quota_vcpus = |q: i64, p: i64| (q as u64).div_ceil(p.max(1) as u64).clamp(1, 64) as u32;
+    let quota_vcpus = |q: i64, p: i64| sizing::vcpus_for_quota(q, p, 64);
     let vcpus = if let Some(v) = num(HUSK_VCPUS) {
-        v.clamp(1, 64) as u32
+        u32::try_from(v.clamp(1, 64)).unwrap_or(1)
     } else if let Some(q) = num(SANDBOX_CPU_QUOTA) {
         quota_vcpus(q, num(SANDBOX_CPU_PERIOD).unwrap_or(100_000))
     } else if let Some(q) = spec
@@ -146,7 +154,7 @@ pub fn vm_size(spec: &Value, config: &Config) -> (u32, u32) {
     } else {
         config.default_vcpus
     };
-    (memory.max(64), vcpus)
+    Ok((memory.max(64), vcpus))
 }
 
 /// Makes the spec mean the right thing inside the VM.
@@ -236,7 +244,7 @@ pub fn vm_dir_name(id: &str) -> String {
 }
 
 /// Host paths of bind mounts to share into the guest: (index, source, destination).
-pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String)> {
+pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String, ReadOnly)> {
     let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
         return Vec::new();
     };
@@ -256,7 +264,17 @@ pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String)>
             } else {
                 bundle.join(source)
             };
-            Some((i, source, m.get("destination")?.as_str()?.to_string()))
+            let options: Vec<&str> = m
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|o| o.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            Some((
+                i,
+                source,
+                m.get("destination")?.as_str()?.to_string(),
+                ReadOnly::from_options(&options),
+            ))
         })
         .collect()
 }
@@ -320,16 +338,23 @@ mod tests {
     fn vm_size_from_annotations_resources_or_defaults() {
         let config = Config::default();
         assert_eq!(
-            vm_size(&json!({}), &config),
-            (config.default_memory_mib, config.default_vcpus)
+            vm_size(&json!({}), &config).ok(),
+            Some((config.default_memory_mib, config.default_vcpus))
         );
         let spec =
             json!({"annotations": {SANDBOX_MEMORY: "268435456", SANDBOX_CPU_QUOTA: "150000"}});
         assert_eq!(
-            vm_size(&spec, &config),
-            (256 + config.guest_overhead_mib, 2)
+            vm_size(&spec, &config).ok(),
+            Some((256 + config.guest_overhead_mib, 2))
         );
         let spec = json!({"linux": {"resources": {"memory": {"limit": 100 << 20}}}});
-        assert_eq!(vm_size(&spec, &config).0, 100 + config.guest_overhead_mib);
+        assert_eq!(
+            vm_size(&spec, &config).ok().map(|s| s.0),
+            Some(100 + config.guest_overhead_mib)
+        );
+        // More than the host has: refused, naming the field, never wrapped.
+        let spec = json!({"linux": {"resources": {"memory": {"limit": i64::MAX}}}});
+        let e = vm_size(&spec, &config).expect_err("accepted").to_string();
+        assert!(e.contains("linux.resources.memory.limit"), "{e}");
     }
 }

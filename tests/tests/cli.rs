@@ -671,7 +671,7 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     refused(
         &root,
         &["create", "-b", s(&good), "../x"],
-        "invalid container id",
+        "invalid id format",
         &dir.path,
     );
     ok(
@@ -694,6 +694,71 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     let out = husk(&root, &["--systemd-cgroup", "list"]);
     assert!(!out.status.success() && stderr(&out).contains("not supported"));
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// Every subcommand that names a container refuses an id that could name a
+/// path, before touching anything: a state.json planted outside the root is
+/// never read, deleted or acted on (runc: "invalid id format").
+#[test]
+fn every_subcommand_refuses_ids_that_could_name_a_path() {
+    let dir = TestDir::new("ids");
+    let root = dir.state_root();
+    std::fs::create_dir_all(root.join("containers")).expect("mkdir containers");
+    // <root>/containers/../../planted is <dir>/planted: a complete, stopped
+    // container's state, whose bundle has a poststop hook.
+    let planted = dir.path.join("planted");
+    let canary = dir.path.join("canary");
+    let bundle = dir.path.join("planted-bundle");
+    std::fs::create_dir_all(&planted).expect("mkdir planted");
+    std::fs::create_dir_all(bundle.join("rootfs")).expect("mkdir bundle");
+    let mut spec = default_spec(&["true"]);
+    spec["hooks"] = serde_json::json!({"poststop": [
+        {"path": "/bin/sh", "args": ["sh", "-c", format!("touch {}", canary.display())]}
+    ]});
+    std::fs::write(bundle.join("config.json"), spec.to_string()).expect("config");
+    let state = serde_json::json!({
+        "id": "../../planted", "bundle": bundle, "status": "stopped", "pid": 0,
+        "monitor_pid": 0, "monitor_start": 0, "created": "2026-01-01T00:00:00.000000000Z"
+    });
+    std::fs::write(planted.join("state.json"), state.to_string()).expect("state");
+    let long = "a".repeat(65);
+    for id in [
+        "../../planted",
+        "..",
+        "a/b",
+        long.as_str(),
+        "a b",
+        "x\u{1b}[2Jy",
+    ] {
+        for args in [
+            vec!["delete", id],
+            vec!["delete", "--force", id],
+            vec!["state", id],
+            vec!["start", id],
+            vec!["kill", id, "KILL"],
+            vec!["pause", id],
+            vec!["resume", id],
+            vec!["ps", id],
+            vec!["events", id],
+            vec!["exec", id, "true"],
+            vec!["update", "--memory", "1000000", id],
+            vec!["create", "-b", "/nonexistent", id],
+        ] {
+            let out = husk(&root, &args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.contains("invalid id format"), "{args:?}: {err}");
+            assert!(
+                !err.contains('\u{1b}'),
+                "{args:?} echoed a raw escape: {err:?}"
+            );
+        }
+    }
+    assert!(
+        planted.join("state.json").is_file(),
+        "the planted state was touched"
+    );
+    assert!(!canary.exists(), "a hook of the planted bundle ran");
 }
 
 /// The cgroups of a process on the host, one "hierarchy:path" line each.

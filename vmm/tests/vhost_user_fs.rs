@@ -24,10 +24,7 @@ const IN_HEADER: usize = 40;
 const OUT_HEADER: usize = 16;
 
 fn virtiofsd() -> std::path::PathBuf {
-    tool(
-        "HUSK_VIRTIOFSD",
-        "tools/virtiofsd-1.14.0/bin/virtiofsd",
-    )
+    tool("HUSK_VIRTIOFSD", "tools/virtiofsd-1.14.0/bin/virtiofsd")
 }
 
 struct Fs {

@@ -36,14 +36,25 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The last non-empty line of a log file, for error messages.
 pub fn log_tail(log: &Path) -> String {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
+    // The logs hold what the guest printed: read only their end, never the
+    // whole file into memory, and never pass control characters on.
+    const TAIL: u64 = 16 * 1024;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).is_ok() {
+            let _ = f.take(TAIL).read_to_end(&mut bytes);
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("(no output)")
-        .trim()
-        .to_string()
+        .trim();
+    crate::agent::printable(line, 1024)
 }
 
 /// Whether a Unix socket bound at `socket` listens, from /proc/net/unix
@@ -100,7 +111,25 @@ fn wait_for_socket(
 
 #[cfg(test)]
 mod tests {
-    use super::listening;
+    use super::{listening, log_tail};
+
+    #[test]
+    fn a_log_tail_reads_only_the_end_and_strips_control_characters() {
+        let path = std::env::temp_dir().join(format!("husk-tail-{}.log", std::process::id()));
+        // 64 MiB a guest wrote, then its last line with an escape sequence.
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&path).unwrap();
+            let junk = vec![b'x'; 1 << 20];
+            for _ in 0..64 {
+                f.write_all(&junk).unwrap();
+            }
+            f.write_all(b"\nlast \x1b[2Jline\n\n").unwrap();
+        }
+        assert_eq!(log_tail(&path), "last ?[2Jline");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(log_tail(&path), "(no output)");
+    }
 
     #[test]
     fn a_bound_socket_listens_only_after_listen() {

@@ -29,6 +29,13 @@ impl VirtioFsBackend {
             // Each container rootfs is a bind mount inside the shared
             // directory: announce them so inode numbers do not collide.
             .arg("--announce-submounts")
+            // Pinned, not left to the version's defaults: its own mount
+            // namespace rooted at the share, its seccomp filter killing on
+            // anything else, and no capability to make device nodes or
+            // file capabilities on host storage for a hostile guest.
+            .arg("--sandbox=namespace")
+            .arg("--seccomp=kill")
+            .arg("--modcaps=-mknod:-setfcap")
             .arg("--log-level=error");
         let mut process =
             HelperProcess::spawn("virtiofsd", cmd, log).map_err(|source| BackendError::Spawn {

@@ -1,6 +1,7 @@
 //! Reading an OCI bundle: config.json checked before anything is created.
 
 use anyhow::{bail, Context};
+use husk_runtime::share::ReadOnly;
 use oci_spec::runtime::Spec;
 use std::path::{Path, PathBuf};
 
@@ -71,7 +72,7 @@ impl Bundle {
     /// A bind mount whose host source is missing fails here, naming the
     /// mount, before a VM is started (runc fails `create` the same way).
     fn check_bind_sources(&self, config: &Path) -> anyhow::Result<()> {
-        for (index, source, destination) in self.bind_mounts() {
+        for (index, source, destination, _) in self.bind_mounts() {
             let source = self.host_source(&source);
             if let Err(e) = std::fs::metadata(&source) {
                 bail!(
@@ -96,7 +97,7 @@ impl Bundle {
 
     /// Guest memory for this container: its limit plus the guest's own
     /// overhead, or the default.
-    pub fn memory_mib(&self, config: &husk_runtime::config::Config) -> u32 {
+    pub fn memory_mib(&self, config: &husk_runtime::config::Config) -> anyhow::Result<u32> {
         let limit = self
             .spec
             .linux()
@@ -105,12 +106,16 @@ impl Bundle {
             .and_then(|r| r.memory().as_ref())
             .and_then(|m| m.limit())
             .filter(|l| *l > 0);
-        match limit {
-            Some(bytes) => {
-                ((bytes as u64).div_ceil(1 << 20) as u32).saturating_add(config.guest_overhead_mib)
-            }
+        use husk_runtime::sizing;
+        Ok(match limit {
+            Some(bytes) => sizing::memory_for_limit(
+                "config.json: linux.resources.memory.limit",
+                bytes,
+                config.guest_overhead_mib,
+                sizing::host_memory_mib(),
+            )?,
             None => config.default_memory_mib,
-        }
+        })
     }
 
     /// vCPUs: the CPU quota rounded up, or the default; at least enough for
@@ -124,7 +129,11 @@ impl Bundle {
             .and_then(|l| l.resources().as_ref())
             .and_then(|r| r.cpu().as_ref());
         let by_quota = match cpu.and_then(|c| Some((c.quota()?, c.period().unwrap_or(100_000)))) {
-            Some((q, p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 64) as u32,
+            Some((q, p)) if q > 0 && p > 0 => husk_runtime::sizing::vcpus_for_quota(
+                q,
+                i64::try_from(p).unwrap_or(i64::MAX),
+                MAX_VCPUS,
+            ),
             _ => config.default_vcpus,
         };
         let by_cpuset = match cpu.and_then(|c| c.cpus().as_deref()) {
@@ -145,7 +154,9 @@ impl Bundle {
     }
 
     /// Host paths of bind mounts to share into the guest: (index, source, destination).
-    pub fn bind_mounts(&self) -> Vec<(usize, PathBuf, String)> {
+    /// The spec's bind mounts: index, source, destination, and how
+    /// read-only the host makes them.
+    pub fn bind_mounts(&self) -> Vec<(usize, PathBuf, String, ReadOnly)> {
         self.spec
             .mounts()
             .as_deref()
@@ -165,6 +176,7 @@ impl Bundle {
                     i,
                     m.source().clone()?,
                     m.destination().display().to_string(),
+                    ReadOnly::from_options(m.options().as_deref().unwrap_or(&[])),
                 ))
             })
             .collect()

@@ -143,10 +143,11 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<i32> {
     }
     let status = agent.wait_process(&args.id, &exec_id)?;
     pumps.finish();
-    if status.signal > 0 {
-        super::die_by_signal(status.signal as i32);
+    let exit = husk_runtime::agent::ProcessExit::from_guest(status.exit_code, status.signal);
+    if exit.signal > 0 {
+        super::die_by_signal(exit.signal);
     }
-    Ok(status.exit_code)
+    Ok(exit.code)
 }
 
 /// Runs this exec in a background copy of ourselves and returns once the

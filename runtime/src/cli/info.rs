@@ -17,7 +17,9 @@ pub fn ps(root: &Path, id: &str, format: &str) -> anyhow::Result<()> {
         // Guest pids: the processes live in the VM, not on this host.
         println!("{:<8} CMD", "PID");
         for p in procs {
-            println!("{:<8} {}", p.pid, p.command);
+            // The command line is the guest's to choose: never raw to a terminal.
+            let command = husk_runtime::agent::printable(&p.command, 4096);
+            println!("{:<8} {command}", p.pid);
         }
     }
     Ok(())
@@ -29,8 +31,9 @@ fn stats_event(root: &Path, id: &str) -> anyhow::Result<serde_json::Value> {
         "type": "stats",
         "id": id,
         "data": {
-            "cpu": {"usage": {"total": s.cpu_usage_usec * 1000, "user": s.cpu_user_usec * 1000, "kernel": s.cpu_system_usec * 1000},
-                    "throttling": {"periods": s.cpu_nr_periods, "throttledPeriods": s.cpu_nr_throttled, "throttledTime": s.cpu_throttled_usec * 1000}},
+            // Guest numbers: saturating, never an overflow.
+            "cpu": {"usage": {"total": s.cpu_usage_usec.saturating_mul(1000), "user": s.cpu_user_usec.saturating_mul(1000), "kernel": s.cpu_system_usec.saturating_mul(1000)},
+                    "throttling": {"periods": s.cpu_nr_periods, "throttledPeriods": s.cpu_nr_throttled, "throttledTime": s.cpu_throttled_usec.saturating_mul(1000)}},
             "memory": {"usage": {"usage": s.memory_current_bytes, "limit": s.memory_limit_bytes}, "raw": s.memory_stat},
             "pids": {"current": s.pids_current, "limit": s.pids_limit},
             "blkio": {"read_bytes": s.io_read_bytes, "write_bytes": s.io_write_bytes},

@@ -68,9 +68,7 @@ fn fd_open(fd: RawFd) -> bool {
 }
 
 pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
-    if !husk_runtime::sandbox::valid_id(&args.id) {
-        bail!("invalid container id {:?}: use 1-64 characters of [A-Za-z0-9_.-], not starting with . or -", args.id);
-    }
+    state::check_id(&args.id)?;
     if args.preserve_fds > 0 {
         bail!(
             "--preserve-fds {}: passing host file descriptors into a VM is not supported",
@@ -86,8 +84,8 @@ pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
         .into_iter()
         .collect();
     let containers = state::containers_dir(root);
-    std::fs::create_dir_all(&containers)
-        .with_context(|| format!("creating {}", containers.display()))?;
+    husk_runtime::sandbox::private_dir_all(root)?;
+    husk_runtime::sandbox::private_dir_all(&containers)?;
     let dir = state::container_dir(root, &args.id);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
@@ -411,6 +409,17 @@ pub fn pause(root: &Path, id: &str, pause: bool) -> anyhow::Result<()> {
     } else {
         agent.resume(id)?
     }
-    state::update(root, id, |s| s.status = to)?;
+    // Only from the state checked above: a container that stopped in
+    // between stays stopped, never "paused" over its exit.
+    let mut now = want;
+    state::update(root, id, |s| {
+        now = s.status;
+        if s.status == want {
+            s.status = to;
+        }
+    })?;
+    if now != want {
+        bail!("container {id} is {}, not {}", now.as_str(), want.as_str());
+    }
     Ok(())
 }

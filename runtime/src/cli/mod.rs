@@ -119,6 +119,33 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The container id the command names, for every command that names
+    /// one: each is checked before anything touches the state directory.
+    fn container_id(&self) -> Option<&str> {
+        match self {
+            Command::Create(a) => Some(&a.id),
+            Command::Run(a) => Some(&a.create.id),
+            Command::Exec(a) => Some(&a.id),
+            Command::Update(a) => Some(&a.id),
+            Command::Monitor(a) => Some(&a.id),
+            Command::Start { id }
+            | Command::State { id }
+            | Command::Kill { id, .. }
+            | Command::Delete { id, .. }
+            | Command::Ps { id, .. }
+            | Command::Pause { id }
+            | Command::Resume { id }
+            | Command::Events { id, .. } => Some(id),
+            Command::Shadow { .. }
+            | Command::Check(_)
+            | Command::List { .. }
+            | Command::Spec { .. }
+            | Command::Features => None,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     if cli.systemd_cgroup {
         bail!("--systemd-cgroup is not supported: husk manages the cgroups inside its microVMs");
@@ -131,6 +158,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let format = log::LogFormat::parse(&cli.log_format)?;
     log::init(cli.log.as_deref(), format, cli.debug)?;
     ::log::debug!("husk {:?}", std::env::args().skip(1).collect::<Vec<_>>());
+    if let Some(id) = cli.command.container_id() {
+        state::check_id(id)?;
+    }
     let root = cli.root.as_path();
     match cli.command {
         Command::Check(args) => check::check(root, args),
@@ -182,8 +212,13 @@ pub fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
-/// Ends this process by `signal`, as a container process ended.
+/// Ends this process by `signal`, as a container process ended. Only a
+/// signal whose default action ends a process is raised: anything else
+/// (a stop signal, an ignored one) returns, and the caller exits instead.
 pub fn die_by_signal(signal: i32) {
+    if !husk_runtime::agent::is_fatal_signal(signal) {
+        return;
+    }
     // SAFETY: restoring the default action and raising a signal on ourselves.
     unsafe {
         libc::signal(signal, libc::SIG_DFL);

@@ -18,7 +18,7 @@ use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{HostStdio, NewContainer, Sandbox, SandboxConfig, StdioPumps};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -141,15 +141,15 @@ fn setup(
     };
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);
-    sc.memory_mib = bundle.memory_mib(&config);
+    sc.memory_mib = bundle.memory_mib(&config)?;
     sc.vcpus = bundle.vcpus(&config)?;
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
     let rootfs = sandbox.share_rootfs(&args.id, &bundle.rootfs)?;
     let mut shared = HashMap::new();
-    for (index, source, destination) in bundle.bind_mounts() {
+    for (index, source, destination, readonly) in bundle.bind_mounts() {
         let source = bundle.host_source(&source);
         let rel = sandbox
-            .share_path(&args.id, index, &source)
+            .share_path(&args.id, index, &source, readonly)
             .with_context(|| format!("config.json: mounts[{index}] ({destination})"))?;
         shared.insert(destination, rel);
     }
@@ -232,10 +232,12 @@ impl Monitor {
     /// Handles one request; true when the monitor should exit.
     fn serve(self: &Arc<Self>, conn: UnixStream) -> bool {
         let mut line = String::new();
+        // A request is one short JSON line: read no more than that.
         let mut reader = BufReader::new(match conn.try_clone() {
             Ok(c) => c,
             Err(_) => return false,
-        });
+        })
+        .take(MAX_LINE);
         if reader.read_line(&mut line).is_err() {
             return false;
         }
@@ -306,7 +308,10 @@ impl Monitor {
 
     fn wait_exit(&self) {
         let (code, signal) = match self.agent.wait_process(&self.id, "") {
-            Ok(s) => (s.exit_code, s.signal as i32),
+            Ok(s) => {
+                let exit = husk_runtime::agent::ProcessExit::from_guest(s.exit_code, s.signal);
+                (exit.code, exit.signal)
+            }
             Err(e) => {
                 // The VM is gone, and the container with it: record why
                 // before the shadow exits, so `husk run` can say it.
@@ -451,6 +456,9 @@ impl Monitor {
     }
 }
 
+/// The longest line read from the monitor's socket, either way.
+pub const MAX_LINE: u64 = 64 * 1024;
+
 /// Sends one request to a container's monitor and returns its value.
 pub fn request(root: &Path, id: &str, req: serde_json::Value) -> anyhow::Result<serde_json::Value> {
     let st = ContainerState::load(root, id)?;
@@ -462,7 +470,7 @@ pub fn request(root: &Path, id: &str, req: serde_json::Value) -> anyhow::Result<
         UnixStream::connect(&sock).with_context(|| format!("connecting to the monitor of {id}"))?;
     writeln!(conn, "{req}")?;
     let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
+    BufReader::new(conn).take(MAX_LINE).read_line(&mut line)?;
     let reply: serde_json::Value =
         serde_json::from_str(&line).with_context(|| format!("monitor of {id}: bad reply"))?;
     if reply["ok"] == true {

@@ -5,7 +5,7 @@
 //! catch, closes its link and the monitor kills the container.
 
 use nix::sys::signal::{SigSet, Signal};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 
@@ -35,7 +35,8 @@ pub fn shadow() -> anyhow::Result<i32> {
         }
     });
     let mut line = String::new();
-    let _ = BufReader::new(link).read_line(&mut line);
+    // "exit CODE SIGNAL": nothing longer is read.
+    let _ = BufReader::new(link).take(64).read_line(&mut line);
     let mut words = line
         .split_whitespace()
         .skip(1)

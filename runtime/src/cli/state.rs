@@ -54,6 +54,21 @@ pub struct ContainerState {
     pub error: Option<String>,
 }
 
+/// Refuses an id that is not a plain name, as runc does ("invalid id
+/// format"), before it is ever joined to a path: `../x`, `..`, `a/b`, an
+/// empty or overlong id would otherwise name state outside the root.
+pub fn check_id(id: &str) -> anyhow::Result<()> {
+    if husk_runtime::sandbox::valid_id(id) {
+        return Ok(());
+    }
+    // The id as the user gave it, but never raw control characters.
+    let shown: String = id.chars().take(80).flat_map(char::escape_debug).collect();
+    let more = if id.chars().count() > 80 { "…" } else { "" };
+    bail!(
+        "invalid id format: \"{shown}{more}\" (use 1-64 characters of [A-Za-z0-9_.-], not starting with . or -)"
+    )
+}
+
 pub fn containers_dir(root: &Path) -> PathBuf {
     root.join("containers")
 }
@@ -102,8 +117,19 @@ impl ContainerState {
     pub fn save(&self, root: &Path) -> anyhow::Result<()> {
         let dir = container_dir(root, &self.id);
         let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(&serde_json::to_vec(self)?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
         std::fs::rename(&tmp, dir.join("state.json"))
             .with_context(|| format!("saving state of {}", self.id))
     }
@@ -193,6 +219,29 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_that_could_name_a_path_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            "-x",
+            ".hidden",
+            "a b",
+            "x\u{1b}[2J",
+        ] {
+            let e = check_id(bad).expect_err(bad).to_string();
+            assert!(e.starts_with("invalid id format"), "{e}");
+            assert!(!e.contains('\u{1b}'), "raw escape in {e:?}");
+        }
+        assert!(check_id(&"a".repeat(65)).is_err());
+        assert!(check_id(&"a".repeat(64)).is_ok());
+        assert!(check_id("web-1_a.b").is_ok());
+    }
 
     #[test]
     fn rfc3339_has_the_right_shape() {
