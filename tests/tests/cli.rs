@@ -761,6 +761,97 @@ fn every_subcommand_refuses_ids_that_could_name_a_path() {
     assert!(!canary.exists(), "a hook of the planted bundle ran");
 }
 
+/// `husk` with stdout and stderr to files, not waited for.
+fn husk_spawn(root: &Path, args: &[&str], out: &Path) -> std::process::Child {
+    let file = |ext: &str| {
+        std::fs::File::create(out.with_extension(ext)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    Command::new(husk_bin())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file("out"))
+        .stderr(file("err"))
+        .spawn()
+        .expect("spawning husk")
+}
+
+/// Races on one id: two creates at once (one wins, the other is told it
+/// exists), a delete while the create is still booting the VM (it waits for
+/// the create and then removes everything), pause while the process exits
+/// (never "paused" over "stopped"). Nothing leaks, no state is corrupted.
+#[test]
+fn create_delete_and_pause_races_on_one_id() {
+    become_subreaper();
+    let dir = TestDir::new("races");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+
+    // Two creates of one id at once.
+    let (o1, o2) = (dir.path.join("c1"), dir.path.join("c2"));
+    let mut c1 = husk_spawn(&root, &["create", "-b", s(&b), "twin"], &o1);
+    let mut c2 = husk_spawn(&root, &["create", "-b", s(&b), "twin"], &o2);
+    let (r1, r2) = (c1.wait().expect("wait"), c2.wait().expect("wait"));
+    assert!(
+        r1.success() != r2.success(),
+        "exactly one create must win: {r1} {r2}"
+    );
+    let loser = if r1.success() { &o2 } else { &o1 };
+    let err = std::fs::read_to_string(loser.with_extension("err")).unwrap_or_default();
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(state(&root, "twin")["status"], "created");
+    ok(&husk(&root, &["delete", "--force", "twin"]), "delete twin");
+
+    // Delete while the create is booting the VM.
+    let o3 = dir.path.join("c3");
+    let mut c3 = husk_spawn(&root, &["create", "-b", s(&b), "early"], &o3);
+    let sandbox = husk_runtime::sandbox::sandbox_dir(&root.join("sandbox"), "early");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sandbox.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(sandbox.exists(), "the create never started its sandbox");
+    let del = husk(&root, &["delete", "--force", "early"]);
+    let created = c3.wait().expect("wait");
+    assert!(
+        created.success(),
+        "the create was torn down under itself: {}",
+        std::fs::read_to_string(o3.with_extension("err")).unwrap_or_default()
+    );
+    ok(&del, "delete during create");
+    assert!(!husk(&root, &["state", "early"]).status.success());
+
+    // Pause while the container's process exits.
+    let quick = bundle_with(&dir, "quick", default_spec(&["sleep", "1"]));
+    ok(
+        &husk(&root, &["create", "-b", s(&quick), "quick"]),
+        "create",
+    );
+    ok(&husk(&root, &["start", "quick"]), "start");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let st = state(&root, "quick");
+        if st["status"] == "stopped" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never stopped: {st}");
+        if husk(&root, &["pause", "quick"]).status.success() {
+            let _ = husk(&root, &["resume", "quick"]);
+        }
+    }
+    let out = husk(&root, &["pause", "quick"]);
+    assert!(!out.status.success(), "paused a stopped container");
+    assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+    assert_eq!(state(&root, "quick")["status"], "stopped");
+    ok(&husk(&root, &["delete", "quick"]), "delete quick");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+    let lock_files: Vec<_> = std::fs::read_dir(root.join("containers"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(lock_files.is_empty(), "left in containers/: {lock_files:?}");
+}
+
 /// The cgroups of a process on the host, one "hierarchy:path" line each.
 fn host_cgroups(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()

@@ -438,6 +438,14 @@ fn husk_check_passes_and_reports_boot_timing() {
             .as_str()
             .unwrap_or_default()
             .contains("TCG fallback"));
+    } else if std::env::var_os("HUSK_HYPERVISOR").is_none() {
+        // Hardware KVM: auto still picks QEMU, and says why.
+        assert_eq!(report["hypervisor"], "qemu");
+        assert_eq!(report["acceleration"], "KVM");
+        assert!(report["hypervisor_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("husk-vmm has not yet passed"));
     }
     assert_eq!(
         leftovers_settled(&dir.path, &dir.state_root()),

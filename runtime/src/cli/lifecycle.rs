@@ -83,9 +83,10 @@ pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
         .unwrap_or_default()
         .into_iter()
         .collect();
-    let containers = state::containers_dir(root);
     husk_runtime::sandbox::private_dir_all(root)?;
-    husk_runtime::sandbox::private_dir_all(&containers)?;
+    // Held until the container is created (or everything undone): a delete
+    // of this id waits for it.
+    let _lifecycle = state::lifecycle_lock(root, &args.id)?;
     let dir = state::container_dir(root, &args.id);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
@@ -312,7 +313,17 @@ pub fn kill(root: &Path, id: &str, signal: &str, all: bool) -> anyhow::Result<()
 }
 
 pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
-    let st = ContainerState::load(root, id)?;
+    // Waits for a create of this id still in progress.
+    let lifecycle = state::lifecycle_lock(root, id)?;
+    let st = match ContainerState::load(root, id) {
+        Ok(st) => st,
+        Err(e) => {
+            if !state::container_dir(root, id).exists() {
+                lifecycle.remove();
+            }
+            return Err(e);
+        }
+    };
     if st.monitor_alive() {
         monitor::request(
             root,
@@ -332,6 +343,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         husk_runtime::sandbox::unmount_below(&sandbox)?;
         husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
         let _ = std::fs::remove_dir_all(state::container_dir(root, id));
+    }
+    if !state::container_dir(root, id).exists() {
+        lifecycle.remove();
     }
     super::hooks::run_saved_hooks(&st, "poststop");
     Ok(())

@@ -77,7 +77,9 @@ hardware-KVM host; set hypervisor = \"husk-vmm\" to use it";
 pub fn auto_choice(kvm: &kvm::KvmSupport) -> (bool, String) {
     match kvm {
         kvm::KvmSupport::Usable => (true, format!("auto: QEMU with KVM ({AUTO_PREFERS_QEMU})")),
-        kvm::KvmSupport::Unusable(why) => (false, format!("auto: QEMU with TCG because {why}")),
+        kvm::KvmSupport::Unusable(why) => {
+            (false, format!("auto: QEMU, TCG fallback because {why}"))
+        }
     }
 }
 
@@ -136,6 +138,6 @@ mod auto_tests {
         );
         let (with_kvm, reason) = auto_choice(&kvm::KvmSupport::Unusable("kvm-pvm".into()));
         assert!(!with_kvm);
-        assert!(reason.contains("TCG because kvm-pvm"), "{reason}");
+        assert!(reason.contains("TCG fallback because kvm-pvm"), "{reason}");
     }
 }
