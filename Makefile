@@ -8,7 +8,10 @@ AGENT_RUSTFLAGS := -C target-feature=+crt-static
 TEST_THREADS ?= 2
 BENCH ?=
 
-.PHONY: all deps tools kernel agent initramfs binaries build demo test bench conformance lint install clean
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := stream_header agent_reply mmio_transport
+
+.PHONY: all deps tools kernel agent initramfs binaries build demo test bench conformance fuzz lint install clean
 
 all: build
 
@@ -49,6 +52,19 @@ bench: build
 # regenerates the table in docs/oci-conformance.md.
 conformance: build
 	scripts/conformance.sh
+
+# cargo-fuzz (nightly) on what the host decodes from a guest and on husk-vmm's
+# virtio-mmio transport: each target replays its regressions and corpus
+# (fuzz/corpus, fuzz/regressions: in the repo), then fuzzes for FUZZ_SECONDS.
+# A crash stops the run and leaves its input in fuzz/artifacts/<target>/:
+# add it to fuzz/regressions/<target>/ with the fix.
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	python3 fuzz/seeds.py
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run -O $$t corpus/$$t regressions/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 || exit 1; \
+	done
 
 # Installs the binaries and guest artifacts where husk and containerd find them.
 install: build

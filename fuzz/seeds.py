@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus (fuzz/corpus/<target>/seed-*): inputs that reach
+the deep paths a random start rarely finds -- a driver that negotiates,
+sets up a queue in RAM, offers descriptor chains and activates the device;
+well-formed stream headers; well-formed agent replies."""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "seed-" + name), "wb") as f:
+        f.write(data)
+
+
+# virtio-mmio registers and status bits
+STATUS, DRV_FEAT, DRV_FEAT_SEL = 0x70, 0x20, 0x24
+Q_SEL, Q_NUM, Q_READY = 0x30, 0x38, 0x44
+Q_DESC, Q_DRIVER, Q_DEVICE = 0x80, 0x90, 0xA0
+Q_NOTIFY = 0x50
+
+
+def op_write(off, val):
+    return bytes([1 | (2 << 2)]) + struct.pack("<HI", off, val)
+
+
+def op_read(off):
+    return bytes([0 | (2 << 2)]) + struct.pack("<HI", off, 0)
+
+
+def driver(queue_size, desc, avail, used):
+    ops = [
+        op_read(0x00), op_read(0x04), op_read(0x08),
+        op_write(STATUS, 1), op_write(STATUS, 3),
+        op_write(DRV_FEAT_SEL, 1), op_write(DRV_FEAT, 1),
+        op_write(DRV_FEAT_SEL, 0), op_write(DRV_FEAT, 0b111),
+        op_write(STATUS, 11), op_read(STATUS),
+        op_write(Q_SEL, 0), op_write(Q_NUM, queue_size),
+        op_write(Q_DESC, desc), op_write(Q_DESC + 4, 0),
+        op_write(Q_DRIVER, avail), op_write(Q_DRIVER + 4, 0),
+        op_write(Q_DEVICE, used), op_write(Q_DEVICE + 4, 0),
+        op_write(Q_READY, 1),
+        op_write(STATUS, 15), op_write(Q_NOTIFY, 0), op_read(0x60),
+        op_write(0x64, 1), op_write(STATUS, 0),
+    ]
+    return ops
+
+
+def ram_with_chains(size, desc, avail, chains):
+    ram = bytearray(size)
+    # descriptors: (addr u64, len u32, flags u16, next u16)
+    i = 0
+    heads = []
+    for chain in chains:
+        heads.append(i)
+        for j, (addr, length, write) in enumerate(chain):
+            last = j == len(chain) - 1
+            flags = (0 if last else 1) | (2 if write else 0)
+            nxt = 0 if last else i + 1
+            struct.pack_into("<QIHH", ram, desc + 16 * i, addr, length, flags, nxt)
+            i += 1
+    # available ring: flags, idx, ring[]
+    struct.pack_into("<HH", ram, avail, 0, len(heads))
+    for k, h in enumerate(heads):
+        struct.pack_into("<H", ram, avail + 4 + 2 * k, h)
+    return bytes(ram)
+
+
+ops = driver(16, 0x1000, 0x2000, 0x3000)
+ram = ram_with_chains(0x8000, 0x1000, 0x2000,
+                      [[(0x4000, 64, False), (0x5000, 128, True)],
+                       [(0x6000, 0xFFFFFFFF, False)],
+                       [(0xFFFFFFFFFFFF0000, 16, True)]])
+write("mmio_transport", "activate", struct.pack("<H", len(ops)) + b"".join(ops) + ram)
+# A descriptor loop (next points back at itself).
+loop = bytearray(ram_with_chains(0x8000, 0x1000, 0x2000, [[(0x4000, 8, False), (0x4000, 8, False)]]))
+struct.pack_into("<QIHH", loop, 0x1000 + 16, 0x4000, 8, 1, 0)
+write("mmio_transport", "loop", struct.pack("<H", len(ops)) + b"".join(ops) + bytes(loop))
+
+# stream headers: magic, version, kind, 2 reserved, token
+write("stream_header", "process", b"HUSK" + bytes([1, 1, 0, 0]) + struct.pack("<Q", 7))
+write("stream_header", "echo", b"HUSK" + bytes([1, 2, 0, 0]) + struct.pack("<Q", 0))
+
+# agent replies: first byte picks the message (see agent_reply.rs)
+write("agent_reply", "wait-signal", bytes([0]) + bytes([0x08, 0x89, 0x01, 0x10, 0x13]))
+write("agent_reply", "ps", bytes([1]) + bytes([0x0A, 0x08, 0x08, 0x01, 0x12, 0x04]) + b"\x1b[2J")
+write("agent_reply", "stats", bytes([2]) + bytes([0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))
