@@ -55,6 +55,19 @@ pub struct Config {
     /// Added to a container's memory limit to size its VM (MiB): the guest
     /// kernel and the agent live there too.
     pub guest_overhead_mib: u32,
+    /// What the host processes of a sandbox (VMM, backends, monitor) may
+    /// use beyond the guest's RAM (MiB): the sandbox's host cgroup gets
+    /// `memory.max` = guest memory + this. Measured: an idle pod's host
+    /// processes take 115 MiB PSS for a 128 MiB guest (docs/benchmarks.md).
+    pub host_overhead_mib: u32,
+    /// `pids.max` of the sandbox's host cgroup: the threads of the VMM, the
+    /// backends and the monitor.
+    pub host_pids_max: u32,
+    /// The uids (= gids) jailed helpers run as: one per sandbox, from
+    /// `jail_uid_base` to `jail_uid_base + jail_uid_count - 1`. Nothing
+    /// else on the host may use this range.
+    pub jail_uid_base: u32,
+    pub jail_uid_count: u32,
     /// How long a sandbox may take from VMM start to agent ready (seconds).
     pub boot_timeout_secs: u64,
     pub kernel: Option<PathBuf>,
@@ -76,6 +89,10 @@ impl Default for Config {
             default_memory_mib: 128,
             default_vcpus: 1,
             guest_overhead_mib: 64,
+            host_overhead_mib: 256,
+            host_pids_max: 1024,
+            jail_uid_base: 1_800_000_000,
+            jail_uid_count: 1_000_000,
             boot_timeout_secs: 30,
             kernel: None,
             initramfs: None,

@@ -6,10 +6,13 @@
 //! and carries the container's CPU limits (`mirror_cpu`): shares, quota and
 //! period, cpuset and real-time budget bound the host CPU time of the VM's
 //! vCPU threads and of the backends doing its I/O, which is what the
-//! container was granted. Memory and pids limits are not mirrored: they
-//! count the VMM's and backends' own memory and threads, so the container's
-//! value would kill the VM on the host before the guest ever enforced it;
-//! the VM's RAM size bounds the guest instead.
+//! container was granted. The container's memory and pids limits are not
+//! mirrored: they count the VMM's and backends' own memory and threads, so
+//! the container's value would kill the VM on the host before the guest
+//! ever enforced it; the VM's RAM size bounds the guest instead. The
+//! sandbox's own bounds are set (`limit_sandbox`): memory = the VM's RAM
+//! plus the host overhead, pids = the configured maximum, so a hostile guest
+//! cannot make its host processes take more.
 
 use oci_spec::runtime::LinuxCpu;
 use std::path::{Path, PathBuf};
@@ -204,6 +207,28 @@ impl HostCgroup {
                             log::warn!("{e}: the sandbox keeps its parent's {file}");
                         }
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bounds what the sandbox's host processes may take, whatever a guest
+    /// makes them do: `memory_bytes` (the guest's RAM plus the host
+    /// overhead) and `pids` tasks, in every hierarchy that has the
+    /// controller (v1 `memory.limit_in_bytes` / `pids.max`, v2 `memory.max`
+    /// / `pids.max`). A hierarchy refusing the value fails the sandbox.
+    pub fn limit_sandbox(&self, memory_bytes: u64, pids: u32) -> Result<(), HostCgroupError> {
+        for (_, dir) in &self.dirs {
+            for (file, value) in [
+                ("memory.limit_in_bytes", memory_bytes.to_string()),
+                ("memory.max", memory_bytes.to_string()),
+                ("pids.max", pids.to_string()),
+            ] {
+                let path = dir.join(file);
+                if path.exists() {
+                    std::fs::write(&path, value)
+                        .map_err(|source| HostCgroupError::Io { path, source })?;
                 }
             }
         }

@@ -12,6 +12,7 @@ pub mod child;
 pub mod config;
 pub mod host_cgroup;
 pub mod hypervisor;
+pub mod jail;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;

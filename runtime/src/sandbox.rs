@@ -69,6 +69,8 @@ pub enum SandboxError {
     Share(#[from] crate::share::ShareError),
     #[error("this sandbox exports a directory it was given: containers cannot be shared into it")]
     NoShare,
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// A container to create in a sandbox's guest.
@@ -161,6 +163,8 @@ pub struct Sandbox {
     pub dir: PathBuf,
     /// What virtiofsd exports (the guest's view of the share).
     shared_dir: PathBuf,
+    /// The uid its jailed backend runs as, and that backend's directory.
+    jail: Option<(crate::jail::JailId, PathBuf)>,
     /// The share this sandbox made (None when the caller gave a directory
     /// to export as it is, as `husk check --shared-dir` does).
     share: Option<Share>,
@@ -282,6 +286,7 @@ impl Sandbox {
             dir: dir.clone(),
             shared_dir: shared_dir.clone(),
             share: None,
+            jail: None,
             hypervisor: selection.hypervisor.name(),
             acceleration: selection.hypervisor.acceleration(),
             hypervisor_reason: selection.reason.clone(),
@@ -305,13 +310,17 @@ impl Sandbox {
             &config.virtiofs_cache,
             &dir.join("virtiofsd.log"),
         )?);
+        let vsock_dir = sandbox.jail_vsock_backend(config)?;
+        let jail = crate::jail::Jail::for_backend(sandbox.jail_uid().unwrap_or(0))?;
         sandbox.vsock = Some(VsockBackend::spawn(
             &vsock_backend,
             GUEST_CID,
-            &dir.join("vhost-vsock.sock"),
-            &dir.join("vsock.sock"),
+            &vsock_dir.join("vhost-vsock.sock"),
+            &vsock_dir.join("vsock.sock"),
             &dir.join("vsock.log"),
+            Some(jail),
         )?);
+        sandbox.lock_jail_dir(&vsock_dir)?;
         sandbox.timings.backends_ms = ms(tb.elapsed());
 
         let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet");
@@ -327,7 +336,7 @@ impl Sandbox {
             vcpus: sc.vcpus,
             fs_socket: dir.join("vhost-fs.sock"),
             fs_tag: virtiofs::TAG.to_string(),
-            vsock_socket: dir.join("vhost-vsock.sock"),
+            vsock_socket: vsock_dir.join("vhost-vsock.sock"),
             guest_cid: GUEST_CID,
             console_log: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),
@@ -460,6 +469,58 @@ impl Sandbox {
         SandboxError::Agent(e)
     }
 
+    /// Claims this sandbox's jail uid and makes the directory its jailed
+    /// vsock backend owns, `<JAIL_ROOT>/<uid>`.
+    fn jail_vsock_backend(&mut self, config: &Config) -> Result<PathBuf, SandboxError> {
+        use crate::jail::{JailId, JAIL_ROOT};
+        let root = Path::new(JAIL_ROOT);
+        let id = JailId::claim(
+            &root.join("uids"),
+            config.jail_uid_base,
+            config.jail_uid_count,
+            &self.dir,
+        )?;
+        let dir = root.join(id.uid.to_string());
+        self.jail = Some((id, dir.clone()));
+        // Searchable by the jailed uids, listable by nobody but root.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711));
+        }
+        // A directory a crashed sandbox left under this uid goes first.
+        let _ = std::fs::remove_dir_all(&dir);
+        let uid = self.jail_uid().unwrap_or(0);
+        crate::jail::Jail::for_backend(uid)?.own_dir(&dir)?;
+        Ok(dir)
+    }
+
+    fn jail_uid(&self) -> Option<u32> {
+        self.jail.as_ref().map(|(id, _)| id.uid)
+    }
+
+    /// Once the jailed backend has made its sockets, its directory becomes
+    /// root's: the backend can no longer swap a socket for a symlink that
+    /// would send the host's connections elsewhere. The host reaches the
+    /// agent's socket through `<sandbox>/vsock.sock`, a link to it.
+    fn lock_jail_dir(&self, vsock_dir: &Path) -> Result<(), SandboxError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |source| SandboxError::Io {
+            what: "locking the jail directory",
+            path: vsock_dir.to_path_buf(),
+            source,
+        };
+        std::os::unix::fs::chown(vsock_dir, Some(0), Some(0)).map_err(err)?;
+        std::fs::set_permissions(vsock_dir, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+        let link = self.dir.join("vsock.sock");
+        std::os::unix::fs::symlink(vsock_dir.join("vsock.sock"), &link).map_err(|source| {
+            SandboxError::Io {
+                what: "linking",
+                path: link,
+                source,
+            }
+        })
+    }
+
     /// The share this sandbox made, where containers' paths are bound.
     fn share(&self) -> Result<&Share, SandboxError> {
         self.share.as_ref().ok_or(SandboxError::NoShare)
@@ -579,6 +640,10 @@ impl Sandbox {
         }
         if let Some(mut v) = self.vsock.take() {
             v.process.stop(Duration::from_millis(500));
+        }
+        if let Some((id, dir)) = self.jail.take() {
+            let _ = std::fs::remove_dir_all(&dir);
+            id.release();
         }
         if let Some(share) = self.share.take() {
             share.remove()?;
@@ -701,6 +766,36 @@ fn wait_for_marker(
             ))));
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Removes what the jail of the sandbox at `dir` left when its owner died
+/// without cleaning up (a crashed monitor or shim): the backend's directory
+/// `<JAIL_ROOT>/<uid>` (named by the `vsock.sock` link) and the uid claim,
+/// if the claim is still this sandbox's.
+pub fn remove_jail_of(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(target) = std::fs::read_link(dir.join("vsock.sock")) else {
+        return;
+    };
+    let root = Path::new(crate::jail::JAIL_ROOT);
+    let Some(jail_dir) = target.parent() else {
+        return;
+    };
+    let Some(uid) = jail_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return;
+    };
+    if jail_dir.parent() != Some(root) {
+        return;
+    }
+    let claim = root.join("uids").join(uid);
+    if std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
+        let _ = std::fs::remove_dir_all(jail_dir);
+        let _ = std::fs::remove_file(&claim);
     }
 }
 

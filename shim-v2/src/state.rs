@@ -56,6 +56,7 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
     if record.owns_vm && record.sandbox_dir.exists() {
         // Give the VM's helpers a moment to die of their parent's death.
         std::thread::sleep(std::time::Duration::from_millis(200));
+        husk_runtime::sandbox::remove_jail_of(&record.sandbox_dir);
         unmount_below(&record.sandbox_dir)?;
         remove_tree_same_fs(&record.sandbox_dir)?;
     }

@@ -894,6 +894,13 @@ fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
         assert_eq!(max, "150000 100000");
     }
     assert_eq!(host_file("cpuset.cpus").as_deref(), Some("0"));
+    // The sandbox's own bounds: the VM's RAM (the default 128 MiB, no limit
+    // in the spec) plus the host overhead (256 MiB), and the pids maximum.
+    let memory = host_file("memory.limit_in_bytes")
+        .or_else(|| host_file("memory.max"))
+        .expect("no memory controller on the host cgroup");
+    assert_eq!(memory, ((128u64 + 256) << 20).to_string());
+    assert_eq!(host_file("pids.max").as_deref(), Some("1024"));
     ok(
         &husk(
             &root,

@@ -284,9 +284,11 @@ fn processes_naming(marker: &str) -> Vec<(i32, String)> {
 /// docs/security.md says: QEMU under its seccomp sandbox, virtiofsd's
 /// serving process under its seccomp filter, in a mount namespace of its
 /// own, without the capabilities to make device nodes or set file
-/// capabilities.
+/// capabilities; the vsock backend jailed: an unprivileged uid of the
+/// jail range, no capabilities, no_new_privs, the spawner's seccomp filter,
+/// its socket directory handed back to root once its sockets exist.
 #[test]
-fn qemu_and_virtiofsd_run_under_their_seccomp_filters() {
+fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
     require_guest();
     let dir = TestDir::new("hostile-procs");
     let root = dir.state_root();

@@ -23,6 +23,7 @@ impl VsockBackend {
         vhost_socket: &Path,
         uds: &Path,
         log: &Path,
+        jail: Option<crate::jail::Jail>,
     ) -> Result<Self, BackendError> {
         let mut cmd = Command::new(program);
         cmd.arg("--vm").arg(format!(
@@ -30,6 +31,9 @@ impl VsockBackend {
             vhost_socket.display(),
             uds.display()
         ));
+        if let Some(jail) = jail {
+            jail.apply(&mut cmd);
+        }
         let mut process =
             HelperProcess::spawn("vhost-device-vsock", cmd, log).map_err(|source| {
                 BackendError::Spawn {

@@ -340,6 +340,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
     } else {
         // A crashed monitor took its VM with it; remove what is left on disk.
         let sandbox = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(root), id);
+        husk_runtime::sandbox::remove_jail_of(&sandbox);
         husk_runtime::sandbox::unmount_below(&sandbox)?;
         husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
         let _ = std::fs::remove_dir_all(state::container_dir(root, id));

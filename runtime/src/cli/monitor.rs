@@ -133,6 +133,10 @@ fn setup(
                 cg.mirror_cpu(cpu)
                     .context("config.json: linux.resources.cpu on the host cgroup")?;
             }
+            let host_mib = u64::from(bundle.memory_mib(&config)?)
+                .saturating_add(u64::from(config.host_overhead_mib));
+            cg.limit_sandbox(host_mib.saturating_mul(1 << 20), config.host_pids_max)
+                .context("the sandbox's memory and pids bounds on the host cgroup")?;
             cg.add(std::process::id())?;
             cg.add(args.shadow_pid as u32)?;
             Some(cg)
