@@ -1,10 +1,12 @@
 //! A sandbox: one microVM with its device backends, the agent client and a
 //! directory on disk, holding one or more containers.
 //!
-//! Directory layout (`<state_root>/<id>/`): `shared/` (exported by virtio-fs;
-//! each container's rootfs is bind-mounted at `shared/<cid>/rootfs`),
-//! `vhost-fs.sock`, `vhost-vsock.sock`, `vsock.sock` (the hybrid vsock),
-//! `api.sock`, `console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`.
+//! Directory layout (`<state_root>/<id>/`, 0700): `host/` and `shared/` (the
+//! share: mounts are made in `host/<cid>/`, virtiofsd exports the read-only
+//! view `shared/`; see `share`), `vhost-fs.sock`, `vsock.sock` (a link to
+//! the hybrid vsock socket in the jailed backend's directory, see `jail`),
+//! `api.sock` (husk-vmm), `console.log`, `vmm.log`, `virtiofsd.log`,
+//! `vsock.log`.
 
 use crate::agent::{new_token, AgentClient, AgentError};
 use crate::backends::{

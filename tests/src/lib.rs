@@ -165,7 +165,12 @@ pub fn husk_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 /// directory): live processes, mounts, and files under `state_root`.
 pub fn leftovers(marker: &Path, state_root: &Path) -> Vec<String> {
     let marker_s = marker.display().to_string();
-    let mut found = Vec::new();
+    let markers = markers_of(marker);
+    let mut found: Vec<String> = markers
+        .iter()
+        .skip(1)
+        .map(|jail| format!("jail claimed for a sandbox under the marker: {jail}"))
+        .collect();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
             let name = e.file_name();
@@ -183,7 +188,7 @@ pub fn leftovers(marker: &Path, state_root: &Path) -> Vec<String> {
                 .rsplit(')')
                 .next()
                 .is_some_and(|s| s.trim_start().starts_with('Z'));
-            if cmdline.contains(&marker_s) && !zombie {
+            if markers.iter().any(|m| cmdline.contains(m)) && !zombie {
                 found.push(format!("process {pid}: {cmdline}"));
             }
         }
@@ -284,11 +289,30 @@ pub fn receive_console_fd(listener: &std::os::unix::net::UnixListener) -> std::o
 /// The pid of a live process whose command line contains both `name` and
 /// `marker` (a test's directory).
 pub fn pid_of(marker: &Path, name: &str) -> Option<i32> {
-    let marker = marker.display().to_string();
+    let markers = markers_of(marker);
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
         let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
             .replace('\0', " ");
-        (cmd.contains(name) && cmd.contains(&marker)).then_some(pid)
+        (cmd.contains(name) && markers.iter().any(|m| cmd.contains(m))).then_some(pid)
     })
+}
+
+/// What names a sandbox under `marker` in a process's command line: the
+/// marker itself, and the directory of each jail whose uid claim names a
+/// sandbox under it (a jailed backend's command line names only that).
+pub fn markers_of(marker: &Path) -> Vec<String> {
+    let marker_s = marker.display().to_string();
+    let mut markers = vec![marker_s.clone()];
+    let root = Path::new(husk_runtime::jail::JAIL_ROOT);
+    if let Ok(claims) = std::fs::read_dir(root.join("uids")) {
+        for claim in claims.flatten() {
+            let owner = std::fs::read_to_string(claim.path()).unwrap_or_default();
+            if owner.starts_with(&marker_s) {
+                let uid = claim.file_name().to_string_lossy().into_owned();
+                markers.push(format!("{}/", root.join(uid).display()));
+            }
+        }
+    }
+    markers
 }
