@@ -11,9 +11,8 @@
 //! uid and into mount namespaces of their own is the next step.
 //!
 //! The uid comes from a configurable range (`jail_uid_base`,
-//! `jail_uid_count`), one per sandbox, claimed by creating
-//! `<claims>/<uid>` exclusively; the claim names the sandbox directory, so
-//! a claim whose sandbox is gone (its owner crashed) is taken over.
+//! `jail_uid_count`), one per sandbox, claimed by an exclusive flock on
+//! `<claims>/<uid>` that the sandbox's owner holds (see [`JailId`]).
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -48,11 +47,16 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// A uid (and the gid of the same number) claimed for one sandbox.
+/// A uid (and the gid of the same number) claimed for one sandbox: an
+/// exclusive flock on `<claims>/<uid>`, held by the sandbox's owner (the
+/// monitor or the shim) for the sandbox's life. A claim is free when its
+/// lock can be taken, so an owner that crashed frees its uid by dying, and
+/// two sandboxes can never hold one uid: no file contents are trusted.
 #[derive(Debug)]
 pub struct JailId {
     pub uid: u32,
     claim: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl JailId {
@@ -67,7 +71,7 @@ impl JailId {
     ) -> Result<JailId, JailError> {
         use std::io::Write;
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -88,40 +92,32 @@ impl JailId {
                 continue;
             };
             let claim = claims.join(uid.to_string());
-            let made = std::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(false)
                 .mode(0o600)
-                .open(&claim);
-            match made {
-                Ok(mut f) => {
-                    f.write_all(sandbox_dir.as_os_str().as_bytes())
-                        .map_err(io("writing", &claim))?;
-                    return Ok(JailId { uid, claim });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    // Stale: the sandbox that claimed it is gone. Take it
-                    // over: remove the claim and create it again exclusively,
-                    // so of two takers only one wins.
-                    let owner = std::fs::read(&claim).unwrap_or_default();
-                    let owner = Path::new(std::ffi::OsStr::from_bytes(&owner));
-                    if owner.as_os_str().is_empty() || owner.exists() {
-                        continue;
-                    }
-                    let _ = std::fs::remove_file(&claim);
-                    if let Ok(mut f) = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&claim)
-                    {
-                        f.write_all(sandbox_dir.as_os_str().as_bytes())
-                            .map_err(io("writing", &claim))?;
-                        return Ok(JailId { uid, claim });
-                    }
-                }
-                Err(e) => return Err(io("claiming", &claim)(e)),
+                .open(&claim)
+                .map_err(io("claiming", &claim))?;
+            let Ok(mut lock) =
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            else {
+                continue; // held by a live sandbox
+            };
+            // A release that unlinked the file while we opened it: this
+            // lock is on a name nobody else opens; try the next id.
+            let held = lock.metadata().map(|m| m.ino()).ok();
+            if held.is_none() || std::fs::metadata(&claim).map(|m| m.ino()).ok() != held {
+                continue;
             }
+            // For people reading the directory: whose it is.
+            let _ = lock.set_len(0);
+            let _ = lock.write_all(sandbox_dir.as_os_str().as_bytes());
+            return Ok(JailId {
+                uid,
+                claim,
+                _lock: lock,
+            });
         }
         Err(JailError::NoFreeUid {
             base,
@@ -130,9 +126,17 @@ impl JailId {
         })
     }
 
-    /// Gives the id back.
+    /// Gives the id back (removes the claim while still holding it).
     pub fn release(self) {
         let _ = std::fs::remove_file(&self.claim);
+    }
+
+    /// Whether the claim of `uid` under `claims` is held by a live owner.
+    pub fn is_held(claims: &Path, uid: u32) -> bool {
+        let Ok(file) = std::fs::File::open(claims.join(uid.to_string())) else {
+            return false;
+        };
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
     }
 }
 
@@ -302,30 +306,56 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_claimed_once_and_stale_claims_taken_over() {
+    fn ids_are_claimed_once_and_freed_by_release_or_death() {
         let claims = scratch("claims");
-        let sandbox_a = scratch("sandbox-a");
-        let sandbox_b = scratch("sandbox-b");
-        std::fs::create_dir_all(&sandbox_a).unwrap();
-        std::fs::create_dir_all(&sandbox_b).unwrap();
+        let sandbox = scratch("sandbox");
         // A range of two: a and b get both, a third finds none.
-        let a = JailId::claim(&claims, 5000, 2, &sandbox_a).unwrap();
-        let b = JailId::claim(&claims, 5000, 2, &sandbox_b).unwrap();
+        let a = JailId::claim(&claims, 5000, 2, &sandbox).unwrap();
+        let b = JailId::claim(&claims, 5000, 2, &sandbox).unwrap();
         assert_ne!(a.uid, b.uid);
         assert!((5000..5002).contains(&a.uid) && (5000..5002).contains(&b.uid));
+        assert!(JailId::is_held(&claims, a.uid));
         assert!(matches!(
-            JailId::claim(&claims, 5000, 2, &sandbox_a),
+            JailId::claim(&claims, 5000, 2, &sandbox),
             Err(JailError::NoFreeUid { .. })
         ));
-        // b's sandbox is gone (its owner crashed): its uid is free again.
-        std::fs::remove_dir_all(&sandbox_b).unwrap();
-        let c = JailId::claim(&claims, 5000, 2, &sandbox_a).unwrap();
-        assert_eq!(c.uid, b.uid);
+        // An owner that dies without releasing (dropping the lock is what
+        // its death does) frees its uid.
+        let b_uid = b.uid;
+        drop(b);
+        assert!(!JailId::is_held(&claims, b_uid));
+        let c = JailId::claim(&claims, 5000, 2, &sandbox).unwrap();
+        assert_eq!(c.uid, b_uid);
         a.release();
         c.release();
         assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
         let _ = std::fs::remove_dir_all(&claims);
-        let _ = std::fs::remove_dir_all(&sandbox_a);
+    }
+
+    #[test]
+    fn concurrent_claims_never_share_a_uid() {
+        use std::collections::HashSet;
+        use std::sync::Mutex;
+        let claims = scratch("claims-race");
+        let held = Mutex::new(HashSet::new());
+        std::thread::scope(|s| {
+            for i in 0..32 {
+                let (claims, held) = (&claims, &held);
+                s.spawn(move || {
+                    for round in 0..5 {
+                        // Half of them start probing at the same point.
+                        let dir = PathBuf::from(format!("/sandbox/{}", (i + round) % 2));
+                        let id = JailId::claim(claims, 7000, 40, &dir).unwrap();
+                        assert!(held.lock().unwrap().insert(id.uid), "{} twice", id.uid);
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        held.lock().unwrap().remove(&id.uid);
+                        id.release();
+                    }
+                });
+            }
+        });
+        assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&claims);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod backends;
 pub mod child;
 pub mod config;
+pub mod console;
 pub mod host_cgroup;
 pub mod hypervisor;
 pub mod jail;

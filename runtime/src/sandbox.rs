@@ -14,6 +14,7 @@ use crate::backends::{
 };
 use crate::child::{describe, HelperProcess};
 use crate::config::Config;
+use crate::console::ConsoleLog;
 use crate::hypervisor::{self, HypervisorError, VmConfig};
 use crate::share::{ReadOnly, Share};
 use husk_protocol::agent::{CreateContainerRequest, Stdio as StdioTokens, WaitProcessResponse};
@@ -73,6 +74,8 @@ pub enum SandboxError {
     NoShare,
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// A container to create in a sandbox's guest.
@@ -165,6 +168,8 @@ pub struct Sandbox {
     pub dir: PathBuf,
     /// What virtiofsd exports (the guest's view of the share).
     shared_dir: PathBuf,
+    /// The thread copying the console into `console_log`, capped.
+    console: Option<ConsoleLog>,
     /// The uid its jailed backend runs as, and that backend's directory.
     jail: Option<(crate::jail::JailId, PathBuf)>,
     /// The share this sandbox made (None when the caller gave a directory
@@ -288,6 +293,7 @@ impl Sandbox {
             dir: dir.clone(),
             shared_dir: shared_dir.clone(),
             share: None,
+            console: None,
             jail: None,
             hypervisor: selection.hypervisor.name(),
             acceleration: selection.hypervisor.acceleration(),
@@ -330,6 +336,15 @@ impl Sandbox {
             cmdline.push(' ');
             cmdline.push_str(&config.kernel_params);
         }
+        // The VMM writes the console into a FIFO; a thread here copies it
+        // into console.log, capped (see `console`).
+        let console = ConsoleLog::start(
+            &dir.join("console.fifo"),
+            &sandbox.console_log,
+            crate::console::CONSOLE_CAP,
+        )?;
+        let console_fifo = console.fifo().to_path_buf();
+        sandbox.console = Some(console);
         let vm_config = VmConfig {
             kernel,
             initramfs,
@@ -340,7 +355,7 @@ impl Sandbox {
             fs_tag: virtiofs::TAG.to_string(),
             vsock_socket: vsock_dir.join("vhost-vsock.sock"),
             guest_cid: GUEST_CID,
-            console_log: dir.join("console.log"),
+            console_log: console_fifo,
             vmm_log: dir.join("vmm.log"),
             api_socket: dir.join("api.sock"),
         };
@@ -643,6 +658,9 @@ impl Sandbox {
         if let Some(mut v) = self.vsock.take() {
             v.process.stop(Duration::from_millis(500));
         }
+        if let Some(mut console) = self.console.take() {
+            console.stop();
+        }
         if let Some((id, dir)) = self.jail.take() {
             let _ = std::fs::remove_dir_all(&dir);
             id.release();
@@ -745,6 +763,10 @@ fn wait_for_marker(
     let mut offset = 0u64;
     loop {
         if let Ok(mut f) = std::fs::File::open(console) {
+            // A console that reached its cap starts a new file.
+            if f.metadata().is_ok_and(|m| m.len() < offset) {
+                offset = 0;
+            }
             if f.seek(SeekFrom::Start(offset)).is_ok() {
                 let mut chunk = Vec::new();
                 if let Ok(n) = f.read_to_end(&mut chunk) {
@@ -794,8 +816,15 @@ pub fn remove_jail_of(dir: &Path) {
     if jail_dir.parent() != Some(root) {
         return;
     }
-    let claim = root.join("uids").join(uid);
-    if std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
+    let claims = root.join("uids");
+    let claim = claims.join(uid);
+    // Only a claim nobody holds any more (its owner died), and that this
+    // sandbox made: otherwise the uid is another live sandbox's now.
+    let held = uid
+        .parse()
+        .map(|uid| crate::jail::JailId::is_held(&claims, uid))
+        .unwrap_or(true);
+    if !held && std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
         let _ = std::fs::remove_dir_all(jail_dir);
         let _ = std::fs::remove_file(&claim);
     }

@@ -64,8 +64,37 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // A test that failed half-way leaves its sandboxes running: end
+        // them (their helpers die with their monitor), so one failure does
+        // not load the machine for every test after it. A passing test has
+        // nothing left here (its leftovers check says so).
+        kill_processes_naming(&self.path);
         let _ = husk_runtime::sandbox::unmount_below(&self.path);
         let _ = husk_runtime::sandbox::remove_tree_same_fs(&self.path);
+    }
+}
+
+/// SIGKILLs every process whose command line names `marker` (or a jail
+/// claimed for a sandbox under it), other than this one.
+fn kill_processes_naming(marker: &Path) {
+    let markers = markers_of(marker);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if markers.iter().any(|m| cmdline.contains(m)) {
+            // SAFETY: kill(2) with a pid read from /proc; at worst it names
+            // a process that already ended.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 

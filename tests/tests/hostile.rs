@@ -39,6 +39,8 @@ fn privileged_spec(script: &str) -> serde_json::Value {
         "bounding": caps, "effective": caps, "permitted": caps
     });
     spec["process"]["noNewPrivileges"] = serde_json::json!(false);
+    // Every device, as a privileged container gets.
+    spec["linux"]["resources"] = serde_json::json!({"devices": [{"allow": true, "access": "rwm"}]});
     // The guest's pid namespace: PID 1 is the agent.
     if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
         ns.retain(|n| n["type"] != "pid");
@@ -362,6 +364,71 @@ fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
         "virtiofsd keeps CAP_SETFCAP: {cap_eff:x}"
     );
     assert!(husk(&root, &["delete", "--force", "procs"])
+        .status
+        .success());
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    proc_status(pid)
+        .get("VmRSS")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Guest root floods the serial console for a minute. The console log on
+/// the host stays under its cap (1 MiB, plus one 64 KiB chunk, in each of
+/// console.log and console.log.1), the sandbox's owner (the monitor) stays
+/// under a fixed memory bound, and another sandbox is created, runs and
+/// answers meanwhile.
+#[test]
+fn a_console_flood_is_capped_and_other_sandboxes_keep_working() {
+    require_guest();
+    let dir = TestDir::new("hostile-flood");
+    let root = dir.state_root();
+    // The guest's console is ttyS0 (4:64): guest root makes the node and
+    // writes to it without end.
+    let script = "mknod /dev/ttyS0 c 4 64 && while :; do cat /bin/busybox > /dev/ttyS0; done";
+    let flood = dir.path.join("flood");
+    std::fs::create_dir_all(&flood).expect("mkdir");
+    write_bundle(&flood, &privileged_spec(script));
+    let out = husk(&root, &["run", "-d", "-b", s(&flood), "flood"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sandbox = husk_runtime::sandbox::sandbox_dir(&root.join("sandbox"), "flood");
+    let console = sandbox.join("console.log");
+    let rotated = sandbox.join("console.log.1");
+    let monitor = pid_of(&dir.path, "__monitor").expect("the flood's monitor");
+    let cap = husk_runtime::console::CONSOLE_CAP + (64 << 10);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+
+    let quiet = dir.path.join("quiet");
+    std::fs::create_dir_all(&quiet).expect("mkdir");
+    write_bundle(&quiet, &default_spec(&["echo", "still here"]));
+
+    let start = std::time::Instant::now();
+    let (mut max_rss, mut max_log, mut runs) = (0, 0, 0);
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        max_rss = max_rss.max(rss_kib(monitor));
+        max_log = max_log.max(size(&console)).max(size(&rotated));
+        if runs < 3 && start.elapsed() > std::time::Duration::from_secs(10 + 15 * runs) {
+            let out = husk(&root, &["run", "-b", s(&quiet), &format!("quiet{runs}")]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            assert_eq!(stdout(&out), "still here\n");
+            runs += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(runs, 3);
+    assert!(size(&rotated) > 0, "the flood never reached the cap");
+    assert!(
+        max_log <= cap,
+        "console log grew to {max_log} bytes (cap {cap})"
+    );
+    // The monitor copies through one 64 KiB buffer: its memory does not
+    // follow the flood (measured ~10 MiB; the bound leaves room).
+    assert!(max_rss < 64 << 10, "the monitor grew to {max_rss} KiB");
+    assert!(husk(&root, &["delete", "--force", "flood"])
         .status
         .success());
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
