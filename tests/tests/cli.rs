@@ -941,6 +941,17 @@ fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn process_lives(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
 #[test]
 fn a_crashed_monitor_shows_stopped_and_delete_cleans_up() {
     let dir = TestDir::new("crash");
@@ -950,6 +961,12 @@ fn a_crashed_monitor_shows_stopped_and_delete_cleans_up() {
     let monitor = pid_of(&dir.path, "__monitor").expect("monitor pid");
     // SAFETY: kill(2) of the monitor process found above.
     unsafe { libc::kill(monitor, libc::SIGKILL) };
+    // SIGKILL is delivered asynchronously: the crash has happened once the
+    // process is a zombie or gone (its threads take a moment to exit).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while process_lives(monitor) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     // The VMM and the backends die with it; state must not hang on it.
     let started = std::time::Instant::now();
     let st = state(&root, "crash");
