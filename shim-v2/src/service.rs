@@ -19,6 +19,7 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
+use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
 use husk_runtime::sandbox::{NewContainer, Sandbox, SandboxConfig, StdioPumps};
@@ -154,6 +155,10 @@ struct Pod {
     dead: Mutex<Option<String>>,
     /// Guest pid of the sandbox container's process (pods).
     pause_pid: Mutex<Option<u32>>,
+    /// The pod's host cgroup (the sandbox container's cgroupsPath), which
+    /// holds this shim and the VM's helpers, with the VM's memory and pids
+    /// bounds: kubelet's accounting of the pod sees the VM.
+    host_cgroup: Mutex<Option<HostCgroup>>,
 }
 
 impl Pod {
@@ -233,6 +238,7 @@ impl Pod {
             owner: Mutex::new(Some(owner)),
             dead: Mutex::new(None),
             pause_pid: Mutex::new(None),
+            host_cgroup: Mutex::new(None),
         }))
     }
 
@@ -280,7 +286,48 @@ impl Pod {
         if let Some(h) = owner {
             let _ = h.join();
         }
+        // The VM's processes are gone: leave the cgroup and remove it.
+        if let Some(mut cg) = self
+            .host_cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            cg.remove(std::process::id());
+        }
     }
+}
+
+/// The host cgroup of a VM-owning container (a pod's sandbox container or
+/// a plain container): its `linux.cgroupsPath`, created in every hierarchy,
+/// bounded by the VM's memory plus the host overhead and the pids maximum,
+/// with this shim moved in. A systemd-style path (`slice:prefix:name`) is
+/// not supported by husk's cgroupfs layout: the VM then runs in the shim's
+/// cgroup, with a warning.
+fn pod_host_cgroup(
+    spec: &serde_json::Value,
+    vm_memory_mib: u32,
+    config: &Config,
+) -> anyhow::Result<Option<HostCgroup>> {
+    let Some(path) = spec
+        .pointer("/linux/cgroupsPath")
+        .and_then(serde_json::Value::as_str)
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    let cg = match HostCgroup::create(path) {
+        Ok(cg) => cg,
+        Err(e @ husk_runtime::host_cgroup::HostCgroupError::Systemd(_)) => {
+            log::warn!("{e}; the VM stays in the shim's cgroup");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mib = u64::from(vm_memory_mib).saturating_add(u64::from(config.host_overhead_mib));
+    cg.limit_sandbox(mib.saturating_mul(1 << 20), config.host_pids_max)?;
+    cg.add(std::process::id())?;
+    Ok(Some(cg))
 }
 
 struct Container {
@@ -580,8 +627,18 @@ impl Inner {
                 };
                 sc.memory_mib = memory;
                 sc.vcpus = vcpus;
+                // Into the pod's host cgroup before the VM's helpers are
+                // spawned: they inherit it.
+                let host_cgroup = match pod_host_cgroup(&bundle_spec.value, memory, &config) {
+                    Ok(cg) => cg,
+                    Err(e) => {
+                        undo_rootfs(&rootfs_mount);
+                        return Err(e);
+                    }
+                };
                 match Pod::boot(config.clone(), sc, vm_id.clone()) {
                     Ok(pod) => {
+                        *pod.host_cgroup.lock().unwrap_or_else(|p| p.into_inner()) = host_cgroup;
                         self.pods
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())

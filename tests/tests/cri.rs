@@ -40,6 +40,9 @@ fn a_pod_is_one_vm_whose_containers_share_loopback_and_a_volume() {
     std::fs::create_dir_all(&logs).expect("log dir");
     std::fs::create_dir_all(&vol).expect("volume dir");
     let log_dir = format!("log-dir={}", logs.display());
+    // The pod's cgroup parent, as kubelet gives one (cgroupfs layout).
+    let parent = format!("/husk-test-cri-{}", std::process::id());
+    let parent_arg = format!("cgroup-parent={parent}");
     let out = c.cri(&["version"]);
     assert!(
         stdout(&out).contains("containerd"),
@@ -56,11 +59,46 @@ fn a_pod_is_one_vm_whose_containers_share_loopback_and_a_volume() {
             "ns=default",
             &log_dir,
             "handler=husk",
+            &parent_arg,
         ]),
         "RunPodSandbox",
         &c,
     );
     assert_eq!(c.vm_pids().len(), 1, "the pod's VM");
+    // The pod's host processes are in the pod's cgroup (what kubelet
+    // accounts), bounded by the VM's memory plus the host overhead.
+    let pod_cgroup = format!("{parent}/{pod}");
+    let vm = c.vm_pids()[0];
+    for pid in [vm, c.shim_pids()[0]] {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cgroups.lines().any(|l| l.ends_with(&pod_cgroup)),
+            "{pid} is not in {pod_cgroup}: {cgroups}"
+        );
+    }
+    let vm_cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{vm}/cmdline")).unwrap_or_default())
+        .split('\0')
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    let vm_mib: u64 = vm_cmdline
+        .iter()
+        .position(|a| a == "-m" || a == "--memory-mib")
+        .and_then(|i| vm_cmdline.get(i + 1))
+        .and_then(|m| m.trim_end_matches('M').parse().ok())
+        .expect("the VM's memory size");
+    let hierarchies = husk_runtime::host_cgroup::hierarchies();
+    let host_file = |file: &str| {
+        hierarchies
+            .iter()
+            .map(|h| h.join(pod_cgroup.trim_start_matches('/')).join(file))
+            .find(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default().trim().to_string())
+    };
+    let limit = host_file("memory.limit_in_bytes")
+        .or_else(|| host_file("memory.max"))
+        .expect("no memory controller on the pod's cgroup");
+    assert_eq!(limit, ((vm_mib + 256) << 20).to_string());
+    assert_eq!(host_file("pids.max").as_deref(), Some("1024"));
 
     let pod_arg = format!("pod={pod}");
     let mount = format!("mount={}:/vol", vol.display());
@@ -162,6 +200,20 @@ fn a_pod_is_one_vm_whose_containers_share_loopback_and_a_volume() {
     }
     ok(c.cri(&["stopp", &pod]), "StopPodSandbox", &c);
     ok(c.cri(&["rmp", &pod]), "RemovePodSandbox", &c);
+    // The pod's cgroup went with the pod (the parent is kubelet's: ours here).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hierarchies
+        .iter()
+        .any(|h| h.join(pod_cgroup.trim_start_matches('/')).exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for h in &hierarchies {
+        let dir = h.join(pod_cgroup.trim_start_matches('/'));
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        let _ = std::fs::remove_dir(h.join(parent.trim_start_matches('/')));
+    }
     assert_eq!(
         c.leftovers_settled(),
         Vec::<String>::new(),

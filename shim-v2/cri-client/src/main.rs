@@ -146,6 +146,9 @@ fn pod_config(kv: &HashMap<String, Vec<String>>) -> anyhow::Result<PodSandboxCon
     c.hostname = one(kv, "name")?;
     c.log_directory = one(kv, "log-dir")?;
     let mut linux = LinuxPodSandboxConfig::new();
+    if let Some(parent) = kv.get("cgroup-parent").and_then(|v| v.first()) {
+        linux.cgroup_parent = parent.clone();
+    }
     let mut sc = LinuxSandboxSecurityContext::new();
     let mut ns = NamespaceOption::new();
     ns.network = NamespaceMode::POD.into();
