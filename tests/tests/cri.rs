@@ -76,10 +76,11 @@ fn a_pod_is_one_vm_whose_containers_share_loopback_and_a_volume() {
             "{pid} is not in {pod_cgroup}: {cgroups}"
         );
     }
-    let vm_cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{vm}/cmdline")).unwrap_or_default())
-        .split('\0')
-        .map(str::to_string)
-        .collect::<Vec<_>>();
+    let vm_cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{vm}/cmdline")).unwrap_or_default())
+            .split('\0')
+            .map(str::to_string)
+            .collect::<Vec<_>>();
     let vm_mib: u64 = vm_cmdline
         .iter()
         .position(|a| a == "-m" || a == "--memory-mib")
@@ -92,7 +93,12 @@ fn a_pod_is_one_vm_whose_containers_share_loopback_and_a_volume() {
             .iter()
             .map(|h| h.join(pod_cgroup.trim_start_matches('/')).join(file))
             .find(|p| p.exists())
-            .map(|p| std::fs::read_to_string(p).unwrap_or_default().trim().to_string())
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
     };
     let limit = host_file("memory.limit_in_bytes")
         .or_else(|| host_file("memory.max"))
