@@ -280,13 +280,23 @@ fn ctr_kill_pause_and_resume() {
     assert_eq!(task_status(&c, "k"), "RUNNING");
     events.wait_for("/tasks/resumed", "k", Duration::from_secs(5));
 
-    let out = c.ctr(&["task", "ps", "k"]);
-    assert!(out.status.success(), "ps: {}", stderr(&out));
-    assert!(
-        stdout(&out).lines().count() >= 2,
-        "task ps lists the guest processes: {}",
-        stdout(&out)
-    );
+    // Once the loop's first `sleep` shows, the shell has set its trap (a
+    // slow guest under load may not have got that far yet): then kill.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = c.ctr(&["task", "ps", "k"]);
+        assert!(out.status.success(), "ps: {}", stderr(&out));
+        // A header, the shell and its sleep.
+        if stdout(&out).lines().count() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task ps never listed the shell and its sleep: {}",
+            stdout(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let out = c.ctr(&["task", "kill", "-s", "SIGTERM", "k"]);
     assert!(out.status.success(), "kill: {}", stderr(&out));
