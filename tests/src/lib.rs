@@ -98,6 +98,21 @@ fn kill_processes_naming(marker: &Path) {
     }
 }
 
+/// The content of `file` in host cgroup `cgroup` (a cgroupsPath), from the
+/// first hierarchy that has it (v1 controllers or cgroup2), trimmed.
+pub fn host_cgroup_file(cgroup: &str, file: &str) -> Option<String> {
+    husk_runtime::host_cgroup::hierarchies()
+        .iter()
+        .map(|h| h.join(cgroup.trim_start_matches('/')).join(file))
+        .find(|p| p.exists())
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+}
+
 /// Makes a busybox rootfs at `dir` (Debian's busybox-static).
 pub fn busybox_rootfs(dir: &Path) {
     let script = workspace_root().join("scripts/busybox-rootfs.sh");

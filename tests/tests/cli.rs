@@ -873,18 +873,7 @@ fn host_processes_are_placed_in_cgroups_path_and_removed_with_the_container() {
     // The container's CPU limits are mirrored on the host cgroup of the
     // sandbox (v1 cpu and cpuset controllers here), and `update` changes them.
     let hierarchies = husk_runtime::host_cgroup::hierarchies();
-    let host_file = |controller_file: &str| {
-        hierarchies
-            .iter()
-            .map(|h| h.join(cg.trim_start_matches('/')).join(controller_file))
-            .find(|p| p.exists())
-            .map(|p| {
-                std::fs::read_to_string(&p)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string()
-            })
-    };
+    let host_file = |controller_file: &str| host_cgroup_file(&cg, controller_file);
     if let Some(shares) = host_file("cpu.shares") {
         assert_eq!(shares, "512");
         assert_eq!(host_file("cpu.cfs_quota_us").as_deref(), Some("150000"));

@@ -88,18 +88,7 @@ fn a_pod_is_one_vm_whose_containers_share_loopback_and_a_volume() {
         .and_then(|m| m.trim_end_matches('M').parse().ok())
         .expect("the VM's memory size");
     let hierarchies = husk_runtime::host_cgroup::hierarchies();
-    let host_file = |file: &str| {
-        hierarchies
-            .iter()
-            .map(|h| h.join(pod_cgroup.trim_start_matches('/')).join(file))
-            .find(|p| p.exists())
-            .map(|p| {
-                std::fs::read_to_string(p)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string()
-            })
-    };
+    let host_file = |file: &str| husk_tests::host_cgroup_file(&pod_cgroup, file);
     let limit = host_file("memory.limit_in_bytes")
         .or_else(|| host_file("memory.max"))
         .expect("no memory controller on the pod's cgroup");
