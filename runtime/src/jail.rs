@@ -56,7 +56,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 pub struct JailId {
     pub uid: u32,
     claim: PathBuf,
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    _lock: crate::lockfile::HeldLock,
 }
 
 impl JailId {
@@ -71,7 +71,7 @@ impl JailId {
     ) -> Result<JailId, JailError> {
         use std::io::Write;
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -92,24 +92,11 @@ impl JailId {
                 continue;
             };
             let claim = claims.join(uid.to_string());
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&claim)
-                .map_err(io("claiming", &claim))?;
-            let Ok(mut lock) =
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            let Some(mut lock) =
+                crate::lockfile::lock_exclusive(&claim, false).map_err(io("claiming", &claim))?
             else {
                 continue; // held by a live sandbox
             };
-            // A release that unlinked the file while we opened it: this
-            // lock is on a name nobody else opens; try the next id.
-            let held = lock.metadata().map(|m| m.ino()).ok();
-            if held.is_none() || std::fs::metadata(&claim).map(|m| m.ino()).ok() != held {
-                continue;
-            }
             // For people reading the directory: whose it is.
             let _ = lock.set_len(0);
             let _ = lock.write_all(sandbox_dir.as_os_str().as_bytes());

@@ -14,6 +14,7 @@ pub mod console;
 pub mod host_cgroup;
 pub mod hypervisor;
 pub mod jail;
+pub mod lockfile;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;

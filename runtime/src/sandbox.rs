@@ -60,12 +60,6 @@ pub enum SandboxError {
     },
     #[error("container rootfs {0} does not exist")]
     MissingRootfs(PathBuf),
-    #[error("mount {source_path} -> {target}: {error}")]
-    Mount {
-        source_path: PathBuf,
-        target: PathBuf,
-        error: nix::Error,
-    },
     #[error("cleaning up {path}: {reason}")]
     Cleanup { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -318,8 +312,7 @@ impl Sandbox {
             &config.virtiofs_cache,
             &dir.join("virtiofsd.log"),
         )?);
-        let vsock_dir = sandbox.jail_vsock_backend(config)?;
-        let jail = crate::jail::Jail::for_backend(sandbox.jail_uid().unwrap_or(0))?;
+        let (vsock_dir, jail) = sandbox.jail_vsock_backend(config)?;
         sandbox.vsock = Some(VsockBackend::spawn(
             &vsock_backend,
             GUEST_CID,
@@ -486,9 +479,12 @@ impl Sandbox {
         SandboxError::Agent(e)
     }
 
-    /// Claims this sandbox's jail uid and makes the directory its jailed
-    /// vsock backend owns, `<JAIL_ROOT>/<uid>`.
-    fn jail_vsock_backend(&mut self, config: &Config) -> Result<PathBuf, SandboxError> {
+    /// Claims this sandbox's jail uid, builds the backend's jail and makes
+    /// the directory its jailed vsock backend owns, `<JAIL_ROOT>/<uid>`.
+    fn jail_vsock_backend(
+        &mut self,
+        config: &Config,
+    ) -> Result<(PathBuf, crate::jail::Jail), SandboxError> {
         use crate::jail::{JailId, JAIL_ROOT};
         let root = Path::new(JAIL_ROOT);
         let id = JailId::claim(
@@ -497,7 +493,8 @@ impl Sandbox {
             config.jail_uid_count,
             &self.dir,
         )?;
-        let dir = root.join(id.uid.to_string());
+        let uid = id.uid;
+        let dir = root.join(uid.to_string());
         self.jail = Some((id, dir.clone()));
         // Searchable by the jailed uids, listable by nobody but root.
         {
@@ -506,13 +503,9 @@ impl Sandbox {
         }
         // A directory a crashed sandbox left under this uid goes first.
         let _ = std::fs::remove_dir_all(&dir);
-        let uid = self.jail_uid().unwrap_or(0);
-        crate::jail::Jail::for_backend(uid)?.own_dir(&dir)?;
-        Ok(dir)
-    }
-
-    fn jail_uid(&self) -> Option<u32> {
-        self.jail.as_ref().map(|(id, _)| id.uid)
+        let jail = crate::jail::Jail::for_backend(uid)?;
+        jail.own_dir(&dir)?;
+        Ok((dir, jail))
     }
 
     /// Once the jailed backend has made its sockets, its directory becomes

@@ -217,11 +217,7 @@ impl Share {
         for base in [&self.host, &self.guest_view] {
             unmount_below(&base.join(rel))?;
         }
-        crate::sandbox::remove_tree_same_fs(&self.host.join(rel)).map_err(|e| ShareError::Io {
-            what: "removing",
-            path: self.host.join(rel),
-            source: std::io::Error::other(e.to_string()),
-        })
+        remove_tree(&self.host.join(rel))
     }
 
     /// Detaches everything and removes both directories.
@@ -231,14 +227,20 @@ impl Share {
         unmount_below(&self.guest_view)?;
         unmount_below(&self.host)?;
         for d in [&self.guest_view, &self.host] {
-            crate::sandbox::remove_tree_same_fs(d).map_err(|e| ShareError::Io {
-                what: "removing",
-                path: d.to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            remove_tree(d)?;
         }
         Ok(())
     }
+}
+
+/// `sandbox::remove_tree_same_fs` (never crossing into a mount), its error
+/// as this module's.
+fn remove_tree(dir: &Path) -> Result<(), ShareError> {
+    crate::sandbox::remove_tree_same_fs(dir).map_err(|e| ShareError::Io {
+        what: "removing",
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 /// `rel`'s normal components; anything else (absolute, `..`, `.`) refused.

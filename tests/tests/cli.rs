@@ -661,6 +661,17 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
         "rootfs",
         &dir.path,
     );
+    // More memory than the host has: named, refused, nothing left (it was
+    // cut to 32 bits before).
+    let mut spec = default_spec(&["true"]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": i64::MAX}});
+    let huge = bundle_with(&dir, "huge", spec);
+    refused(
+        &root,
+        &["create", "-b", s(&huge), "m5"],
+        "linux.resources.memory.limit",
+        &dir.path,
+    );
     let noexe = bundle_with(&dir, "noexe", default_spec(&["/no/such/program"]));
     refused(
         &root,

@@ -114,6 +114,7 @@ fn setup(
 ) -> anyhow::Result<Monitor> {
     let bundle = Bundle::load(&args.bundle)?;
     let config = Config::load()?;
+    let vm_memory_mib = bundle.memory_mib(&config)?;
     // Into the host cgroup first: the VMM and backends inherit it.
     let host_cgroup = match bundle
         .spec
@@ -133,8 +134,8 @@ fn setup(
                 cg.mirror_cpu(cpu)
                     .context("config.json: linux.resources.cpu on the host cgroup")?;
             }
-            let host_mib = u64::from(bundle.memory_mib(&config)?)
-                .saturating_add(u64::from(config.host_overhead_mib));
+            let host_mib =
+                u64::from(vm_memory_mib).saturating_add(u64::from(config.host_overhead_mib));
             cg.limit_sandbox(host_mib.saturating_mul(1 << 20), config.host_pids_max)
                 .context("the sandbox's memory and pids bounds on the host cgroup")?;
             cg.add(std::process::id())?;
@@ -145,7 +146,7 @@ fn setup(
     };
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);
-    sc.memory_mib = bundle.memory_mib(&config)?;
+    sc.memory_mib = vm_memory_mib;
     sc.vcpus = bundle.vcpus(&config)?;
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
     let rootfs = sandbox.share_rootfs(&args.id, &bundle.rootfs)?;

@@ -176,34 +176,19 @@ impl ContainerState {
 /// sandbox being made; two `create`s of one id run one after the other.
 /// The descriptor is close-on-exec: the monitor and the shadow never hold it.
 pub struct LifecycleLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    _lock: husk_runtime::lockfile::HeldLock,
     path: PathBuf,
 }
 
 pub fn lifecycle_lock(root: &Path, id: &str) -> anyhow::Result<LifecycleLock> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     check_id(id)?;
     let dir = containers_dir(root);
     husk_runtime::sandbox::private_dir_all(&dir)?;
     let path = dir.join(format!(".{id}.lock"));
-    loop {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("locking {}", path.display()))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))?;
-        // A delete that finished while we waited removed the file: this
-        // lock is then on a name nobody else will open. Take the new one.
-        let held = lock.metadata().map(|m| m.ino()).ok();
-        let current = std::fs::metadata(&path).map(|m| m.ino()).ok();
-        if held.is_some() && held == current {
-            return Ok(LifecycleLock { _lock: lock, path });
-        }
-    }
+    let lock = husk_runtime::lockfile::lock_exclusive(&path, true)
+        .with_context(|| format!("locking {}", path.display()))?
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(LifecycleLock { _lock: lock, path })
 }
 
 impl LifecycleLock {
