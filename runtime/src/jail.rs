@@ -127,10 +127,25 @@ impl JailId {
     }
 }
 
+/// Makes `dir` the jailed uid's own (owner and group `uid`, mode 0700).
+pub fn own_dir(dir: &Path, uid: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid)).map_err(io("giving", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("setting the mode of", dir))
+}
+
 /// What a helper is confined to.
 pub struct Jail {
     uid: u32,
     gid: u32,
+    /// Supplementary groups kept (e.g. /dev/kvm's group for a VMM).
+    groups: Vec<libc::gid_t>,
+    /// Namespaces besides the mount namespace (network, IPC, UTS).
+    namespaces: libc::c_int,
+    /// The file system the process sees, if it gets a root of its own.
+    root: Option<PreparedRoot>,
     rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     filter: seccompiler::BpfProgram,
 }
@@ -214,6 +229,9 @@ impl Jail {
         Ok(Jail {
             uid: id,
             gid: id,
+            groups: Vec::new(),
+            namespaces: 0,
+            root: None,
             rlimits: vec![
                 // One descriptor per vsock connection (the streams of every
                 // process), the vhost-user fds and guest memory.
@@ -230,34 +248,60 @@ impl Jail {
         self.uid
     }
 
-    /// Makes `dir` the jailed process's own (owner, mode 0700).
-    pub fn own_dir(&self, dir: &Path) -> Result<(), JailError> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-        std::os::unix::fs::chown(dir, Some(self.uid), Some(self.gid)).map_err(io("giving", dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("setting the mode of", dir))
+    /// Gives the process a root of its own: `root`'s paths, built on an
+    /// empty directory `dir` (which the caller made, and removes after the
+    /// process ended; it stays empty on the host, the tmpfs is the
+    /// process's alone).
+    pub fn with_root(mut self, root: &JailRoot, dir: &Path) -> Result<Jail, JailError> {
+        self.root = Some(root.prepare(dir)?);
+        Ok(self)
+    }
+
+    /// Keeps supplementary `groups` (e.g. the group of /dev/kvm).
+    pub fn with_groups(mut self, groups: Vec<u32>) -> Jail {
+        self.groups = groups;
+        self
+    }
+
+    /// New network, IPC and UTS namespaces: a process that talks to its
+    /// peers only through Unix sockets on the file system and descriptors
+    /// it was given reaches no network, no host IPC object, no hostname.
+    pub fn isolated(mut self) -> Jail {
+        self.namespaces = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        self
     }
 
     /// Sets `cmd` up to start jailed: in the child, after fork and before
-    /// exec, in this order: supplementary groups dropped, gid then uid
-    /// changed (which clears every capability), umask 077, no_new_privs,
-    /// rlimits, and the seccomp filter last (it forbids what came before).
+    /// exec, in this order: new namespaces, the root of its own (pivot_root),
+    /// supplementary groups set, gid then uid changed (which clears every
+    /// capability), umask 077, no_new_privs, rlimits, and the seccomp filter
+    /// last (it forbids what came before).
     pub fn apply(self, cmd: &mut Command) {
         let Jail {
             uid,
             gid,
+            groups,
+            namespaces,
+            root,
             rlimits,
             filter,
         } = self;
         // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (setgroups, setresgid, setresuid,
-        // umask, prctl, setrlimit, and seccomp through seccompiler, which
-        // makes the prctl/seccomp calls on a program built before fork).
+        // async-signal-safe functions (unshare, mount, mkdir, open, symlink,
+        // pivot_root, setgroups, setresgid, setresuid, umask, prctl,
+        // setrlimit, and seccomp through seccompiler, which makes the
+        // prctl/seccomp calls on a program built before fork), on memory
+        // prepared before fork.
         unsafe {
             cmd.pre_exec(move || {
                 let fail = || Err(std::io::Error::last_os_error());
-                if libc::setgroups(0, std::ptr::null()) != 0
+                if namespaces != 0 && libc::unshare(namespaces) != 0 {
+                    return fail();
+                }
+                if let Some(root) = &root {
+                    root.enter()?;
+                }
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setresgid(gid, gid, gid) != 0
                     || libc::setresuid(uid, uid, uid) != 0
                 {
@@ -278,6 +322,345 @@ impl Jail {
                 }
                 seccompiler::apply_filter(&filter).map_err(|e| std::io::Error::other(e.to_string()))
             });
+        }
+    }
+}
+
+/// What a jailed process sees of the file system: a mount namespace of its
+/// own whose root is a small read-only tmpfs holding only the paths listed
+/// here, each bound at its host path (so the process's arguments need no
+/// rewriting), with the host's tree detached after `pivot_root`. Firecracker's
+/// jailer does the same with a chroot it populates by hand.
+#[derive(Debug, Default)]
+pub struct JailRoot {
+    entries: Vec<RootEntry>,
+}
+
+#[derive(Debug, Clone)]
+enum RootEntry {
+    /// A bind of the host path at the same path, read-only or not.
+    Bind { path: PathBuf, writable: bool },
+    /// A symlink, as the host has it (merged-/usr links).
+    Symlink { path: PathBuf, target: PathBuf },
+    /// A character device node of the host's, made anew in the root and
+    /// owned by the jailed uid (Firecracker's jailer does this for
+    /// /dev/kvm, which is often root's alone on the host).
+    Device { path: PathBuf, owner: u32 },
+}
+
+/// One step of building the root in the child, prepared before fork (the
+/// child only makes syscalls on these C strings).
+#[derive(Debug)]
+enum RootStep {
+    Mkdir(std::ffi::CString),
+    /// Creates an empty file to bind a non-directory onto.
+    Touch(std::ffi::CString),
+    Bind {
+        source: std::ffi::CString,
+        target: std::ffi::CString,
+        read_only: bool,
+    },
+    Symlink {
+        target: std::ffi::CString,
+        link: std::ffi::CString,
+    },
+    Mknod {
+        path: std::ffi::CString,
+        rdev: libc::dev_t,
+        owner: u32,
+    },
+}
+
+/// The prepared root: where it is built and the steps that build it.
+#[derive(Debug)]
+struct PreparedRoot {
+    dir: std::ffi::CString,
+    steps: Vec<RootStep>,
+}
+
+/// What every dynamically linked helper needs to start: the system's
+/// programs and libraries (read-only), the loader's cache, and the harmless
+/// character devices.
+const SYSTEM_READ_ONLY: &[&str] = &["/usr", "/etc/ld.so.cache"];
+const SYSTEM_DIRS_OR_LINKS: &[&str] = &["/lib", "/lib64", "/bin", "/sbin"];
+const SYSTEM_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
+
+impl JailRoot {
+    /// The system's libraries and harmless devices, nothing else yet.
+    pub fn system() -> JailRoot {
+        let mut root = JailRoot::default();
+        for p in SYSTEM_READ_ONLY {
+            if Path::new(p).exists() {
+                root = root.read_only(p);
+            }
+        }
+        for p in SYSTEM_DIRS_OR_LINKS {
+            match std::fs::read_link(p) {
+                Ok(target) => root.entries.push(RootEntry::Symlink {
+                    path: PathBuf::from(p),
+                    target,
+                }),
+                Err(_) if Path::new(p).is_dir() => root = root.read_only(p),
+                Err(_) => {}
+            }
+        }
+        for p in SYSTEM_DEVICES {
+            if Path::new(p).exists() {
+                root = root.writable(p);
+            }
+        }
+        root
+    }
+
+    /// Binds `path` read-only at the same path.
+    pub fn read_only(mut self, path: impl Into<PathBuf>) -> JailRoot {
+        self.entries.push(RootEntry::Bind {
+            path: path.into(),
+            writable: false,
+        });
+        self
+    }
+
+    /// Binds `path` writable at the same path (a socket to connect to, a
+    /// FIFO to write, a device node, a directory the process owns).
+    pub fn writable(mut self, path: impl Into<PathBuf>) -> JailRoot {
+        self.entries.push(RootEntry::Bind {
+            path: path.into(),
+            writable: true,
+        });
+        self
+    }
+
+    /// Makes the character device at `path` in the root, owned by `owner`.
+    pub fn device(mut self, path: impl Into<PathBuf>, owner: u32) -> JailRoot {
+        self.entries.push(RootEntry::Device {
+            path: path.into(),
+            owner,
+        });
+        self
+    }
+
+    /// The paths bound into the root, for logs and tests.
+    pub fn bound_paths(&self) -> Vec<(&Path, bool)> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e {
+                RootEntry::Bind { path, writable } => Some((path.as_path(), *writable)),
+                RootEntry::Device { path, .. } => Some((path.as_path(), true)),
+                RootEntry::Symlink { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Turns the entries into steps under `dir` (an empty directory that
+    /// becomes the root). Every bound path must exist now, and be absolute
+    /// without `..`: nothing is resolved in the child.
+    fn prepare(&self, dir: &Path) -> Result<PreparedRoot, JailError> {
+        use std::collections::BTreeSet;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::Io {
+                what: "preparing the root with",
+                path: p.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            })
+        };
+        let inside = |p: &Path| -> Result<PathBuf, JailError> {
+            let plain = p.is_absolute()
+                && p.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
+                });
+            if !plain {
+                return Err(JailError::Io {
+                    what: "binding into the root (not a plain absolute path)",
+                    path: p.to_path_buf(),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                });
+            }
+            Ok(dir.join(p.strip_prefix("/").unwrap_or(p)))
+        };
+        let mut made: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut steps = Vec::new();
+        let mut parents = |p: &Path, steps: &mut Vec<RootStep>| -> Result<(), JailError> {
+            let mut at = PathBuf::from("/");
+            let comps: Vec<_> = p.components().skip(1).collect();
+            for comp in comps.iter().take(comps.len().saturating_sub(1)) {
+                at.push(comp);
+                if made.insert(at.clone()) {
+                    steps.push(RootStep::Mkdir(c(&inside(&at)?)?));
+                }
+            }
+            Ok(())
+        };
+        // Directories bound so far, with whether they are writable: a path
+        // below one is already there, with that directory's access.
+        let mut bound_dirs: Vec<(PathBuf, bool)> = Vec::new();
+        for entry in &self.entries {
+            match entry {
+                RootEntry::Bind { path, writable } => {
+                    let target = c(&inside(path)?)?;
+                    if bound_dirs
+                        .iter()
+                        .any(|(d, w)| path.starts_with(d) && (*w || !*writable))
+                    {
+                        continue;
+                    }
+                    let meta =
+                        std::fs::metadata(path).map_err(io("binding into the root", path))?;
+                    parents(path, &mut steps)?;
+                    if meta.is_dir() {
+                        bound_dirs.push((path.clone(), *writable));
+                    }
+                    steps.push(if meta.is_dir() {
+                        RootStep::Mkdir(target.clone())
+                    } else {
+                        RootStep::Touch(target.clone())
+                    });
+                    steps.push(RootStep::Bind {
+                        source: c(path)?,
+                        target,
+                        read_only: !writable,
+                    });
+                }
+                RootEntry::Device { path, owner } => {
+                    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                    let target = c(&inside(path)?)?;
+                    let meta = std::fs::metadata(path).map_err(io("making in the root", path))?;
+                    if !meta.file_type().is_char_device() {
+                        return Err(JailError::Io {
+                            what: "making in the root (not a character device)",
+                            path: path.clone(),
+                            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                        });
+                    }
+                    parents(path, &mut steps)?;
+                    steps.push(RootStep::Mknod {
+                        path: target,
+                        rdev: meta.rdev(),
+                        owner: *owner,
+                    });
+                }
+                RootEntry::Symlink { path, target } => {
+                    parents(path, &mut steps)?;
+                    steps.push(RootStep::Symlink {
+                        target: c(target)?,
+                        link: c(&inside(path)?)?,
+                    });
+                }
+            }
+        }
+        Ok(PreparedRoot {
+            dir: c(dir)?,
+            steps,
+        })
+    }
+}
+
+impl PreparedRoot {
+    /// Runs in the child between fork and exec: a new mount namespace, the
+    /// host's mounts made private to it, a tmpfs at the root directory with
+    /// the steps applied, `pivot_root` into it, the old root detached and the
+    /// new one made read-only.
+    ///
+    /// # Safety
+    /// Only async-signal-safe calls on memory prepared before fork.
+    unsafe fn enter(&self) -> std::io::Result<()> {
+        // SAFETY: raw syscalls on C strings built before fork, in the child.
+        unsafe {
+            let fail = || Err(std::io::Error::last_os_error());
+            let null = std::ptr::null::<libc::c_char>();
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    c"tmpfs".as_ptr(),
+                    self.dir.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    // Not nodev: a device made here (/dev/kvm) must work.
+                    // The root is read-only before the exec, and the jailed
+                    // process has no CAP_MKNOD to add one.
+                    libc::MS_NOSUID | libc::MS_NOEXEC,
+                    c"mode=0755,size=64k,nr_inodes=256".as_ptr().cast(),
+                ) != 0
+            {
+                return fail();
+            }
+            for step in &self.steps {
+                let ok = match step {
+                    RootStep::Mkdir(p) => {
+                        libc::mkdir(p.as_ptr(), 0o755) == 0
+                            || *libc::__errno_location() == libc::EEXIST
+                    }
+                    RootStep::Touch(p) => {
+                        let fd = libc::open(
+                            p.as_ptr(),
+                            libc::O_CREAT | libc::O_RDONLY | libc::O_CLOEXEC,
+                            0o600,
+                        );
+                        fd >= 0 && libc::close(fd) == 0
+                    }
+                    RootStep::Mknod { path, rdev, owner } => {
+                        libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, *rdev) == 0
+                            && libc::chown(path.as_ptr(), *owner, *owner) == 0
+                    }
+                    RootStep::Symlink { target, link } => {
+                        libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                    }
+                    RootStep::Bind {
+                        source,
+                        target,
+                        read_only,
+                    } => {
+                        libc::mount(
+                            source.as_ptr(),
+                            target.as_ptr(),
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ) == 0
+                            && (!*read_only
+                                || libc::mount(
+                                    null,
+                                    target.as_ptr(),
+                                    null,
+                                    libc::MS_BIND
+                                        | libc::MS_REMOUNT
+                                        | libc::MS_RDONLY
+                                        | libc::MS_NOSUID
+                                        | libc::MS_NODEV,
+                                    std::ptr::null(),
+                                ) == 0)
+                    }
+                };
+                if !ok {
+                    return fail();
+                }
+            }
+            // pivot_root(".", "."): the old root ends up stacked on the new one
+            // and is detached at once, with no directory made for it.
+            if libc::chdir(self.dir.as_ptr()) != 0
+                || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+                || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0
+                || libc::chdir(c"/".as_ptr()) != 0
+                || libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return fail();
+            }
+            Ok(())
         }
     }
 }
@@ -379,5 +762,87 @@ mod tests {
         jail.apply(&mut cmd);
         let out = cmd.output().expect("running unshare");
         assert!(!out.status.success(), "unshare ran in the jail");
+    }
+
+    #[test]
+    fn a_jailed_root_holds_only_what_was_bound() {
+        let base = scratch("root");
+        let data = base.join("data");
+        let root_dir = base.join("root");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&root_dir).unwrap();
+        std::fs::write(data.join("ro"), "read me\n").unwrap();
+        std::fs::write(data.join("rw"), "").unwrap();
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "this test needs /dev/kvm (a character device to make in the root)"
+        );
+        let root = JailRoot::system()
+            .read_only(data.join("ro"))
+            .writable(data.join("rw"))
+            .device("/dev/kvm", 4_000_125);
+        let jail = Jail::for_backend(4_000_125)
+            .unwrap()
+            .isolated()
+            .with_root(&root, &root_dir)
+            .unwrap();
+        // The writable file must be writable by the jail's uid.
+        std::os::unix::fs::chown(data.join("rw"), Some(4_000_125), None).unwrap();
+        let ro = data.join("ro");
+        let rw = data.join("rw");
+        let script = format!(
+            "ls -a /; test -e /etc/passwd && echo passwd; test -e /run && echo run; \
+             cat {ro}; echo >> {ro} 2>/dev/null && echo wrote-ro; \
+             echo written > {rw} && echo wrote-rw; touch /new 2>/dev/null && echo made-file; \
+             ip -o link 2>/dev/null | wc -l; cat /proc/self/status 2>/dev/null | head -1; \
+             exec 3<>/dev/kvm && echo kvm-open",
+            ro = ro.display(),
+            rw = rw.display()
+        );
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", &script]);
+        jail.apply(&mut cmd);
+        let out = cmd.output().expect("running the jailed shell");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        // Only what was bound, and the links of a merged /usr.
+        for absent in [
+            "passwd",
+            "run",
+            "wrote-ro",
+            "made-file",
+            "home",
+            "root",
+            "var",
+        ] {
+            assert!(!lines.contains(&absent), "{absent} in the jail: {text}");
+        }
+        for present in ["usr", "dev", "read me", "wrote-rw", "kvm-open"] {
+            assert!(lines.contains(&present), "no {present} in the jail: {text}");
+        }
+        // No /proc, and a network namespace of its own (no `ip` output
+        // either way: the count is that of an empty namespace or none).
+        assert!(!text.contains("Name:"), "{text}");
+        assert_eq!(std::fs::read_to_string(&rw).unwrap(), "written\n");
+        assert_eq!(std::fs::read_to_string(&ro).unwrap(), "read me\n");
+        // The root directory stays empty on the host: the tmpfs was the
+        // child's alone.
+        assert_eq!(std::fs::read_dir(&root_dir).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_root_refuses_relative_and_dotdot_paths() {
+        let dir = scratch("root-bad");
+        for bad in ["relative/file", "/usr/../etc"] {
+            let root = JailRoot::default().read_only(bad);
+            let err = root.prepare(&dir).unwrap_err().to_string();
+            assert!(err.contains("not a plain absolute path"), "{err}");
+        }
     }
 }

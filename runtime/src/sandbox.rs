@@ -16,6 +16,7 @@ use crate::child::{describe, HelperProcess};
 use crate::config::Config;
 use crate::console::ConsoleLog;
 use crate::hypervisor::{self, HypervisorError, VmConfig};
+use crate::jail::JailRoot;
 use crate::share::{ReadOnly, Share};
 use husk_protocol::agent::{CreateContainerRequest, Stdio as StdioTokens, WaitProcessResponse};
 use husk_protocol::{StreamKind, GUEST_CID};
@@ -312,14 +313,20 @@ impl Sandbox {
             &config.virtiofs_cache,
             &dir.join("virtiofsd.log"),
         )?);
-        let (vsock_dir, jail) = sandbox.jail_vsock_backend(config)?;
+        let (uid, vsock_dir) = sandbox.claim_jail(config)?;
+        let vsock_jail = crate::jail::Jail::for_backend(uid)?.isolated().with_root(
+            &JailRoot::system()
+                .read_only(&vsock_backend)
+                .writable(&vsock_dir),
+            &sandbox.jail_root_dir("vsock")?,
+        )?;
         sandbox.vsock = Some(VsockBackend::spawn(
             &vsock_backend,
             GUEST_CID,
             &vsock_dir.join("vhost-vsock.sock"),
             &vsock_dir.join("vsock.sock"),
             &dir.join("vsock.log"),
-            Some(jail),
+            Some(vsock_jail),
         )?);
         sandbox.lock_jail_dir(&vsock_dir)?;
         sandbox.timings.backends_ms = ms(tb.elapsed());
@@ -350,10 +357,10 @@ impl Sandbox {
             guest_cid: GUEST_CID,
             console_log: console_fifo,
             vmm_log: dir.join("vmm.log"),
-            api_socket: dir.join("api.sock"),
         };
+        let vmm_jail = sandbox.vmm_jail(uid, &vm_config, selection.hypervisor.as_ref())?;
         let tv = Instant::now();
-        sandbox.vm = Some(selection.hypervisor.launch(&vm_config)?);
+        sandbox.vm = Some(selection.hypervisor.launch(&vm_config, vmm_jail)?);
         let uds = dir.join("vsock.sock");
         let timeout = Duration::from_secs(config.boot_timeout_secs);
         // vhost-device-vsock 0.3 loses a host connection made before the
@@ -479,12 +486,9 @@ impl Sandbox {
         SandboxError::Agent(e)
     }
 
-    /// Claims this sandbox's jail uid, builds the backend's jail and makes
-    /// the directory its jailed vsock backend owns, `<JAIL_ROOT>/<uid>`.
-    fn jail_vsock_backend(
-        &mut self,
-        config: &Config,
-    ) -> Result<(PathBuf, crate::jail::Jail), SandboxError> {
+    /// Claims this sandbox's jail uid and makes the directory its jailed
+    /// vsock backend owns, `<JAIL_ROOT>/<uid>`.
+    fn claim_jail(&mut self, config: &Config) -> Result<(u32, PathBuf), SandboxError> {
         use crate::jail::{JailId, JAIL_ROOT};
         let root = Path::new(JAIL_ROOT);
         let id = JailId::claim(
@@ -503,9 +507,54 @@ impl Sandbox {
         }
         // A directory a crashed sandbox left under this uid goes first.
         let _ = std::fs::remove_dir_all(&dir);
-        let jail = crate::jail::Jail::for_backend(uid)?;
-        jail.own_dir(&dir)?;
-        Ok((dir, jail))
+        crate::jail::own_dir(&dir, uid)?;
+        Ok((uid, dir))
+    }
+
+    /// An empty directory in the sandbox's own that becomes the root of a
+    /// jailed helper (in the helper's mount namespace only).
+    fn jail_root_dir(&self, helper: &str) -> Result<PathBuf, SandboxError> {
+        let d = self.dir.join(format!("root-{helper}"));
+        std::fs::create_dir(&d).map_err(|source| SandboxError::Io {
+            what: "creating",
+            path: d.clone(),
+            source,
+        })?;
+        Ok(d)
+    }
+
+    /// The VMM's jail: the sandbox's uid, namespaces of its own, and a root
+    /// holding the kernel, the initramfs, the two vhost-user sockets, the
+    /// console FIFO and (with KVM) its own /dev/kvm. The sockets and the
+    /// FIFO become the jailed uid's to connect to and write.
+    fn vmm_jail(
+        &self,
+        uid: u32,
+        vm: &VmConfig,
+        hypervisor: &dyn hypervisor::Hypervisor,
+    ) -> Result<crate::jail::Jail, SandboxError> {
+        for own in [&vm.fs_socket, &vm.console_log] {
+            std::os::unix::fs::lchown(own, Some(uid), Some(uid)).map_err(|source| {
+                SandboxError::Io {
+                    what: "giving the VMM",
+                    path: own.clone(),
+                    source,
+                }
+            })?;
+        }
+        let mut root = JailRoot::system()
+            .read_only(hypervisor.program())
+            .read_only(&vm.kernel)
+            .read_only(&vm.initramfs)
+            .writable(&vm.fs_socket)
+            .writable(&vm.vsock_socket)
+            .writable(&vm.console_log);
+        if hypervisor.uses_kvm() {
+            root = root.device("/dev/kvm", uid);
+        }
+        Ok(crate::jail::Jail::for_backend(uid)?
+            .isolated()
+            .with_root(&root, &self.jail_root_dir("vmm")?)?)
     }
 
     /// Once the jailed backend has made its sockets, its directory becomes

@@ -360,3 +360,76 @@ pub fn markers_of(marker: &Path) -> Vec<String> {
     }
     markers
 }
+
+/// `/proc/<pid>/status` fields of a process, by name.
+pub fn proc_status_of(pid: i32) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Checks that `pid` runs jailed as docs/security.md says for QEMU, husk-vmm
+/// and the vsock backend: uid and gid one id of the jail range (the default
+/// `jail_uid_base`/`jail_uid_count`), no groups but `allowed_groups`, no
+/// capabilities, no_new_privs, a seccomp filter, and mount, network, IPC and
+/// UTS namespaces not the host's, its root holding no host tree (no /etc
+/// but the loader's cache, no /home, /root, /var, /proc). Returns the uid.
+pub fn assert_jailed(pid: i32, what: &str) -> u32 {
+    let st = proc_status_of(pid);
+    let field = |k: &str| st.get(k).cloned().unwrap_or_default();
+    let ids = |k: &str| -> Vec<u32> {
+        field(k)
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    };
+    let uids = ids("Uid");
+    let gids = ids("Gid");
+    assert_eq!(uids.len(), 4, "{what} {pid}: {st:?}");
+    let uid = uids[0];
+    assert!(
+        (1_800_000_000..1_801_000_000).contains(&uid),
+        "{what} {pid} runs as uid {uid}, not one of the jail range"
+    );
+    assert!(uids.iter().all(|u| *u == uid), "{what}: uids {uids:?}");
+    assert!(gids.iter().all(|g| *g == uid), "{what}: gids {gids:?}");
+    assert_eq!(field("Groups"), "", "{what} {pid} keeps groups");
+    for caps in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(field(caps), "0000000000000000", "{what} {pid}: {caps}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1", "{what} {pid}");
+    assert_eq!(field("Seccomp"), "2", "{what} {pid}");
+    let ns = |p: i32, kind: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).ok();
+    let me = std::process::id() as i32;
+    for kind in ["mnt", "net", "ipc", "uts"] {
+        let theirs = ns(pid, kind);
+        assert!(theirs.is_some(), "{what} {pid}: no {kind} namespace read");
+        assert_ne!(
+            theirs,
+            ns(me, kind),
+            "{what} {pid} shares our {kind} namespace"
+        );
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    for absent in [
+        "etc/passwd",
+        "etc/shadow",
+        "home",
+        "root",
+        "var/lib",
+        "var/log",
+        "proc",
+        "sys",
+        "boot",
+    ] {
+        assert!(!root.join(absent).exists(), "{what} {pid} sees /{absent}");
+    }
+    assert!(
+        root.join("usr").is_dir(),
+        "{what} {pid}: no /usr in its root"
+    );
+    uid
+}

@@ -283,12 +283,14 @@ fn processes_naming(marker: &str) -> Vec<(i32, String)> {
 }
 
 /// The device helpers of a running sandbox run under their own filters, as
-/// docs/security.md says: QEMU under its seccomp sandbox, virtiofsd's
+/// docs/security.md says: QEMU jailed (below) and under its seccomp
+/// sandbox, virtiofsd's
 /// serving process under its seccomp filter, in a mount namespace of its
 /// own, without the capabilities to make device nodes or set file
-/// capabilities; the vsock backend jailed: an unprivileged uid of the
-/// jail range, no capabilities, no_new_privs, the spawner's seccomp filter,
-/// its socket directory handed back to root once its sockets exist.
+/// capabilities; QEMU and the vsock backend jailed: the sandbox's uid of
+/// the jail range, no groups or capabilities, no_new_privs, the spawner's
+/// seccomp filter, mount, network, IPC and UTS namespaces of their own and
+/// a root holding only what each needs.
 #[test]
 fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
     require_guest();
@@ -306,12 +308,32 @@ fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
         .filter(|(_, c)| c.contains("qemu-system"))
         .collect();
     assert_eq!(qemu.len(), 1, "{procs:?}");
-    let st = proc_status(qemu[0].0);
-    assert_eq!(
-        st.get("Seccomp").map(String::as_str),
-        Some("2"),
-        "qemu: {st:?}"
-    );
+    // QEMU and the vsock backend: the sandbox's jail uid, namespaces and
+    // a root of their own.
+    let uid = assert_jailed(qemu[0].0, "qemu");
+    let jail_dir = format!("{}/{uid}/", husk_runtime::jail::JAIL_ROOT);
+    let vsock: Vec<_> = processes_naming(&jail_dir)
+        .into_iter()
+        .filter(|(_, c)| c.contains("vhost-device-vsock"))
+        .collect();
+    assert_eq!(vsock.len(), 1, "no vsock backend under {jail_dir}");
+    assert_eq!(assert_jailed(vsock[0].0, "vhost-device-vsock"), uid);
+    // Of the sandbox's directory, QEMU sees its two ends: virtiofsd's
+    // socket and the console FIFO; no log, no state, no share.
+    let sandbox_dir = std::fs::read_dir(root.join("sandbox"))
+        .expect("sandbox dirs")
+        .flatten()
+        .next()
+        .expect("one sandbox")
+        .path();
+    let seen = format!("/proc/{}/root{}", qemu[0].0, sandbox_dir.display());
+    let mut names: Vec<String> = std::fs::read_dir(&seen)
+        .unwrap_or_else(|e| panic!("{seen}: {e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["console.fifo", "vhost-fs.sock"], "qemu sees {seen}");
     // virtiofsd makes its namespaces (mount, pid, net) and forks: the
     // serving child is PID 1 of the new pid namespace; its parent only waits
     // (no capabilities at all).

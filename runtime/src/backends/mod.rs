@@ -62,9 +62,15 @@ pub fn log_tail(log: &Path) -> String {
 /// before it listens; a VMM connecting in between is refused. Probing with a
 /// connection is no option: a vhost-user backend serves its first connection
 /// as its one frontend. None when /proc/net/unix cannot be read.
-fn listening(socket: &Path) -> Option<bool> {
+///
+/// Unix sockets are listed per network namespace, in the one the socket was
+/// made in: a jailed backend has a namespace of its own from its start,
+/// virtiofsd makes its socket in ours and then unshares. Both are read.
+fn listening(socket: &Path, pid: u32) -> Option<bool> {
     const SO_ACCEPTCON: u32 = 0x10000;
-    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let ours = std::fs::read_to_string("/proc/self/net/unix").ok()?;
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    let table = ours + &theirs;
     let path = socket.to_str()?;
     Some(table.lines().skip(1).any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -86,7 +92,7 @@ fn wait_for_socket(
         if std::fs::metadata(socket)
             .map(|m| m.file_type().is_socket())
             .unwrap_or(false)
-            && listening(socket) != Some(false)
+            && listening(socket, process.pid()) != Some(false)
         {
             return Ok(());
         }
@@ -139,11 +145,11 @@ mod tests {
         let path = dir.join("s.sock");
         // A datagram socket is bound but never listens.
         let bound = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        assert_eq!(listening(&path), Some(false));
+        assert_eq!(listening(&path, std::process::id()), Some(false));
         drop(bound);
         std::fs::remove_file(&path).unwrap();
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert_eq!(listening(&path), Some(true));
+        assert_eq!(listening(&path, std::process::id()), Some(true));
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
     }

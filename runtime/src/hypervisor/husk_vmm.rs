@@ -37,8 +37,8 @@ impl HuskVmm {
             vm.guest_cid.to_string(),
             "--console".into(),
             vm.console_log.display().to_string(),
-            "--api-socket".into(),
-            vm.api_socket.display().to_string(),
+            // No --api-socket: the host never drives a running VM, and a
+            // control socket nobody uses is only something to attack.
         ]
     }
 }
@@ -52,9 +52,22 @@ impl Hypervisor for HuskVmm {
         "KVM"
     }
 
-    fn launch(&self, vm: &VmConfig) -> Result<HelperProcess, HypervisorError> {
+    fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    fn uses_kvm(&self) -> bool {
+        true
+    }
+
+    fn launch(
+        &self,
+        vm: &VmConfig,
+        jail: crate::jail::Jail,
+    ) -> Result<HelperProcess, HypervisorError> {
         let mut cmd = Command::new(&self.program);
         cmd.args(self.args(vm));
+        jail.apply(&mut cmd);
         HelperProcess::spawn("husk-vmm", cmd, &vm.vmm_log).map_err(|source| {
             HypervisorError::Spawn {
                 name: "husk-vmm",

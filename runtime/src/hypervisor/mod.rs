@@ -44,8 +44,6 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// The VMM's own messages.
     pub vmm_log: PathBuf,
-    /// Control socket (husk-vmm), or QMP (QEMU).
-    pub api_socket: PathBuf,
 }
 
 /// A hypervisor backend.
@@ -54,8 +52,16 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
     /// How the backend runs the guest (e.g. "KVM", "TCG").
     fn acceleration(&self) -> &'static str;
-    /// Starts the VM process; returns once it is spawned.
-    fn launch(&self, vm: &VmConfig) -> Result<HelperProcess, HypervisorError>;
+    /// The program it runs (bound into its jail).
+    fn program(&self) -> &std::path::Path;
+    /// Whether it opens /dev/kvm.
+    fn uses_kvm(&self) -> bool;
+    /// Starts the VM process in `jail`; returns once it is spawned.
+    fn launch(
+        &self,
+        vm: &VmConfig,
+        jail: crate::jail::Jail,
+    ) -> Result<HelperProcess, HypervisorError>;
 }
 
 /// The backend chosen for this machine and why.
