@@ -136,6 +136,113 @@ pub fn own_dir(dir: &Path, uid: u32) -> Result<(), JailError> {
         .map_err(io("setting the mode of", dir))
 }
 
+/// A seccomp filter for a file server that must stay root (virtiofsd needs
+/// its capabilities to serve files of every owner): a hostile guest may not
+/// make a set-user-ID or set-group-ID file on host storage, where a host
+/// user could run it. Every call that sets a mode — chmod in all its forms,
+/// and open, creat and mknod creating a file — fails with EPERM when the
+/// mode has S_ISUID or S_ISGID. (Writes to an existing set-id file clear the
+/// bits: the file server runs without CAP_FSETID, see `backends::virtiofs`.)
+pub fn no_set_id_bits_filters() -> Result<Vec<seccompiler::BpfProgram>, JailError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let seccomp = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
+    let set_id = |arg: u8| -> Result<Vec<SeccompRule>, JailError> {
+        [libc::S_ISUID, libc::S_ISGID]
+            .into_iter()
+            .map(|bit| {
+                let mode = SeccompCondition::new(
+                    arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(u64::from(bit)),
+                    u64::from(bit),
+                )
+                .map_err(seccomp)?;
+                SeccompRule::new(vec![mode]).map_err(seccomp)
+            })
+            .collect()
+    };
+    // open/openat: only when creating (O_CREAT or O_TMPFILE's own bit);
+    // without those the mode argument is not read and may hold anything.
+    let creating = |flags: u8, mode: u8| -> Result<Vec<SeccompRule>, JailError> {
+        let mut rules = Vec::new();
+        for create in [libc::O_CREAT, libc::O_TMPFILE & !libc::O_DIRECTORY] {
+            for bit in [libc::S_ISUID, libc::S_ISGID] {
+                let conds = vec![
+                    SeccompCondition::new(
+                        flags,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::MaskedEq(create as u64),
+                        create as u64,
+                    )
+                    .map_err(seccomp)?,
+                    SeccompCondition::new(
+                        mode,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::MaskedEq(u64::from(bit)),
+                        u64::from(bit),
+                    )
+                    .map_err(seccomp)?,
+                ];
+                rules.push(SeccompRule::new(conds).map_err(seccomp)?);
+            }
+        }
+        Ok(rules)
+    };
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [
+        (libc::SYS_chmod, set_id(1)?),
+        (libc::SYS_fchmod, set_id(1)?),
+        (libc::SYS_fchmodat, set_id(2)?),
+        (libc::SYS_fchmodat2, set_id(2)?),
+        (libc::SYS_creat, set_id(1)?),
+        (libc::SYS_mknod, set_id(1)?),
+        (libc::SYS_mknodat, set_id(2)?),
+        (libc::SYS_open, creating(1, 2)?),
+        (libc::SYS_openat, creating(2, 3)?),
+    ]
+    .into_iter()
+    .collect();
+    // openat2 takes its mode in a struct seccomp cannot read: it reads as
+    // not implemented, so callers fall back to openat (glibc has no wrapper
+    // for it). A second program, since one program has one match action.
+    let absent: BTreeMap<i64, Vec<SeccompRule>> =
+        [(libc::SYS_openat2, Vec::new())].into_iter().collect();
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(seccomp)?;
+    let build = |rules, errno: i32| -> Result<seccompiler::BpfProgram, JailError> {
+        seccompiler::SeccompFilter::new(
+            rules,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Errno(errno as u32),
+            arch,
+        )
+        .map_err(seccomp)?
+        .try_into()
+        .map_err(seccomp)
+    };
+    Ok(vec![
+        build(rules, libc::EPERM)?,
+        build(absent, libc::ENOSYS)?,
+    ])
+}
+
+/// Installs `filters` in `cmd`'s child before exec, with no_new_privs (which
+/// an unprivileged filter needs and a root process loses nothing by).
+pub fn apply_filters(cmd: &mut Command, filters: Vec<seccompiler::BpfProgram>) {
+    // SAFETY: prctl and seccomp (through seccompiler, on a program built
+    // before fork) are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for filter in &filters {
+                seccompiler::apply_filter(filter)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+            Ok(())
+        });
+    }
+}
+
 /// What a helper is confined to.
 pub struct Jail {
     uid: u32,
@@ -844,5 +951,63 @@ mod tests {
             let err = root.prepare(&dir).unwrap_err().to_string();
             assert!(err.contains("not a plain absolute path"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_file_server_cannot_set_set_id_bits() {
+        let dir = scratch("setid");
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = r#"
+import os, errno
+os.chdir(os.environ["D"])
+def tried(what, f):
+    try:
+        f()
+        print(what, "ok")
+    except OSError as e:
+        print(what, errno.errorcode[e.errno])
+open("plain", "w").close()
+tried("chmod-755", lambda: os.chmod("plain", 0o755))
+tried("chmod-suid", lambda: os.chmod("plain", 0o4755))
+tried("chmod-sgid", lambda: os.chmod("plain", 0o2755))
+fd = os.open("plain", os.O_RDONLY)
+tried("fchmod-suid", lambda: os.fchmod(fd, 0o4755))
+tried("create-suid", lambda: os.close(os.open("made", os.O_CREAT | os.O_WRONLY, 0o4755)))
+tried("create-plain", lambda: os.close(os.open("made2", os.O_CREAT | os.O_WRONLY, 0o755)))
+tried("mknod-suid", lambda: os.mknod("node", 0o104755))
+tried("mkdir-sgid", lambda: os.mkdir("sgid-dir", 0o2775))
+tried("open-existing", lambda: os.close(os.open("plain", os.O_RDONLY | 0o4000)))
+"#;
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", script]).env("D", &dir);
+        apply_filters(&mut cmd, no_set_id_bits_filters().unwrap());
+        let out = cmd.output().expect("python3");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for expect in [
+            "chmod-755 ok",
+            "chmod-suid EPERM",
+            "chmod-sgid EPERM",
+            "fchmod-suid EPERM",
+            "create-suid EPERM",
+            "create-plain ok",
+            "mknod-suid EPERM",
+            "mkdir-sgid ok",
+            "open-existing ok",
+        ] {
+            assert!(text.lines().any(|l| l == expect), "{expect}: {text}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("plain"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        assert!(!dir.join("made").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

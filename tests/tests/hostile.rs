@@ -56,7 +56,8 @@ fn s(p: &Path) -> &str {
 /// host walking the share would follow (a symlink where the next
 /// container's mounts go, a directory for a container not yet created);
 /// remounts a read-only volume read-write and writes it; makes a device
-/// node on host storage. Every attempt is refused by the host, and the host
+/// node on host storage; makes set-uid and set-gid files there, and writes
+/// to a set-uid program the host already had. Every attempt is refused by the host, and the host
 /// sees nothing of them. Writes the guest is entitled to (its rootfs, a rw
 /// volume) still reach the host, so the refusals are not an accident of a
 /// broken share.
@@ -72,6 +73,14 @@ fn guest_root_cannot_plant_in_the_share_write_ro_volumes_or_make_device_nodes() 
         std::fs::create_dir_all(d).expect("mkdir");
     }
     std::fs::write(ro.join("file"), "host content\n").expect("write");
+    // A set-uid-root program already on the host's storage.
+    let setuid_prog = rw.join("setuid-prog");
+    std::fs::write(&setuid_prog, "#!/bin/sh\n").expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&setuid_prog, std::fs::Permissions::from_mode(0o4755))
+            .expect("chmod");
+    }
     let id = "hostile";
     // Guest root: no pid namespace of its own, so it enters the mount
     // namespace of the guest's PID 1 (the agent), where the share's root is
@@ -94,6 +103,11 @@ attempt "echo guest > /ro/file"
 attempt "echo guest > /ro/new"
 attempt "mknod /devnode c 1 3"
 attempt "nsenter -t 1 -m -- mknod $S/{id}/rootfs/devnode2 b 7 0"
+echo x > /rw/plain
+attempt "chmod 4755 /rw/plain"
+attempt "chmod 2755 /rw/plain"
+attempt "install -m 4755 /bin/busybox /rw/suid-copy"
+echo more >> /rw/setuid-prog && echo "setuid file: written"
 echo guest > /rw/file && echo "rw volume: written"
 echo guest > /rootfs-file && echo "rootfs: written"
 "#,
@@ -117,11 +131,26 @@ echo guest > /rootfs-file && echo "rootfs: written"
     assert!(text.contains("guest: share remounted rw"), "{text}");
     assert!(text.contains("guest: /ro remounted rw"), "{text}");
     assert!(!text.contains("DONE:"), "the guest got through:\n{text}");
-    assert_eq!(text.matches("refused:").count(), 9, "{text}");
+    assert_eq!(text.matches("refused:").count(), 12, "{text}");
     assert!(
-        text.contains("rw volume: written") && text.contains("rootfs: written"),
+        text.contains("rw volume: written")
+            && text.contains("rootfs: written")
+            && text.contains("setuid file: written"),
         "{text}"
     );
+    // No set-id file on host storage: none made, and the one the guest
+    // wrote to lost its bit.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for entry in std::fs::read_dir(&rw).expect("rw volume").flatten() {
+            let mode = entry.metadata().expect("stat").permissions().mode();
+            assert_eq!(mode & 0o6000, 0, "{:?} is set-id: {mode:o}", entry.path());
+        }
+        assert_eq!(
+            std::fs::read_to_string(&setuid_prog).expect("setuid-prog"),
+            "#!/bin/sh\nmore\n"
+        );
+    }
 
     // From the host: the read-only volume is as it was.
     assert_eq!(

@@ -29,6 +29,8 @@ pub enum BackendError {
         socket: PathBuf,
         timeout: Duration,
     },
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// How long a backend may take to create its vhost-user socket.

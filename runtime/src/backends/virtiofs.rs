@@ -35,8 +35,13 @@ impl VirtioFsBackend {
             // file capabilities on host storage for a hostile guest.
             .arg("--sandbox=namespace")
             .arg("--seccomp=kill")
-            .arg("--modcaps=-mknod:-setfcap")
+            // Without CAP_FSETID a write clears the set-id bits of the file
+            // written: a guest cannot replace the contents of a set-uid
+            // program on host storage and keep it set-uid.
+            .arg("--modcaps=-mknod:-setfcap:-fsetid")
             .arg("--log-level=error");
+        // Nor make one: no mode with S_ISUID or S_ISGID is set through it.
+        crate::jail::apply_filters(&mut cmd, crate::jail::no_set_id_bits_filters()?);
         let mut process =
             HelperProcess::spawn("virtiofsd", cmd, log).map_err(|source| BackendError::Spawn {
                 name: "virtiofsd",
