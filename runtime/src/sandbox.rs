@@ -279,6 +279,14 @@ impl Sandbox {
                 })
             }
         }
+        if let Err(source) = mount_sandbox_fs(&dir) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(SandboxError::Io {
+                what: "mounting the sandbox's own file system on",
+                path: dir,
+                source,
+            });
+        }
         let (shared_dir, owns_shared_dir) = match &sc.shared_dir {
             Some(d) => (d.clone(), false),
             None => (Share::at(&dir).guest_view().to_path_buf(), true),
@@ -710,6 +718,8 @@ impl Sandbox {
         if let Some(share) = self.share.take() {
             share.remove()?;
         }
+        // The sandbox's own tmpfs (and anything a failed step left on it).
+        unmount_below(&self.dir)?;
         remove_tree_same_fs(&self.dir)
     }
 }
@@ -870,6 +880,27 @@ pub fn remove_jail_of(dir: &Path) {
         let _ = std::fs::remove_dir_all(jail_dir);
         let _ = std::fs::remove_file(&claim);
     }
+}
+
+/// The size of a sandbox's own file system: its logs (the console's two
+/// capped files, the VMM's and the backends' own), its sockets, the jailed
+/// helpers' empty root directories and the share's mount points. A guest
+/// that makes a helper log without end fills this, not the host's /run.
+pub const SANDBOX_FS_OPTIONS: &str = "size=16m,nr_inodes=4096,mode=0700";
+
+/// Mounts the sandbox's own size-limited tmpfs on `dir` (nosuid, nodev,
+/// noexec: nothing is run from it).
+fn mount_sandbox_fs(dir: &Path) -> std::io::Result<()> {
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some(SANDBOX_FS_OPTIONS),
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Detaches every mount at or below `dir` (deepest first, never following a

@@ -178,7 +178,8 @@ echo guest > /rootfs-file && echo "rootfs: written"
 
 /// The share as the host leaves it while a container runs: the guest's view
 /// is a read-only, nosuid, nodev mount; every bind under it is nosuid and
-/// nodev; a `ro` volume is read-only on the host itself.
+/// nodev; a `ro` volume is read-only on the host itself; the sandbox's
+/// directory is a size-limited tmpfs of its own.
 #[test]
 fn the_share_is_read_only_nosuid_nodev_on_the_host() {
     require_guest();
@@ -224,6 +225,27 @@ fn the_share_is_read_only_nosuid_nodev_on_the_host() {
             );
             assert_eq!(flags.contains(&"ro"), want_ro, "{}: {o}", p.display());
         }
+    }
+    // The sandbox's files live on its own size-limited tmpfs.
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(s(&sandbox)))
+        .unwrap_or_else(|| panic!("{} is not a mount:\n{info}", sandbox.display()));
+    let (mount_opts, fs) = line.split_once(" - ").expect("mountinfo separator");
+    assert!(fs.starts_with("tmpfs "), "{line}");
+    for flag in ["nosuid", "nodev", "noexec"] {
+        assert!(
+            mount_opts
+                .split(' ')
+                .nth(5)
+                .unwrap_or("")
+                .split(',')
+                .any(|x| x == flag),
+            "{line}: no {flag}"
+        );
+    }
+    for opt in ["size=16384k", "nr_inodes=4096"] {
+        assert!(fs.split([' ', ',']).any(|x| x == opt), "{line}: no {opt}");
     }
     // Nobody but root can list or write the share's directories on the host.
     use std::os::unix::fs::PermissionsExt;
