@@ -309,6 +309,158 @@ fn open_dir(path: &Path) -> Result<OwnedFd, ShareError> {
     owned(fd.into(), "opening", path)
 }
 
+/// A path the guest will mount on (or change into) inside a rootfs that is
+/// shared read-only (`root.readonly`): the host makes it before the share,
+/// since the guest can no longer write there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountPoint {
+    /// Absolute, inside the container's root.
+    pub path: PathBuf,
+    /// A file (a bind of a file), not a directory.
+    pub file: bool,
+}
+
+/// The mount points the guest needs in the rootfs itself, in spec order:
+/// `mounts` gives each destination with, for a bind, its host source (to
+/// tell a file from a directory). A destination below an earlier one is
+/// made by the guest inside that mount (`/dev/pts` in the `/dev` tmpfs), not
+/// in the rootfs; so is a `cwd` below a mount.
+pub fn rootfs_mount_points<'a>(
+    mounts: impl IntoIterator<Item = (&'a str, Option<&'a Path>)>,
+    cwd: Option<&str>,
+) -> Vec<MountPoint> {
+    let mut points: Vec<MountPoint> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let below_a_mount =
+        |seen: &[PathBuf], p: &Path| seen.iter().any(|m| p != m.as_path() && p.starts_with(m));
+    for (destination, bind_source) in mounts {
+        let path = Path::new("/").join(destination);
+        if !below_a_mount(&seen, &path) && path != Path::new("/") {
+            let file = bind_source.is_some_and(|s| s.metadata().is_ok_and(|m| !m.is_dir()));
+            points.push(MountPoint {
+                path: path.clone(),
+                file,
+            });
+        }
+        seen.push(path);
+    }
+    if let Some(cwd) = cwd {
+        let path = Path::new("/").join(cwd);
+        if !below_a_mount(&seen, &path) && !seen.contains(&path) && path != Path::new("/") {
+            points.push(MountPoint { path, file: false });
+        }
+    }
+    points
+}
+
+/// Makes `points` in `rootfs` where they are missing, as the guest would
+/// have: every path resolved from the rootfs with `RESOLVE_IN_ROOT` (an
+/// absolute symlink in the image means the image's path, never the
+/// host's), no magic links, no crossing into another mount. A point that
+/// cannot be made (a dangling link, a file where a directory goes) is
+/// left: the guest then reports it, as it does today.
+pub fn make_mount_points(rootfs: &Path, points: &[MountPoint]) -> Result<(), ShareError> {
+    let root = open_dir(rootfs)?;
+    for point in points {
+        if let Err(e) = make_mount_point(&root, rootfs, point) {
+            log::warn!(
+                "mount point {} in {}: {e}",
+                point.path.display(),
+                rootfs.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn make_mount_point(root: &OwnedFd, rootfs: &Path, point: &MountPoint) -> Result<(), ShareError> {
+    let names: Vec<&std::ffi::OsStr> = point
+        .path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    if point.path.components().any(|c| c == Component::ParentDir) {
+        return Err(ShareError::BadPath(point.path.display().to_string()));
+    }
+    let shown = rootfs.join(point.path.strip_prefix("/").unwrap_or(&point.path));
+    let prefix = |n: usize| -> Result<CString, ShareError> {
+        let rel: PathBuf = names[..n].iter().collect();
+        cpath(if n == 0 { Path::new(".") } else { &rel })
+    };
+    for i in 1..=names.len() {
+        let last = i == names.len();
+        let want_file = last && point.file;
+        let flags = if want_file {
+            libc::O_PATH
+        } else {
+            libc::O_PATH | libc::O_DIRECTORY
+        };
+        match openat2_in_root(root, &prefix(i)?, flags, 0, &shown) {
+            Ok(_) => continue,
+            Err(ShareError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let parent = openat2_in_root(
+            root,
+            &prefix(i - 1)?,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+            &shown,
+        )?;
+        let name = cpath(Path::new(names[i - 1]))?;
+        // SAFETY: `parent` is an open directory fd and `name` one plain
+        // component (no slash), so nothing is resolved.
+        let rc = unsafe {
+            if want_file {
+                let fd = libc::openat(
+                    parent.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+                fd.min(0)
+            } else {
+                libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755)
+            }
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // A dangling symlink in the image: the guest reports it.
+            return Err(io("making the mount point", &shown)(e));
+        }
+    }
+    Ok(())
+}
+
+/// openat2 resolving inside `root` as the root directory (an image's
+/// symlinks stay in the image), no magic links, no other mount.
+fn openat2_in_root(
+    root: &OwnedFd,
+    name: &CString,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+    path: &Path,
+) -> Result<OwnedFd, ShareError> {
+    openat2_resolving(
+        root,
+        name,
+        flags | libc::O_CLOEXEC,
+        mode,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV,
+        path,
+    )
+}
+
 /// openat2 below `dir`: no symlink, no `..` escape, no other mount.
 fn openat2_beneath(
     dir: &OwnedFd,
@@ -317,11 +469,29 @@ fn openat2_beneath(
     mode: libc::mode_t,
     path: &Path,
 ) -> Result<OwnedFd, ShareError> {
+    openat2_resolving(
+        dir,
+        name,
+        flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        mode,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_XDEV,
+        path,
+    )
+}
+
+fn openat2_resolving(
+    dir: &OwnedFd,
+    name: &CString,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+    resolve: u64,
+    path: &Path,
+) -> Result<OwnedFd, ShareError> {
     // SAFETY: open_how is plain data; all-zero is its valid default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.flags = flags as u64;
     how.mode = u64::from(mode);
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_XDEV;
+    how.resolve = resolve;
     // SAFETY: `dir` is an open fd, `name` a valid C string, `how` a valid
     // open_how of the size passed; openat2 returns a new fd or -1.
     let fd = unsafe {
@@ -515,5 +685,97 @@ mod tests {
             PathBuf::from("/run/a b\tc\\d")
         );
         assert_eq!(unescape_mountinfo(r"/x\9"), PathBuf::from(r"/x\9"));
+    }
+
+    #[test]
+    fn rootfs_mount_points_skip_what_lies_in_an_earlier_mount() {
+        let dir = std::env::temp_dir().join(format!("husk-mp-list-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hosts");
+        std::fs::write(&file, "").unwrap();
+        let points = rootfs_mount_points(
+            [
+                ("/proc", None),
+                ("/dev", None),
+                ("/dev/pts", None),
+                ("/etc/hosts", Some(file.as_path())),
+                ("/data", Some(dir.as_path())),
+                ("/data/sub", None),
+                ("sys", None),
+            ],
+            Some("/work/here"),
+        );
+        let got: Vec<(String, bool)> = points
+            .iter()
+            .map(|p| (p.path.display().to_string(), p.file))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/proc".to_string(), false),
+                ("/dev".into(), false),
+                ("/etc/hosts".into(), true),
+                ("/data".into(), false),
+                ("/sys".into(), false),
+                ("/work/here".into(), false),
+            ]
+        );
+        // A cwd inside a mount is the guest's to make.
+        assert!(rootfs_mount_points([("/tmp", None)], Some("/tmp/x")).len() == 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn mount_points_are_made_inside_the_image_never_outside() {
+        let base = std::env::temp_dir().join(format!("husk-mp-make-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let rootfs = base.join("rootfs");
+        let outside = base.join("outside");
+        std::fs::create_dir_all(rootfs.join("run")).unwrap();
+        std::fs::create_dir_all(rootfs.join("var")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // The image's absolute links mean the image's paths.
+        std::os::unix::fs::symlink("/run", rootfs.join("var/run")).unwrap();
+        std::os::unix::fs::symlink(&outside, rootfs.join("escape")).unwrap();
+        std::os::unix::fs::symlink("../../../..", rootfs.join("up")).unwrap();
+        std::os::unix::fs::symlink("/nowhere/file", rootfs.join("dangling")).unwrap();
+        let points = [
+            MountPoint {
+                path: "/var/run/secrets/token".into(),
+                file: true,
+            },
+            MountPoint {
+                path: "/escape/made-by-host".into(),
+                file: false,
+            },
+            MountPoint {
+                path: "/up/tmp/husk-up".into(),
+                file: false,
+            },
+            MountPoint {
+                path: "/dangling".into(),
+                file: false,
+            },
+            MountPoint {
+                path: "/new/deep/dir".into(),
+                file: false,
+            },
+            MountPoint {
+                path: "/etc/hostname".into(),
+                file: true,
+            },
+        ];
+        make_mount_points(&rootfs, &points).unwrap();
+        assert!(rootfs.join("run/secrets/token").is_file());
+        // The host-absolute link resolved inside the image.
+        assert!(rootfs.join("escape").is_symlink());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // Its in-image target does not exist: left for the guest to report.
+        assert!(rootfs.join("tmp/husk-up").is_dir());
+        assert!(!Path::new("/tmp/husk-up").exists());
+        assert!(rootfs.join("new/deep/dir").is_dir());
+        assert!(rootfs.join("etc/hostname").is_file());
+        assert!(!Path::new("/nowhere").exists());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

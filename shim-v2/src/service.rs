@@ -741,12 +741,20 @@ impl Inner {
         spec::rewrite_for_guest(&mut bundle_spec.value, pause_pid);
         let spec_json = serde_json::to_vec(&bundle_spec.value)?;
         let binds = spec::bind_mounts(&bundle_spec.value, bundle);
+        let readonly_rootfs = spec::readonly_rootfs(&bundle_spec.value, bundle);
         let stdio = host_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
         let rootfs = bundle_spec.rootfs.clone();
         let id = id.to_string();
         let bundle = bundle.to_path_buf();
         let result = pod.try_with(move |sb| {
-            let rel = sb.share_rootfs(&id, &rootfs).map_err(|e| e.to_string())?;
+            let rel = sb
+                .share_rootfs(
+                    &id,
+                    &rootfs,
+                    readonly_rootfs.is_some(),
+                    readonly_rootfs.as_deref().unwrap_or(&[]),
+                )
+                .map_err(|e| e.to_string())?;
             let mut shared = HashMap::new();
             for (index, source, destination, readonly) in binds {
                 let r = sb

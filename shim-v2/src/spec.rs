@@ -3,6 +3,7 @@
 //! mean something inside the pod's VM.
 
 use husk_runtime::config::Config;
+use husk_runtime::share::MountPoint;
 use husk_runtime::share::ReadOnly;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -277,6 +278,34 @@ pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String, 
             ))
         })
         .collect()
+}
+
+/// With `root.readonly`, the mount points the host makes in the rootfs
+/// before sharing it read-only (`share::rootfs_mount_points`).
+pub fn readonly_rootfs(spec: &Value, bundle: &Path) -> Option<Vec<MountPoint>> {
+    if spec.pointer("/root/readonly").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    let binds: HashMap<usize, PathBuf> = bind_mounts(spec, bundle)
+        .into_iter()
+        .map(|(i, source, _, _)| (i, source))
+        .collect();
+    let destinations: Vec<(usize, &str)> = spec
+        .get("mounts")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .enumerate()
+                .filter_map(|(i, m)| Some((i, m.get("destination")?.as_str()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(husk_runtime::share::rootfs_mount_points(
+        destinations
+            .iter()
+            .map(|(i, d)| (*d, binds.get(i).map(PathBuf::as_path))),
+        spec.pointer("/process/cwd").and_then(Value::as_str),
+    ))
 }
 
 #[cfg(test)]

@@ -506,3 +506,69 @@ fn a_console_flood_is_capped_and_other_sandboxes_keep_working() {
         .success());
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
+
+/// A read-only rootfs (`root.readonly`) is read-only on the host, not only
+/// in the guest's kernel: guest root remounts its `/` read-write and writes
+/// to it, and writes through its own view of the share; both are refused
+/// and the host's rootfs is untouched. The mount points the container
+/// needs in it (a tmpfs and a file bind at paths the image lacks, a `cwd`
+/// it lacks) were made by the host before it was shared, so the container
+/// runs.
+#[test]
+fn a_read_only_rootfs_is_read_only_on_the_host() {
+    require_guest();
+    let dir = TestDir::new("hostile-rorootfs");
+    let root = dir.state_root();
+    let id = "rorootfs";
+    let file = dir.path.join("bound-file");
+    std::fs::write(&file, "bound\n").expect("write");
+    let script = format!(
+        r#"
+attempt() {{ if sh -c "$1" 2>/dev/null; then echo "DONE: $1"; else echo "refused: $1"; fi; }}
+S=/run/husk/shared
+pwd
+cat /new/file
+touch /new/tmp/ok && echo "tmpfs: written"
+mount -o remount,rw / && echo "guest: / remounted rw"
+attempt "echo guest > /guest-file"
+attempt "echo guest >> /bin/busybox"
+attempt "nsenter -t 1 -m -- sh -c 'echo guest > $S/{id}/rootfs/via-share'"
+attempt "nsenter -t 1 -m -- mkdir $S/{id}/rootfs/via-share-dir"
+"#
+    );
+    let mut spec = privileged_spec(&script);
+    spec["root"]["readonly"] = serde_json::json!(true);
+    spec["process"]["cwd"] = serde_json::json!("/work/dir");
+    let mounts = spec["mounts"].as_array_mut().expect("mounts");
+    mounts.push(serde_json::json!({
+        "destination": "/new/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]
+    }));
+    mounts.push(serde_json::json!({
+        "destination": "/new/file", "type": "bind", "source": file, "options": ["rbind", "ro"]
+    }));
+    let bundle = dir.path.join("bundle");
+    std::fs::create_dir_all(&bundle).expect("mkdir bundle");
+    write_bundle(&bundle, &spec);
+    let rootfs = bundle.join("rootfs");
+    let busybox_before = std::fs::read(rootfs.join("bin/busybox")).expect("busybox");
+    let out = husk(&root, &["run", "-b", s(&bundle), id]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "run failed: {text}{}", stderr(&out));
+    assert!(text.lines().any(|l| l == "/work/dir"), "{text}");
+    assert!(text.contains("bound\ntmpfs: written"), "{text}");
+    assert!(text.contains("guest: / remounted rw"), "{text}");
+    assert!(!text.contains("DONE:"), "the guest got through:\n{text}");
+    assert_eq!(text.matches("refused:").count(), 4, "{text}");
+    // From the host: nothing written, the program unchanged, and the mount
+    // points the host made are the only new entries.
+    for absent in ["guest-file", "via-share", "via-share-dir"] {
+        assert!(!rootfs.join(absent).exists(), "{absent} on the host");
+    }
+    assert_eq!(
+        std::fs::read(rootfs.join("bin/busybox")).expect("busybox"),
+        busybox_before
+    );
+    assert!(rootfs.join("new/tmp").is_dir() && rootfs.join("new/file").is_file());
+    assert!(rootfs.join("work/dir").is_dir());
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}

@@ -153,6 +153,50 @@ impl Bundle {
         Ok(by_quota.max(by_cpuset))
     }
 
+    /// Whether the rootfs is read-only (`root.readonly`), and then the
+    /// mount points the host makes in it first.
+    pub fn readonly_rootfs(&self) -> Option<Vec<husk_runtime::share::MountPoint>> {
+        let readonly = self
+            .spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
+        if !readonly {
+            return None;
+        }
+        let mounts: Vec<(String, Option<PathBuf>)> = self
+            .spec
+            .mounts()
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .map(|m| {
+                let bind = m.typ().as_deref() == Some("bind")
+                    || m.options()
+                        .as_deref()
+                        .unwrap_or(&[])
+                        .iter()
+                        .any(|o| o == "bind" || o == "rbind");
+                let source = m
+                    .source()
+                    .as_ref()
+                    .filter(|_| bind)
+                    .map(|s| self.host_source(s));
+                (m.destination().display().to_string(), source)
+            })
+            .collect();
+        let cwd = self
+            .spec
+            .process()
+            .as_ref()
+            .map(|p| p.cwd().display().to_string());
+        Some(husk_runtime::share::rootfs_mount_points(
+            mounts.iter().map(|(d, s)| (d.as_str(), s.as_deref())),
+            cwd.as_deref(),
+        ))
+    }
+
     /// Host paths of bind mounts to share into the guest: (index, source, destination).
     /// The spec's bind mounts: index, source, destination, and how
     /// read-only the host makes them.

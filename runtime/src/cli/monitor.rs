@@ -149,7 +149,13 @@ fn setup(
     sc.memory_mib = vm_memory_mib;
     sc.vcpus = bundle.vcpus(&config)?;
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
-    let rootfs = sandbox.share_rootfs(&args.id, &bundle.rootfs)?;
+    let readonly_rootfs = bundle.readonly_rootfs();
+    let rootfs = sandbox.share_rootfs(
+        &args.id,
+        &bundle.rootfs,
+        readonly_rootfs.is_some(),
+        readonly_rootfs.as_deref().unwrap_or(&[]),
+    )?;
     let mut shared = HashMap::new();
     for (index, source, destination, readonly) in bundle.bind_mounts() {
         let source = bundle.host_source(&source);
