@@ -8,6 +8,8 @@
 mod cgroup_devices;
 mod container;
 mod hooks;
+#[cfg(feature = "hostile-test")]
+mod hostile;
 mod init;
 mod power;
 mod process;
@@ -43,6 +45,8 @@ fn run() -> Result<(), String> {
     if std::process::id() == 1 {
         init::setup_guest().map_err(|e| e.to_string())?;
     }
+    #[cfg(feature = "hostile-test")]
+    hostile::load().map_err(|e| e.to_string())?;
     let reaper = process::Reaper::start().map_err(|e| format!("starting the reaper: {e}"))?;
     let registry = streams::StreamRegistry::new();
     streams::listen(Arc::clone(&registry)).map_err(|e| e.to_string())?;
