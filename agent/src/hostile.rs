@@ -109,16 +109,25 @@ fn response_header(stream_id: u32, payload: &[u8]) -> MessageHeader {
 
 /// An error response whose encoding is exactly `MESSAGE_LENGTH_MAX` bytes.
 fn huge_error_response() -> Vec<u8> {
+    // A message of exactly `len` bytes: the escapes over and over, spaces
+    // where the next character would not fit.
     let encode = |len: usize| -> Vec<u8> {
-        let message: String = ESCAPES.chars().cycle().take(len).collect();
+        let mut message = String::with_capacity(len);
+        for c in ESCAPES.chars().cycle() {
+            if message.len() + c.len_utf8() > len {
+                break;
+            }
+            message.push(c);
+        }
+        let pad = len - message.len();
+        message.push_str(&" ".repeat(pad));
         let status = ttrpc::get_status(Code::INTERNAL, message);
         Response::from(ttrpc::Error::RpcStatus(status))
             .encode()
             .unwrap_or_default()
     };
-    // The escapes are all one-byte characters: the message's length in
-    // bytes is its length in characters. Protobuf adds a few bytes of
-    // tags and lengths, the same number for any message near the target.
+    // Protobuf adds a few bytes of tags and lengths, the same number for
+    // any message near the target.
     let probe = MESSAGE_LENGTH_MAX - 64;
     let overhead = encode(probe).len().saturating_sub(probe);
     encode(MESSAGE_LENGTH_MAX - overhead)

@@ -26,11 +26,25 @@ use std::sync::Arc;
 const USAGE: &str = "usage: husk-agent
 husk-agent is PID 1 of a husk guest (the /init of its initramfs): it mounts the
 guest's file systems, serves the agent API over vsock and runs the containers.
-It takes no arguments; husk starts it inside the VM, never on the host.";
+It takes no arguments but --help and --version; husk starts it inside the
+VM, never on the host.";
 
 fn main() {
     if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
+        return;
+    }
+    if std::env::args()
+        .skip(1)
+        .any(|a| a == "--version" || a == "-V")
+    {
+        // Says whether this build has the test-only attacks: the hostile
+        // tests check that the production initramfs's agent has not.
+        let mode = match cfg!(feature = "hostile-test") {
+            true => " (hostile-test: test-only attacks on the host)",
+            false => "",
+        };
+        println!("husk-agent {}{mode}", husk_protocol::VERSION);
         return;
     }
     if let Err(reason) = run() {
