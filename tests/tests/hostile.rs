@@ -565,6 +565,19 @@ fn assert_clean_error_line(err: &str) {
 /// has passed and not much later. The container is stopped, `husk delete`
 /// ends it promptly (the guest cannot hold it up), and nothing is left.
 fn start_attack_fails_cleanly(dir: &TestDir, attack: &str, expect: &str, times_out: bool) {
+    start_attack_fails_cleanly_while(dir, attack, expect, times_out, || ());
+}
+
+/// [`start_attack_fails_cleanly`], running `meanwhile` on another thread
+/// while `husk start` waits; returns what `meanwhile` returned and whether
+/// it was done before `husk start` was.
+fn start_attack_fails_cleanly_while<T: Send + 'static>(
+    dir: &TestDir,
+    attack: &str,
+    expect: &str,
+    times_out: bool,
+    meanwhile: impl FnOnce() -> T + Send + 'static,
+) -> (T, bool) {
     let root = dir.state_root();
     let config = hostile_config(dir, attack);
     let bundle = dir.path.join("bundle");
@@ -574,9 +587,15 @@ fn start_attack_fails_cleanly(dir: &TestDir, attack: &str, expect: &str, times_o
     let out = husk_env(&root, &["create", "-b", s(&bundle), attack], &env);
     assert!(out.status.success(), "create: {}", stderr(&out));
 
+    let other = std::thread::spawn(move || {
+        let value = meanwhile();
+        (value, Instant::now())
+    });
     let t = Instant::now();
     let out = husk(&root, &["start", attack]);
     let took = t.elapsed();
+    let (value, other_done) = other.join().expect("the other thread");
+    let other_first = other_done < t + took;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "start: {err}");
     assert!(err.contains(expect), "start: {err:?}");
@@ -603,6 +622,7 @@ fn start_attack_fails_cleanly(dir: &TestDir, attack: &str, expect: &str, times_o
         "delete took {took:?} (shutdown timeout {SHUTDOWN_TIMEOUT:?})"
     );
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+    (value, other_first)
 }
 
 /// A frame on the request's stream of a type that is no response.
@@ -653,8 +673,8 @@ fn a_reply_header_claiming_4_gib_times_out_and_delete_works() {
 }
 
 /// StartContainer never answered: `husk start` fails at the timeout;
-/// meanwhile another sandbox (the production agent) is created, runs and
-/// answers.
+/// while it waits, another sandbox (the production agent) is created, runs
+/// and answers.
 #[test]
 fn an_rpc_that_never_answers_times_out_and_other_sandboxes_work() {
     require_guest();
@@ -663,18 +683,14 @@ fn an_rpc_that_never_answers_times_out_and_other_sandboxes_work() {
     let bystander = dir.path.join("bystander");
     std::fs::create_dir_all(&bystander).expect("mkdir");
     write_bundle(&bystander, &default_spec(&["echo", "still here"]));
-    let other = std::thread::spawn({
-        let root = root.clone();
-        move || {
-            // Once the hang has begun (the hostile VM booted and was asked).
-            std::thread::sleep(Duration::from_secs(20));
-            husk(&root, &["run", "-b", s(&bystander), "bystander"])
-        }
-    });
-    start_attack_fails_cleanly(&dir, "start-hang", "no answer within", true);
-    let out = other.join().expect("the bystander's thread");
+    let (out, during_the_hang) =
+        start_attack_fails_cleanly_while(&dir, "start-hang", "no answer within", true, {
+            let root = root.clone();
+            move || husk(&root, &["run", "-b", s(&bystander), "bystander"])
+        });
     assert!(out.status.success(), "bystander: {}", stderr(&out));
     assert_eq!(stdout(&out), "still here\n");
+    assert!(during_the_hang, "the bystander ended after the hang");
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
