@@ -195,3 +195,28 @@ pub fn on_exec_process() -> Result<(), ttrpc::Error> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attacks_parse_by_name_and_unknown_names_are_refused() {
+        assert_eq!("start-hang".parse::<Attack>().ok(), Some(Attack::StartHang));
+        assert_eq!(
+            "wait-signal-999".parse::<Attack>().ok(),
+            Some(Attack::WaitSignal(999))
+        );
+        assert!("wait-signal-x".parse::<Attack>().is_err());
+        assert!("start-everything".parse::<Attack>().is_err());
+    }
+
+    #[test]
+    fn the_huge_reply_is_exactly_the_largest_frame_and_decodes() {
+        let payload = huge_error_response();
+        assert_eq!(payload.len(), MESSAGE_LENGTH_MAX);
+        let response = Response::decode(&payload).expect("a valid Response");
+        let message = &response.status.message;
+        assert!(message.starts_with(ESCAPES));
+    }
+}
