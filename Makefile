@@ -11,7 +11,7 @@ BENCH ?=
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := stream_header agent_reply mmio_transport
 
-.PHONY: all deps tools kernel agent initramfs binaries build demo test bench conformance fuzz lint install clean
+.PHONY: all deps tools kernel agent initramfs initramfs-hostile binaries build demo test bench conformance fuzz lint install clean
 
 all: build
 
@@ -31,12 +31,23 @@ initramfs: agent deps
 	strip -o target/husk-agent.stripped $(AGENT)
 	agent/build-initramfs.sh target/husk-agent.stripped $(GUEST)/initramfs.img
 
+# The hostile-guest tests' agent (tests/tests/hostile.rs): the `hostile-test`
+# feature, built in a target directory of its own so the production agent
+# above is never built with it, packed into an initramfs of its own.
+HOSTILE_TARGET_DIR := target/hostile
+HOSTILE_AGENT := $(HOSTILE_TARGET_DIR)/$(AGENT_TARGET)/release/husk-agent
+initramfs-hostile: deps
+	RUSTFLAGS="$(AGENT_RUSTFLAGS)" $(CARGO) build --release -p husk-agent --features hostile-test \
+		--target $(AGENT_TARGET) --target-dir $(HOSTILE_TARGET_DIR)
+	strip -o target/husk-agent-hostile.stripped $(HOSTILE_AGENT)
+	agent/build-initramfs.sh target/husk-agent-hostile.stripped $(GUEST)/initramfs-hostile.img
+
 # The whole workspace at once: the tests then reuse the same feature-unified
 # dependencies instead of compiling them a second time.
 binaries:
 	$(CARGO) build --release --workspace --bins
 
-build: tools kernel initramfs binaries
+build: tools kernel initramfs initramfs-hostile binaries
 
 demo: build
 	scripts/demo.sh
@@ -75,6 +86,7 @@ install: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p husk-agent --features hostile-test --all-targets -- -D warnings
 
 clean:
 	$(CARGO) clean

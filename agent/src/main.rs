@@ -8,6 +8,8 @@
 mod cgroup_devices;
 mod container;
 mod hooks;
+#[cfg(feature = "hostile-test")]
+mod hostile;
 mod init;
 mod power;
 mod process;
@@ -24,11 +26,25 @@ use std::sync::Arc;
 const USAGE: &str = "usage: husk-agent
 husk-agent is PID 1 of a husk guest (the /init of its initramfs): it mounts the
 guest's file systems, serves the agent API over vsock and runs the containers.
-It takes no arguments; husk starts it inside the VM, never on the host.";
+It takes no arguments but --help and --version; husk starts it inside the
+VM, never on the host.";
 
 fn main() {
     if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
+        return;
+    }
+    if std::env::args()
+        .skip(1)
+        .any(|a| a == "--version" || a == "-V")
+    {
+        // Says whether this build has the test-only attacks: the hostile
+        // tests check that the production initramfs's agent has not.
+        let mode = match cfg!(feature = "hostile-test") {
+            true => " (hostile-test: test-only attacks on the host)",
+            false => "",
+        };
+        println!("husk-agent {}{mode}", husk_protocol::VERSION);
         return;
     }
     if let Err(reason) = run() {
@@ -43,6 +59,8 @@ fn run() -> Result<(), String> {
     if std::process::id() == 1 {
         init::setup_guest().map_err(|e| e.to_string())?;
     }
+    #[cfg(feature = "hostile-test")]
+    hostile::load().map_err(|e| e.to_string())?;
     let reaper = process::Reaper::start().map_err(|e| format!("starting the reaper: {e}"))?;
     let registry = streams::StreamRegistry::new();
     streams::listen(Arc::clone(&registry)).map_err(|e| e.to_string())?;

@@ -126,9 +126,11 @@ impl Agent for AgentService {
 
     fn start_container(
         &self,
-        _: &TtrpcContext,
+        _ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StartResponse> {
+        #[cfg(feature = "hostile-test")]
+        crate::hostile::on_start_container(_ctx);
         let pid = self.containers.start(&req.container_id)?;
         Ok(StartResponse {
             pid,
@@ -195,6 +197,8 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> ttrpc::Result<StartResponse> {
+        #[cfg(feature = "hostile-test")]
+        crate::hostile::on_exec_process()?;
         let streams = self.take_streams(req.stdio.as_ref())?;
         let pid =
             self.containers
@@ -217,13 +221,16 @@ impl Agent for AgentService {
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
         let (info, oom_killed) = self.containers.wait(&req.container_id, &req.exec_id)?;
-        Ok(WaitProcessResponse {
+        let reply = WaitProcessResponse {
             exit_code: info.exit_code,
             signal: info.signal,
             oom_killed,
             exited_at_unix_ns: info.exited_at_unix_ns,
             ..Default::default()
-        })
+        };
+        #[cfg(feature = "hostile-test")]
+        let reply = crate::hostile::on_wait_process(reply);
+        Ok(reply)
     }
 
     fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {

@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Timeout of ordinary RPCs (not WaitProcess, which blocks until exit).
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of Shutdown: the VM is stopped anyway when it passes, so a
+/// guest that never answers delays a delete by this much, not by
+/// [`RPC_TIMEOUT`].
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the `OK <port>` answer to a CONNECT may take once the guest runs.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -32,16 +36,31 @@ pub enum AgentError {
     NotReady(Duration, String),
     #[error("agent: {0}")]
     Rpc(String),
+    #[error("agent: no answer within {RPC_TIMEOUT:?}")]
+    Timeout,
     #[error("{0}")]
     Aborted(String),
 }
 
+/// The most of an agent's error message the host keeps, in characters. A
+/// reply may be 4 MiB of whatever the guest chose; the message travels on
+/// one line (the monitor's socket, capped at 64 KiB; stderr; a log).
+pub const MAX_AGENT_MESSAGE: usize = 1024;
+
+/// How ttrpc's client says a request's timeout ran out (it has no error
+/// variant of its own for it).
+const TTRPC_TIMED_OUT: &str = "timed out waiting on channel";
+
 impl From<ttrpc::Error> for AgentError {
     fn from(e: ttrpc::Error) -> Self {
-        match e {
-            ttrpc::Error::RpcStatus(s) => AgentError::Rpc(s.message().to_string()),
-            other => AgentError::Rpc(other.to_string()),
-        }
+        // Both kinds may carry guest bytes: a status message, or ttrpc's
+        // dump of a malformed frame.
+        let text = match e {
+            ttrpc::Error::RpcStatus(s) => printable(s.message(), MAX_AGENT_MESSAGE),
+            ttrpc::Error::Others(m) if m.ends_with(TTRPC_TIMED_OUT) => return AgentError::Timeout,
+            other => printable(&other.to_string(), MAX_AGENT_MESSAGE),
+        };
+        AgentError::Rpc(text)
     }
 }
 
@@ -93,6 +112,10 @@ pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+fn shutdown_ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(SHUTDOWN_TIMEOUT.as_nanos() as i64)
 }
 
 /// A connected agent.
@@ -320,7 +343,8 @@ impl AgentClient {
     }
 
     pub fn shutdown(&self) -> Result<(), AgentError> {
-        self.rpc.shutdown(ctx(), &ShutdownRequest::default())?;
+        self.rpc
+            .shutdown(shutdown_ctx(), &ShutdownRequest::default())?;
         Ok(())
     }
 }
@@ -397,6 +421,38 @@ mod exit_tests {
         );
         assert_eq!(super::printable("abcdef", 3), "abc…");
         assert_eq!(super::printable("ünï", 3), "ünï");
+    }
+
+    #[test]
+    fn agent_errors_are_bounded_and_printable() {
+        use super::{AgentError, MAX_AGENT_MESSAGE};
+        let huge = "\u{1b}]0;x\u{7}".repeat(1 << 20);
+        let status = ttrpc::get_status(ttrpc::Code::INTERNAL, huge);
+        let AgentError::Rpc(text) = AgentError::from(ttrpc::Error::RpcStatus(status)) else {
+            panic!("a status is an Rpc error");
+        };
+        assert_eq!(text.chars().count(), MAX_AGENT_MESSAGE + 1);
+        assert!(text.starts_with("?]0;x??]0;x?") && text.ends_with('…'));
+        assert!(!text.chars().any(char::is_control));
+        let dump = ttrpc::Error::Others(format!(
+            "malformed packet \r\u{9b}{}",
+            "9, ".repeat(1 << 20)
+        ));
+        match AgentError::from(dump) {
+            AgentError::Rpc(t) => assert!(
+                t.starts_with("ttrpc err: malformed packet ??9, ")
+                    && t.chars().count() == MAX_AGENT_MESSAGE + 1
+            ),
+            other => panic!("{other:?}"),
+        }
+        let timeout = ttrpc::Error::Others(
+            "Receive packet from Receiver timeout: timed out waiting on channel".into(),
+        );
+        assert!(matches!(AgentError::from(timeout), AgentError::Timeout));
+        assert_eq!(
+            AgentError::Timeout.to_string(),
+            "agent: no answer within 30s"
+        );
     }
 
     #[test]

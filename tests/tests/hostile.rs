@@ -4,8 +4,10 @@
 //! device itself and remount its volumes), then checks the outcome from the
 //! host.
 
+use husk_runtime::agent::{RPC_TIMEOUT, SHUTDOWN_TIMEOUT};
 use husk_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",
@@ -570,5 +572,435 @@ attempt "nsenter -t 1 -m -- mkdir $S/{id}/rootfs/via-share-dir"
     );
     assert!(rootfs.join("new/tmp").is_dir() && rootfs.join("new/file").is_file());
     assert!(rootfs.join("work/dir").is_dir());
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+// --- Attacks from the agent itself -------------------------------------
+//
+// A guest whose kernel and agent are the attacker's answers the host's RPCs
+// as it likes. These tests boot the hostile agent (the `hostile-test`
+// feature, target/guest/initramfs-hostile.img) and choose its attack with
+// `husk.hostile=<attack>` on the guest kernel's command line.
+
+/// The kernel parameter naming the hostile agent's attack (agent/src/hostile.rs).
+const HOSTILE_PARAM: &str = "husk.hostile=";
+/// How far past a documented timeout the host may answer on a loaded machine.
+const MARGIN: Duration = Duration::from_secs(15);
+
+/// The hostile agent's initramfs, which `make build` makes.
+fn hostile_initramfs() -> PathBuf {
+    let p = workspace_root().join("target/guest/initramfs-hostile.img");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make build` (or `make initramfs-hostile`) first",
+        p.display()
+    );
+    p
+}
+
+/// A runtime configuration booting the hostile agent with `attack`.
+fn hostile_config(dir: &TestDir, attack: &str) -> PathBuf {
+    let p = dir.path.join("hostile.toml");
+    let body = format!(
+        "initramfs = \"{}\"\nkernel_params = \"{HOSTILE_PARAM}{attack}\"\n",
+        hostile_initramfs().display()
+    );
+    std::fs::write(&p, body).expect("writing the config");
+    p
+}
+
+/// The content of file `name` in a newc cpio archive (an initramfs).
+fn cpio_file(archive: &[u8], name: &str) -> Option<Vec<u8>> {
+    let field = |h: &[u8], i: usize| -> Option<usize> {
+        let hex = std::str::from_utf8(h.get(6 + 8 * i..14 + 8 * i)?).ok()?;
+        usize::from_str_radix(hex, 16).ok()
+    };
+    let pad4 = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    while let Some(header) = archive.get(at..at + 110) {
+        if &header[..6] != b"070701" {
+            return None;
+        }
+        let (size, name_len) = (field(header, 6)?, field(header, 11)?);
+        let path = archive.get(at + 110..at + 110 + name_len.checked_sub(1)?)?;
+        let data = pad4(at + 110 + name_len);
+        if path == b"TRAILER!!!" {
+            return None;
+        }
+        if path.strip_prefix(b"./").unwrap_or(path) == name.as_bytes() {
+            return archive.get(data..data + size).map(<[u8]>::to_vec);
+        }
+        at = pad4(data + size);
+    }
+    None
+}
+
+/// What the agent (/init) of an initramfs says to `--version`.
+fn agent_version(dir: &TestDir, initramfs: &Path) -> String {
+    let archive = std::fs::read(initramfs).expect("reading the initramfs");
+    let agent =
+        cpio_file(&archive, "init").unwrap_or_else(|| panic!("{}: no /init", initramfs.display()));
+    let path = dir.path.join("init");
+    std::fs::write(&path, agent).expect("writing the agent");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let out = std::process::Command::new(&path)
+        .arg("--version")
+        .output()
+        .expect("running the agent's --version");
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+/// The production initramfs has no hostile mode: its agent says so, and
+/// holds no trace of the mode's messages; the hostile agent says it has
+/// (so neither check is blind).
+#[test]
+fn the_production_agent_has_no_hostile_mode() {
+    require_guest();
+    let dir = TestDir::new("hostile-production");
+    let production = workspace_root().join("target/guest/initramfs.img");
+    let version = agent_version(&dir, &production);
+    assert!(version.starts_with("husk-agent "), "{version:?}");
+    assert!(
+        !version.contains("hostile"),
+        "production agent: {version:?}"
+    );
+    let version = agent_version(&dir, &hostile_initramfs());
+    assert!(
+        version.contains("(hostile-test"),
+        "hostile agent: {version:?}"
+    );
+    let contains = |haystack: &[u8], needle: &str| {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    };
+    let production = std::fs::read(production).expect("reading initramfs.img");
+    let hostile = std::fs::read(hostile_initramfs()).expect("reading initramfs-hostile.img");
+    for word in ["hostile test mode", "unknown hostile attack"] {
+        assert!(contains(&hostile, word), "the hostile agent lacks {word:?}");
+        assert!(
+            !contains(&production, word),
+            "the production initramfs holds {word:?}"
+        );
+    }
+}
+
+/// An error line from the host: one line, no control characters, short.
+fn assert_clean_error_line(err: &str) {
+    assert!(err.starts_with("husk: "), "{err:?}");
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(
+        !err.trim_end_matches('\n').chars().any(char::is_control),
+        "control characters reached the terminal: {err:?}"
+    );
+    assert!(err.len() < 8 << 10, "a {} byte error line", err.len());
+}
+
+/// Creates a container on a hostile agent answering StartContainer with
+/// `attack`; `husk start` then fails with an error saying `expect`, as soon
+/// as the answer arrives or, for an attack with none, once the RPC timeout
+/// has passed and not much later. The container is stopped, `husk delete`
+/// ends it promptly (the guest cannot hold it up), and nothing is left.
+fn start_attack_fails_cleanly(dir: &TestDir, attack: &str, expect: &str, times_out: bool) {
+    start_attack_fails_cleanly_while(dir, attack, expect, times_out, || ());
+}
+
+/// [`start_attack_fails_cleanly`], running `meanwhile` on another thread
+/// while `husk start` waits; returns what `meanwhile` returned and whether
+/// it was done before `husk start` was.
+fn start_attack_fails_cleanly_while<T: Send + 'static>(
+    dir: &TestDir,
+    attack: &str,
+    expect: &str,
+    times_out: bool,
+    meanwhile: impl FnOnce() -> T + Send + 'static,
+) -> (T, bool) {
+    let root = dir.state_root();
+    let config = hostile_config(dir, attack);
+    let bundle = dir.path.join("bundle");
+    std::fs::create_dir_all(&bundle).expect("mkdir bundle");
+    write_bundle(&bundle, &default_spec(&["sleep", "600"]));
+    let env = [("HUSK_CONFIG", s(&config))];
+    let out = husk_env(&root, &["create", "-b", s(&bundle), attack], &env);
+    assert!(out.status.success(), "create: {}", stderr(&out));
+
+    let other = std::thread::spawn(move || {
+        let value = meanwhile();
+        (value, Instant::now())
+    });
+    let t = Instant::now();
+    let out = husk(&root, &["start", attack]);
+    let took = t.elapsed();
+    let (value, other_done) = other.join().expect("the other thread");
+    let other_first = other_done < t + took;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "start: {err}");
+    assert!(err.contains(expect), "start: {err:?}");
+    assert_clean_error_line(&err);
+    if times_out {
+        assert!(
+            took >= RPC_TIMEOUT && took < RPC_TIMEOUT + MARGIN,
+            "start failed after {took:?} (timeout {RPC_TIMEOUT:?})"
+        );
+    } else {
+        assert!(took < RPC_TIMEOUT, "start failed only after {took:?}");
+    }
+
+    let st = husk(&root, &["state", attack]);
+    assert!(st.status.success(), "state: {}", stderr(&st));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("state JSON");
+    assert_eq!(st["status"], "stopped");
+    let t = Instant::now();
+    let out = husk(&root, &["delete", attack]);
+    assert!(out.status.success(), "delete: {}", stderr(&out));
+    let took = t.elapsed();
+    assert!(
+        took < SHUTDOWN_TIMEOUT + MARGIN,
+        "delete took {took:?} (shutdown timeout {SHUTDOWN_TIMEOUT:?})"
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+    (value, other_first)
+}
+
+/// A frame on the request's stream of a type that is no response.
+#[test]
+fn a_reply_frame_of_a_bad_type_is_an_error() {
+    require_guest();
+    let dir = TestDir::new("hostile-bad-type");
+    start_attack_fails_cleanly(&dir, "start-bad-type", "malformed packet", false);
+}
+
+/// A reply whose payload is not protobuf.
+#[test]
+fn a_reply_that_is_not_protobuf_is_an_error() {
+    require_guest();
+    let dir = TestDir::new("hostile-garbage");
+    start_attack_fails_cleanly(&dir, "start-garbage", "Unpack response error", false);
+}
+
+/// A well-formed reply on a stream the host never opened is no answer.
+#[test]
+fn a_reply_on_a_stream_never_opened_is_no_answer() {
+    require_guest();
+    let dir = TestDir::new("hostile-wrong-stream");
+    start_attack_fails_cleanly(&dir, "start-wrong-stream", "no answer within", true);
+}
+
+/// A 4 MiB reply (the largest frame ttrpc takes): an error whose message is
+/// escape sequences end to end. The host keeps a short, printable part.
+#[test]
+fn a_4_mib_reply_gives_a_short_printable_error() {
+    require_guest();
+    let dir = TestDir::new("hostile-huge");
+    start_attack_fails_cleanly(
+        &dir,
+        "start-huge",
+        "?]0;pwned??[2J??31m?husk: forged ",
+        false,
+    );
+}
+
+/// A header claiming 4 GiB, then silence: the host allocates nothing for
+/// it, gives up at its timeout, and the guest cannot hold the delete up.
+#[test]
+fn a_reply_header_claiming_4_gib_times_out_and_delete_works() {
+    require_guest();
+    let dir = TestDir::new("hostile-oversized");
+    start_attack_fails_cleanly(&dir, "start-oversized", "no answer within", true);
+}
+
+/// StartContainer never answered: `husk start` fails at the timeout;
+/// while it waits, another sandbox (the production agent) is created, runs
+/// and answers.
+#[test]
+fn an_rpc_that_never_answers_times_out_and_other_sandboxes_work() {
+    require_guest();
+    let dir = TestDir::new("hostile-hang");
+    let root = dir.state_root();
+    let bystander = dir.path.join("bystander");
+    std::fs::create_dir_all(&bystander).expect("mkdir");
+    write_bundle(&bystander, &default_spec(&["echo", "still here"]));
+    let (out, during_the_hang) =
+        start_attack_fails_cleanly_while(&dir, "start-hang", "no answer within", true, {
+            let root = root.clone();
+            move || husk(&root, &["run", "-b", s(&bystander), "bystander"])
+        });
+    assert!(out.status.success(), "bystander: {}", stderr(&out));
+    assert_eq!(stdout(&out), "still here\n");
+    assert!(during_the_hang, "the bystander ended after the hang");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// The scheduler state of a process (`R`, `S`, `T`...), if it lives.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+/// `pid` and its live descendants.
+fn process_tree(pid: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Some(ppid) = proc_status(p).get("PPid").and_then(|v| v.parse().ok()) {
+            parents.push((p, ppid));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Waits for `child` for at most `limit`, failing as soon as it or one of
+/// its descendants (the shadow) is stopped.
+fn wait_never_stopped(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        for pid in process_tree(child.id() as i32) {
+            let state = proc_state(pid);
+            assert!(
+                !matches!(state, Some('T' | 't')),
+                "host process {pid} is stopped ({state:?})"
+            );
+        }
+        assert!(Instant::now() < deadline, "husk still runs after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// WaitProcess reports SIGSTOP, and then signal 999, as the signal that
+/// ended the process: `husk run` exits 128+19 and 255 (the documented
+/// mapping: 128+n capped at 255, a signal raised only when its default
+/// action ends a process), and neither it nor its shadow is ever stopped.
+#[test]
+fn stop_and_out_of_range_exit_signals_give_a_status_never_a_stop() {
+    require_guest();
+    for (signal, code) in [(19, 147), (999, 255)] {
+        let dir = TestDir::new(&format!("hostile-signal-{signal}"));
+        let root = dir.state_root();
+        let config = hostile_config(&dir, &format!("wait-signal-{signal}"));
+        let bundle = dir.path.join("bundle");
+        std::fs::create_dir_all(&bundle).expect("mkdir bundle");
+        write_bundle(&bundle, &default_spec(&["true"]));
+        let mut run = std::process::Command::new(husk_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["run", "-b", s(&bundle), "sig"])
+            .env("HUSK_CONFIG", &config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning husk run");
+        let status = wait_never_stopped(&mut run, Duration::from_secs(120));
+        assert_eq!(status.code(), Some(code), "signal {signal}: {status:?}");
+        assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+    }
+}
+
+/// As conmon sees it: the container's pid (the shadow) of a process
+/// "ended by SIGSTOP" exits with status 128+19; it is never stopped, so a
+/// caller waiting for it gets a status.
+#[test]
+fn a_stop_signal_exit_gives_the_pid_file_process_a_status() {
+    require_guest();
+    become_subreaper();
+    let dir = TestDir::new("hostile-signal-pid");
+    let root = dir.state_root();
+    let config = hostile_config(&dir, "wait-signal-19");
+    let bundle = dir.path.join("bundle");
+    std::fs::create_dir_all(&bundle).expect("mkdir bundle");
+    write_bundle(&bundle, &default_spec(&["true"]));
+    let pid_file = dir.path.join("pid");
+    let env = [("HUSK_CONFIG", s(&config))];
+    let out = husk_env(
+        &root,
+        &[
+            "create",
+            "-b",
+            s(&bundle),
+            "--pid-file",
+            s(&pid_file),
+            "sig",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "create: {}", stderr(&out));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let out = husk(&root, &["start", "sig"]);
+    assert!(out.status.success(), "start: {}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let mut status = 0;
+        // SAFETY: waitpid on the shadow this process adopted (subreaper);
+        // status is written.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::WUNTRACED) };
+        assert!(rc >= 0, "waitpid: {}", std::io::Error::last_os_error());
+        if rc == pid {
+            assert!(!libc::WIFSTOPPED(status), "the shadow {pid} stopped");
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the shadow {pid} still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        libc::WIFEXITED(status),
+        "the shadow ended by a signal: {status:x}"
+    );
+    assert_eq!(libc::WEXITSTATUS(status), 147);
+    let st = husk(&root, &["state", "sig"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("state JSON");
+    assert_eq!(st["status"], "stopped");
+    assert!(husk(&root, &["delete", "sig"]).status.success());
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// An exec refused with an error full of escape sequences: `husk exec`
+/// says so on one printable line.
+#[test]
+fn escape_sequences_in_an_agent_error_never_reach_the_terminal() {
+    require_guest();
+    let dir = TestDir::new("hostile-exec");
+    let root = dir.state_root();
+    let config = hostile_config(&dir, "exec-escapes");
+    let bundle = dir.path.join("bundle");
+    std::fs::create_dir_all(&bundle).expect("mkdir bundle");
+    write_bundle(&bundle, &default_spec(&["sleep", "600"]));
+    let env = [("HUSK_CONFIG", s(&config))];
+    let out = husk_env(&root, &["run", "-d", "-b", s(&bundle), "ex"], &env);
+    assert!(out.status.success(), "run: {}", stderr(&out));
+    let out = husk(&root, &["exec", "ex", "true"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "exec: {err}");
+    assert!(
+        err.contains("exec refused ?]0;pwned??[2J??31m?husk: forged end"),
+        "{err:?}"
+    );
+    assert_clean_error_line(&err);
+    assert!(husk(&root, &["delete", "--force", "ex"]).status.success());
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
