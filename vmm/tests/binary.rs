@@ -6,6 +6,8 @@
 //!   32-bit program) boot through the real loader/vCPU path: console output,
 //!   metrics line, boot marker, power-off by i8042 reset or triple fault
 //!   (exit 0), and the API socket (status/pause/resume/shutdown).
+//! * While the guest runs, every thread of husk-vmm is under its own seccomp
+//!   filter.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -344,6 +346,65 @@ fn crafted_kernel_powers_off_through_triple_fault() {
     }
 }
 
+/// A `Key:\tvalue` field of a /proc status file.
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// `PF_USER_WORKER` (include/linux/sched.h): a kernel worker in a user
+/// process's thread group (KVM's NX huge page recovery worker on recent
+/// kernels). It runs kernel code only and never makes a system call.
+const PF_USER_WORKER: u64 = 0x4000;
+
+/// The flags field of a /proc/<pid>/task/<tid>/stat line.
+fn task_flags(stat: &str) -> u64 {
+    // Fields after the `(comm)`: state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let after_comm = &stat[stat.rfind(')').expect("stat has (comm)") + 2..];
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse().ok())
+        .expect("stat has a flags field")
+}
+
+/// Every thread of `pid` (main, api, vcpu0, vcpu1) is in seccomp filter mode
+/// with exactly one filter more than this test process has: its own list,
+/// not the main thread's stacked on top. Kernel workers are left out.
+fn check_every_thread_filtered(pid: u32) {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own_filters: u32 = status_field(&own, "Seccomp_filters")
+        .expect("the kernel reports Seccomp_filters in /proc/<pid>/status")
+        .parse()
+        .unwrap();
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let name = name.trim().to_string();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        if task_flags(&stat) & PF_USER_WORKER != 0 {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(
+            status_field(&status, "Seccomp"),
+            Some("2"),
+            "thread {name} is not in seccomp filter mode"
+        );
+        let filters: u32 = status_field(&status, "Seccomp_filters")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(filters, own_filters + 1, "filters on thread {name}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(names, ["api", "husk-vmm", "vcpu0", "vcpu1"]);
+}
+
 fn api_call(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, req: &str) -> String {
     stream.write_all(req.as_bytes()).unwrap();
     stream.write_all(b"\n").unwrap();
@@ -394,6 +455,9 @@ fn api_socket_status_pause_resume_shutdown() {
         api_call(&mut stream, &mut reader, r#"{"action":"status"}"#),
         r#"{"ok":true,"state":"paused"}"#
     );
+    // Both vCPUs are parked, so they passed the start gate, which opens only
+    // once the main thread is filtered: every thread is under seccomp now.
+    check_every_thread_filtered(child.id());
     assert_eq!(
         api_call(&mut stream, &mut reader, r#"{"action":"resume"}"#),
         r#"{"ok":true,"state":"running"}"#
