@@ -296,7 +296,16 @@ thread_local! {
 
 /// Install `filter` on the calling thread (and set no_new_privs, which
 /// seccomp requires of an unprivileged process).
+///
+/// Before that, heap trimming is turned off for the whole process: the first
+/// time glibc shrinks a thread's heap it opens
+/// /proc/sys/vm/overcommit_memory, which no filter allows, so a thread that
+/// freed a few hundred KiB would die of SIGSYS. husk-vmm's own heap is small
+/// (guest RAM is a separate mapping); freed memory stays in the allocator.
 pub fn apply(kind: ThreadKind, filter: &BpfProgram) -> Result<(), SeccompError> {
+    // SAFETY: mallopt only changes an allocator tunable; c_int::MAX is above
+    // any heap a thread arena can have (64 MiB), so no trim ever happens.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
     FILTERED_AS.with(|k| k.set(Some(kind)));
     seccompiler::apply_filter(filter).map_err(|e| {
         FILTERED_AS.with(|k| k.set(None));
