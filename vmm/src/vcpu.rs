@@ -701,6 +701,26 @@ mod tests {
     }
 
     #[test]
+    fn start_gate_releases_waiters_once() {
+        for run in [true, false] {
+            let gate = Arc::new(StartGate::default());
+            let waiters: Vec<_> = (0..3)
+                .map(|_| {
+                    let g = gate.clone();
+                    std::thread::spawn(move || g.wait())
+                })
+                .collect();
+            gate.open(run);
+            // The first decision stands.
+            gate.open(!run);
+            for w in waiters {
+                assert_eq!(w.join().unwrap(), run);
+            }
+            assert_eq!(gate.wait(), run, "a late waiter sees the same decision");
+        }
+    }
+
+    #[test]
     fn control_pause_resume_stop() {
         let c = Arc::new(VmControl::new());
         assert!(c.wait_runnable());

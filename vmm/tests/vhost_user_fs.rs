@@ -49,23 +49,6 @@ fn in_header(len: usize, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
     h
 }
 
-/// Run `f` on a thread under the seccomp filter of a real vCPU thread (made
-/// for a real vCPU fd), as the MMIO exits of a guest's driver run in husk-vmm.
-/// A system call missing from the vCPU allow-list kills the test with SIGSYS.
-fn as_vcpu_thread(f: impl FnOnce() + Send) {
-    use husk_vmm::seccomp::{apply, vcpu_filter, ThreadKind};
-    use std::os::fd::AsRawFd;
-    let (_kvm, vm) = husk_vmm::vm::create_kvm_vm().expect("KVM must be usable for this test");
-    let vcpu = husk_vmm::vcpu::Vcpu::new(&vm, 0).unwrap();
-    let filter = vcpu_filter(vcpu.fd().as_raw_fd()).unwrap();
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            apply(ThreadKind::Vcpu, &filter).unwrap();
-            f();
-        });
-    });
-}
-
 impl Fs {
     /// Re-run the driver init sequence on the same device (after a reset).
     fn reinit(&mut self) {

@@ -131,7 +131,9 @@ impl Vsock {
             let head = rx.add_chain(&g.mem, &[(a, RX_BUF, true)]);
             rx_bufs.insert(head, a);
         }
-        g.driver_ok();
+        // The activation runs where husk-vmm runs it: on a vCPU thread,
+        // under its seccomp filter.
+        as_vcpu_thread(|| g.driver_ok());
         g.notify(&rx);
         // The backend creates the hybrid socket once it runs.
         let deadline = Instant::now() + Duration::from_secs(10);
