@@ -16,6 +16,8 @@
 //! Filters are per thread (no TSYNC), so each thread kind gets only what it
 //! does. Arguments are checked where the check is cheap and exact:
 //!
+//! * `sendmsg` / `recvmsg`: vCPU threads only, on the vhost-user backend
+//!   sockets only.
 //! * `ioctl`: vCPU threads only, only on their own vCPU fd and only with the
 //!   two requests the run loop issues (`KVM_RUN`, `KVM_GET_REGS`). The request
 //!   is compared on its low 32 bits: the kernel's ioctl takes an
@@ -257,12 +259,17 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
 
 /// Filter of the vCPU thread owning `vcpu_fd`: KVM_RUN and KVM_GET_REGS on
 /// that fd, and the vhost-user messages (with fds) a guest's device
-/// activation or reset sends from the MMIO exit.
-pub fn vcpu_filter(vcpu_fd: RawFd) -> Result<BpfProgram, SeccompError> {
+/// activation or reset sends from the MMIO exit, on the `backend_fds`
+/// (the vhost-user sockets) only.
+pub fn vcpu_filter(vcpu_fd: RawFd, backend_fds: &[RawFd]) -> Result<BpfProgram, SeccompError> {
     let thread = ThreadKind::Vcpu;
     let mut list = AllowList::new(thread)?;
-    list.allow(libc::SYS_sendmsg);
-    list.allow(libc::SYS_recvmsg);
+    for backend in backend_fds {
+        let backend = fd_arg(thread, *backend)?;
+        for nr in [libc::SYS_sendmsg, libc::SYS_recvmsg] {
+            list.allow_if(nr, &[(0, SeccompCmpOp::Eq, backend)])?;
+        }
+    }
     let fd = fd_arg(thread, vcpu_fd)?;
     for request in [kvm_requests::KVM_RUN(), kvm_requests::KVM_GET_REGS()] {
         list.allow_if(
@@ -502,9 +509,12 @@ mod tests {
     #[test]
     fn filters_build() {
         assert!(!main_filter().unwrap().is_empty());
-        assert!(!vcpu_filter(7).unwrap().is_empty());
+        assert!(!vcpu_filter(7, &[]).unwrap().is_empty());
+        assert!(!vcpu_filter(7, &[8, 9]).unwrap().is_empty());
         assert!(!api_filter(3).unwrap().is_empty());
-        let e = vcpu_filter(-1).unwrap_err().to_string();
+        let e = vcpu_filter(-1, &[]).unwrap_err().to_string();
+        assert!(e.contains("vCPU") && e.contains("-1"), "{e}");
+        let e = vcpu_filter(7, &[-1]).unwrap_err().to_string();
         assert!(e.contains("vCPU") && e.contains("-1"), "{e}");
     }
 
@@ -542,7 +552,7 @@ mod tests {
         // Allowed: KVM_GET_REGS on the thread's own vCPU fd.
         let end = in_child(|| {
             let (_kvm, _vm, vcpu) = vm_and_vcpu();
-            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd()) else {
+            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd(), &[]) else {
                 return 3;
             };
             filtered(ThreadKind::Vcpu, &f, || match vcpu.fd().get_regs() {
@@ -554,7 +564,7 @@ mod tests {
         // KVM_CREATE_VM on the /dev/kvm fd.
         let end = in_child(|| {
             let (kvm, _vm, vcpu) = vm_and_vcpu();
-            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd()) else {
+            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd(), &[]) else {
                 return 3;
             };
             filtered(ThreadKind::Vcpu, &f, || {
@@ -566,7 +576,7 @@ mod tests {
         // A KVM request the run loop never issues, on the right fd.
         let end = in_child(|| {
             let (_kvm, _vm, vcpu) = vm_and_vcpu();
-            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd()) else {
+            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd(), &[]) else {
                 return 3;
             };
             filtered(ThreadKind::Vcpu, &f, || {
@@ -581,7 +591,7 @@ mod tests {
             let Ok(other) = crate::vcpu::Vcpu::new(&vm, 1) else {
                 return 5;
             };
-            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd()) else {
+            let Ok(f) = vcpu_filter(vcpu.fd().as_raw_fd(), &[]) else {
                 return 3;
             };
             filtered(ThreadKind::Vcpu, &f, || {
@@ -594,7 +604,7 @@ mod tests {
         let end = in_child(|| {
             let (_kvm, _vm, vcpu) = vm_and_vcpu();
             let fd = vcpu.fd().as_raw_fd();
-            let Ok(f) = vcpu_filter(fd) else {
+            let Ok(f) = vcpu_filter(fd, &[]) else {
                 return 3;
             };
             filtered(ThreadKind::Vcpu, &f, || {
@@ -607,13 +617,54 @@ mod tests {
         assert_eq!(end, KILLED_BY_SIGSYS, "FIONBIO");
         // Opening anything.
         let end = in_child(|| {
-            let Ok(f) = vcpu_filter(0) else { return 3 };
+            let Ok(f) = vcpu_filter(0, &[]) else { return 3 };
             filtered(ThreadKind::Vcpu, &f, || {
                 let _ = std::fs::File::open("/dev/null");
                 0
             })
         });
         assert_eq!(end, KILLED_BY_SIGSYS, "open");
+    }
+
+    #[test]
+    fn vcpu_filter_messages_only_its_backends() {
+        let send = |fd: RawFd| {
+            let byte = [0u8; 1];
+            let iov = libc::iovec {
+                iov_base: byte.as_ptr() as *mut libc::c_void,
+                iov_len: 1,
+            };
+            // SAFETY: a zeroed msghdr is valid; it points at one live iovec.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &iov as *const libc::iovec as *mut libc::iovec;
+            msg.msg_iovlen = 1;
+            // SAFETY: sendmsg with a valid msghdr on an open socket.
+            unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) }
+        };
+        let (backend, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (other, _other_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = vcpu_filter(0, &[backend.as_raw_fd()]).unwrap();
+        let end = in_child(|| {
+            filtered(ThreadKind::Vcpu, &f, || {
+                i32::from(send(backend.as_raw_fd()) != 1)
+            })
+        });
+        assert_eq!(end, ChildEnd::Exited(0), "sendmsg to the backend");
+        let end = in_child(|| {
+            filtered(ThreadKind::Vcpu, &f, || {
+                send(other.as_raw_fd());
+                0
+            })
+        });
+        assert_eq!(end, KILLED_BY_SIGSYS, "sendmsg to another socket");
+        let none = vcpu_filter(0, &[]).unwrap();
+        let end = in_child(|| {
+            filtered(ThreadKind::Vcpu, &none, || {
+                send(backend.as_raw_fd());
+                0
+            })
+        });
+        assert_eq!(end, KILLED_BY_SIGSYS, "sendmsg without backends");
     }
 
     /// mmap / mprotect with PROT_EXEC, tgkill outside the process or with
@@ -825,7 +876,7 @@ mod tests {
                 if install_sigsys_handler(Some(&sock)).is_err() {
                     return 3;
                 }
-                let (Ok(main), Ok(vcpu)) = (main_filter(), vcpu_filter(listener.as_raw_fd()))
+                let (Ok(main), Ok(vcpu)) = (main_filter(), vcpu_filter(listener.as_raw_fd(), &[]))
                 else {
                     return 3;
                 };

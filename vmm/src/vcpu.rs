@@ -781,7 +781,7 @@ mod program_tests {
         use crate::seccomp::{self, ThreadKind};
         use std::os::fd::AsRawFd;
         install_kick_handler().unwrap();
-        let vcpu_filter = seccomp::vcpu_filter(v.fd().as_raw_fd()).unwrap();
+        let vcpu_filter = seccomp::vcpu_filter(v.fd().as_raw_fd(), &[]).unwrap();
         let main_filter = seccomp::main_filter().unwrap();
         let done = std::sync::atomic::AtomicBool::new(false);
         let r = std::thread::scope(|s| {

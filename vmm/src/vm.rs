@@ -2,7 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -213,6 +213,8 @@ pub struct Vm {
     ctx: VcpuContext,
     boot: BootInfo,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// vhost-user backend sockets (the only ones vCPU threads may message).
+    backend_fds: Vec<RawFd>,
     seccomp: bool,
 }
 
@@ -287,6 +289,7 @@ impl Vm {
                 VhostUserKind::Vsock { cid: *cid },
             )?);
         }
+        let backend_fds: Vec<RawFd> = devices.iter().map(VhostUserDevice::socket_fd).collect();
         let mut infos = Vec::new();
         let mut transports = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {
@@ -339,6 +342,7 @@ impl Vm {
             },
             boot,
             transports,
+            backend_fds,
             seccomp: cfg.seccomp,
         })
     }
@@ -409,7 +413,7 @@ impl Vm {
         for mut v in std::mem::take(&mut self.vcpus) {
             let filter = if self.seccomp {
                 Some(
-                    seccomp::vcpu_filter(v.fd().as_raw_fd())
+                    seccomp::vcpu_filter(v.fd().as_raw_fd(), &self.backend_fds)
                         .map_err(|e| VmError::Seccomp(e.to_string()))?,
                 )
             } else {

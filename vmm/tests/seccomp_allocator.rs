@@ -27,7 +27,7 @@ fn churn_heap() -> usize {
 #[test]
 fn filtered_threads_allocate_and_free_a_large_heap() {
     let filters = [
-        (ThreadKind::Vcpu, vcpu_filter(0).unwrap()),
+        (ThreadKind::Vcpu, vcpu_filter(0, &[]).unwrap()),
         (ThreadKind::Api, api_filter(0).unwrap()),
         (ThreadKind::Main, main_filter().unwrap()),
     ];
