@@ -5,6 +5,7 @@
 //! `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use thiserror::Error;
 
+use crate::seccomp::ThreadKind;
 use crate::vcpu::{RunState, VmControl};
 use crate::vm::VmEvent;
 
@@ -42,6 +44,9 @@ pub enum ApiError {
     /// Thread spawn failed.
     #[error("cannot start the API thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The API thread's seccomp filter cannot be built.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What the API acts upon.
@@ -131,6 +136,7 @@ fn serve_connection(stream: UnixStream, ctx: &ApiContext) {
 pub struct ApiServer {
     path: PathBuf,
     listener: Option<UnixListener>,
+    removed: bool,
 }
 
 impl ApiServer {
@@ -151,6 +157,7 @@ impl ApiServer {
         Ok(Self {
             path: path.to_path_buf(),
             listener: Some(listener),
+            removed: false,
         })
     }
 
@@ -159,16 +166,14 @@ impl ApiServer {
         &self.path
     }
 
-    /// Serve requests on a background thread (one connection at a time).
+    /// Serve requests on a background thread (one connection at a time),
+    /// under the API seccomp filter when `seccomp` is set.
     pub fn start(&mut self, ctx: ApiContext, seccomp: bool) -> Result<(), ApiError> {
         let Some(listener) = self.listener.take() else {
             return Ok(());
         };
         let filter = if seccomp {
-            Some(
-                crate::seccomp::api_filter()
-                    .map_err(|e| ApiError::Thread(std::io::Error::other(e.to_string())))?,
-            )
+            Some(crate::seccomp::api_filter(listener.as_raw_fd()).map_err(ApiError::Seccomp)?)
         } else {
             None
         };
@@ -176,8 +181,8 @@ impl ApiServer {
             .name("api".into())
             .spawn(move || {
                 if let Some(f) = filter {
-                    if let Err(e) = seccompiler::apply_filter(&f) {
-                        log::error!("API thread: cannot install seccomp filter: {e}; API disabled");
+                    if let Err(e) = crate::seccomp::apply(ThreadKind::Api, &f) {
+                        log::error!("{e}; API disabled");
                         return;
                     }
                 }
@@ -192,9 +197,12 @@ impl ApiServer {
         Ok(())
     }
 
-    /// Remove the socket file.
-    pub fn cleanup(&self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// Remove the socket file (once; later calls do nothing).
+    pub fn cleanup(&mut self) {
+        if !self.removed {
+            self.removed = true;
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -263,7 +271,8 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         let (c, _rx) = ctx();
         let mut server = ApiServer::bind(&path).unwrap();
-        server.start(c, false).unwrap();
+        // The API thread serves under its seccomp filter, as in husk-vmm.
+        server.start(c, true).unwrap();
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"{\"action\":\"status\"}\n\n{\"action\":\"nope\"}\n")
             .unwrap();

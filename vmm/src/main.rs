@@ -107,7 +107,7 @@ fn print_failure(msg: &str) {
 fn run(args: Args) -> Result<(), String> {
     let mut vm = Vm::build(&args.vm).map_err(|e| e.to_string())?;
     let (tx, rx) = Vm::channel();
-    let mut api = match &args.api_socket {
+    let api = match &args.api_socket {
         Some(path) => {
             let mut server = ApiServer::bind(path).map_err(|e| e.to_string())?;
             husk_vmm::seccomp::install_sigsys_handler(Some(path))
@@ -131,7 +131,7 @@ fn run(args: Args) -> Result<(), String> {
         }
     };
     let outcome = vm.run(tx, rx).map_err(|e| e.to_string());
-    if let Some(api) = api.take() {
+    if let Some(mut api) = api {
         api.cleanup();
     }
     match outcome? {
@@ -161,18 +161,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let api_path = args.api_socket.clone();
-    let result = run(args);
-    // Whatever happened, leave no socket behind.
-    if let Some(p) = api_path {
-        if let Ok(meta) = std::fs::symlink_metadata(&p) {
-            use std::os::unix::fs::FileTypeExt;
-            if meta.file_type().is_socket() {
-                let _ = std::fs::remove_file(&p);
-            }
-        }
-    }
-    match result {
+    // A bound API socket is removed by its ApiServer on every path, or by
+    // the SIGSYS handler: once the guest runs, the main thread's seccomp
+    // filter allows no other file system call than that unlink.
+    match run(args) {
         // Exit right away: vCPU threads that missed their kick must not
         // keep the process alive.
         Ok(()) => std::process::exit(0),

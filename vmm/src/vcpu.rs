@@ -251,6 +251,44 @@ pub fn install_kick_handler() -> Result<(), std::io::Error> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Holds the vCPU threads between their own seccomp filter and the guest's
+/// first instruction until the main thread has its filter too (a filter is
+/// inherited by threads created after it, so the main thread's goes on last).
+#[derive(Default)]
+pub struct StartGate {
+    decision: Mutex<Option<bool>>,
+    cv: Condvar,
+}
+
+impl StartGate {
+    /// Let the waiting vCPUs run (`true`) or end without running (`false`).
+    /// The first decision stands.
+    pub fn open(&self, run: bool) {
+        if let Ok(mut d) = self.decision.lock() {
+            if d.is_none() {
+                *d = Some(run);
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait for [`StartGate::open`]; whether the vCPU may run.
+    pub fn wait(&self) -> bool {
+        let Ok(mut d) = self.decision.lock() else {
+            return false;
+        };
+        loop {
+            if let Some(run) = *d {
+                return run;
+            }
+            d = match self.cv.wait(d) {
+                Ok(d) => d,
+                Err(_) => return false,
+            };
+        }
+    }
+}
+
 /// Everything a running vCPU needs.
 #[derive(Clone)]
 pub struct VcpuContext {
@@ -663,6 +701,26 @@ mod tests {
     }
 
     #[test]
+    fn start_gate_releases_waiters_once() {
+        for run in [true, false] {
+            let gate = Arc::new(StartGate::default());
+            let waiters: Vec<_> = (0..3)
+                .map(|_| {
+                    let g = gate.clone();
+                    std::thread::spawn(move || g.wait())
+                })
+                .collect();
+            gate.open(run);
+            // The first decision stands.
+            gate.open(!run);
+            for w in waiters {
+                assert_eq!(w.join().unwrap(), run);
+            }
+            assert_eq!(gate.wait(), run, "a late waiter sees the same decision");
+        }
+    }
+
+    #[test]
     fn control_pause_resume_stop() {
         let c = Arc::new(VmControl::new());
         assert!(c.wait_runnable());
@@ -714,26 +772,49 @@ mod program_tests {
         transport: Arc<Mutex<MmioTransport>>,
     }
 
-    /// Run with a watchdog: a hung guest is stopped after 10 s and reported.
+    /// Run as husk-vmm does: the vCPU on a thread under the vCPU seccomp
+    /// filter (made for its own fd), the watchdog standing in for the main
+    /// thread under the main filter; a hung guest is stopped after 10 s and
+    /// reported. A call missing from either allow-list kills the test process
+    /// with SIGSYS.
     fn run_guarded(v: &mut Vcpu, ctx: &VcpuContext) -> VcpuExitReason {
+        use crate::seccomp::{self, ThreadKind};
+        use std::os::fd::AsRawFd;
         install_kick_handler().unwrap();
-        ctx.control.register_current_thread();
-        let control = ctx.control.clone();
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let done2 = done.clone();
-        let dog = std::thread::spawn(move || {
-            for _ in 0..1000 {
-                if done2.load(Ordering::SeqCst) {
-                    return;
+        let vcpu_filter = seccomp::vcpu_filter(v.fd().as_raw_fd(), &[]).unwrap();
+        let main_filter = seccomp::main_filter().unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let r = std::thread::scope(|s| {
+            let dog = s.spawn(|| -> Result<(), seccomp::SeccompError> {
+                seccomp::apply(ThreadKind::Main, &main_filter)?;
+                for _ in 0..1000 {
+                    if done.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            control.set_state(RunState::Stopping);
-        });
-        let r = v.run(ctx).unwrap();
-        done.store(true, Ordering::SeqCst);
-        ctx.control.unregister_current_thread();
-        dog.join().unwrap();
+                ctx.control.set_state(RunState::Stopping);
+                Ok(())
+            });
+            let vcpu = s.spawn(|| -> Result<VcpuExitReason, String> {
+                let r = seccomp::apply(ThreadKind::Vcpu, &vcpu_filter)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        ctx.control.register_current_thread();
+                        let r = v.run(ctx).map_err(|e| e.to_string());
+                        ctx.control.unregister_current_thread();
+                        r
+                    });
+                done.store(true, Ordering::SeqCst);
+                r
+            });
+            let r = vcpu.join().expect("vCPU thread panicked");
+            dog.join()
+                .expect("watchdog thread panicked")
+                .expect("watchdog under the main filter");
+            r
+        })
+        .expect("vCPU run");
         if r == VcpuExitReason::Stopped {
             let regs = v.fd().get_regs().unwrap();
             panic!(

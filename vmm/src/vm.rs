@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,10 @@ use crate::devices::virtio_mmio::{regs, MmioTransport, TransportError, MMIO_LEN}
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, BootInfo, LoaderError, MmioDeviceInfo};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
-use crate::vcpu::{self, RunState, Vcpu, VcpuContext, VcpuError, VcpuExitReason, VmControl};
+use crate::seccomp::{self, ThreadKind};
+use crate::vcpu::{
+    self, RunState, StartGate, Vcpu, VcpuContext, VcpuError, VcpuExitReason, VmControl,
+};
 
 /// Base of the virtio-mmio device windows.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -49,7 +53,7 @@ pub struct VmConfig {
     pub vsock: Option<(PathBuf, u64)>,
     /// Console output file (None = stdout).
     pub console: Option<PathBuf>,
-    /// Install seccomp filters on VMM threads.
+    /// Put every VMM thread under its seccomp filter (see [`crate::seccomp`]).
     pub seccomp: bool,
 }
 
@@ -209,6 +213,8 @@ pub struct Vm {
     ctx: VcpuContext,
     boot: BootInfo,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// vhost-user backend sockets (the only ones vCPU threads may message).
+    backend_fds: Vec<RawFd>,
     seccomp: bool,
 }
 
@@ -283,6 +289,7 @@ impl Vm {
                 VhostUserKind::Vsock { cid: *cid },
             )?);
         }
+        let backend_fds: Vec<RawFd> = devices.iter().map(VhostUserDevice::socket_fd).collect();
         let mut infos = Vec::new();
         let mut transports = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {
@@ -335,6 +342,7 @@ impl Vm {
             },
             boot,
             transports,
+            backend_fds,
             seccomp: cfg.seccomp,
         })
     }
@@ -378,31 +386,54 @@ impl Vm {
         &self.transports
     }
 
-    /// Start the vCPU threads; events arrive on the returned receiver.
-    pub fn start(&mut self, events: Sender<VmEvent>) -> Result<Vec<JoinHandle<()>>, VmError> {
-        vcpu::install_kick_handler().map_err(os("installing the vCPU kick signal handler"))?;
-        let filter = if self.seccomp {
-            Some(crate::seccomp::vcpu_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)
-        } else {
-            None
-        };
+    /// Spawn the vCPU threads. Each installs its own seccomp filter (when
+    /// enabled) and then waits at `gate`; nothing runs in the guest before
+    /// the gate opens. On error the threads already spawned are released
+    /// without running.
+    fn spawn_vcpus(
+        &mut self,
+        events: Sender<VmEvent>,
+        gate: &Arc<StartGate>,
+    ) -> Result<Vec<JoinHandle<()>>, VmError> {
         let mut handles = Vec::new();
+        let r = self.spawn_vcpus_into(events, gate, &mut handles);
+        if r.is_err() {
+            gate.open(false);
+        }
+        r.map(|()| handles)
+    }
+
+    fn spawn_vcpus_into(
+        &mut self,
+        events: Sender<VmEvent>,
+        gate: &Arc<StartGate>,
+        handles: &mut Vec<JoinHandle<()>>,
+    ) -> Result<(), VmError> {
+        vcpu::install_kick_handler().map_err(os("installing the vCPU kick signal handler"))?;
         for mut v in std::mem::take(&mut self.vcpus) {
+            let filter = if self.seccomp {
+                Some(
+                    seccomp::vcpu_filter(v.fd().as_raw_fd(), &self.backend_fds)
+                        .map_err(|e| VmError::Seccomp(e.to_string()))?,
+                )
+            } else {
+                None
+            };
             let ctx = self.ctx.clone();
             let tx = events.clone();
-            let filter = filter.clone();
+            let gate = gate.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id()))
                 .spawn(move || {
                     ctx.control.register_current_thread();
                     let id = v.id();
                     if id == 0 {
+                        // Reads /proc: before the filter.
                         print_metrics();
                     }
-                    let r = match filter.as_ref().map(|f| seccompiler::apply_filter(f)) {
-                        Some(Err(e)) => {
-                            Err(format!("vCPU {id}: cannot install seccomp filter: {e}"))
-                        }
+                    let r = match filter.map(|f| seccomp::apply(ThreadKind::Vcpu, &f)) {
+                        Some(Err(e)) => Err(format!("vCPU {id}: {e}")),
+                        _ if !gate.wait() => Ok(VcpuExitReason::Stopped),
                         _ => v.run(&ctx).map_err(|e| e.to_string()),
                     };
                     ctx.control.unregister_current_thread();
@@ -411,18 +442,33 @@ impl Vm {
                 .map_err(os("spawning a vCPU thread"))?;
             handles.push(h);
         }
-        Ok(handles)
+        Ok(())
     }
 
-    /// Run the VM to completion: start vCPUs, wait for the first decisive
-    /// event, stop everything. `events` may also be fed by the API server.
+    /// Run the VM to completion on the calling (main) thread: start the
+    /// vCPUs, put the main thread under its seccomp filter, let the guest
+    /// run, wait for the first decisive event, stop everything. `events`
+    /// may also be fed by the API server.
     pub fn run(
         &mut self,
         tx: Sender<VmEvent>,
         rx: Receiver<VmEvent>,
     ) -> Result<VmOutcome, VmError> {
         let n = self.vcpus.len();
-        let handles = self.start(tx)?;
+        let main_filter = if self.seccomp {
+            Some(seccomp::main_filter().map_err(|e| VmError::Seccomp(e.to_string()))?)
+        } else {
+            None
+        };
+        let gate = Arc::new(StartGate::default());
+        let handles = self.spawn_vcpus(tx, &gate)?;
+        if let Some(f) = main_filter {
+            if let Err(e) = seccomp::apply(ThreadKind::Main, &f) {
+                gate.open(false);
+                return Err(VmError::Seccomp(e.to_string()));
+            }
+        }
+        gate.open(true);
         let control = self.ctx.control.clone();
         let mut exited = 0;
         let mut outcome = None;

@@ -6,6 +6,11 @@
 //!   32-bit program) boot through the real loader/vCPU path: console output,
 //!   metrics line, boot marker, power-off by i8042 reset or triple fault
 //!   (exit 0), and the API socket (status/pause/resume/shutdown).
+//! * While the guest runs, every thread of husk-vmm is under its own seccomp
+//!   filter, also once a guest has activated a vhost-user device (the
+//!   vhost-user traffic of the activation runs on the filtered vCPU thread).
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -344,6 +349,65 @@ fn crafted_kernel_powers_off_through_triple_fault() {
     }
 }
 
+/// A `Key:\tvalue` field of a /proc status file.
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// `PF_USER_WORKER` (include/linux/sched.h): a kernel worker in a user
+/// process's thread group (KVM's NX huge page recovery worker on recent
+/// kernels). It runs kernel code only and never makes a system call.
+const PF_USER_WORKER: u64 = 0x4000;
+
+/// The flags field of a /proc/<pid>/task/<tid>/stat line.
+fn task_flags(stat: &str) -> u64 {
+    // Fields after the `(comm)`: state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let after_comm = &stat[stat.rfind(')').expect("stat has (comm)") + 2..];
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse().ok())
+        .expect("stat has a flags field")
+}
+
+/// Every thread of `pid` (named `expected`) is in seccomp filter mode with
+/// exactly one filter more than this test process has: its own list, not
+/// the main thread's stacked on top. Kernel workers are left out.
+fn check_every_thread_filtered(pid: u32, expected: &[&str]) {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own_filters: u32 = status_field(&own, "Seccomp_filters")
+        .expect("the kernel reports Seccomp_filters in /proc/<pid>/status")
+        .parse()
+        .unwrap();
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let name = name.trim().to_string();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        if task_flags(&stat) & PF_USER_WORKER != 0 {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(
+            status_field(&status, "Seccomp"),
+            Some("2"),
+            "thread {name} is not in seccomp filter mode"
+        );
+        let filters: u32 = status_field(&status, "Seccomp_filters")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(filters, own_filters + 1, "filters on thread {name}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(names, expected);
+}
+
 fn api_call(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, req: &str) -> String {
     stream.write_all(req.as_bytes()).unwrap();
     stream.write_all(b"\n").unwrap();
@@ -394,6 +458,9 @@ fn api_socket_status_pause_resume_shutdown() {
         api_call(&mut stream, &mut reader, r#"{"action":"status"}"#),
         r#"{"ok":true,"state":"paused"}"#
     );
+    // Both vCPUs are parked, so they passed the start gate, which opens only
+    // once the main thread is filtered: every thread is under seccomp now.
+    check_every_thread_filtered(child.id(), &["api", "husk-vmm", "vcpu0", "vcpu1"]);
     assert_eq!(
         api_call(&mut stream, &mut reader, r#"{"action":"resume"}"#),
         r#"{"ok":true,"state":"running"}"#
@@ -424,4 +491,144 @@ fn api_socket_status_pause_resume_shutdown() {
     assert!(!api.exists(), "API socket removed on exit");
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "OK\n");
     assert!(stderr.contains("husk-vmm: boot marker 7 at "), "{stderr}");
+}
+
+/// `mov dword [addr], value` (32-bit protected mode, flat segments).
+fn mov_dword(code: &mut Vec<u8>, addr: u32, value: u32) {
+    code.extend_from_slice(&[0xc7, 0x05]);
+    code.extend_from_slice(&addr.to_le_bytes());
+    code.extend_from_slice(&value.to_le_bytes());
+}
+
+/// The guest drives the vsock device's virtio-mmio registers itself, as
+/// Linux's driver would: reset, ACKNOWLEDGE, DRIVER, VERSION_1,
+/// FEATURES_OK, three queues, DRIVER_OK. The vhost-user activation then runs
+/// on the vCPU thread under its filter (SET_FEATURES, SET_MEM_TABLE with the
+/// memfd, the vrings with their eventfds), against the real
+/// vhost-device-vsock; the guest then prints "A" and spins.
+fn vsock_activation_program() -> Vec<u8> {
+    use husk_vmm::devices::virtio_mmio::{regs, status};
+    const BASE: u32 = 0xd000_0000;
+    let reg = |r: u64| BASE + r as u32;
+    let mut t = Vec::new();
+    let ack_driver = status::ACKNOWLEDGE | status::DRIVER;
+    for s in [0, status::ACKNOWLEDGE, ack_driver] {
+        mov_dword(&mut t, reg(regs::STATUS), s);
+    }
+    // VERSION_1 is feature bit 32.
+    for (sel, bits) in [(0, 0), (1, 1)] {
+        mov_dword(&mut t, reg(regs::DRIVER_FEATURES_SEL), sel);
+        mov_dword(&mut t, reg(regs::DRIVER_FEATURES), bits);
+    }
+    mov_dword(&mut t, reg(regs::STATUS), ack_driver | status::FEATURES_OK);
+    for q in 0..3u32 {
+        // Queue size 64: descriptors, then the avail ring, used ring a page on.
+        let base = 0x20_0000 + q * 0x1_0000;
+        for (r, v) in [
+            (regs::QUEUE_SEL, q),
+            (regs::QUEUE_NUM, 64),
+            (regs::QUEUE_DESC_LOW, base),
+            (regs::QUEUE_DESC_HIGH, 0),
+            (regs::QUEUE_DRIVER_LOW, base + 0x400),
+            (regs::QUEUE_DRIVER_HIGH, 0),
+            (regs::QUEUE_DEVICE_LOW, base + 0x1000),
+            (regs::QUEUE_DEVICE_HIGH, 0),
+            (regs::QUEUE_READY, 1),
+        ] {
+            mov_dword(&mut t, reg(r), v);
+        }
+    }
+    mov_dword(
+        &mut t,
+        reg(regs::STATUS),
+        ack_driver | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    t.extend_from_slice(&[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'A', 0xee, // "A"
+        0xb0, b'\n', 0xee, // "\n"
+    ]);
+    t.extend_from_slice(TAIL_SPIN);
+    t
+}
+
+/// End to end with a real vhost-user backend: the guest activates the vsock
+/// device, so the vCPU thread talks vhost-user to vhost-device-vsock under
+/// its filter (only on that socket); the backend gets its vrings (it creates
+/// its hybrid socket); every thread is filtered; shutdown through the API.
+#[test]
+fn guest_activates_a_vhost_user_device_under_every_filter() {
+    let backend_bin = common::tool(
+        "HUSK_VSOCK_BACKEND",
+        "tools/vhost-device-vsock-0.3.0/bin/vhost-device-vsock",
+    );
+    let d = scratch("activate");
+    let sock = d.join("vsock.sock");
+    let uds = d.join("v.vsock");
+    let mut backend = common::spawn(
+        Command::new(&backend_bin).arg("--vm").arg(format!(
+            "guest-cid=3,socket={},uds-path={}",
+            sock.display(),
+            uds.display()
+        )),
+        &d.join("backend.log"),
+    );
+    common::wait_for_path(&sock, &mut backend.0);
+    let k = write_kernel(&d, &vsock_activation_program());
+    let console = d.join("console.log");
+    let api = d.join("api.sock");
+    let mut child = Command::new(BIN)
+        .args(["--kernel", k.to_str().unwrap(), "--memory-mib", "64"])
+        .arg("--vsock-socket")
+        .arg(&sock)
+        .args(["--vsock-cid", "3"])
+        .arg("--console")
+        .arg(&console)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&console).unwrap_or_default() != "OK\nA\n" || !uds.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "husk-vmm exited ({st}) before the activation completed; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "activation did not complete: console {:?}, backend socket {}: {}",
+            std::fs::read_to_string(&console).unwrap_or_default(),
+            uds.display(),
+            uds.exists()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check_every_thread_filtered(child.id(), &["api", "husk-vmm", "vcpu0"]);
+    let mut stream = UnixStream::connect(&api).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    assert_eq!(
+        api_call(&mut stream, &mut reader, r#"{"action":"shutdown"}"#),
+        r#"{"ok":true,"state":"stopping"}"#
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "husk-vmm did not exit after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!api.exists(), "API socket removed on exit");
 }

@@ -29,6 +29,8 @@ fn virtiofsd() -> std::path::PathBuf {
 
 struct Fs {
     g: FakeGuest,
+    /// The vhost-user socket (what the vCPU filter lets a vCPU message).
+    backend_fd: std::os::fd::RawFd,
     req: DriverQueue,
     unique: u64,
     _backend: ChildGuard,
@@ -95,6 +97,7 @@ impl Fs {
             },
         )
         .expect("connect to virtiofsd");
+        let backend_fd = dev.socket_fd();
         let g = FakeGuest::new(Box::new(dev));
         assert_eq!(g.read32(regs::DEVICE_ID), 26);
         // Config space: tag, then num_request_queues.
@@ -107,19 +110,14 @@ impl Fs {
         g.setup_queue(&hiprio);
         g.setup_queue(&req);
         if vcpu_seccomp {
-            let filter = husk_vmm::seccomp::vcpu_filter().unwrap();
-            std::thread::scope(|sc| {
-                sc.spawn(|| {
-                    seccompiler::apply_filter(&filter).unwrap();
-                    g.driver_ok();
-                });
-            });
+            as_vcpu_thread(backend_fd, || g.driver_ok());
         } else {
             g.driver_ok();
         }
         assert!(g.transport.lock().unwrap().is_activated());
         Fs {
             g,
+            backend_fd,
             req,
             unique: 1,
             _backend: backend,
@@ -282,6 +280,14 @@ fn virtiofsd_activation_from_a_seccomp_confined_vcpu_thread() {
     for v in [7u32, 31, 0, 0] {
         init.extend_from_slice(&v.to_le_bytes());
     }
+    assert_eq!(fs.call(FUSE_INIT, 0, &init, 64).0, 0);
+    // A driver reset (GET_VRING_BASE per queue) and a fresh activation, both
+    // from confined threads too.
+    as_vcpu_thread(fs.backend_fd, || fs.g.write32(regs::STATUS, 0));
+    assert!(!fs.g.transport.lock().unwrap().is_activated());
+    let backend_fd = fs.backend_fd;
+    as_vcpu_thread(backend_fd, || fs.reinit());
+    assert!(fs.g.transport.lock().unwrap().is_activated());
     assert_eq!(fs.call(FUSE_INIT, 0, &init, 64).0, 0);
     let _ = std::fs::remove_dir_all(&fs.dir);
 }

@@ -7,6 +7,7 @@
 //! negotiates features, forwards the queue layout and serves the device
 //! configuration space (tag / guest CID) itself.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -226,6 +227,12 @@ impl VhostUserDevice {
     /// Socket path of the backend.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The connected backend socket (the vCPU threads' seccomp filter
+    /// allows vhost-user messages on it and on nothing else).
+    pub fn socket_fd(&self) -> RawFd {
+        self.frontend.as_raw_fd()
     }
 
     fn protocol_features_negotiated(&self) -> bool {

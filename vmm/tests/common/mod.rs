@@ -38,6 +38,24 @@ pub fn tool(env: &str, in_cache: &str) -> PathBuf {
     path
 }
 
+/// Run `f` on a thread under the seccomp filter of a real vCPU thread (made
+/// for a real vCPU fd and the vhost-user socket `backend_fd`), as the MMIO
+/// exits of a guest's driver run in husk-vmm. A system call missing from the
+/// vCPU allow-list kills the test with SIGSYS.
+pub fn as_vcpu_thread(backend_fd: std::os::fd::RawFd, f: impl FnOnce() + Send) {
+    use husk_vmm::seccomp::{apply, vcpu_filter, ThreadKind};
+    use std::os::fd::AsRawFd;
+    let (_kvm, vm) = husk_vmm::vm::create_kvm_vm().expect("KVM must be usable for this test");
+    let vcpu = husk_vmm::vcpu::Vcpu::new(&vm, 0).unwrap();
+    let filter = vcpu_filter(vcpu.fd().as_raw_fd(), &[backend_fd]).unwrap();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            apply(ThreadKind::Vcpu, &filter).unwrap();
+            f();
+        });
+    });
+}
+
 /// Fresh scratch directory under /tmp.
 pub fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("husk-vmm-{name}-{}", std::process::id()));
