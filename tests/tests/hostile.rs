@@ -452,28 +452,60 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Guest root floods the serial console for a minute. The console log on
-/// the host stays under its cap (1 MiB, plus one 64 KiB chunk, in each of
-/// console.log and console.log.1), the sandbox's owner (the monitor) stays
-/// under a fixed memory bound, and another sandbox is created, runs and
-/// answers meanwhile.
+/// Guest root floods the serial console and its stdout for a minute. The
+/// console log on the host stays under its cap (1 MiB, plus one 64 KiB
+/// chunk, in each of console.log and console.log.1), the sandbox's owner
+/// (the monitor) stays under 64 MiB and each helper under its stated bound
+/// (QEMU: the VM's RAM + 192 MiB, the vsock backend: RAM + 64 MiB,
+/// virtiofsd: 64 MiB), the stdout really flows, and other sandboxes are
+/// created, run and answer meanwhile.
 #[test]
 fn a_console_flood_is_capped_and_other_sandboxes_keep_working() {
     require_guest();
     let dir = TestDir::new("hostile-flood");
     let root = dir.state_root();
     // The guest's console is ttyS0 (4:64): guest root makes the node and
-    // writes to it without end.
-    let script = "mknod /dev/ttyS0 c 4 64 && while :; do cat /bin/busybox > /dev/ttyS0; done";
+    // writes to it without end, and floods its stdout meanwhile.
+    let script = "mknod /dev/ttyS0 c 4 64 || exit 1; (while :; do cat /bin/busybox; done) & \
+                  while :; do cat /bin/busybox > /dev/ttyS0; done";
     let flood = dir.path.join("flood");
     std::fs::create_dir_all(&flood).expect("mkdir");
     write_bundle(&flood, &privileged_spec(script));
-    let out = husk(&root, &["run", "-d", "-b", s(&flood), "flood"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // The container's stdout is a pipe a thread here drains and counts (a
+    // file would fill the disk).
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let status = std::process::Command::new(husk_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["run", "-d", "-b", s(&flood), "flood"])
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("husk run");
+    assert!(status.success(), "husk run -d flood failed");
+    let drained = std::thread::spawn(move || {
+        let mut reader = reader;
+        std::io::copy(&mut reader, &mut std::io::sink()).unwrap_or(0)
+    });
     let sandbox = husk_runtime::sandbox::sandbox_dir(&root.join("sandbox"), "flood");
     let console = sandbox.join("console.log");
     let rotated = sandbox.join("console.log.1");
     let monitor = pid_of(&dir.path, "__monitor").expect("the flood's monitor");
+    // Every host process of the flooding sandbox, with the bound its
+    // resident memory must stay under (the VM's RAM is 128 MiB).
+    let helpers: Vec<(&str, i32, u64)> = [
+        ("qemu-system", (128 + 192) << 10),
+        ("virtiofsd", 64 << 10),
+        ("vhost-device-vsock", (128 + 64) << 10),
+    ]
+    .into_iter()
+    .map(|(name, bound)| {
+        let pid = pid_of(&dir.path, name).unwrap_or_else(|| panic!("no {name}"));
+        (name, pid, bound)
+    })
+    .collect();
+    let mut helper_rss: Vec<u64> = vec![0; helpers.len()];
     let cap = husk_runtime::console::CONSOLE_CAP + (64 << 10);
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
 
@@ -485,6 +517,9 @@ fn a_console_flood_is_capped_and_other_sandboxes_keep_working() {
     let (mut max_rss, mut max_log, mut runs) = (0, 0, 0);
     while start.elapsed() < std::time::Duration::from_secs(60) {
         max_rss = max_rss.max(rss_kib(monitor));
+        for (i, (_, pid, _)) in helpers.iter().enumerate() {
+            helper_rss[i] = helper_rss[i].max(rss_kib(*pid));
+        }
         max_log = max_log.max(size(&console)).max(size(&rotated));
         if runs < 3 && start.elapsed() > std::time::Duration::from_secs(10 + 15 * runs) {
             let out = husk(&root, &["run", "-b", s(&quiet), &format!("quiet{runs}")]);
@@ -503,9 +538,18 @@ fn a_console_flood_is_capped_and_other_sandboxes_keep_working() {
     // The monitor copies through one 64 KiB buffer: its memory does not
     // follow the flood (measured ~10 MiB; the bound leaves room).
     assert!(max_rss < 64 << 10, "the monitor grew to {max_rss} KiB");
+    for ((name, _, bound), rss) in helpers.iter().zip(&helper_rss) {
+        assert!(rss < bound, "{name} grew to {rss} KiB (bound {bound} KiB)");
+    }
     assert!(husk(&root, &["delete", "--force", "flood"])
         .status
         .success());
+    // The stdout flood did flow (at tens of MiB/s here) while all this held.
+    let bytes = drained.join().expect("drain thread");
+    assert!(
+        bytes > 256 << 20,
+        "only {bytes} bytes of stdout in a minute"
+    );
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
