@@ -78,14 +78,7 @@ impl JailId {
             .create(claims)
             .map_err(io("creating", claims))?;
         let count = count.max(1);
-        let start = sandbox_dir
-            .as_os_str()
-            .as_bytes()
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-            })
-            % u64::from(count);
+        let start = crate::sandbox::fnv1a(sandbox_dir.as_os_str().as_bytes()) % u64::from(count);
         for i in 0..u64::from(count) {
             let offset = (start + i) % u64::from(count);
             let Some(uid) = u32::try_from(u64::from(base) + offset).ok() else {

@@ -191,14 +191,20 @@ const MAX_SOCKET_PATH: usize = 107;
 /// unless its sockets would not fit in a Unix socket address (long ids such
 /// as podman's 64 hex digits under a long root); then a prefix of the id and
 /// a hash of all of it, so every caller finds the same directory.
+/// FNV-1a, 64 bits: a short, stable name for a long id (not a defence: the
+/// ids it names are checked before they get here).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 pub fn sandbox_dir(state_root: &Path, id: &str) -> PathBuf {
     let plain = state_root.join(id);
     if plain.join(LONGEST_SOCKET).as_os_str().len() <= MAX_SOCKET_PATH {
         return plain;
     }
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let hash = fnv1a(id.as_bytes());
     let prefix: String = id.chars().take(8).collect();
     state_root.join(format!("{prefix}-{hash:016x}"))
 }

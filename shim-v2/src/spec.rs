@@ -235,11 +235,7 @@ pub fn vm_dir_name(id: &str) -> String {
     if id.len() <= 24 {
         return id.to_string();
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
+    let h = husk_runtime::sandbox::fnv1a(id.as_bytes());
     let prefix: String = id.chars().take(8).collect();
     format!("{prefix}-{h:016x}")
 }
