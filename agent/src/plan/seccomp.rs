@@ -1,4 +1,5 @@
-//! OCI `linux.seccomp` compiled to a classic BPF program before the fork.
+//! OCI `linux.seccomp` compiled to a classic BPF program, once, by the
+//! planner.
 //!
 //! The program is built here (allocation is fine) and loaded in the child
 //! with one seccomp(2) call. Layout: check the architecture, load the
@@ -6,13 +7,13 @@
 //! number, compare the arguments (64-bit, as two 32-bit words), return the
 //! rule's action; after the last block return the default action.
 
-use crate::spec::SpecError;
+use super::SpecError;
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator,
 };
 
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+pub const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 // BPF opcodes.
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
@@ -38,6 +39,22 @@ pub struct SeccompProgram {
     pub flags: libc::c_ulong,
 }
 
+impl std::fmt::Debug for SeccompProgram {
+    /// One instruction a line, as (code, jt, jf, k): the golden plans show
+    /// the program the kernel gets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let insns: Vec<String> = self
+            .filter
+            .iter()
+            .map(|i| format!("{:#06x} {} {} {:#x}", i.code, i.jt, i.jf, i.k))
+            .collect();
+        f.debug_struct("SeccompProgram")
+            .field("flags", &self.flags)
+            .field("filter", &insns)
+            .finish()
+    }
+}
+
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
         code,
@@ -53,7 +70,7 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 
 /// Number of an x86_64 syscall by name.
 pub fn syscall_nr(name: &str) -> Option<u32> {
-    crate::syscalls::X86_64
+    super::syscalls::X86_64
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, nr)| *nr)
