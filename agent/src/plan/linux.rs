@@ -2,7 +2,7 @@
 //! rootfsPropagation, personality, timeOffsets and the seccomp program.
 
 use super::fs::GuestFs;
-use super::mounts::{cpath, cstr, dirs_to_create, join_inside};
+use super::mounts::{cpath, cpath_field, cstr, cstr_field, dirs_to_create, join_inside};
 use super::seccomp::SeccompProgram;
 use super::{DeviceNode, SpecError};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
@@ -158,7 +158,10 @@ pub(super) fn linux_extras(
                 "linux.sysctl: {k}: the guest kernel has no {path}"
             )));
         }
-        sysctls.push((cstr(path)?, cstr(v)?));
+        sysctls.push((
+            cstr_field("linux.sysctl", path)?,
+            cstr_field("linux.sysctl", v)?,
+        ));
     }
     let seccomp = match linux.seccomp() {
         Some(s) => Some(Arc::new(super::seccomp::compile(s)?)),
@@ -238,7 +241,9 @@ pub(super) fn linux_devices(
         };
         let target = join_inside(root, d.path());
         if let Some(parent) = target.parent() {
-            for dir in dirs_to_create(root, parent)? {
+            let parents = dirs_to_create(root, parent)
+                .map_err(|e| SpecError::Invalid(format!("{field}: {}", e.reason())))?;
+            for dir in parents {
                 if !dirs.contains(&dir) {
                     dirs.push(dir);
                 }
@@ -246,7 +251,7 @@ pub(super) fn linux_devices(
         }
         let perm = d.file_mode().unwrap_or(0o666) & 0o7777;
         nodes.push(DeviceNode {
-            path: cpath(&target)?,
+            path: cpath_field(&field, &target)?,
             mode: kind | perm,
             dev: if kind == libc::S_IFIFO {
                 0

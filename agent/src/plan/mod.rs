@@ -30,7 +30,7 @@ pub mod userns;
 use fs::GuestFs;
 use linux::{default_devices, linux_devices, linux_extras, namespace_flag, time_offsets};
 pub use mounts::join_inside;
-use mounts::{cpath, cstr, early_mount_points, mount_step, MountContext};
+use mounts::{cpath, cpath_field, cstr, cstr_field, early_mount_points, mount_step, MountContext};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 pub use process::{cap_number, find_executable};
 use process::{path_of, process_extras, process_plan, user_plan};
@@ -57,6 +57,18 @@ pub enum SpecError {
         destination: String,
         reason: String,
     },
+}
+
+impl SpecError {
+    /// The message without its `config.json: ` prefix, to put under
+    /// another field's name.
+    pub fn reason(&self) -> String {
+        let text = self.to_string();
+        match text.strip_prefix("config.json: ") {
+            Some(rest) => rest.to_string(),
+            None => text,
+        }
+    }
 }
 
 /// One mount(2) call, with the directories to create first.
@@ -281,7 +293,7 @@ pub fn plan_container(
                                     p.display()
                                 )));
                             }
-                            PidNs::Join(cpath(p)?)
+                            PidNs::Join(cpath_field("linux.namespaces", p)?)
                         }
                         None => PidNs::New,
                     };
@@ -296,7 +308,7 @@ pub fn plan_container(
                                     p.display()
                                 )));
                             }
-                            Some(cpath(p)?)
+                            Some(cpath_field("linux.namespaces", p)?)
                         }
                         None => None,
                     });
@@ -313,7 +325,7 @@ pub fn plan_container(
                             path.display()
                         )));
                     }
-                    join.push((cpath(path)?, flag))
+                    join.push((cpath_field("linux.namespaces", path)?, flag))
                 }
                 None => unshare_flags |= flag,
             }
@@ -395,14 +407,14 @@ pub fn plan_container(
                 .as_deref()
                 .unwrap_or(&[])
                 .iter()
-                .map(|p| cpath(&join_inside(root, Path::new(p))))
+                .map(|p| cpath_field("linux.maskedPaths", &join_inside(root, Path::new(p))))
                 .collect::<Result<_, _>>()?,
             linux
                 .readonly_paths()
                 .as_deref()
                 .unwrap_or(&[])
                 .iter()
-                .map(|p| cpath(&join_inside(root, Path::new(p))))
+                .map(|p| cpath_field("linux.readonlyPaths", &join_inside(root, Path::new(p))))
                 .collect::<Result<_, _>>()?,
         ),
         None => (Vec::new(), Vec::new()),
@@ -416,14 +428,14 @@ pub fn plan_container(
         args,
         env,
         terminal: process.terminal().unwrap_or(false),
-        cwd: cpath(process.cwd())?,
+        cwd: cpath_field("process.cwd", process.cwd())?,
         uid,
         gid,
         additional_gids,
         umask,
         no_new_privileges: process.no_new_privileges().unwrap_or(false),
         hostname: match spec.hostname() {
-            Some(h) if unshare_flags & libc::CLONE_NEWUTS != 0 => Some(cstr(h)?),
+            Some(h) if unshare_flags & libc::CLONE_NEWUTS != 0 => Some(cstr_field("hostname", h)?),
             _ => None,
         },
         unshare_flags,
@@ -452,7 +464,9 @@ pub fn plan_container(
         sysctls: linux_extras.sysctls,
         time_offsets: time_offsets(spec, unshare_flags)?,
         domainname: match spec.domainname() {
-            Some(d) if unshare_flags & libc::CLONE_NEWUTS != 0 => Some(cstr(d)?),
+            Some(d) if unshare_flags & libc::CLONE_NEWUTS != 0 => {
+                Some(cstr_field("domainname", d)?)
+            }
             Some(_) => {
                 return Err(SpecError::Invalid(
                     "domainname needs a new uts namespace (linux.namespaces)".into(),
@@ -513,7 +527,7 @@ pub fn plan_exec(
         args,
         env,
         terminal: process.terminal().unwrap_or(false),
-        cwd: cpath(process.cwd())?,
+        cwd: cpath_field("process.cwd", process.cwd())?,
         uid,
         gid,
         additional_gids,

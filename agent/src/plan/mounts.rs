@@ -9,14 +9,31 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::{Component, Path, PathBuf};
 
+/// A C string of `s`; a NUL byte in it (which no syscall could take) is
+/// an error showing the string.
 pub(super) fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SpecError> {
-    CString::new(s.as_ref().to_vec())
-        .map_err(|_| SpecError::Invalid("a string contains a NUL byte".into()))
+    CString::new(s.as_ref().to_vec()).map_err(|e| {
+        SpecError::Invalid(format!(
+            "{:?} contains a NUL byte",
+            String::from_utf8_lossy(&e.into_vec())
+        ))
+    })
+}
+
+/// As `cstr`, the error naming the spec field `s` comes from.
+pub(super) fn cstr_field(field: &str, s: impl AsRef<[u8]>) -> Result<CString, SpecError> {
+    cstr(s).map_err(|e| SpecError::Invalid(format!("{field}: {}", e.reason())))
 }
 
 pub(super) fn cpath(p: &Path) -> Result<CString, SpecError> {
     use std::os::unix::ffi::OsStrExt;
     cstr(p.as_os_str().as_bytes())
+}
+
+/// As `cpath`, the error naming the spec field `p` comes from.
+pub(super) fn cpath_field(field: &str, p: &Path) -> Result<CString, SpecError> {
+    use std::os::unix::ffi::OsStrExt;
+    cstr_field(field, p.as_os_str().as_bytes())
 }
 
 /// Joins `rel` below `root` without letting `..` climb out.
@@ -138,6 +155,7 @@ pub(super) fn mount_step(
     if !destination.is_absolute() {
         return Err(err("destination must be an absolute path".into()));
     }
+    let nul = |e: SpecError| err(e.reason());
     let target = join_inside(root, destination);
     let (flags, propagation, data, bind_opt) = mount_options(m.options().as_deref().unwrap_or(&[]));
     let mut fstype = m.typ().clone().unwrap_or_default();
@@ -177,14 +195,14 @@ pub(super) fn mount_step(
         target_is_file = entry != super::fs::Entry::Dir;
         source = Some(src);
     }
-    let mut mkdirs = dirs_to_create(root, &target)?;
+    let mut mkdirs = dirs_to_create(root, &target).map_err(nul)?;
     if target_is_file {
         mkdirs.pop();
     }
     let data = if data.is_empty() {
         None
     } else {
-        Some(cstr(data.join(","))?)
+        Some(cstr(data.join(",")).map_err(nul)?)
     };
     let (flags, remount_flags) = if bind {
         let keep = flags & !(libc::MS_REC);
@@ -202,13 +220,18 @@ pub(super) fn mount_step(
             "mounting {} on {}",
             if bind { "bind" } else { fstype.as_str() },
             destination.display()
-        ))?,
+        ))
+        .map_err(nul)?,
         source: match &source {
-            Some(s) => Some(cpath(s)?),
-            None => Some(cstr(&fstype)?),
+            Some(s) => Some(cpath(s).map_err(nul)?),
+            None => Some(cstr(&fstype).map_err(nul)?),
         },
-        target: cpath(&target)?,
-        fstype: if bind { None } else { Some(cstr(&fstype)?) },
+        target: cpath(&target).map_err(nul)?,
+        fstype: if bind {
+            None
+        } else {
+            Some(cstr(&fstype).map_err(nul)?)
+        },
         flags,
         data,
         mkdirs,

@@ -54,6 +54,17 @@ pub(super) fn process_plan(
     if args.is_empty() || args[0].is_empty() {
         return Err(SpecError::Invalid("process.args must not be empty".into()));
     }
+    // exec takes C strings: refused here, at create, naming the entry.
+    for (field, list) in [
+        ("args", &args),
+        ("env", process.env().as_ref().unwrap_or(&Vec::new())),
+    ] {
+        if let Some(i) = list.iter().position(|s| s.contains('\0')) {
+            return Err(SpecError::Invalid(format!(
+                "process.{field}[{i}] contains a NUL byte"
+            )));
+        }
+    }
     let env = process
         .env()
         .as_deref()
