@@ -176,6 +176,18 @@ fn emit_arg(b: &mut Block, index: usize, op: LinuxSeccompOperator, value: u64, t
     }
 }
 
+/// The kernel's limit on a classic BPF program (BPF_MAXINSNS).
+const MAX_INSNS: usize = 4096;
+/// See the check in `compile`.
+const MAX_ARGS_PER_RULE: usize = 1024;
+
+fn too_long(len: usize) -> SpecError {
+    SpecError::Invalid(format!(
+        "linux.seccomp: the profile compiles to {len} or more BPF instructions, over the \
+         kernel's {MAX_INSNS}"
+    ))
+}
+
 /// Compiles an OCI seccomp profile for x86_64.
 pub fn compile(s: &LinuxSeccomp) -> Result<SeccompProgram, SpecError> {
     let default = action(
@@ -231,6 +243,22 @@ pub fn compile(s: &LinuxSeccomp) -> Result<SeccompProgram, SpecError> {
                 )));
             }
         }
+        let known: Vec<u32> = rule.names().iter().filter_map(|n| syscall_nr(n)).collect();
+        if known.is_empty() {
+            // Unknown names are skipped, as runc and crun do: profiles list
+            // syscalls of newer kernels and other architectures.
+            continue;
+        }
+        // More conditions than this never fit: a block's jumps reach at most
+        // 255 instructions (about 42 conditions) and every alternative costs
+        // at least 5 of the 4096. Refused before the alternatives below are
+        // built (their size grows with the square of the count).
+        if args.len() > MAX_ARGS_PER_RULE {
+            return Err(SpecError::Invalid(format!(
+                "{field}: too many argument conditions ({}, at most {MAX_ARGS_PER_RULE})",
+                args.len()
+            )));
+        }
         // Conditions on the same argument are alternatives (as in runc):
         // one block per combination is overkill; split per distinct
         // repeated index into separate blocks, others ANDed.
@@ -254,10 +282,7 @@ pub fn compile(s: &LinuxSeccomp) -> Result<SeccompProgram, SpecError> {
         } else {
             groups[0] = args.iter().collect();
         }
-        for name in rule.names() {
-            // Unknown names are skipped, as runc and crun do: profiles list
-            // syscalls of newer kernels and other architectures.
-            let Some(nr) = syscall_nr(name) else { continue };
+        for &nr in &known {
             for g in &groups {
                 let mut b = Block {
                     insns: Vec::new(),
@@ -288,15 +313,17 @@ pub fn compile(s: &LinuxSeccomp) -> Result<SeccompProgram, SpecError> {
                     }
                 }
                 prog.extend(b.insns);
+                // Checked as it grows: the blocks of a large profile are
+                // never all built.
+                if prog.len() > MAX_INSNS {
+                    return Err(too_long(prog.len()));
+                }
             }
         }
     }
     prog.push(stmt(RET_K, default));
-    if prog.len() > 4096 {
-        return Err(SpecError::Invalid(format!(
-            "linux.seccomp: the profile compiles to {} BPF instructions, over the kernel's 4096",
-            prog.len()
-        )));
+    if prog.len() > MAX_INSNS {
+        return Err(too_long(prog.len()));
     }
     Ok(SeccompProgram {
         filter: prog,
@@ -324,6 +351,39 @@ mod tests {
             .filter
             .iter()
             .any(|f| f.k == (libc::SECCOMP_RET_ERRNO | 42)));
+    }
+
+    /// Profiles whose program cannot fit are refused as soon as that is
+    /// certain, before their blocks (quadratic in the conditions) are built.
+    #[test]
+    fn oversized_profiles_are_refused_early() {
+        let many = |n: usize| -> Vec<serde_json::Value> {
+            (0..n)
+                .map(|v| serde_json::json!({"index": 0, "value": v, "op": "SCMP_CMP_EQ"}))
+                .collect()
+        };
+        let rule = |names: Vec<&str>, args| {
+            serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": names, "action": "SCMP_ACT_ERRNO", "args": args}]})
+        };
+        let compile_json =
+            |v: serde_json::Value| compile(&serde_json::from_value(v).unwrap()).map(|_| ());
+        let err = compile_json(rule(vec!["read"], many(5000))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("linux.seccomp.syscalls[0]: too many argument conditions (5000"),
+            "{err}"
+        );
+        // Unknown names only: skipped as before, whatever the conditions.
+        assert!(compile_json(rule(vec!["nosuchcall"], many(5000))).is_ok());
+        // 300 alternatives on each of 300 names: refused once past 4096.
+        let names: Vec<&str> = crate::plan::syscalls::X86_64
+            .iter()
+            .take(300)
+            .map(|(n, _)| *n)
+            .collect();
+        let err = compile_json(rule(names, many(300))).unwrap_err();
+        assert!(err.to_string().contains("over the kernel's 4096"), "{err}");
     }
 
     #[test]
