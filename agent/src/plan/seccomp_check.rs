@@ -139,24 +139,54 @@ fn conditions_hold(args: &[LinuxSeccompArg], data: &SeccompData) -> bool {
     }
 }
 
-/// The action the profile gives `data`, from the model above. Only for
-/// profiles [`super::seccomp::compile`] accepts.
-pub fn expected_action(profile: &LinuxSeccomp, data: &SeccompData) -> u32 {
-    let default = profile.default_action().as_u32(profile.default_errno_ret());
-    if data.arch != AUDIT_ARCH_X86_64 {
-        return libc::SECCOMP_RET_KILL_PROCESS;
-    }
-    let nr = data.nr as u32;
-    if nr >= X32_SYSCALL_BIT {
-        return default;
-    }
-    for rule in profile.syscalls().as_deref().unwrap_or(&[]) {
-        let names_it = rule.names().iter().any(|n| syscall_nr(n) == Some(nr));
-        if names_it && conditions_hold(rule.args().as_deref().unwrap_or(&[]), data) {
-            return rule.action().as_u32(rule.errno_ret());
+/// The model of one profile, its syscall names resolved once.
+pub struct Model<'a> {
+    profile: &'a LinuxSeccomp,
+    default: u32,
+    /// Per rule: the numbers it names (known names only).
+    numbers: Vec<Vec<u32>>,
+}
+
+impl<'a> Model<'a> {
+    pub fn new(profile: &'a LinuxSeccomp) -> Self {
+        let numbers = profile
+            .syscalls()
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .map(|r| r.names().iter().filter_map(|n| syscall_nr(n)).collect())
+            .collect();
+        Model {
+            profile,
+            default: profile.default_action().as_u32(profile.default_errno_ret()),
+            numbers,
         }
     }
-    default
+
+    /// The action the profile gives `data`. Only for profiles
+    /// [`super::seccomp::compile`] accepts.
+    pub fn action(&self, data: &SeccompData) -> u32 {
+        if data.arch != AUDIT_ARCH_X86_64 {
+            return libc::SECCOMP_RET_KILL_PROCESS;
+        }
+        let nr = data.nr as u32;
+        if nr >= X32_SYSCALL_BIT {
+            return self.default;
+        }
+        let rules = self.profile.syscalls().as_deref().unwrap_or(&[]);
+        for (rule, numbers) in rules.iter().zip(&self.numbers) {
+            if numbers.contains(&nr) && conditions_hold(rule.args().as_deref().unwrap_or(&[]), data)
+            {
+                return rule.action().as_u32(rule.errno_ret());
+            }
+        }
+        self.default
+    }
+}
+
+/// The action `profile` gives `data` (see [`Model`]).
+pub fn expected_action(profile: &LinuxSeccomp, data: &SeccompData) -> u32 {
+    Model::new(profile).action(data)
 }
 
 #[cfg(test)]
