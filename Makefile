@@ -9,7 +9,7 @@ TEST_THREADS ?= 2
 BENCH ?=
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := stream_header agent_reply mmio_transport
+FUZZ_TARGETS := stream_header agent_reply mmio_transport agent_plan seccomp_compile
 
 .PHONY: all deps tools kernel agent initramfs initramfs-hostile binaries build demo test bench conformance fuzz lint install clean
 
@@ -64,8 +64,9 @@ bench: build
 conformance: build
 	scripts/conformance.sh
 
-# cargo-fuzz (nightly) on what the host decodes from a guest and on husk-vmm's
-# virtio-mmio transport: each target replays its regressions and corpus
+# cargo-fuzz (nightly) on what the host decodes from a guest, on husk-vmm's
+# virtio-mmio transport, and on the agent's spec planner and seccomp
+# compiler (checked against a reference model): each target replays its regressions and corpus
 # (fuzz/corpus, fuzz/regressions: in the repo), then fuzzes for FUZZ_SECONDS.
 # A crash stops the run and leaves its input in fuzz/artifacts/<target>/:
 # add it to fuzz/regressions/<target>/ with the fix.

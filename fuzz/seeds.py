@@ -2,7 +2,11 @@
 """Writes the seed corpus (fuzz/corpus/<target>/seed-*): inputs that reach
 the deep paths a random start rarely finds -- a driver that negotiates,
 sets up a queue in RAM, offers descriptor chains and activates the device;
-well-formed stream headers; well-formed agent replies."""
+well-formed stream headers; well-formed agent replies; the planner's spec
+fixtures (agent/tests/fixtures/plan); seccomp profiles with conditions on
+both 32-bit words of an argument."""
+import glob
+import json
 import os
 import struct
 
@@ -88,3 +92,38 @@ write("stream_header", "echo", b"HUSK" + bytes([1, 2, 0, 0]) + struct.pack("<Q",
 write("agent_reply", "wait-signal", bytes([0]) + bytes([0x08, 0x89, 0x01, 0x10, 0x13]))
 write("agent_reply", "ps", bytes([1]) + bytes([0x0A, 0x08, 0x08, 0x01, 0x12, 0x04]) + b"\x1b[2J")
 write("agent_reply", "stats", bytes([2]) + bytes([0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))
+
+# agent_plan: the first byte picks container (even) or exec (odd) and the
+# request's flags (see agent_plan.rs); the rest is the fixture's JSON.
+# The fuzz target's guest has the fixtures' rootfs, so they plan.
+for path in sorted(glob.glob(os.path.join(HERE, "..", "agent", "tests", "fixtures", "plan", "*.json"))):
+    name = os.path.basename(path)[: -len(".json")]
+    with open(path) as f:
+        fixture = json.load(f)
+    if "container" in fixture:
+        c = fixture["container"]
+        mode = (2 if c.get("shared_mounts") else 0) | (4 if c.get("no_pivot") else 0)
+        body = c["spec"]
+    else:
+        e = fixture["exec"]
+        mode = 1 | (2 if "seccomp" in e else 0) | (4 if e.get("init_pid") == 42 else 0)
+        body = e["process"]
+    write("agent_plan", name, bytes([mode]) + json.dumps(body, separators=(",", ":")).encode())
+
+# seccomp_compile: action (byte, errno byte), rule count, then per rule: name
+# count-1, name indices, action, errno, arg count, per arg: index, op, value
+# tag, value-two tag (a tag below 0x80 picks an edge value; see the target).
+def rule(names, action, args):
+    out = bytes([len(names) - 1]) + bytes(names) + bytes([action, 1, len(args)])
+    for index, op, v, two in args:
+        out += bytes([index, op, v, two])
+    return out
+write("seccomp_compile", "every-op",
+      bytes([1, 1, 5])
+      + rule([0, 1], 0, [(0, 3, 3, 0), (1, 0, 2, 0)])
+      + rule([5], 1, [(0, 3, 0, 0), (0, 3, 2, 0), (2, 1, 4, 0)])
+      + rule([4], 3, [(1, 2, 6, 0), (3, 5, 7, 0)])
+      + rule([2], 0, [(0, 6, 2, 4)])
+      + rule([6, 7], 1, [(0, 4, 5, 0)]))
+write("seccomp_compile", "allow-default-kill",
+      bytes([3, 0, 2]) + rule([3], 0, []) + rule([0, 1, 2], 1, [(5, 0, 0x80, 0)]) + bytes(8) + bytes([0]))

@@ -5,20 +5,20 @@
 //! error is printed to the console and powers the VM off, so a broken guest
 //! never hangs the host waiting for it.
 
-mod cgroup_devices;
+mod cgroup;
+mod child;
 mod container;
+mod error;
 mod hooks;
 #[cfg(feature = "hostile-test")]
 mod hostile;
 mod init;
+mod pidns;
 mod power;
 mod process;
-mod seccomp;
 mod server;
-mod spec;
 mod stats;
 mod streams;
-mod syscalls;
 mod userns;
 
 use std::sync::Arc;

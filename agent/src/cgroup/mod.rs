@@ -1,0 +1,262 @@
+//! The container's cgroup (v2) in the guest: made with its controllers
+//! delegated, `linux.resources` written to it, its processes listed and
+//! signalled, its device filter loaded (`devices`, a BPF program).
+
+pub mod devices;
+
+use crate::init::CGROUP_ROOT;
+use devices::{DeviceFilter, DeviceFilterError};
+use oci_spec::runtime::LinuxResources;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A cgroup directory or file (or the spec field written to it) and
+    /// why it could not be made or written.
+    #[error("cgroup {path}: {reason}")]
+    Path { path: String, reason: String },
+    #[error(transparent)]
+    Devices(#[from] DeviceFilterError),
+}
+
+/// Creates `path` and every parent below the cgroup root, delegating all
+/// controllers to each level so the leaf can use them.
+pub fn ensure_cgroup(path: &Path) -> Result<(), CgroupError> {
+    let root = Path::new(CGROUP_ROOT);
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let enable: Vec<String> = controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect();
+    let rel = path.strip_prefix(root).map_err(|_| CgroupError::Path {
+        path: path.display().to_string(),
+        reason: "outside the cgroup root".into(),
+    })?;
+    let mut current = root.to_path_buf();
+    for part in rel.components() {
+        if current != root {
+            // Best effort per controller: a parent may lack one.
+            for c in &enable {
+                let _ = std::fs::write(current.join("cgroup.subtree_control"), c);
+            }
+        }
+        current.push(part);
+        match std::fs::create_dir(&current) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(CgroupError::Path {
+                    path: current.display().to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn write_cgroup(cgroup: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(cgroup.join(file), value).map_err(|e| CgroupError::Path {
+        path: cgroup.join(file).display().to_string(),
+        reason: format!("writing {value:?}: {e}"),
+    })
+}
+
+/// Like `write_cgroup`, naming the spec field, and saying so when the
+/// guest kernel has no such file.
+fn write_cgroup_field(
+    cgroup: &Path,
+    file: &str,
+    value: &str,
+    field: &str,
+) -> Result<(), CgroupError> {
+    let path = cgroup.join(file);
+    if !path.exists() {
+        return Err(CgroupError::Path {
+            path: field.to_string(),
+            reason: format!("the guest kernel has no {file} for this cgroup"),
+        });
+    }
+    std::fs::write(&path, value).map_err(|e| CgroupError::Path {
+        path: field.to_string(),
+        reason: format!("writing {value:?} to {}: {e}", path.display()),
+    })
+}
+
+/// Compiles and loads the device filter and opens the cgroup it goes on.
+pub fn load_device_filter(
+    cgroup: &Path,
+    rules: &[devices::Rule],
+) -> Result<DeviceFilter, CgroupError> {
+    let prog = devices::load(&devices::compile(rules))?;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(cgroup)
+        .map_err(|e| CgroupError::Path {
+            path: cgroup.display().to_string(),
+            reason: format!("opening for the device filter: {e}"),
+        })?;
+    Ok(DeviceFilter::new(OwnedFd::from(dir), prog))
+}
+
+/// Applies OCI `linux.resources` to a cgroup v2 directory.
+pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
+    if let Some(mem) = r.memory() {
+        if let Some(limit) = mem.limit() {
+            write_cgroup(
+                cgroup,
+                "memory.max",
+                &if limit < 0 {
+                    "max".into()
+                } else {
+                    limit.to_string()
+                },
+            )?;
+        }
+        if let Some(res) = mem.reservation() {
+            write_cgroup(
+                cgroup,
+                "memory.low",
+                &if res < 0 {
+                    "max".into()
+                } else {
+                    res.to_string()
+                },
+            )?;
+        }
+    }
+    if let Some(mem) = r.memory() {
+        // OCI swap is memory+swap; cgroup v2 wants swap alone.
+        if let Some(swap) = mem.swap() {
+            let value = match (swap, mem.limit()) {
+                (s, _) if s < 0 => "max".to_string(),
+                (s, Some(l)) if l > 0 => {
+                    if s < l {
+                        return Err(CgroupError::Path {
+                            path: "linux.resources.memory.swap".into(),
+                            reason: format!("swap {s} below the memory limit {l}"),
+                        });
+                    }
+                    (s - l).to_string()
+                }
+                (s, _) => s.to_string(),
+            };
+            // A guest kernel without swap has no memory.swap.max: the
+            // guest has no swap at all, so any swap limit holds.
+            if cgroup.join("memory.swap.max").exists() {
+                write_cgroup_field(
+                    cgroup,
+                    "memory.swap.max",
+                    &value,
+                    "linux.resources.memory.swap",
+                )?;
+            }
+        }
+    }
+    // linux.resources.blockIO does not apply in the guest: it has no block
+    // devices (the rootfs and volumes come over virtio-fs), so weights and
+    // throttles naming host major:minor numbers have nothing to act on.
+    // See docs/oci-conformance.md.
+    for h in r.hugepage_limits().iter().flatten() {
+        let size = h.page_size();
+        if size.is_empty() || size.contains('/') {
+            return Err(CgroupError::Path {
+                path: "linux.resources.hugepageLimits".into(),
+                reason: format!("invalid pageSize {size:?}"),
+            });
+        }
+        let file = format!("hugetlb.{size}.max");
+        // A page size the guest (CPU or kernel) does not have cannot be
+        // allocated at all, so its limit holds.
+        if cgroup.join(&file).exists() {
+            write_cgroup_field(
+                cgroup,
+                &file,
+                &h.limit().to_string(),
+                "linux.resources.hugepageLimits",
+            )?;
+        }
+    }
+    if let Some(unified) = r.unified() {
+        let mut keys: Vec<_> = unified.iter().collect();
+        keys.sort();
+        for (k, v) in keys {
+            if k.is_empty() || k.contains('/') || k.starts_with('.') {
+                return Err(CgroupError::Path {
+                    path: "linux.resources.unified".into(),
+                    reason: format!("invalid key {k:?}"),
+                });
+            }
+            write_cgroup_field(cgroup, k, v, "linux.resources.unified")?;
+        }
+    }
+    if let Some(pids) = r.pids() {
+        let limit = pids.limit();
+        write_cgroup(
+            cgroup,
+            "pids.max",
+            &if limit <= 0 {
+                "max".into()
+            } else {
+                limit.to_string()
+            },
+        )?;
+    }
+    if let Some(cpu) = r.cpu() {
+        if cpu.quota().is_some() || cpu.period().is_some() {
+            let quota = match cpu.quota() {
+                Some(q) if q > 0 => q.to_string(),
+                _ => "max".into(),
+            };
+            let period = cpu.period().unwrap_or(100_000);
+            write_cgroup(cgroup, "cpu.max", &format!("{quota} {period}"))?;
+        }
+        if let Some(shares) = cpu.shares() {
+            // The conversion runc and crun use from cgroup v1 shares.
+            let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9_999 / 262_142;
+            write_cgroup(cgroup, "cpu.weight", &weight.to_string())?;
+        }
+        if let Some(cpus) = cpu.cpus() {
+            write_cgroup(cgroup, "cpuset.cpus", cpus)?;
+        }
+        if let Some(mems) = cpu.mems() {
+            write_cgroup(cgroup, "cpuset.mems", mems)?;
+        }
+        if let Some(idle) = cpu.idle() {
+            write_cgroup(cgroup, "cpu.idle", &idle.to_string())?;
+        }
+        // realtimeRuntime/realtimePeriod: cgroup v2 has no per-group
+        // real-time budget; ignored as runc does on v2 (the host runtime
+        // mirrors them to a v1 host cgroup that has one).
+    }
+    Ok(())
+}
+
+pub fn cgroup_pids(cgroup: &Path) -> Vec<i32> {
+    std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+pub fn kill_cgroup(cgroup: &Path, signal: i32) {
+    for pid in cgroup_pids(cgroup) {
+        // SAFETY: kill(2) on a pid read from the container's cgroup.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+pub fn oom_kills(cgroup: &Path) -> u64 {
+    std::fs::read_to_string(cgroup.join("memory.events"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
