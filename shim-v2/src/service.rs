@@ -19,11 +19,11 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
-use husk_runtime::agent::AgentClient;
+use husk_runtime::agent::{AgentClient, AgentError};
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
-use husk_runtime::sandbox::{NewContainer, Sandbox, SandboxConfig, StdioPumps};
-use std::collections::HashMap;
+use husk_runtime::sandbox::{connect_stdio_via, NewContainer, Sandbox, SandboxConfig, StdioPumps};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -242,7 +242,8 @@ impl Pod {
         }))
     }
 
-    /// Runs `f` on the live sandbox.
+    /// Runs `f` on the live sandbox, under its lock: for host-side work
+    /// only (the share's mounts), never for a call into the guest.
     fn try_with<T>(
         &self,
         f: impl FnOnce(&mut Sandbox) -> Result<T, String>,
@@ -260,6 +261,33 @@ impl Pod {
     /// [`Self::try_with`] for an RPC's answer.
     fn with<T>(&self, f: impl FnOnce(&mut Sandbox) -> Result<T, String>) -> TtrpcResult<T> {
         self.try_with(f).map_err(|(code, msg)| err(code, msg))
+    }
+
+    /// Calls into the guest without holding the sandbox lock: the agent's
+    /// handle is taken under the lock, the lock is dropped, and `f` runs
+    /// with every RPC bounded by the agent client's timeout. A stalled
+    /// guest then holds only the request that asked it something, for at
+    /// most that timeout, never the pod: state, other containers' requests
+    /// and teardown go on. A failed call is explained by a dead VM
+    /// component when there is one.
+    fn try_call<T>(
+        &self,
+        f: impl FnOnce(&AgentClient) -> Result<T, AgentError>,
+    ) -> Result<T, (Code, String)> {
+        let agent = self.try_with(|sb| Ok(sb.agent_client()))?;
+        f(&agent).map_err(|e| {
+            let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
+            let msg = match guard.as_mut() {
+                Some(sb) => sb.explain(e).to_string(),
+                None => e.to_string(),
+            };
+            (Code::UNKNOWN, msg)
+        })
+    }
+
+    /// [`Self::try_call`] for an RPC's answer.
+    fn call<T>(&self, f: impl FnOnce(&AgentClient) -> Result<T, AgentError>) -> TtrpcResult<T> {
+        self.try_call(f).map_err(|(code, msg)| err(code, msg))
     }
 
     /// Checks whether a component of the VM died; returns the reason once.
@@ -347,8 +375,37 @@ struct Inner {
     containers: Mutex<HashMap<String, Container>>,
     /// VMs by pod (or plain container) id.
     pods: Mutex<HashMap<String, Arc<Pod>>>,
-    /// Serializes Create, so two creates of one id cannot race.
-    create_lock: Mutex<()>,
+    /// Container and VM ids whose Create is in progress, so two creates of
+    /// one id cannot race; a Create waiting on its guest holds only its
+    /// own ids, never a lock that other requests need.
+    creating: Mutex<HashSet<String>>,
+}
+
+/// Ids reserved in [`Inner::creating`] until dropped.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    keys: Vec<String>,
+}
+
+impl<'a> Reservation<'a> {
+    /// Reserves every key, or none when one is already taken.
+    fn take(set: &'a Mutex<HashSet<String>>, keys: Vec<String>) -> anyhow::Result<Self> {
+        let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(busy) = keys.iter().find(|k| held.contains(*k)) {
+            anyhow::bail!("{busy} is already being created in this shim");
+        }
+        held.extend(keys.iter().cloned());
+        Ok(Reservation { set, keys })
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut held = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            held.remove(k);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -365,7 +422,7 @@ impl Service {
                 exit,
                 containers: Mutex::new(HashMap::new()),
                 pods: Mutex::new(HashMap::new()),
-                create_lock: Mutex::new(()),
+                creating: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -466,10 +523,8 @@ impl Inner {
                         // The init is gone: so is the rest of the container,
                         // as when a pid namespace's init dies.
                         let id = proc_.cid.clone();
-                        let _ = pod.try_with(move |sb| {
-                            sb.agent()
-                                .signal_process(&id, "", libc::SIGKILL as u32, true)
-                                .map_err(|e| e.to_string())
+                        let _ = pod.try_call(move |agent| {
+                            agent.signal_process(&id, "", libc::SIGKILL as u32, true)
                         });
                     }
                     let host_now = now();
@@ -553,11 +608,11 @@ impl Inner {
     }
 
     fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
-        let _serial = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         let id = req.id.clone();
         if !husk_runtime::sandbox::valid_id(&id) {
             anyhow::bail!("invalid container id {id:?}");
         }
+        let _reserved = Reservation::take(&self.creating, vec![format!("container {id}")])?;
         if self
             .containers
             .lock()
@@ -607,6 +662,14 @@ impl Inner {
                     Role::PodSandbox { pod } => pod.clone(),
                     _ => id.clone(),
                 };
+                let vm_reserved =
+                    match Reservation::take(&self.creating, vec![format!("the VM {vm_id}")]) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            undo_rootfs(&rootfs_mount);
+                            return Err(e);
+                        }
+                    };
                 if self
                     .pods
                     .lock()
@@ -644,6 +707,7 @@ impl Inner {
                             .unwrap_or_else(|p| p.into_inner())
                             .insert(vm_id, pod.clone());
                         self.spawn_monitor(pod.clone());
+                        drop(vm_reserved);
                         (pod, true)
                     }
                     Err(e) => {
@@ -678,6 +742,16 @@ impl Inner {
                     shared_dir: pod.shared_dir.clone(),
                     owns_vm,
                     rootfs_mount: rootfs_mount.clone(),
+                    host_cgroup: if owns_vm {
+                        pod.host_cgroup
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .map(|cg| cg.created().to_vec())
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 if let Err(e) = state::write_record(&bundle, &record) {
                     log::warn!("writing the shim record: {e}");
@@ -745,26 +819,38 @@ impl Inner {
         let rootfs = bundle_spec.rootfs.clone();
         let id = id.to_string();
         let bundle = bundle.to_path_buf();
-        let result = pod.try_with(move |sb| {
-            let rel = sb.share_rootfs(&id, &rootfs).map_err(|e| e.to_string())?;
-            let mut shared = HashMap::new();
-            for (index, source, destination, readonly) in binds {
-                let r = sb
-                    .share_path(&id, index, &source, readonly)
+        // The host-side mounts under the sandbox lock (no guest call)...
+        let shared_id = id.clone();
+        let (rel, shared) = pod
+            .try_with(move |sb| {
+                let rel = sb
+                    .share_rootfs(&shared_id, &rootfs)
                     .map_err(|e| e.to_string())?;
-                shared.insert(destination, r);
-            }
-            let (tokens, pumps) = sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
-            sb.create_container(NewContainer {
-                id: id.clone(),
+                let mut shared = HashMap::new();
+                for (index, source, destination, readonly) in binds {
+                    let r = sb
+                        .share_path(&shared_id, index, &source, readonly)
+                        .map_err(|e| e.to_string())?;
+                    shared.insert(destination, r);
+                }
+                Ok((rel, shared))
+            })
+            .map_err(|(_, e)| anyhow::anyhow!("{e}"))?;
+        // ...the guest's part without it.
+        let result = pod.try_call(move |agent| {
+            let (tokens, pumps) =
+                connect_stdio_via(agent, stdio).map_err(|e| AgentError::Aborted(e.to_string()))?;
+            let req = NewContainer {
+                id,
                 spec_json,
                 rootfs_rel: rel,
                 shared_mounts: shared,
                 stdio: tokens,
                 no_pivot: false,
                 bundle,
-            })
-            .map_err(|e| e.to_string())?;
+            }
+            .into_request();
+            agent.create_container(&req)?;
             Ok(pumps)
         });
         result.map_err(|(_, e)| anyhow::anyhow!("{e}"))
@@ -921,14 +1007,14 @@ impl containerd_shim::Task for Service {
         }
         let guest_pid = if req.exec_id.is_empty() {
             let id = req.id.clone();
-            pod.with(move |sb| sb.start_container(&id).map_err(|e| e.to_string()))?
+            pod.call(move |agent| agent.start_container(&id))?
         } else {
             let process_json = p.lock().exec_spec.take().unwrap_or_default();
             let stdio = host_stdio(&p.stdin, &p.stdout, &p.stderr, p.terminal).map_err(internal)?;
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-            let (pid, pumps) = pod.with(move |sb| {
-                let (tokens, pumps): (StdioTokens, StdioPumps) =
-                    sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
+            let (pid, pumps) = pod.call(move |agent| {
+                let (tokens, pumps): (StdioTokens, StdioPumps) = connect_stdio_via(agent, stdio)
+                    .map_err(|e| AgentError::Aborted(e.to_string()))?;
                 let r = AgentExec {
                     container_id: id,
                     exec_id,
@@ -936,7 +1022,7 @@ impl containerd_shim::Task for Service {
                     stdio: Some(tokens).into(),
                     ..Default::default()
                 };
-                let pid = sb.agent().exec_process(&r).map_err(|e| e.to_string())?;
+                let pid = agent.exec_process(&r)?;
                 Ok((pid, pumps))
             })?;
             p.lock().pumps = Some(pumps);
@@ -1038,10 +1124,11 @@ impl containerd_shim::Task for Service {
         };
         // Nothing of it stays in the guest or shared into it.
         let id = container.id.clone();
-        let _ = pod.with(move |sb| {
-            let _ = sb.agent().remove_container(&id, true);
-            sb.unshare_container(&id).map_err(|e| e.to_string())
-        });
+        let guest_id = id.clone();
+        if let Err(e) = pod.call(move |agent| agent.remove_container(&guest_id, true)) {
+            log::warn!("removing {id} in the guest: {e}");
+        }
+        let _ = pod.with(move |sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
         if container.owns_vm {
             self.inner
                 .pods
@@ -1080,7 +1167,7 @@ impl containerd_shim::Task for Service {
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let pod = self.inner.pod_of(&req.id)?;
         let id = req.id.clone();
-        let list = pod.with(move |sb| sb.agent().list_processes(&id).map_err(|e| e.to_string()))?;
+        let list = pod.call(move |agent| agent.list_processes(&id))?;
         Ok(api::PidsResponse {
             processes: list
                 .into_iter()
@@ -1096,7 +1183,7 @@ impl containerd_shim::Task for Service {
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let (pod, p) = self.inner.lookup(&req.id, "")?;
         let id = req.id.clone();
-        pod.with(move |sb| sb.agent().pause(&id).map_err(|e| e.to_string()))?;
+        pod.call(move |agent| agent.pause(&id))?;
         p.lock().phase = Phase::Paused;
         self.inner.publish(
             topics::TASK_PAUSED_EVENT_TOPIC,
@@ -1111,7 +1198,7 @@ impl containerd_shim::Task for Service {
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let (pod, p) = self.inner.lookup(&req.id, "")?;
         let id = req.id.clone();
-        pod.with(move |sb| sb.agent().resume(&id).map_err(|e| e.to_string()))?;
+        pod.call(move |agent| agent.resume(&id))?;
         {
             let mut st = p.lock();
             if st.phase == Phase::Paused {
@@ -1153,11 +1240,7 @@ impl containerd_shim::Task for Service {
                 // Never started: it ends without running (as with runc).
                 if req.exec_id.is_empty() {
                     let id = req.id.clone();
-                    let _ = pod.with(move |sb| {
-                        sb.agent()
-                            .remove_container(&id, true)
-                            .map_err(|e| e.to_string())
-                    });
+                    let _ = pod.call(move |agent| agent.remove_container(&id, true));
                 }
                 self.inner.exited(
                     &p,
@@ -1172,11 +1255,7 @@ impl containerd_shim::Task for Service {
             Phase::Running | Phase::Paused => {}
         }
         let (id, exec_id, signal, all) = (req.id.clone(), req.exec_id.clone(), req.signal, req.all);
-        pod.with(move |sb| {
-            sb.agent()
-                .signal_process(&id, &exec_id, signal, all)
-                .map_err(|e| e.to_string())
-        })?;
+        pod.call(move |agent| agent.signal_process(&id, &exec_id, signal, all))?;
         Ok(api::Empty::default())
     }
 
@@ -1243,11 +1322,7 @@ impl containerd_shim::Task for Service {
         let (pod, _p) = self.inner.lookup(&req.id, &req.exec_id)?;
         let (id, exec_id, rows, cols) =
             (req.id.clone(), req.exec_id.clone(), req.height, req.width);
-        pod.with(move |sb| {
-            sb.agent()
-                .resize_tty(&id, &exec_id, rows, cols)
-                .map_err(|e| e.to_string())
-        })?;
+        pod.call(move |agent| agent.resize_tty(&id, &exec_id, rows, cols))?;
         Ok(api::Empty::default())
     }
 
@@ -1255,11 +1330,7 @@ impl containerd_shim::Task for Service {
         let (pod, _p) = self.inner.lookup(&req.id, &req.exec_id)?;
         if req.stdin {
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-            pod.with(move |sb| {
-                sb.agent()
-                    .close_stdin(&id, &exec_id)
-                    .map_err(|e| e.to_string())
-            })?;
+            pod.call(move |agent| agent.close_stdin(&id, &exec_id))?;
         }
         Ok(api::Empty::default())
     }
@@ -1278,11 +1349,7 @@ impl containerd_shim::Task for Service {
             ));
         }
         let id = req.id.clone();
-        pod.with(move |sb| {
-            sb.agent()
-                .update_resources(&id, resources)
-                .map_err(|e| e.to_string())
-        })?;
+        pod.call(move |agent| agent.update_resources(&id, resources))?;
         Ok(api::Empty::default())
     }
 
@@ -1303,7 +1370,7 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::StatsResponse> {
         let pod = self.inner.pod_of(&req.id)?;
         let id = req.id.clone();
-        let s = pod.with(move |sb| sb.agent().stats(&id).map_err(|e| e.to_string()))?;
+        let s = pod.call(move |agent| agent.stats(&id))?;
         let metrics = crate::metrics::to_cgroup2(&s);
         let any = Any {
             type_url: metrics.descriptor_dyn().full_name().to_string(),

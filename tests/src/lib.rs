@@ -360,3 +360,255 @@ pub fn markers_of(marker: &Path) -> Vec<String> {
     }
     markers
 }
+
+/// `/proc/<pid>/status` fields of a process, by name.
+pub fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Host processes whose command line names `marker`, with that command line.
+pub fn processes_naming(marker: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        if cmdline.contains(marker) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// What one host process of a sandbox is, by its command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRole {
+    /// The sandbox's owner: the CLI's monitor or the containerd shim.
+    Owner,
+    Qemu,
+    /// virtiofsd's parent, which only waits for its serving child.
+    VirtiofsdParent,
+    /// virtiofsd's serving process (PID 1 of a pid namespace of its own).
+    Virtiofsd,
+    VsockBackend,
+}
+
+/// Which uid a role runs as.
+#[derive(Clone, Copy, Debug)]
+pub enum UidRule {
+    Root,
+    /// A uid of the jail range (`jail_uid_base` .. + `jail_uid_count`).
+    Jail,
+}
+
+/// What docs/security.md promises about one role's process, as
+/// `/proc/<pid>/status` and `/proc/<pid>/ns/mnt` show it. `None`: not
+/// promised, not checked. The one place these expectations live: the CLI
+/// test (hostile.rs) and the containerd test (cri.rs) both check them.
+#[derive(Clone, Copy, Debug)]
+pub struct Confinement {
+    pub uid: Option<UidRule>,
+    /// Capabilities that must not be in `CapEff` (`u64::MAX`: none at all).
+    pub cap_eff_lacks: u64,
+    pub no_new_privs: Option<bool>,
+    /// `Seccomp:` (2 = a filter).
+    pub seccomp: Option<u8>,
+    /// In a mount namespace other than the host's (the test's).
+    pub own_mount_ns: Option<bool>,
+}
+
+const CAP_MKNOD: u64 = 1 << 27;
+const CAP_SETFCAP: u64 = 1 << 31;
+
+/// docs/security.md, "The device helpers run under their own filters".
+pub fn confinement(role: HostRole) -> Confinement {
+    match role {
+        // Root in the host's mounts: it makes the share's mounts.
+        HostRole::Owner => Confinement {
+            uid: Some(UidRule::Root),
+            cap_eff_lacks: 0,
+            no_new_privs: None,
+            seccomp: None,
+            own_mount_ns: Some(false),
+        },
+        // `-sandbox on,...`: QEMU's own seccomp filter.
+        HostRole::Qemu => Confinement {
+            uid: None,
+            cap_eff_lacks: 0,
+            no_new_privs: None,
+            seccomp: Some(2),
+            own_mount_ns: None,
+        },
+        // `--sandbox=namespace`: both virtiofsd processes are in their own
+        // mount namespace.
+        HostRole::VirtiofsdParent => Confinement {
+            uid: None,
+            cap_eff_lacks: 0,
+            no_new_privs: None,
+            seccomp: None,
+            own_mount_ns: Some(true),
+        },
+        // `--seccomp=kill --modcaps=-mknod:-setfcap`.
+        HostRole::Virtiofsd => Confinement {
+            uid: None,
+            cap_eff_lacks: CAP_MKNOD | CAP_SETFCAP,
+            no_new_privs: Some(true),
+            seccomp: Some(2),
+            own_mount_ns: Some(true),
+        },
+        // The jail: a uid of its own, no capabilities, no_new_privs, the
+        // spawner's seccomp filter.
+        HostRole::VsockBackend => Confinement {
+            uid: Some(UidRule::Jail),
+            cap_eff_lacks: u64::MAX,
+            no_new_privs: Some(true),
+            seccomp: Some(2),
+            own_mount_ns: None,
+        },
+    }
+}
+
+/// The role of a sandbox's host process from its command line, if it is
+/// one; virtiofsd's serving process is told from its parent by its pid
+/// namespace.
+pub fn host_role(pid: i32, cmdline: &str) -> Option<HostRole> {
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let program = cmdline.split(' ').next().unwrap_or_default();
+    let name = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with("qemu-system") {
+        Some(HostRole::Qemu)
+    } else if name == "virtiofsd" {
+        if ns(pid) == ns(std::process::id() as i32) {
+            Some(HostRole::VirtiofsdParent)
+        } else {
+            Some(HostRole::Virtiofsd)
+        }
+    } else if name == "vhost-device-vsock" {
+        Some(HostRole::VsockBackend)
+    } else if name == "containerd-shim-husk-v2" || cmdline.contains(" __monitor ") {
+        Some(HostRole::Owner)
+    } else {
+        None
+    }
+}
+
+/// Checks one process against its role's [`confinement`]; returns what
+/// does not hold.
+pub fn confinement_violations(pid: i32, role: HostRole) -> Vec<String> {
+    let want = confinement(role);
+    let st = proc_status(pid);
+    let field = |k: &str| st.get(k).cloned().unwrap_or_default();
+    let mut bad = Vec::new();
+    let uid: Option<u32> = field("Uid")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|u| u.parse().ok());
+    let defaults = husk_runtime::config::Config::default();
+    let jail = u64::from(defaults.jail_uid_base)
+        ..u64::from(defaults.jail_uid_base) + u64::from(defaults.jail_uid_count);
+    match (want.uid, uid) {
+        (None, _) => {}
+        (Some(UidRule::Root), Some(0)) => {}
+        (Some(UidRule::Jail), Some(u)) if jail.contains(&u64::from(u)) => {}
+        (Some(rule), got) => bad.push(format!("uid {got:?}, not {rule:?}")),
+    }
+    let cap_eff = u64::from_str_radix(&field("CapEff"), 16).unwrap_or(u64::MAX);
+    if cap_eff & want.cap_eff_lacks != 0 {
+        bad.push(format!(
+            "CapEff {cap_eff:x} has {:x}",
+            cap_eff & want.cap_eff_lacks
+        ));
+    }
+    if let Some(nnp) = want.no_new_privs {
+        if field("NoNewPrivs") != if nnp { "1" } else { "0" } {
+            bad.push(format!("NoNewPrivs {}, not {}", field("NoNewPrivs"), nnp));
+        }
+    }
+    if let Some(mode) = want.seccomp {
+        if field("Seccomp") != mode.to_string() {
+            bad.push(format!("Seccomp {}, not {mode}", field("Seccomp")));
+        }
+    }
+    if let Some(own) = want.own_mount_ns {
+        let mnt = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let theirs = mnt(pid);
+        if theirs.is_none() || (theirs != mnt(std::process::id() as i32)) != own {
+            bad.push(format!(
+                "mount namespace {theirs:?}: {}",
+                if own { "the host's" } else { "not the host's" }
+            ));
+        }
+    }
+    bad.into_iter()
+        .map(|b| format!("{role:?} {pid}: {b}"))
+        .collect()
+}
+
+/// Checks every host process of a running sandbox against
+/// docs/security.md: each of `roles` must be present, and every process of
+/// `procs` with a role must hold its [`confinement`]. Panics naming each
+/// process and field that does not.
+pub fn assert_confined(procs: &[(i32, String)], roles: &[HostRole]) {
+    let found: Vec<(i32, HostRole)> = procs
+        .iter()
+        .filter_map(|(pid, c)| host_role(*pid, c).map(|r| (*pid, r)))
+        .collect();
+    for role in roles {
+        assert!(
+            found.iter().any(|(_, r)| r == role),
+            "no {role:?} among the sandbox's processes: {procs:?}"
+        );
+    }
+    let bad: Vec<String> = found
+        .iter()
+        .flat_map(|(pid, role)| confinement_violations(*pid, *role))
+        .collect();
+    assert!(bad.is_empty(), "not as docs/security.md says: {bad:#?}");
+}
+
+/// `pid` and every process descending from it, with their command lines:
+/// a sandbox owner and the helpers it spawned (jailed ones too, whose
+/// command lines need not name the sandbox).
+pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
+    let mut all: Vec<(i32, i32, String)> = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let ppid = proc_status(p)
+            .get("PPid")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        all.push((p, ppid, cmdline));
+    }
+    let mut tree: Vec<(i32, String)> = all
+        .iter()
+        .filter(|(p, _, _)| *p == pid)
+        .map(|(p, _, c)| (*p, c.clone()))
+        .collect();
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i].0;
+        for (p, ppid, c) in &all {
+            if *ppid == parent && !tree.iter().any(|(t, _)| t == p) {
+                tree.push((*p, c.clone()));
+            }
+        }
+        i += 1;
+    }
+    tree
+}

@@ -255,33 +255,6 @@ fn escape_sequences_in_guest_process_names_never_reach_the_terminal() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
-/// `/proc/<pid>/status` fields of a process, by name.
-fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
-/// Host processes whose command line names `marker`, with that command line.
-fn processes_naming(marker: &str) -> Vec<(i32, String)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        if cmdline.contains(marker) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
-
 /// The device helpers of a running sandbox run under their own filters, as
 /// docs/security.md says: QEMU under its seccomp sandbox, virtiofsd's
 /// serving process under its seccomp filter, in a mount namespace of its
@@ -300,68 +273,22 @@ fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
     let out = husk(&root, &["run", "-d", "-b", s(&bundle), "procs"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let marker = dir.path.display().to_string();
-    let procs = processes_naming(&marker);
-    let qemu: Vec<_> = procs
-        .iter()
-        .filter(|(_, c)| c.contains("qemu-system"))
-        .collect();
-    assert_eq!(qemu.len(), 1, "{procs:?}");
-    let st = proc_status(qemu[0].0);
-    assert_eq!(
-        st.get("Seccomp").map(String::as_str),
-        Some("2"),
-        "qemu: {st:?}"
-    );
-    // virtiofsd makes its namespaces (mount, pid, net) and forks: the
-    // serving child is PID 1 of the new pid namespace; its parent only waits
-    // (no capabilities at all).
-    let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
-    let me = std::process::id() as i32;
-    let virtiofsd: Vec<_> = procs
-        .iter()
-        .filter(|(_, c)| c.contains("virtiofsd"))
-        .collect();
-    assert!(!virtiofsd.is_empty(), "{procs:?}");
-    for (pid, _) in &virtiofsd {
-        assert_ne!(
-            ns(*pid, "mnt"),
-            ns(me, "mnt"),
-            "virtiofsd {pid} shares our mounts"
-        );
-    }
-    let served: Vec<_> = virtiofsd
-        .iter()
-        .filter(|(pid, _)| ns(*pid, "pid") != ns(me, "pid"))
-        .collect();
-    assert_eq!(
-        served.len(),
-        1,
-        "no virtiofsd in a pid namespace of its own: {procs:?}"
-    );
-    let st = proc_status(served[0].0);
-    assert_eq!(
-        st.get("NoNewPrivs").map(String::as_str),
-        Some("1"),
-        "virtiofsd: {st:?}"
-    );
-    assert_eq!(
-        st.get("Seccomp").map(String::as_str),
-        Some("2"),
-        "virtiofsd: {st:?}"
-    );
-    let cap_eff = u64::from_str_radix(st.get("CapEff").map(String::as_str).unwrap_or(""), 16)
-        .expect("CapEff");
-    const CAP_MKNOD: u64 = 27;
-    const CAP_SETFCAP: u64 = 31;
-    assert_eq!(
-        cap_eff & (1 << CAP_MKNOD),
-        0,
-        "virtiofsd keeps CAP_MKNOD: {cap_eff:x}"
-    );
-    assert_eq!(
-        cap_eff & (1 << CAP_SETFCAP),
-        0,
-        "virtiofsd keeps CAP_SETFCAP: {cap_eff:x}"
+    let monitor = processes_naming(&marker)
+        .into_iter()
+        .find(|(_, c)| c.contains(" __monitor "))
+        .expect("the sandbox's monitor");
+    let procs = process_tree(monitor.0);
+    // The expectations live in one place (husk_tests::confinement), shared
+    // with the containerd pod test.
+    assert_confined(
+        &procs,
+        &[
+            HostRole::Owner,
+            HostRole::Qemu,
+            HostRole::VirtiofsdParent,
+            HostRole::Virtiofsd,
+            HostRole::VsockBackend,
+        ],
     );
     assert!(husk(&root, &["delete", "--force", "procs"])
         .status
