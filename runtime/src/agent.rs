@@ -45,6 +45,45 @@ impl From<ttrpc::Error> for AgentError {
     }
 }
 
+/// Unanswered CONNECTs kept open at once, at most (per process).
+const MAX_PARKED: usize = 32;
+static PARKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Keeps an unanswered CONNECT open until its answer (or the backend's
+/// end) comes, instead of closing it at the timeout. vhost-device-vsock
+/// (0.3) unwraps its write of `OK <port>` and loses its worker thread when
+/// the guest's late answer finds the host's side closed: every connection
+/// of the sandbox, the agent's included, then hangs. A guest that stalls
+/// (or a loaded host) would so wedge its own sandbox for good. The parked
+/// stream's thread reads nothing but that answer (at most one line; no
+/// guest bytes are used) and closes the stream. Beyond [`MAX_PARKED`] a
+/// stream is closed at once, as before.
+fn park_unanswered(stream: UnixStream) {
+    use std::sync::atomic::Ordering;
+    if PARKED.fetch_add(1, Ordering::SeqCst) >= MAX_PARKED {
+        PARKED.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let parked = std::thread::Builder::new()
+        .name("vsock-parked".into())
+        .spawn(move || {
+            let mut stream = stream;
+            let _ = stream.set_read_timeout(None);
+            let mut byte = [0u8; 1];
+            for _ in 0..64 {
+                match stream.read(&mut byte) {
+                    Ok(1) if byte[0] != b'\n' => continue,
+                    _ => break,
+                }
+            }
+            drop(stream);
+            PARKED.fetch_sub(1, Ordering::SeqCst);
+        });
+    if parked.is_err() {
+        PARKED.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Connects to guest vsock `port` through the hybrid Unix socket.
 pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
     let timeout = HANDSHAKE_TIMEOUT;
@@ -78,7 +117,8 @@ pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(AgentError::Unanswered { port, timeout })
+                park_unanswered(stream);
+                return Err(AgentError::Unanswered { port, timeout });
             }
             Err(e) => return Err(io(e)),
         }

@@ -1012,7 +1012,7 @@ impl containerd_shim::Task for Service {
             let process_json = p.lock().exec_spec.take().unwrap_or_default();
             let stdio = host_stdio(&p.stdin, &p.stdout, &p.stderr, p.terminal).map_err(internal)?;
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-            let (pid, pumps) = pod.call(move |agent| {
+            let started = pod.call(move |agent| {
                 let (tokens, pumps): (StdioTokens, StdioPumps) = connect_stdio_via(agent, stdio)
                     .map_err(|e| AgentError::Aborted(e.to_string()))?;
                 let r = AgentExec {
@@ -1024,6 +1024,17 @@ impl containerd_shim::Task for Service {
                 };
                 let pid = agent.exec_process(&r)?;
                 Ok((pid, pumps))
+            });
+            // An exec that could not start never will: its Wait (ctr and
+            // CRI wait before they start) returns now, not never.
+            let (pid, pumps) = started.inspect_err(|_| {
+                p.set_exit(
+                    Exit {
+                        status: 255,
+                        at: now(),
+                    },
+                    || {},
+                )
             })?;
             p.lock().pumps = Some(pumps);
             pid
@@ -1094,6 +1105,10 @@ impl containerd_shim::Task for Service {
             status: 0,
             at: now(),
         });
+        // A process that never ran ends with its deletion: a Wait on it
+        // returns instead of holding a server thread (and the shim's exit)
+        // forever.
+        p.set_exit(exit.clone(), || {});
         if !req.exec_id.is_empty() {
             let mut containers = self
                 .inner

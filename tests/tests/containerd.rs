@@ -817,8 +817,13 @@ fn a_stalled_guest_fails_its_own_requests_and_holds_no_lock() {
         stderr(&out)
     );
     assert!(!stdout(&out).contains("never"), "{}", stdout(&out));
+    eprintln!("exec in the stalled guest: {}", stderr(&out).trim());
     let out = ps.wait_with_output().expect("ps");
     let waited = t0.elapsed();
+    eprintln!(
+        "task ps in the stalled guest after {waited:?}: {}",
+        stderr(&out).trim()
+    );
     assert!(
         !out.status.success() && !stderr(&out).trim().is_empty(),
         "task ps in a stalled guest: {:?} {} {}",
@@ -831,11 +836,24 @@ fn a_stalled_guest_fails_its_own_requests_and_holds_no_lock() {
         "the guest's requests took {waited:?} to fail"
     );
     let t = Instant::now();
-    assert_eq!(task_status(&c, "stall"), "RUNNING");
+    assert_eq!(
+        task_status(&c, "stall"),
+        "RUNNING",
+        "after the failed requests; log:\n{}",
+        c.log_tail()
+    );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     // The guest runs again: so does the task.
+    // (An abandoned CONNECT used to cost the vsock backend its worker
+    // thread when the guest's late answer came: see park_unanswered.)
     drop(stopped);
+    let out = c.ctr(&["task", "ps", "stall"]);
+    assert!(
+        out.status.success(),
+        "task ps after the stall: {}",
+        stderr(&out)
+    );
     let out = exec("after", "after").wait_with_output().expect("exec");
     assert_eq!(
         stdout(&out),
