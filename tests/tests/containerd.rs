@@ -376,6 +376,11 @@ fn ctr_task_metrics_show_the_guest_cgroup() {
 #[test]
 fn killing_the_shim_reports_the_exit_and_delete_cleans_up() {
     let c = Containerd::start("ctr-shimkill");
+    // An empty cgroup of this name that an older husk left would be taken
+    // over, not created, by the shim (and so not removed by it).
+    for h in husk_runtime::host_cgroup::hierarchies() {
+        let _ = std::fs::remove_dir(h.join(format!("{NAMESPACE}/victim")));
+    }
     let out = c.ctr(&run_args("victim", &["-d"], &["sleep", "1000"]));
     assert!(
         out.status.success(),
@@ -424,7 +429,12 @@ fn killing_the_shim_reports_the_exit_and_delete_cleans_up() {
     assert_clean(&c);
     // `shim delete` removed the task's host cgroup too.
     for dir in &cgroup_dirs {
-        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert!(
+            !dir.exists(),
+            "{} left behind; containerd log:\n{}",
+            dir.display(),
+            c.log_tail()
+        );
     }
 }
 
