@@ -347,7 +347,9 @@ fn a_hostile_pod_member_cannot_steer_the_host_into_its_canary() {
         ok(c.cri(&args), "CreateContainer", &c)
     };
     // Each round tries every plant once and reports how many were refused;
-    // a plant that works prints DONE.
+    // a plant that works prints DONE. `ln -T`: a link where the host makes
+    // (or made) a directory or mount point, never one inside it (inside a
+    // rootfs or a rw volume the guest may write: that is no escape).
     let script = format!(
         r#"
 S=/run/husk/shared
@@ -357,17 +359,19 @@ try() {{ if g "$1"; then echo "DONE: $1"; else r=$((r+1)); fi; }}
 i=0
 while :; do
   r=0
-  for d in $(g "ls $S"); do
-    for p in rootfs rootfs/planted mounts mounts/0 mounts/1; do
-      try "ln -s {canary} $S/$d/$p"
+  dirs=$(g "ls $S" | tr '\n' ' ')
+  for d in $dirs; do
+    for p in rootfs mounts mounts/0 mounts/1; do
+      try "ln -sT {canary} $S/$d/$p"
     done
-    try "ln -s {canary_file} $S/$d/mounts/2"
+    try "ln -sT {canary_file} $S/$d/mounts/2"
     try "mv $S/$d/rootfs $S/$d/moved"
-    try "rm -rf $S/$d/mounts"
+    try "rm $S/$d/mounts/0"
+    try "rmdir $S/$d/mounts"
   done
-  try "ln -s {canary} $S/next-$i"
+  try "ln -sT {canary} $S/next-$i"
   try "mkdir -p $S/next-dir-$i/mounts"
-  echo "round $i refused $r"
+  echo "round $i refused $r in: $dirs"
   i=$((i+1))
   sleep 0.2
 done
@@ -412,8 +416,19 @@ done
     assert!(
         log.lines()
             .filter_map(|l| l.split("refused ").nth(1))
-            .any(|n| n.trim().parse::<u32>().unwrap_or(0) > 10),
+            .any(|n| n
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .parse::<u32>()
+                .unwrap_or(0)
+                > 10),
         "no round tried the plants:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("round ") && l.contains(victim.as_str())),
+        "no round saw the victim's directory:\n{log}"
     );
     // Nothing outside the sandbox directory changed or was mounted over.
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
