@@ -501,3 +501,43 @@ mod exit_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A CONNECT the guest answers only after the host gave up stays open
+    /// until the answer: the backend's late `OK` is written, not refused
+    /// (vhost-device-vsock unwraps that write), and the host closes the
+    /// stream right after it.
+    #[test]
+    fn an_unanswered_connect_stays_open_for_the_late_answer() {
+        let dir = std::env::temp_dir().join(format!("husk-park-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let backend = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut line = [0u8; 13];
+            conn.read_exact(&mut line).unwrap();
+            assert_eq!(&line, b"CONNECT 1025\n");
+            std::thread::sleep(HANDSHAKE_TIMEOUT + Duration::from_millis(500));
+            let late = conn.write_all(b"OK 7\n");
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rest = Vec::new();
+            let closed = conn.read_to_end(&mut rest);
+            (late.map_err(|e| e.kind()), closed.map_err(|e| e.kind()))
+        });
+        let e = connect_port(&uds, 1025).unwrap_err();
+        assert!(
+            matches!(e, AgentError::Unanswered { port: 1025, .. }),
+            "{e}"
+        );
+        let (late, closed) = backend.join().unwrap();
+        assert_eq!(late, Ok(()), "the late answer found the host's side closed");
+        assert_eq!(closed, Ok(0), "the parked stream was not closed after it");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1454,6 +1454,26 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_holds_its_ids_until_dropped() {
+        let set = Mutex::new(HashSet::new());
+        let a = Reservation::take(&set, vec!["container a".into()]).unwrap();
+        let e = Reservation::take(&set, vec!["container b".into(), "container a".into()])
+            .err()
+            .expect("a taken id");
+        assert!(
+            e.to_string()
+                .contains("container a is already being created"),
+            "{e}"
+        );
+        // Nothing of a refused reservation is held.
+        let b = Reservation::take(&set, vec!["container b".into()]).unwrap();
+        drop(a);
+        let a = Reservation::take(&set, vec!["container a".into()]).unwrap();
+        drop((a, b));
+        assert!(set.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn runtime_options_name_a_config_file() {
         let dir = std::env::temp_dir().join(format!("husk-shim-opts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
