@@ -149,8 +149,9 @@ struct Pod {
     waiter: AgentClient,
     dir: PathBuf,
     shared_dir: PathBuf,
-    /// Tells the owner thread to shut the VM down.
-    stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Tells the owner thread to shut the VM down: dropped, through the
+    /// agent; `true` sent, without it (the guest did not answer).
+    stop: Mutex<Option<std::sync::mpsc::Sender<bool>>>,
     owner: Mutex<Option<std::thread::JoinHandle<()>>>,
     dead: Mutex<Option<String>>,
     /// Guest pid of the sandbox container's process (pods).
@@ -166,7 +167,7 @@ impl Pod {
     /// VM's helper processes die with the thread that spawned them.
     fn boot(config: Config, sc: SandboxConfig, id: String) -> anyhow::Result<Arc<Pod>> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<bool>();
         let slot: Arc<Mutex<Option<Sandbox>>> = Arc::new(Mutex::new(None));
         let owner_slot = slot.clone();
         let owner = std::thread::Builder::new()
@@ -199,12 +200,17 @@ impl Pod {
                     }
                 }
                 // Until told to stop (or the shim drops the pod).
-                let _ = stop_rx.recv();
+                let without_agent = matches!(stop_rx.recv(), Ok(true));
                 let sb = owner_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(sb) = sb {
-                    if let Err(e) = sb.shutdown() {
-                        log::warn!("shutting down the VM: {e}");
+                match sb {
+                    // Dropping it stops the VMM and the backends.
+                    Some(sb) if without_agent => drop(sb),
+                    Some(sb) => {
+                        if let Err(e) = sb.shutdown() {
+                            log::warn!("shutting down the VM: {e}");
+                        }
                     }
+                    None => {}
                 }
             })?;
         let (dir, shared_dir) = match ready_rx.recv() {
@@ -306,6 +312,20 @@ impl Pod {
         drop(guard);
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         Some(reason)
+    }
+
+    /// Stops the VM without asking its agent (which did not answer), and
+    /// waits until its processes are gone; the rest of the teardown (the
+    /// host cgroup) is left to [`Self::teardown`].
+    fn kill_vm(&self) {
+        let stop = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stop) = stop {
+            let _ = stop.send(true);
+        }
+        let owner = self.owner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = owner {
+            let _ = h.join();
+        }
     }
 
     fn teardown(&self) {
@@ -1137,11 +1157,14 @@ impl containerd_shim::Task for Service {
                 format!("container {} not found", req.id),
             ));
         };
-        // Nothing of it stays in the guest or shared into it.
+        // Nothing of it stays in the guest or shared into it. (The VM's own
+        // container goes with the VM: the guest is not asked.)
         let id = container.id.clone();
         let guest_id = id.clone();
-        if let Err(e) = pod.call(move |agent| agent.remove_container(&guest_id, true)) {
-            log::warn!("removing {id} in the guest: {e}");
+        if !container.owns_vm {
+            if let Err(e) = pod.call(move |agent| agent.remove_container(&guest_id, true)) {
+                log::warn!("removing {id} in the guest: {e}");
+            }
         }
         let _ = pod.with(move |sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
         if container.owns_vm {
@@ -1270,7 +1293,29 @@ impl containerd_shim::Task for Service {
             Phase::Running | Phase::Paused => {}
         }
         let (id, exec_id, signal, all) = (req.id.clone(), req.exec_id.clone(), req.signal, req.all);
-        pod.call(move |agent| agent.signal_process(&id, &exec_id, signal, all))?;
+        let sent = pod.call(move |agent| agent.signal_process(&id, &exec_id, signal, all));
+        if let Err(e) = sent {
+            // SIGKILL of a VM's own container (a pod's sandbox, a plain
+            // container) ends everything in the VM: if the guest cannot be
+            // told, the VM is stopped from the host, so a guest that hangs
+            // can still be torn down.
+            let owns_vm = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&req.id)
+                .is_some_and(|c| c.owns_vm);
+            if req.signal != libc::SIGKILL as u32 || !req.exec_id.is_empty() || !owns_vm {
+                return Err(e);
+            }
+            log::warn!(
+                "SIGKILL for {} did not reach the guest ({e}); stopping its VM",
+                req.id
+            );
+            pod.kill_vm();
+            self.inner.vm_gone(&pod);
+        }
         Ok(api::Empty::default())
     }
 

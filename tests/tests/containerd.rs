@@ -878,3 +878,46 @@ fn a_stalled_guest_fails_its_own_requests_and_holds_no_lock() {
     remove(&c, "stall");
     assert_clean(&c);
 }
+
+/// A guest that never answers again can still be torn down: SIGKILL of
+/// the task, which the guest cannot be told, stops its VM from the host;
+/// the task is reported exited (137) and its deletion leaves nothing.
+#[test]
+fn a_hung_guest_is_torn_down_by_sigkill() {
+    let c = Containerd::start("ctr-hung");
+    let out = c.ctr(&run_args("hung", &["-d"], &["sleep", "1000"]));
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    wait_status(&c, "hung", "RUNNING", Duration::from_secs(10));
+    let vms = c.vm_pids();
+    assert_eq!(vms.len(), 1, "one VM: {vms:?}");
+    // SAFETY: kill(2) of the VMM this test's shim started.
+    unsafe { libc::kill(vms[0] as i32, libc::SIGSTOP) };
+    let _stopped = Stopped(vms[0]);
+    let t0 = Instant::now();
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "hung"]);
+    assert!(
+        out.status.success(),
+        "kill of a hung guest's task: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    wait_status(&c, "hung", "STOPPED", Duration::from_secs(10));
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the teardown took {:?}",
+        t0.elapsed()
+    );
+    let out = c.ctr(&["task", "ls"]);
+    let line = stdout(&out);
+    assert!(line.contains("hung"), "{line}");
+    assert!(c.vm_pids().is_empty(), "the VM was stopped");
+    let out = c.ctr(&["task", "delete", "hung"]);
+    assert!(out.status.success(), "task delete: {}", stderr(&out));
+    remove(&c, "hung");
+    assert_clean(&c);
+}
