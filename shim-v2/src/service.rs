@@ -412,7 +412,7 @@ impl<'a> Reservation<'a> {
     fn take(set: &'a Mutex<HashSet<String>>, keys: Vec<String>) -> anyhow::Result<Self> {
         let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(busy) = keys.iter().find(|k| held.contains(*k)) {
-            anyhow::bail!("{busy} is already being created in this shim");
+            anyhow::bail!("{busy} already exists in this shim (its create is in progress)");
         }
         held.extend(keys.iter().cloned());
         Ok(Reservation { set, keys })
@@ -1505,11 +1505,7 @@ mod tests {
         let e = Reservation::take(&set, vec!["container b".into(), "container a".into()])
             .err()
             .expect("a taken id");
-        assert!(
-            e.to_string()
-                .contains("container a is already being created"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("container a already exists"), "{e}");
         // Nothing of a refused reservation is held.
         let b = Reservation::take(&set, vec!["container b".into()]).unwrap();
         drop(a);
