@@ -64,6 +64,45 @@ impl From<ttrpc::Error> for AgentError {
     }
 }
 
+/// Unanswered CONNECTs kept open at once, at most (per process).
+const MAX_PARKED: usize = 32;
+static PARKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Keeps an unanswered CONNECT open until its answer (or the backend's
+/// end) comes, instead of closing it at the timeout. vhost-device-vsock
+/// (0.3) unwraps its write of `OK <port>` and loses its worker thread when
+/// the guest's late answer finds the host's side closed: every connection
+/// of the sandbox, the agent's included, then hangs. A guest that stalls
+/// (or a loaded host) would so wedge its own sandbox for good. The parked
+/// stream's thread reads nothing but that answer (at most one line; no
+/// guest bytes are used) and closes the stream. Beyond [`MAX_PARKED`] a
+/// stream is closed at once, as before.
+fn park_unanswered(stream: UnixStream) {
+    use std::sync::atomic::Ordering;
+    if PARKED.fetch_add(1, Ordering::SeqCst) >= MAX_PARKED {
+        PARKED.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let parked = std::thread::Builder::new()
+        .name("vsock-parked".into())
+        .spawn(move || {
+            let mut stream = stream;
+            let _ = stream.set_read_timeout(None);
+            let mut byte = [0u8; 1];
+            for _ in 0..64 {
+                match stream.read(&mut byte) {
+                    Ok(1) if byte[0] != b'\n' => continue,
+                    _ => break,
+                }
+            }
+            drop(stream);
+            PARKED.fetch_sub(1, Ordering::SeqCst);
+        });
+    if parked.is_err() {
+        PARKED.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Connects to guest vsock `port` through the hybrid Unix socket.
 pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
     let timeout = HANDSHAKE_TIMEOUT;
@@ -97,7 +136,8 @@ pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(AgentError::Unanswered { port, timeout })
+                park_unanswered(stream);
+                return Err(AgentError::Unanswered { port, timeout });
             }
             Err(e) => return Err(io(e)),
         }
@@ -515,5 +555,45 @@ mod exit_tests {
                 signal: 0
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A CONNECT the guest answers only after the host gave up stays open
+    /// until the answer: the backend's late `OK` is written, not refused
+    /// (vhost-device-vsock unwraps that write), and the host closes the
+    /// stream right after it.
+    #[test]
+    fn an_unanswered_connect_stays_open_for_the_late_answer() {
+        let dir = std::env::temp_dir().join(format!("husk-park-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let backend = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut line = [0u8; 13];
+            conn.read_exact(&mut line).unwrap();
+            assert_eq!(&line, b"CONNECT 1025\n");
+            std::thread::sleep(HANDSHAKE_TIMEOUT + Duration::from_millis(500));
+            let late = conn.write_all(b"OK 7\n");
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rest = Vec::new();
+            let closed = conn.read_to_end(&mut rest);
+            (late.map_err(|e| e.kind()), closed.map_err(|e| e.kind()))
+        });
+        let e = connect_port(&uds, 1025).unwrap_err();
+        assert!(
+            matches!(e, AgentError::Unanswered { port: 1025, .. }),
+            "{e}"
+        );
+        let (late, closed) = backend.join().unwrap();
+        assert_eq!(late, Ok(()), "the late answer found the host's side closed");
+        assert_eq!(closed, Ok(0), "the parked stream was not closed after it");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

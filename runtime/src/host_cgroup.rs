@@ -240,6 +240,12 @@ impl HostCgroup {
         self.dirs.iter().map(|(_, d)| d.as_path())
     }
 
+    /// The directories this created (the cgroup and any parent it had to
+    /// make), for an owner that must remove them after this process died.
+    pub fn created(&self) -> &[PathBuf] {
+        &self.created
+    }
+
     /// Moves `pid` back to each hierarchy's root and removes what this
     /// created, once its other processes are gone.
     pub fn remove(&mut self, pid: u32) {

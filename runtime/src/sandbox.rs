@@ -89,6 +89,23 @@ pub struct NewContainer {
     pub bundle: PathBuf,
 }
 
+impl NewContainer {
+    /// The agent's CreateContainer request for this container (for a
+    /// caller that makes the RPC without holding the sandbox).
+    pub fn into_request(self) -> CreateContainerRequest {
+        CreateContainerRequest {
+            no_pivot: self.no_pivot,
+            bundle: self.bundle.display().to_string(),
+            container_id: self.id,
+            oci_spec_json: self.spec_json,
+            rootfs: self.rootfs_rel,
+            stdio: Some(self.stdio).into(),
+            shared_mounts: self.shared_mounts,
+            ..Default::default()
+        }
+    }
+}
+
 /// How a sandbox is made.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -656,16 +673,7 @@ impl Sandbox {
 
     /// Creates a container in the guest from a bundle's spec.
     pub fn create_container(&mut self, c: NewContainer) -> Result<(), SandboxError> {
-        let req = CreateContainerRequest {
-            no_pivot: c.no_pivot,
-            bundle: c.bundle.display().to_string(),
-            container_id: c.id,
-            oci_spec_json: c.spec_json,
-            rootfs: c.rootfs_rel,
-            stdio: Some(c.stdio).into(),
-            shared_mounts: c.shared_mounts,
-            ..Default::default()
-        };
+        let req = c.into_request();
         let result = self.agent().create_container(&req);
         result.map_err(|e| self.explain(e))
     }

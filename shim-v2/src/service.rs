@@ -19,11 +19,11 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens};
-use husk_runtime::agent::AgentClient;
+use husk_runtime::agent::{AgentClient, AgentError};
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
-use husk_runtime::sandbox::{NewContainer, Sandbox, SandboxConfig, StdioPumps};
-use std::collections::HashMap;
+use husk_runtime::sandbox::{connect_stdio_via, NewContainer, Sandbox, SandboxConfig, StdioPumps};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -149,8 +149,9 @@ struct Pod {
     waiter: AgentClient,
     dir: PathBuf,
     shared_dir: PathBuf,
-    /// Tells the owner thread to shut the VM down.
-    stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Tells the owner thread to shut the VM down: dropped, through the
+    /// agent; `true` sent, without it (the guest did not answer).
+    stop: Mutex<Option<std::sync::mpsc::Sender<bool>>>,
     owner: Mutex<Option<std::thread::JoinHandle<()>>>,
     dead: Mutex<Option<String>>,
     /// Guest pid of the sandbox container's process (pods).
@@ -166,7 +167,7 @@ impl Pod {
     /// VM's helper processes die with the thread that spawned them.
     fn boot(config: Config, sc: SandboxConfig, id: String) -> anyhow::Result<Arc<Pod>> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<bool>();
         let slot: Arc<Mutex<Option<Sandbox>>> = Arc::new(Mutex::new(None));
         let owner_slot = slot.clone();
         let owner = std::thread::Builder::new()
@@ -199,12 +200,17 @@ impl Pod {
                     }
                 }
                 // Until told to stop (or the shim drops the pod).
-                let _ = stop_rx.recv();
+                let without_agent = matches!(stop_rx.recv(), Ok(true));
                 let sb = owner_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(sb) = sb {
-                    if let Err(e) = sb.shutdown() {
-                        log::warn!("shutting down the VM: {e}");
+                match sb {
+                    // Dropping it stops the VMM and the backends.
+                    Some(sb) if without_agent => drop(sb),
+                    Some(sb) => {
+                        if let Err(e) = sb.shutdown() {
+                            log::warn!("shutting down the VM: {e}");
+                        }
                     }
+                    None => {}
                 }
             })?;
         let (dir, shared_dir) = match ready_rx.recv() {
@@ -242,7 +248,8 @@ impl Pod {
         }))
     }
 
-    /// Runs `f` on the live sandbox.
+    /// Runs `f` on the live sandbox, under its lock: for host-side work
+    /// only (the share's mounts), never for a call into the guest.
     fn try_with<T>(
         &self,
         f: impl FnOnce(&mut Sandbox) -> Result<T, String>,
@@ -262,6 +269,33 @@ impl Pod {
         self.try_with(f).map_err(|(code, msg)| err(code, msg))
     }
 
+    /// Calls into the guest without holding the sandbox lock: the agent's
+    /// handle is taken under the lock, the lock is dropped, and `f` runs
+    /// with every RPC bounded by the agent client's timeout. A stalled
+    /// guest then holds only the request that asked it something, for at
+    /// most that timeout, never the pod: state, other containers' requests
+    /// and teardown go on. A failed call is explained by a dead VM
+    /// component when there is one.
+    fn try_call<T>(
+        &self,
+        f: impl FnOnce(&AgentClient) -> Result<T, AgentError>,
+    ) -> Result<T, (Code, String)> {
+        let agent = self.try_with(|sb| Ok(sb.agent_client()))?;
+        f(&agent).map_err(|e| {
+            let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
+            let msg = match guard.as_mut() {
+                Some(sb) => sb.explain(e).to_string(),
+                None => e.to_string(),
+            };
+            (Code::UNKNOWN, msg)
+        })
+    }
+
+    /// [`Self::try_call`] for an RPC's answer.
+    fn call<T>(&self, f: impl FnOnce(&AgentClient) -> Result<T, AgentError>) -> TtrpcResult<T> {
+        self.try_call(f).map_err(|(code, msg)| err(code, msg))
+    }
+
     /// Checks whether a component of the VM died; returns the reason once.
     fn check(&self) -> Option<String> {
         if self
@@ -278,6 +312,20 @@ impl Pod {
         drop(guard);
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         Some(reason)
+    }
+
+    /// Stops the VM without asking its agent (which did not answer), and
+    /// waits until its processes are gone; the rest of the teardown (the
+    /// host cgroup) is left to [`Self::teardown`].
+    fn kill_vm(&self) {
+        let stop = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stop) = stop {
+            let _ = stop.send(true);
+        }
+        let owner = self.owner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = owner {
+            let _ = h.join();
+        }
     }
 
     fn teardown(&self) {
@@ -347,8 +395,37 @@ struct Inner {
     containers: Mutex<HashMap<String, Container>>,
     /// VMs by pod (or plain container) id.
     pods: Mutex<HashMap<String, Arc<Pod>>>,
-    /// Serializes Create, so two creates of one id cannot race.
-    create_lock: Mutex<()>,
+    /// Container and VM ids whose Create is in progress, so two creates of
+    /// one id cannot race; a Create waiting on its guest holds only its
+    /// own ids, never a lock that other requests need.
+    creating: Mutex<HashSet<String>>,
+}
+
+/// Ids reserved in [`Inner::creating`] until dropped.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    keys: Vec<String>,
+}
+
+impl<'a> Reservation<'a> {
+    /// Reserves every key, or none when one is already taken.
+    fn take(set: &'a Mutex<HashSet<String>>, keys: Vec<String>) -> anyhow::Result<Self> {
+        let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(busy) = keys.iter().find(|k| held.contains(*k)) {
+            anyhow::bail!("{busy} already exists in this shim (its create is in progress)");
+        }
+        held.extend(keys.iter().cloned());
+        Ok(Reservation { set, keys })
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut held = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            held.remove(k);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -365,7 +442,7 @@ impl Service {
                 exit,
                 containers: Mutex::new(HashMap::new()),
                 pods: Mutex::new(HashMap::new()),
-                create_lock: Mutex::new(()),
+                creating: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -466,10 +543,8 @@ impl Inner {
                         // The init is gone: so is the rest of the container,
                         // as when a pid namespace's init dies.
                         let id = proc_.cid.clone();
-                        let _ = pod.try_with(move |sb| {
-                            sb.agent()
-                                .signal_process(&id, "", libc::SIGKILL as u32, true)
-                                .map_err(|e| e.to_string())
+                        let _ = pod.try_call(move |agent| {
+                            agent.signal_process(&id, "", libc::SIGKILL as u32, true)
                         });
                     }
                     let host_now = now();
@@ -553,11 +628,11 @@ impl Inner {
     }
 
     fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
-        let _serial = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         let id = req.id.clone();
         if !husk_runtime::sandbox::valid_id(&id) {
             anyhow::bail!("invalid container id {id:?}");
         }
+        let _reserved = Reservation::take(&self.creating, vec![format!("container {id}")])?;
         if self
             .containers
             .lock()
@@ -607,6 +682,14 @@ impl Inner {
                     Role::PodSandbox { pod } => pod.clone(),
                     _ => id.clone(),
                 };
+                let vm_reserved =
+                    match Reservation::take(&self.creating, vec![format!("the VM {vm_id}")]) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            undo_rootfs(&rootfs_mount);
+                            return Err(e);
+                        }
+                    };
                 if self
                     .pods
                     .lock()
@@ -644,6 +727,7 @@ impl Inner {
                             .unwrap_or_else(|p| p.into_inner())
                             .insert(vm_id, pod.clone());
                         self.spawn_monitor(pod.clone());
+                        drop(vm_reserved);
                         (pod, true)
                     }
                     Err(e) => {
@@ -678,6 +762,16 @@ impl Inner {
                     shared_dir: pod.shared_dir.clone(),
                     owns_vm,
                     rootfs_mount: rootfs_mount.clone(),
+                    host_cgroup: if owns_vm {
+                        pod.host_cgroup
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .map(|cg| cg.created().to_vec())
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 if let Err(e) = state::write_record(&bundle, &record) {
                     log::warn!("writing the shim record: {e}");
@@ -746,33 +840,43 @@ impl Inner {
         let rootfs = bundle_spec.rootfs.clone();
         let id = id.to_string();
         let bundle = bundle.to_path_buf();
-        let result = pod.try_with(move |sb| {
-            let rel = sb
-                .share_rootfs(
-                    &id,
-                    &rootfs,
-                    readonly_rootfs.is_some(),
-                    readonly_rootfs.as_deref().unwrap_or(&[]),
-                )
-                .map_err(|e| e.to_string())?;
-            let mut shared = HashMap::new();
-            for (index, source, destination, readonly) in binds {
-                let r = sb
-                    .share_path(&id, index, &source, readonly)
+        // The host-side mounts under the sandbox lock (no guest call)...
+        let shared_id = id.clone();
+        let (rel, shared) = pod
+            .try_with(move |sb| {
+                let rel = sb
+                    .share_rootfs(
+                        &shared_id,
+                        &rootfs,
+                        readonly_rootfs.is_some(),
+                        readonly_rootfs.as_deref().unwrap_or(&[]),
+                    )
                     .map_err(|e| e.to_string())?;
-                shared.insert(destination, r);
-            }
-            let (tokens, pumps) = sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
-            sb.create_container(NewContainer {
-                id: id.clone(),
+                let mut shared = HashMap::new();
+                for (index, source, destination, readonly) in binds {
+                    let r = sb
+                        .share_path(&shared_id, index, &source, readonly)
+                        .map_err(|e| e.to_string())?;
+                    shared.insert(destination, r);
+                }
+                Ok((rel, shared))
+            })
+            .map_err(|(_, e)| anyhow::anyhow!("{e}"))?;
+        // ...the guest's part without it.
+        let result = pod.try_call(move |agent| {
+            let (tokens, pumps) =
+                connect_stdio_via(agent, stdio).map_err(|e| AgentError::Aborted(e.to_string()))?;
+            let req = NewContainer {
+                id,
                 spec_json,
                 rootfs_rel: rel,
                 shared_mounts: shared,
                 stdio: tokens,
                 no_pivot: false,
                 bundle,
-            })
-            .map_err(|e| e.to_string())?;
+            }
+            .into_request();
+            agent.create_container(&req)?;
             Ok(pumps)
         });
         result.map_err(|(_, e)| anyhow::anyhow!("{e}"))
@@ -929,14 +1033,14 @@ impl containerd_shim::Task for Service {
         }
         let guest_pid = if req.exec_id.is_empty() {
             let id = req.id.clone();
-            pod.with(move |sb| sb.start_container(&id).map_err(|e| e.to_string()))?
+            pod.call(move |agent| agent.start_container(&id))?
         } else {
             let process_json = p.lock().exec_spec.take().unwrap_or_default();
             let stdio = host_stdio(&p.stdin, &p.stdout, &p.stderr, p.terminal).map_err(internal)?;
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-            let (pid, pumps) = pod.with(move |sb| {
-                let (tokens, pumps): (StdioTokens, StdioPumps) =
-                    sb.connect_stdio(stdio).map_err(|e| e.to_string())?;
+            let started = pod.call(move |agent| {
+                let (tokens, pumps): (StdioTokens, StdioPumps) = connect_stdio_via(agent, stdio)
+                    .map_err(|e| AgentError::Aborted(e.to_string()))?;
                 let r = AgentExec {
                     container_id: id,
                     exec_id,
@@ -944,8 +1048,19 @@ impl containerd_shim::Task for Service {
                     stdio: Some(tokens).into(),
                     ..Default::default()
                 };
-                let pid = sb.agent().exec_process(&r).map_err(|e| e.to_string())?;
+                let pid = agent.exec_process(&r)?;
                 Ok((pid, pumps))
+            });
+            // An exec that could not start never will: its Wait (ctr and
+            // CRI wait before they start) returns now, not never.
+            let (pid, pumps) = started.inspect_err(|_| {
+                p.set_exit(
+                    Exit {
+                        status: 255,
+                        at: now(),
+                    },
+                    || {},
+                )
             })?;
             p.lock().pumps = Some(pumps);
             pid
@@ -1016,6 +1131,10 @@ impl containerd_shim::Task for Service {
             status: 0,
             at: now(),
         });
+        // A process that never ran ends with its deletion: a Wait on it
+        // returns instead of holding a server thread (and the shim's exit)
+        // forever.
+        p.set_exit(exit.clone(), || {});
         if !req.exec_id.is_empty() {
             let mut containers = self
                 .inner
@@ -1044,12 +1163,16 @@ impl containerd_shim::Task for Service {
                 format!("container {} not found", req.id),
             ));
         };
-        // Nothing of it stays in the guest or shared into it.
+        // Nothing of it stays in the guest or shared into it. (The VM's own
+        // container goes with the VM: the guest is not asked.)
         let id = container.id.clone();
-        let _ = pod.with(move |sb| {
-            let _ = sb.agent().remove_container(&id, true);
-            sb.unshare_container(&id).map_err(|e| e.to_string())
-        });
+        let guest_id = id.clone();
+        if !container.owns_vm {
+            if let Err(e) = pod.call(move |agent| agent.remove_container(&guest_id, true)) {
+                log::warn!("removing {id} in the guest: {e}");
+            }
+        }
+        let _ = pod.with(move |sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
         if container.owns_vm {
             self.inner
                 .pods
@@ -1088,7 +1211,7 @@ impl containerd_shim::Task for Service {
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let pod = self.inner.pod_of(&req.id)?;
         let id = req.id.clone();
-        let list = pod.with(move |sb| sb.agent().list_processes(&id).map_err(|e| e.to_string()))?;
+        let list = pod.call(move |agent| agent.list_processes(&id))?;
         Ok(api::PidsResponse {
             processes: list
                 .into_iter()
@@ -1104,7 +1227,7 @@ impl containerd_shim::Task for Service {
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let (pod, p) = self.inner.lookup(&req.id, "")?;
         let id = req.id.clone();
-        pod.with(move |sb| sb.agent().pause(&id).map_err(|e| e.to_string()))?;
+        pod.call(move |agent| agent.pause(&id))?;
         p.lock().phase = Phase::Paused;
         self.inner.publish(
             topics::TASK_PAUSED_EVENT_TOPIC,
@@ -1119,7 +1242,7 @@ impl containerd_shim::Task for Service {
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let (pod, p) = self.inner.lookup(&req.id, "")?;
         let id = req.id.clone();
-        pod.with(move |sb| sb.agent().resume(&id).map_err(|e| e.to_string()))?;
+        pod.call(move |agent| agent.resume(&id))?;
         {
             let mut st = p.lock();
             if st.phase == Phase::Paused {
@@ -1161,11 +1284,7 @@ impl containerd_shim::Task for Service {
                 // Never started: it ends without running (as with runc).
                 if req.exec_id.is_empty() {
                     let id = req.id.clone();
-                    let _ = pod.with(move |sb| {
-                        sb.agent()
-                            .remove_container(&id, true)
-                            .map_err(|e| e.to_string())
-                    });
+                    let _ = pod.call(move |agent| agent.remove_container(&id, true));
                 }
                 self.inner.exited(
                     &p,
@@ -1180,11 +1299,29 @@ impl containerd_shim::Task for Service {
             Phase::Running | Phase::Paused => {}
         }
         let (id, exec_id, signal, all) = (req.id.clone(), req.exec_id.clone(), req.signal, req.all);
-        pod.with(move |sb| {
-            sb.agent()
-                .signal_process(&id, &exec_id, signal, all)
-                .map_err(|e| e.to_string())
-        })?;
+        let sent = pod.call(move |agent| agent.signal_process(&id, &exec_id, signal, all));
+        if let Err(e) = sent {
+            // SIGKILL of a VM's own container (a pod's sandbox, a plain
+            // container) ends everything in the VM: if the guest cannot be
+            // told, the VM is stopped from the host, so a guest that hangs
+            // can still be torn down.
+            let owns_vm = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&req.id)
+                .is_some_and(|c| c.owns_vm);
+            if req.signal != libc::SIGKILL as u32 || !req.exec_id.is_empty() || !owns_vm {
+                return Err(e);
+            }
+            log::warn!(
+                "SIGKILL for {} did not reach the guest ({e}); stopping its VM",
+                req.id
+            );
+            pod.kill_vm();
+            self.inner.vm_gone(&pod);
+        }
         Ok(api::Empty::default())
     }
 
@@ -1251,11 +1388,7 @@ impl containerd_shim::Task for Service {
         let (pod, _p) = self.inner.lookup(&req.id, &req.exec_id)?;
         let (id, exec_id, rows, cols) =
             (req.id.clone(), req.exec_id.clone(), req.height, req.width);
-        pod.with(move |sb| {
-            sb.agent()
-                .resize_tty(&id, &exec_id, rows, cols)
-                .map_err(|e| e.to_string())
-        })?;
+        pod.call(move |agent| agent.resize_tty(&id, &exec_id, rows, cols))?;
         Ok(api::Empty::default())
     }
 
@@ -1263,11 +1396,7 @@ impl containerd_shim::Task for Service {
         let (pod, _p) = self.inner.lookup(&req.id, &req.exec_id)?;
         if req.stdin {
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-            pod.with(move |sb| {
-                sb.agent()
-                    .close_stdin(&id, &exec_id)
-                    .map_err(|e| e.to_string())
-            })?;
+            pod.call(move |agent| agent.close_stdin(&id, &exec_id))?;
         }
         Ok(api::Empty::default())
     }
@@ -1286,11 +1415,7 @@ impl containerd_shim::Task for Service {
             ));
         }
         let id = req.id.clone();
-        pod.with(move |sb| {
-            sb.agent()
-                .update_resources(&id, resources)
-                .map_err(|e| e.to_string())
-        })?;
+        pod.call(move |agent| agent.update_resources(&id, resources))?;
         Ok(api::Empty::default())
     }
 
@@ -1311,7 +1436,7 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::StatsResponse> {
         let pod = self.inner.pod_of(&req.id)?;
         let id = req.id.clone();
-        let s = pod.with(move |sb| sb.agent().stats(&id).map_err(|e| e.to_string()))?;
+        let s = pod.call(move |agent| agent.stats(&id))?;
         let metrics = crate::metrics::to_cgroup2(&s);
         let any = Any {
             type_url: metrics.descriptor_dyn().full_name().to_string(),
@@ -1377,6 +1502,22 @@ mod tests {
             value,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_reservation_holds_its_ids_until_dropped() {
+        let set = Mutex::new(HashSet::new());
+        let a = Reservation::take(&set, vec!["container a".into()]).unwrap();
+        let e = Reservation::take(&set, vec!["container b".into(), "container a".into()])
+            .err()
+            .expect("a taken id");
+        assert!(e.to_string().contains("container a already exists"), "{e}");
+        // Nothing of a refused reservation is held.
+        let b = Reservation::take(&set, vec!["container b".into()]).unwrap();
+        drop(a);
+        let a = Reservation::take(&set, vec!["container a".into()]).unwrap();
+        drop((a, b));
+        assert!(set.lock().unwrap().is_empty());
     }
 
     #[test]

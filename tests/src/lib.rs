@@ -362,7 +362,7 @@ pub fn markers_of(marker: &Path) -> Vec<String> {
 }
 
 /// `/proc/<pid>/status` fields of a process, by name.
-pub fn proc_status_of(pid: i32) -> std::collections::HashMap<String, String> {
+pub fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -378,7 +378,26 @@ pub fn proc_status_of(pid: i32) -> std::collections::HashMap<String, String> {
 /// UTS namespaces not the host's, its root holding no host tree (no /etc
 /// but the loader's cache, no /home, /root, /var, /proc). Returns the uid.
 pub fn assert_jailed(pid: i32, what: &str) -> u32 {
-    let st = proc_status_of(pid);
+    let bad = jail_violations(pid, what);
+    assert!(
+        bad.is_empty(),
+        "not jailed as docs/security.md says: {bad:#?}"
+    );
+    proc_status(pid)
+        .get("Uid")
+        .and_then(|u| u.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What of [`assert_jailed`] does not hold for `pid`.
+pub fn jail_violations(pid: i32, what: &str) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut check = |ok: bool, msg: String| {
+        if !ok {
+            bad.push(format!("{what} {pid}: {msg}"));
+        }
+    };
+    let st = proc_status(pid);
     let field = |k: &str| st.get(k).cloned().unwrap_or_default();
     let ids = |k: &str| -> Vec<u32> {
         field(k)
@@ -388,29 +407,38 @@ pub fn assert_jailed(pid: i32, what: &str) -> u32 {
     };
     let uids = ids("Uid");
     let gids = ids("Gid");
-    assert_eq!(uids.len(), 4, "{what} {pid}: {st:?}");
-    let uid = uids[0];
-    assert!(
-        (1_800_000_000..1_801_000_000).contains(&uid),
-        "{what} {pid} runs as uid {uid}, not one of the jail range"
+    let uid = uids.first().copied().unwrap_or(0);
+    let defaults = husk_runtime::config::Config::default();
+    let range = u64::from(defaults.jail_uid_base)
+        ..u64::from(defaults.jail_uid_base) + u64::from(defaults.jail_uid_count);
+    check(
+        uids.len() == 4 && range.contains(&u64::from(uid)),
+        format!("uids {uids:?}, not one of the jail range"),
     );
-    assert!(uids.iter().all(|u| *u == uid), "{what}: uids {uids:?}");
-    assert!(gids.iter().all(|g| *g == uid), "{what}: gids {gids:?}");
-    assert_eq!(field("Groups"), "", "{what} {pid} keeps groups");
+    check(uids.iter().all(|u| *u == uid), format!("uids {uids:?}"));
+    check(gids.iter().all(|g| *g == uid), format!("gids {gids:?}"));
+    check(
+        field("Groups").is_empty(),
+        format!("groups {}", field("Groups")),
+    );
     for caps in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
-        assert_eq!(field(caps), "0000000000000000", "{what} {pid}: {caps}");
+        check(
+            field(caps) == "0000000000000000",
+            format!("{caps} {}", field(caps)),
+        );
     }
-    assert_eq!(field("NoNewPrivs"), "1", "{what} {pid}");
-    assert_eq!(field("Seccomp"), "2", "{what} {pid}");
+    check(field("NoNewPrivs") == "1", "no no_new_privs".into());
+    check(
+        field("Seccomp") == "2",
+        format!("Seccomp {}", field("Seccomp")),
+    );
     let ns = |p: i32, kind: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).ok();
     let me = std::process::id() as i32;
     for kind in ["mnt", "net", "ipc", "uts"] {
         let theirs = ns(pid, kind);
-        assert!(theirs.is_some(), "{what} {pid}: no {kind} namespace read");
-        assert_ne!(
-            theirs,
-            ns(me, kind),
-            "{what} {pid} shares our {kind} namespace"
+        check(
+            theirs.is_some() && theirs != ns(me, kind),
+            format!("shares our {kind} namespace (or none read)"),
         );
     }
     let root = PathBuf::from(format!("/proc/{pid}/root"));
@@ -425,11 +453,265 @@ pub fn assert_jailed(pid: i32, what: &str) -> u32 {
         "sys",
         "boot",
     ] {
-        assert!(!root.join(absent).exists(), "{what} {pid} sees /{absent}");
+        check(!root.join(absent).exists(), format!("sees /{absent}"));
     }
-    assert!(
-        root.join("usr").is_dir(),
-        "{what} {pid}: no /usr in its root"
-    );
-    uid
+    check(root.join("usr").is_dir(), "no /usr in its root".into());
+    bad
+}
+
+/// Host processes whose command line names `marker`, with that command line.
+pub fn processes_naming(marker: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        if cmdline.contains(marker) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// What one host process of a sandbox is, by its command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRole {
+    /// The sandbox's owner: the CLI's monitor or the containerd shim.
+    Owner,
+    Qemu,
+    /// virtiofsd's parent, which only waits for its serving child.
+    VirtiofsdParent,
+    /// virtiofsd's serving process (PID 1 of a pid namespace of its own).
+    Virtiofsd,
+    VsockBackend,
+}
+
+/// Which uid a role runs as.
+#[derive(Clone, Copy, Debug)]
+pub enum UidRule {
+    Root,
+    /// A uid of the jail range (`jail_uid_base` .. + `jail_uid_count`).
+    Jail,
+}
+
+/// What docs/security.md promises about one role's process, as
+/// `/proc/<pid>/status` and `/proc/<pid>/ns/mnt` show it. `None`: not
+/// promised, not checked. The one place these expectations live: the CLI
+/// test (hostile.rs) and the containerd test (cri.rs) both check them.
+#[derive(Clone, Copy, Debug)]
+pub struct Confinement {
+    pub uid: Option<UidRule>,
+    /// Capabilities that must not be in `CapEff` (`u64::MAX`: none at all).
+    pub cap_eff_lacks: u64,
+    pub no_new_privs: Option<bool>,
+    /// `Seccomp:` (2 = a filter).
+    pub seccomp: Option<u8>,
+    /// In a mount namespace other than the host's (the test's).
+    pub own_mount_ns: Option<bool>,
+    /// Jailed ([`jail_violations`]): the sandbox's uid, no groups or
+    /// capabilities, namespaces and a root of its own.
+    pub jailed: bool,
+}
+
+const CAP_MKNOD: u64 = 1 << 27;
+const CAP_SETFCAP: u64 = 1 << 31;
+const CAP_FSETID: u64 = 1 << 4;
+
+/// docs/security.md, "Every helper of a sandbox runs jailed".
+pub fn confinement(role: HostRole) -> Confinement {
+    match role {
+        // Root in the host's mounts: it makes the share's mounts.
+        HostRole::Owner => Confinement {
+            uid: Some(UidRule::Root),
+            cap_eff_lacks: 0,
+            no_new_privs: None,
+            seccomp: None,
+            own_mount_ns: Some(false),
+            jailed: false,
+        },
+        // The jail (and `-sandbox on,...`, QEMU's own filter, under it).
+        HostRole::Qemu => Confinement {
+            uid: Some(UidRule::Jail),
+            cap_eff_lacks: u64::MAX,
+            no_new_privs: Some(true),
+            seccomp: Some(2),
+            own_mount_ns: Some(true),
+            jailed: true,
+        },
+        // `--sandbox=namespace`: both virtiofsd processes are in their own
+        // mount namespace.
+        HostRole::VirtiofsdParent => Confinement {
+            uid: None,
+            cap_eff_lacks: 0,
+            no_new_privs: None,
+            seccomp: None,
+            own_mount_ns: Some(true),
+            jailed: false,
+        },
+        // `--seccomp=kill --modcaps=-mknod:-setfcap:-fsetid`, and the
+        // spawner's no-set-id filter under its own.
+        HostRole::Virtiofsd => Confinement {
+            uid: None,
+            cap_eff_lacks: CAP_MKNOD | CAP_SETFCAP | CAP_FSETID,
+            no_new_privs: Some(true),
+            seccomp: Some(2),
+            own_mount_ns: Some(true),
+            jailed: false,
+        },
+        // The jail: the sandbox's uid, no capabilities, no_new_privs, the
+        // spawner's seccomp filter, namespaces and a root of its own.
+        HostRole::VsockBackend => Confinement {
+            uid: Some(UidRule::Jail),
+            cap_eff_lacks: u64::MAX,
+            no_new_privs: Some(true),
+            seccomp: Some(2),
+            own_mount_ns: Some(true),
+            jailed: true,
+        },
+    }
+}
+
+/// The role of a sandbox's host process from its command line, if it is
+/// one; virtiofsd's serving process is told from its parent by its pid
+/// namespace.
+pub fn host_role(pid: i32, cmdline: &str) -> Option<HostRole> {
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let program = cmdline.split(' ').next().unwrap_or_default();
+    let name = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with("qemu-system") {
+        Some(HostRole::Qemu)
+    } else if name == "virtiofsd" {
+        if ns(pid) == ns(std::process::id() as i32) {
+            Some(HostRole::VirtiofsdParent)
+        } else {
+            Some(HostRole::Virtiofsd)
+        }
+    } else if name == "vhost-device-vsock" {
+        Some(HostRole::VsockBackend)
+    } else if name == "containerd-shim-husk-v2" || cmdline.contains(" __monitor ") {
+        Some(HostRole::Owner)
+    } else {
+        None
+    }
+}
+
+/// Checks one process against its role's [`confinement`]; returns what
+/// does not hold.
+pub fn confinement_violations(pid: i32, role: HostRole) -> Vec<String> {
+    let want = confinement(role);
+    let st = proc_status(pid);
+    let field = |k: &str| st.get(k).cloned().unwrap_or_default();
+    let mut bad = Vec::new();
+    let uid: Option<u32> = field("Uid")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|u| u.parse().ok());
+    let defaults = husk_runtime::config::Config::default();
+    let jail = u64::from(defaults.jail_uid_base)
+        ..u64::from(defaults.jail_uid_base) + u64::from(defaults.jail_uid_count);
+    match (want.uid, uid) {
+        (None, _) => {}
+        (Some(UidRule::Root), Some(0)) => {}
+        (Some(UidRule::Jail), Some(u)) if jail.contains(&u64::from(u)) => {}
+        (Some(rule), got) => bad.push(format!("uid {got:?}, not {rule:?}")),
+    }
+    let cap_eff = u64::from_str_radix(&field("CapEff"), 16).unwrap_or(u64::MAX);
+    if cap_eff & want.cap_eff_lacks != 0 {
+        bad.push(format!(
+            "CapEff {cap_eff:x} has {:x}",
+            cap_eff & want.cap_eff_lacks
+        ));
+    }
+    if let Some(nnp) = want.no_new_privs {
+        if field("NoNewPrivs") != if nnp { "1" } else { "0" } {
+            bad.push(format!("NoNewPrivs {}, not {}", field("NoNewPrivs"), nnp));
+        }
+    }
+    if let Some(mode) = want.seccomp {
+        if field("Seccomp") != mode.to_string() {
+            bad.push(format!("Seccomp {}, not {mode}", field("Seccomp")));
+        }
+    }
+    if let Some(own) = want.own_mount_ns {
+        let mnt = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let theirs = mnt(pid);
+        if theirs.is_none() || (theirs != mnt(std::process::id() as i32)) != own {
+            bad.push(format!(
+                "mount namespace {theirs:?}: {}",
+                if own { "the host's" } else { "not the host's" }
+            ));
+        }
+    }
+    let mut bad: Vec<String> = bad
+        .into_iter()
+        .map(|b| format!("{role:?} {pid}: {b}"))
+        .collect();
+    if want.jailed {
+        bad.extend(jail_violations(pid, &format!("{role:?}")));
+    }
+    bad
+}
+
+/// Checks every host process of a running sandbox against
+/// docs/security.md: each of `roles` must be present, and every process of
+/// `procs` with a role must hold its [`confinement`]. Panics naming each
+/// process and field that does not.
+pub fn assert_confined(procs: &[(i32, String)], roles: &[HostRole]) {
+    let found: Vec<(i32, HostRole)> = procs
+        .iter()
+        .filter_map(|(pid, c)| host_role(*pid, c).map(|r| (*pid, r)))
+        .collect();
+    for role in roles {
+        assert!(
+            found.iter().any(|(_, r)| r == role),
+            "no {role:?} among the sandbox's processes: {procs:?}"
+        );
+    }
+    let bad: Vec<String> = found
+        .iter()
+        .flat_map(|(pid, role)| confinement_violations(*pid, *role))
+        .collect();
+    assert!(bad.is_empty(), "not as docs/security.md says: {bad:#?}");
+}
+
+/// `pid` and every process descending from it, with their command lines:
+/// a sandbox owner and the helpers it spawned (jailed ones too, whose
+/// command lines need not name the sandbox).
+pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
+    let mut all: Vec<(i32, i32, String)> = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let ppid = proc_status(p)
+            .get("PPid")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        all.push((p, ppid, cmdline));
+    }
+    let mut tree: Vec<(i32, String)> = all
+        .iter()
+        .filter(|(p, _, _)| *p == pid)
+        .map(|(p, _, c)| (*p, c.clone()))
+        .collect();
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i].0;
+        for (p, ppid, c) in &all {
+            if *ppid == parent && !tree.iter().any(|(t, _)| t == p) {
+                tree.push((*p, c.clone()));
+            }
+        }
+        i += 1;
+    }
+    tree
 }

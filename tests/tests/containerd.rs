@@ -376,6 +376,11 @@ fn ctr_task_metrics_show_the_guest_cgroup() {
 #[test]
 fn killing_the_shim_reports_the_exit_and_delete_cleans_up() {
     let c = Containerd::start("ctr-shimkill");
+    // An empty cgroup of this name that an older husk left would be taken
+    // over, not created, by the shim (and so not removed by it).
+    for h in husk_runtime::host_cgroup::hierarchies() {
+        let _ = std::fs::remove_dir(h.join(format!("{NAMESPACE}/victim")));
+    }
     let out = c.ctr(&run_args("victim", &["-d"], &["sleep", "1000"]));
     assert!(
         out.status.success(),
@@ -387,6 +392,22 @@ fn killing_the_shim_reports_the_exit_and_delete_cleans_up() {
     let shims = c.shim_pids();
     assert_eq!(shims.len(), 1, "one shim: {shims:?}");
     assert_eq!(c.vm_pids().len(), 1, "one VM");
+    // The task's host cgroup (ctr's cgroupsPath, /<namespace>/<id>), which
+    // holds the shim and the VM's helpers.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", shims[0])).unwrap_or_default();
+    let task_cgroup = cgroups
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .find(|p| p.ends_with("/victim"))
+        .unwrap_or_else(|| panic!("the shim is not in the task's cgroup: {cgroups}"))
+        .to_string();
+    let hierarchies = husk_runtime::host_cgroup::hierarchies();
+    let cgroup_dirs: Vec<_> = hierarchies
+        .iter()
+        .map(|h| h.join(task_cgroup.trim_start_matches('/')))
+        .filter(|d| d.is_dir())
+        .collect();
+    assert!(!cgroup_dirs.is_empty(), "no host cgroup {task_cgroup}");
     // SAFETY: kill(2) of the shim this test's containerd started.
     unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
     // containerd notices, runs `containerd-shim-husk-v2 delete` and drops the task.
@@ -406,6 +427,15 @@ fn killing_the_shim_reports_the_exit_and_delete_cleans_up() {
     remove(&c, "victim");
     assert!(c.vm_pids().is_empty(), "the VM died with its shim");
     assert_clean(&c);
+    // `shim delete` removed the task's host cgroup too.
+    for dir in &cgroup_dirs {
+        assert!(
+            !dir.exists(),
+            "{} left behind; containerd log:\n{}",
+            dir.display(),
+            c.log_tail()
+        );
+    }
 }
 
 #[test]
@@ -715,5 +745,179 @@ fn a_task_survives_a_containerd_restart() {
     events.wait_for("/tasks/delete", "survivor", Duration::from_secs(5));
     let out = c.ctr(&["containers", "rm", "survivor"]);
     assert!(out.status.success(), "containers rm: {}", stderr(&out));
+    assert_clean(&c);
+}
+
+/// SIGCONTs a stopped VMM when dropped, so a failed assertion leaves no
+/// stopped process behind for the teardown to wait on.
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the VMM this test stopped.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// A stalled guest (its VMM stopped from the host) holds only the requests
+/// that ask it something, each until its timeout, never the shim: an exec
+/// and a `task ps` fail with an error, while `task ls` (the task's state,
+/// which the shim knows without the guest) answers at once throughout.
+/// Once the VMM runs again, the task takes an exec again, and the teardown
+/// leaves nothing.
+#[test]
+fn a_stalled_guest_fails_its_own_requests_and_holds_no_lock() {
+    let c = Containerd::start("ctr-stall");
+    let out = c.ctr(&run_args("stall", &["-d"], &["sleep", "1000"]));
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    wait_status(&c, "stall", "RUNNING", Duration::from_secs(10));
+    let exec = |exec_id: &str, word: &str| {
+        c.ctr_cmd(&["task", "exec", "--exec-id", exec_id, "stall", "echo", word])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr task exec")
+    };
+    let out = exec("before", "before").wait_with_output().expect("exec");
+    assert_eq!(
+        stdout(&out),
+        "before\n",
+        "exec before the stall: {}",
+        stderr(&out)
+    );
+
+    let vms = c.vm_pids();
+    assert_eq!(vms.len(), 1, "one VM: {vms:?}");
+    // SAFETY: kill(2) of the VMM this test's shim started.
+    unsafe { libc::kill(vms[0] as i32, libc::SIGSTOP) };
+    let stopped = Stopped(vms[0]);
+    let t0 = Instant::now();
+    let stalled_exec = exec("stalled", "never");
+    let ps = c
+        .ctr_cmd(&["task", "ps", "stall"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr task ps");
+    std::thread::sleep(Duration::from_secs(2));
+    // Both are in the shim, waiting on the guest; the task's state is not.
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(task_status(&c, "stall"), "RUNNING");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "task ls took {:?} while the guest was stalled",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every call into the guest has a timeout (30 s for an RPC, 5 s for a
+    // stream's CONNECT): each fails with an error, well within a minute.
+    let out = stalled_exec.wait_with_output().expect("exec");
+    assert!(
+        !out.status.success() && !stderr(&out).trim().is_empty(),
+        "exec in a stalled guest: {:?} {} {}",
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(!stdout(&out).contains("never"), "{}", stdout(&out));
+    eprintln!("exec in the stalled guest: {}", stderr(&out).trim());
+    let out = ps.wait_with_output().expect("ps");
+    let waited = t0.elapsed();
+    eprintln!(
+        "task ps in the stalled guest after {waited:?}: {}",
+        stderr(&out).trim()
+    );
+    assert!(
+        !out.status.success() && !stderr(&out).trim().is_empty(),
+        "task ps in a stalled guest: {:?} {} {}",
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        waited < Duration::from_secs(60),
+        "the guest's requests took {waited:?} to fail"
+    );
+    let t = Instant::now();
+    assert_eq!(
+        task_status(&c, "stall"),
+        "RUNNING",
+        "after the failed requests; log:\n{}",
+        c.log_tail()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // The guest runs again: so does the task.
+    // (An abandoned CONNECT used to cost the vsock backend its worker
+    // thread when the guest's late answer came: see park_unanswered.)
+    drop(stopped);
+    let out = c.ctr(&["task", "ps", "stall"]);
+    assert!(
+        out.status.success(),
+        "task ps after the stall: {}",
+        stderr(&out)
+    );
+    let out = exec("after", "after").wait_with_output().expect("exec");
+    assert_eq!(
+        stdout(&out),
+        "after\n",
+        "exec after the stall: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "stall"]);
+    assert!(out.status.success(), "kill: {}", stderr(&out));
+    wait_status(&c, "stall", "STOPPED", Duration::from_secs(10));
+    remove(&c, "stall");
+    assert_clean(&c);
+}
+
+/// A guest that never answers again can still be torn down: SIGKILL of
+/// the task, which the guest cannot be told, stops its VM from the host;
+/// the task is reported exited (137) and its deletion leaves nothing.
+#[test]
+fn a_hung_guest_is_torn_down_by_sigkill() {
+    let c = Containerd::start("ctr-hung");
+    let out = c.ctr(&run_args("hung", &["-d"], &["sleep", "1000"]));
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    wait_status(&c, "hung", "RUNNING", Duration::from_secs(10));
+    let vms = c.vm_pids();
+    assert_eq!(vms.len(), 1, "one VM: {vms:?}");
+    // SAFETY: kill(2) of the VMM this test's shim started.
+    unsafe { libc::kill(vms[0] as i32, libc::SIGSTOP) };
+    let _stopped = Stopped(vms[0]);
+    let t0 = Instant::now();
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "hung"]);
+    assert!(
+        out.status.success(),
+        "kill of a hung guest's task: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    wait_status(&c, "hung", "STOPPED", Duration::from_secs(10));
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the teardown took {:?}",
+        t0.elapsed()
+    );
+    let out = c.ctr(&["task", "ls"]);
+    let line = stdout(&out);
+    assert!(line.contains("hung"), "{line}");
+    assert!(c.vm_pids().is_empty(), "the VM was stopped");
+    let out = c.ctr(&["task", "delete", "hung"]);
+    assert!(out.status.success(), "task delete: {}", stderr(&out));
+    remove(&c, "hung");
     assert_clean(&c);
 }

@@ -247,3 +247,225 @@ fn two_pods_are_two_vms() {
         c.log_tail()
     );
 }
+
+/// The host processes of a running pod (the shim, the VMM, virtiofsd, the
+/// vsock backend) run as docs/security.md says: uid, capabilities,
+/// no_new_privs, seccomp and mount namespace, checked with the CLI test's
+/// expectations (husk_tests::confinement, the one place they live).
+#[test]
+fn a_pods_host_processes_are_confined_as_the_security_doc_says() {
+    let c = Containerd::start("cri-procs");
+    let logs = c.dir.path.join("pod-logs");
+    std::fs::create_dir_all(&logs).expect("log dir");
+    let log_dir = format!("log-dir={}", logs.display());
+    let pod = ok(
+        c.cri(&["runp", "name=procs", "uid=uid-p", "ns=default", &log_dir]),
+        "RunPodSandbox",
+        &c,
+    );
+    let shims = c.shim_pids();
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    let procs = husk_tests::process_tree(shims[0] as i32);
+    use husk_tests::HostRole::*;
+    husk_tests::assert_confined(
+        &procs,
+        &[Owner, Qemu, VirtiofsdParent, Virtiofsd, VsockBackend],
+    );
+    ok(c.cri(&["stopp", &pod]), "StopPodSandbox", &c);
+    ok(c.cri(&["rmp", &pod]), "RemovePodSandbox", &c);
+    assert_eq!(
+        c.leftovers_settled(),
+        Vec::<String>::new(),
+        "after the pod was removed; log:\n{}",
+        c.log_tail()
+    );
+}
+
+/// Everything under `dir`, with each file's contents, for a before/after
+/// comparison.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let meta = std::fs::symlink_metadata(&p).expect("metadata");
+        let what = if meta.is_dir() {
+            "dir".to_string()
+        } else if meta.is_file() {
+            std::fs::read_to_string(&p).unwrap_or_default()
+        } else {
+            format!("{:?}", meta.file_type())
+        };
+        found.push((p.display().to_string(), what));
+    }
+    found.sort();
+    found
+}
+
+/// A hostile pod member (every capability, the guest's pid namespace, so
+/// guest root in the agent's mount namespace where the share is) plants
+/// symlinks to a host canary, without pause, everywhere in the share: where
+/// the host is about to make the next member's rootfs and `mounts/N`, and
+/// in that member's directory while it runs and while it is torn down.
+/// The host follows none of them: the next member is created and runs
+/// (its volume written), nothing outside the sandbox directory is
+/// created, changed, mounted over or deleted, and the pod's teardown
+/// leaves nothing.
+#[test]
+fn a_hostile_pod_member_cannot_steer_the_host_into_its_canary() {
+    let c = Containerd::start("cri-plant");
+    let logs = c.dir.path.join("pod-logs");
+    let vol = c.dir.path.join("volume");
+    let canary = c.dir.path.join("canary");
+    let canary_file = c.dir.path.join("canary-file");
+    for d in [&logs, &vol, &canary] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    std::fs::write(canary.join("keep"), "canary\n").expect("canary");
+    std::fs::write(&canary_file, "canary file\n").expect("canary file");
+    let before = (
+        snapshot(&canary),
+        std::fs::read_to_string(&canary_file).ok(),
+    );
+    let log_dir = format!("log-dir={}", logs.display());
+    let common = [
+        "name=plant",
+        "uid=uid-x",
+        "ns=default",
+        &log_dir,
+        "pid=node",
+    ];
+    let mut runp = vec!["runp"];
+    runp.extend_from_slice(&common);
+    let pod = ok(c.cri(&runp), "RunPodSandbox", &c);
+    let pod_arg = format!("pod={pod}");
+    let create = |extra: &[&str], cmd: &str| {
+        let mut args = vec!["create", &pod_arg];
+        args.extend_from_slice(&common);
+        args.push("image=docker.io/library/husk-busybox:latest");
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", cmd]);
+        ok(c.cri(&args), "CreateContainer", &c)
+    };
+    // Each round tries every plant once and reports how many were refused;
+    // a plant that works prints DONE. `ln -T`: a link where the host makes
+    // (or made) a directory or mount point, never one inside it (inside a
+    // rootfs or a rw volume the guest may write: that is no escape).
+    let script = format!(
+        r#"
+S=/run/husk/shared
+g() {{ nsenter -t 1 -m -- sh -c "$1" 2>/dev/null; }}
+g "mount -o remount,rw $S" && echo "guest: share remounted rw"
+try() {{ if g "$1"; then echo "DONE: $1"; else r=$((r+1)); fi; }}
+i=0
+while :; do
+  r=0
+  dirs=$(g "ls $S" | tr '\n' ' ')
+  for d in $dirs; do
+    for p in rootfs mounts mounts/0 mounts/1; do
+      try "ln -sT {canary} $S/$d/$p"
+    done
+    try "ln -sT {canary_file} $S/$d/mounts/2"
+    try "mv $S/$d/rootfs $S/$d/moved"
+    try "rm $S/$d/mounts/0"
+    try "rmdir $S/$d/mounts"
+  done
+  try "ln -sT {canary} $S/next-$i"
+  try "mkdir -p $S/next-dir-$i/mounts"
+  echo "round $i refused $r in: $dirs"
+  i=$((i+1))
+  sleep 0.2
+done
+"#,
+        canary = canary.display(),
+        canary_file = canary_file.display(),
+    );
+    let attacker = create(&["cname=attacker", "log=attacker.log", "caps=ALL"], &script);
+    ok(c.cri(&["start", &attacker]), "StartContainer attacker", &c);
+    let attacker_log = logs.join("attacker.log");
+    wait_for_file(&attacker_log, "round 1 ", Duration::from_secs(60));
+
+    // The next member: created, run and torn down while the plants go on.
+    let mount = format!("mount={}:/vol", vol.display());
+    let victim = create(
+        &["cname=victim", "log=victim.log", &mount],
+        "echo victim-ran > /vol/mark; sleep 1000",
+    );
+    ok(c.cri(&["start", &victim]), "StartContainer victim", &c);
+    wait_for_file(&vol.join("mark"), "victim-ran", Duration::from_secs(30));
+    // Rounds that saw the victim's directory.
+    let seen = std::fs::read_to_string(&attacker_log)
+        .unwrap_or_default()
+        .matches("round ")
+        .count();
+    wait_for_file(
+        &attacker_log,
+        &format!("round {} ", seen + 2),
+        Duration::from_secs(60),
+    );
+    ok(c.cri(&["stop", &victim, "2"]), "StopContainer victim", &c);
+    ok(c.cri(&["rm", &victim]), "RemoveContainer victim", &c);
+    wait_for_file(
+        &attacker_log,
+        &format!("round {} ", seen + 4),
+        Duration::from_secs(60),
+    );
+
+    let log = std::fs::read_to_string(&attacker_log).unwrap_or_default();
+    assert!(log.contains("guest: share remounted rw"), "{log}");
+    assert!(!log.contains("DONE:"), "the guest got through:\n{log}");
+    assert!(
+        log.lines()
+            .filter_map(|l| l.split("refused ").nth(1))
+            .any(|n| n
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .parse::<u32>()
+                .unwrap_or(0)
+                > 10),
+        "no round tried the plants:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("round ") && l.contains(victim.as_str())),
+        "no round saw the victim's directory:\n{log}"
+    );
+    // Nothing outside the sandbox directory changed or was mounted over.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for m in [&canary, &canary_file] {
+        let m = m.display().to_string();
+        assert!(
+            !mountinfo.lines().any(|l| l.contains(&m)),
+            "a mount at {m}: {mountinfo}"
+        );
+    }
+    assert_eq!(
+        (
+            snapshot(&canary),
+            std::fs::read_to_string(&canary_file).ok()
+        ),
+        before
+    );
+
+    ok(
+        c.cri(&["stop", &attacker, "2"]),
+        "StopContainer attacker",
+        &c,
+    );
+    ok(c.cri(&["rm", &attacker]), "RemoveContainer attacker", &c);
+    ok(c.cri(&["stopp", &pod]), "StopPodSandbox", &c);
+    ok(c.cri(&["rmp", &pod]), "RemovePodSandbox", &c);
+    assert_eq!(
+        (
+            snapshot(&canary),
+            std::fs::read_to_string(&canary_file).ok()
+        ),
+        before
+    );
+    assert_eq!(
+        c.leftovers_settled(),
+        Vec::<String>::new(),
+        "after the pod was removed; log:\n{}",
+        c.log_tail()
+    );
+}

@@ -308,42 +308,14 @@ fn escape_sequences_in_guest_process_names_never_reach_the_terminal() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
-/// `/proc/<pid>/status` fields of a process, by name.
-fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
-/// Host processes whose command line names `marker`, with that command line.
-fn processes_naming(marker: &str) -> Vec<(i32, String)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        if cmdline.contains(marker) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
-
-/// The device helpers of a running sandbox run under their own filters, as
-/// docs/security.md says: QEMU jailed (below) and under its seccomp
-/// sandbox, virtiofsd's
-/// serving process under its seccomp filter, in a mount namespace of its
-/// own, without the capabilities to make device nodes or set file
-/// capabilities; QEMU and the vsock backend jailed: the sandbox's uid of
-/// the jail range, no groups or capabilities, no_new_privs, the spawner's
-/// seccomp filter, mount, network, IPC and UTS namespaces of their own and
-/// a root holding only what each needs.
+/// Every host process of a running sandbox is confined as docs/security.md
+/// says (`husk_tests::confinement`): QEMU and the vsock backend jailed (the
+/// sandbox's one uid of the jail range, no groups or capabilities,
+/// no_new_privs, seccomp, mount, network, IPC and UTS namespaces and a root
+/// of their own, QEMU seeing only its two ends of the sandbox directory);
+/// virtiofsd's serving process under its seccomp filter, in namespaces of
+/// its own, without the capabilities to make device nodes, set file
+/// capabilities or keep set-id bits; the monitor root in the host's mounts.
 #[test]
 fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
     require_guest();
@@ -355,31 +327,44 @@ fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
     let out = husk(&root, &["run", "-d", "-b", s(&bundle), "procs"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let marker = dir.path.display().to_string();
-    let procs = processes_naming(&marker);
-    let qemu: Vec<_> = procs
-        .iter()
-        .filter(|(_, c)| c.contains("qemu-system"))
-        .collect();
-    assert_eq!(qemu.len(), 1, "{procs:?}");
-    // QEMU and the vsock backend: the sandbox's jail uid, namespaces and
-    // a root of their own.
-    let uid = assert_jailed(qemu[0].0, "qemu");
-    let jail_dir = format!("{}/{uid}/", husk_runtime::jail::JAIL_ROOT);
-    let vsock: Vec<_> = processes_naming(&jail_dir)
+    let monitor = processes_naming(&marker)
         .into_iter()
-        .filter(|(_, c)| c.contains("vhost-device-vsock"))
-        .collect();
-    assert_eq!(vsock.len(), 1, "no vsock backend under {jail_dir}");
-    assert_eq!(assert_jailed(vsock[0].0, "vhost-device-vsock"), uid);
+        .find(|(_, c)| c.contains(" __monitor "))
+        .expect("the sandbox's monitor");
+    let procs = process_tree(monitor.0);
+    // The expectations live in one place (husk_tests::confinement), shared
+    // with the containerd pod test.
+    assert_confined(
+        &procs,
+        &[
+            HostRole::Owner,
+            HostRole::Qemu,
+            HostRole::VirtiofsdParent,
+            HostRole::Virtiofsd,
+            HostRole::VsockBackend,
+        ],
+    );
+    // QEMU and the vsock backend share the sandbox's one jail uid.
+    let uid_of = |role: HostRole| -> Vec<String> {
+        procs
+            .iter()
+            .filter(|(pid, c)| host_role(*pid, c) == Some(role))
+            .map(|(pid, _)| proc_status(*pid).get("Uid").cloned().unwrap_or_default())
+            .collect()
+    };
+    let (qemu_uid, vsock_uid) = (uid_of(HostRole::Qemu), uid_of(HostRole::VsockBackend));
+    assert!(
+        qemu_uid.len() == 1 && qemu_uid == vsock_uid,
+        "{qemu_uid:?} {vsock_uid:?}"
+    );
     // Of the sandbox's directory, QEMU sees its two ends: virtiofsd's
     // socket and the console FIFO; no log, no state, no share.
-    let sandbox_dir = std::fs::read_dir(root.join("sandbox"))
-        .expect("sandbox dirs")
-        .flatten()
-        .next()
-        .expect("one sandbox")
-        .path();
-    let seen = format!("/proc/{}/root{}", qemu[0].0, sandbox_dir.display());
+    let qemu = procs
+        .iter()
+        .find(|(pid, c)| host_role(*pid, c) == Some(HostRole::Qemu))
+        .expect("qemu");
+    let sandbox_dir = husk_runtime::sandbox::sandbox_dir(&root.join("sandbox"), "procs");
+    let seen = format!("/proc/{}/root{}", qemu.0, sandbox_dir.display());
     let mut names: Vec<String> = std::fs::read_dir(&seen)
         .unwrap_or_else(|e| panic!("{seen}: {e}"))
         .flatten()
@@ -387,57 +372,6 @@ fn device_helpers_run_under_their_filters_and_the_vsock_backend_jailed() {
         .collect();
     names.sort();
     assert_eq!(names, ["console.fifo", "vhost-fs.sock"], "qemu sees {seen}");
-    // virtiofsd makes its namespaces (mount, pid, net) and forks: the
-    // serving child is PID 1 of the new pid namespace; its parent only waits
-    // (no capabilities at all).
-    let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
-    let me = std::process::id() as i32;
-    let virtiofsd: Vec<_> = procs
-        .iter()
-        .filter(|(_, c)| c.contains("virtiofsd"))
-        .collect();
-    assert!(!virtiofsd.is_empty(), "{procs:?}");
-    for (pid, _) in &virtiofsd {
-        assert_ne!(
-            ns(*pid, "mnt"),
-            ns(me, "mnt"),
-            "virtiofsd {pid} shares our mounts"
-        );
-    }
-    let served: Vec<_> = virtiofsd
-        .iter()
-        .filter(|(pid, _)| ns(*pid, "pid") != ns(me, "pid"))
-        .collect();
-    assert_eq!(
-        served.len(),
-        1,
-        "no virtiofsd in a pid namespace of its own: {procs:?}"
-    );
-    let st = proc_status(served[0].0);
-    assert_eq!(
-        st.get("NoNewPrivs").map(String::as_str),
-        Some("1"),
-        "virtiofsd: {st:?}"
-    );
-    assert_eq!(
-        st.get("Seccomp").map(String::as_str),
-        Some("2"),
-        "virtiofsd: {st:?}"
-    );
-    let cap_eff = u64::from_str_radix(st.get("CapEff").map(String::as_str).unwrap_or(""), 16)
-        .expect("CapEff");
-    const CAP_MKNOD: u64 = 27;
-    const CAP_SETFCAP: u64 = 31;
-    assert_eq!(
-        cap_eff & (1 << CAP_MKNOD),
-        0,
-        "virtiofsd keeps CAP_MKNOD: {cap_eff:x}"
-    );
-    assert_eq!(
-        cap_eff & (1 << CAP_SETFCAP),
-        0,
-        "virtiofsd keeps CAP_SETFCAP: {cap_eff:x}"
-    );
     assert!(husk(&root, &["delete", "--force", "procs"])
         .status
         .success());
@@ -883,32 +817,6 @@ fn proc_state(pid: i32) -> Option<char> {
     stat.rsplit(')').next()?.trim_start().chars().next()
 }
 
-/// `pid` and its live descendants.
-fn process_tree(pid: i32) -> Vec<i32> {
-    let mut parents: Vec<(i32, i32)> = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Some(ppid) = proc_status(p).get("PPid").and_then(|v| v.parse().ok()) {
-            parents.push((p, ppid));
-        }
-    }
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    tree
-}
-
 /// Waits for `child` for at most `limit`, failing as soon as it or one of
 /// its descendants (the shadow) is stopped.
 fn wait_never_stopped(
@@ -920,7 +828,7 @@ fn wait_never_stopped(
         if let Some(status) = child.try_wait().expect("try_wait") {
             return status;
         }
-        for pid in process_tree(child.id() as i32) {
+        for (pid, _) in process_tree(child.id() as i32) {
             let state = proc_state(pid);
             assert!(
                 !matches!(state, Some('T' | 't')),

@@ -3,9 +3,13 @@
 //!
 //! ```text
 //! husk-cri SOCKET version
-//! husk-cri SOCKET runp name=N uid=U ns=NS log-dir=DIR [handler=husk]       -> pod id
+//! husk-cri SOCKET runp name=N uid=U ns=NS log-dir=DIR [handler=husk] [pid=node]
+//!                                                                          -> pod id
 //! husk-cri SOCKET create pod=ID name=N uid=U ns=NS log-dir=DIR cname=C image=I log=FILE
-//!                        [mount=HOST:CTR]... [handler=husk] -- CMD...      -> container id
+//!                        [mount=HOST:CTR]... [handler=husk] [pid=node] [caps=ALL]
+//!                        -- CMD...                                         -> container id
+//! (pid=node: the node's pid namespace, hostPID; in husk, the guest's.
+//!  caps=C,…: capabilities added to the container's.)
 //! husk-cri SOCKET start|rm CID     husk-cri SOCKET stop CID [TIMEOUT]
 //! husk-cri SOCKET stopp|rmp POD    husk-cri SOCKET status CID              -> STATE EXIT_CODE
 //! husk-cri SOCKET exec CID -- CMD...  (ExecSync: its stdout, stderr and exit code)
@@ -150,14 +154,23 @@ fn pod_config(kv: &HashMap<String, Vec<String>>) -> anyhow::Result<PodSandboxCon
         linux.cgroup_parent = parent.clone();
     }
     let mut sc = LinuxSandboxSecurityContext::new();
-    let mut ns = NamespaceOption::new();
-    ns.network = NamespaceMode::POD.into();
-    ns.pid = NamespaceMode::CONTAINER.into();
-    ns.ipc = NamespaceMode::POD.into();
-    sc.namespace_options = Some(ns).into();
+    sc.namespace_options = Some(namespace_options(kv)).into();
     linux.security_context = Some(sc).into();
     c.linux = Some(linux).into();
     Ok(c)
+}
+
+/// The pod's namespaces: its own network and IPC; its containers' pid
+/// namespaces of their own unless `pid=node`.
+fn namespace_options(kv: &HashMap<String, Vec<String>>) -> NamespaceOption {
+    let mut ns = NamespaceOption::new();
+    ns.network = NamespaceMode::POD.into();
+    ns.pid = match kv.get("pid").and_then(|v| v.last()).map(String::as_str) {
+        Some("node") => NamespaceMode::NODE.into(),
+        _ => NamespaceMode::CONTAINER.into(),
+    };
+    ns.ipc = NamespaceMode::POD.into();
+    ns
 }
 
 const USAGE: &str = "usage: husk-cri SOCKET COMMAND ARGS…
@@ -216,6 +229,16 @@ async fn run(args: Vec<String>) -> anyhow::Result<i32> {
                 mount.container_path = ctr.into();
                 cc.mounts.push(mount);
             }
+            let mut linux = LinuxContainerConfig::new();
+            let mut sc = LinuxContainerSecurityContext::new();
+            sc.namespace_options = Some(namespace_options(&kv)).into();
+            if let Some(caps) = kv.get("caps").and_then(|v| v.last()) {
+                let mut c = Capability::new();
+                c.add_capabilities = caps.split(',').map(String::from).collect();
+                sc.capabilities = Some(c).into();
+            }
+            linux.security_context = Some(sc).into();
+            cc.linux = Some(linux).into();
             let mut req = CreateContainerRequest::new();
             req.pod_sandbox_id = one(&kv, "pod")?;
             req.config = Some(cc).into();
