@@ -4,11 +4,16 @@
 //! seccomp filter installed by the spawner before the helper's first
 //! instruction.
 //!
-//! Today the vsock backend runs jailed (it maps all of guest RAM and parses
-//! the rings a hostile guest writes; it needs no privilege at all once its
-//! sockets are in a directory it owns). QEMU, virtiofsd and husk-vmm have
-//! filters of their own (docs/security.md); moving them under the jail's
-//! uid and into mount namespaces of their own is the next step.
+//! The VMM (QEMU or husk-vmm) and the vsock backend run jailed: both map all
+//! of guest RAM and parse what a hostile guest writes, and neither needs any
+//! privilege once its files are open. Each also gets namespaces and a root
+//! of its own ([`JailRoot`]). virtiofsd stays root (it serves files of every
+//! owner) under its own sandbox and a filter of ours
+//! ([`no_set_id_bits_filters`]); see docs/security.md.
+//!
+//! A jailed helper may fork: when the sandbox ends, [`kill_uid`] ends every
+//! process of its uid before the uid is given back, so nothing a
+//! compromised helper left behind meets the next sandbox of that uid.
 //!
 //! The uid comes from a configurable range (`jail_uid_base`,
 //! `jail_uid_count`), one per sandbox, claimed by an exclusive flock on
@@ -228,12 +233,104 @@ pub fn apply_filters(cmd: &mut Command, filters: Vec<seccompiler::BpfProgram>) {
                 return Err(std::io::Error::last_os_error());
             }
             for filter in &filters {
-                seccompiler::apply_filter(filter)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if seccompiler::apply_filter(filter).is_err() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
             }
             Ok(())
         });
     }
+}
+
+/// Ends every process running as `uid`: what a jailed helper of a sandbox
+/// may have forked (the helpers themselves die with their owner, their
+/// children need not). A child of ours takes the uid and signals all it may
+/// signal; then the processes of that uid are awaited (a killed process
+/// stays listed, as a zombie, until its parent reaps it: zombies run
+/// nothing). Called before a uid is claimed and before it is given back.
+pub fn kill_uid(uid: u32) -> Result<(), JailError> {
+    let err = |source| JailError::Io {
+        what: "ending the processes of jail uid",
+        path: PathBuf::from(uid.to_string()),
+        source,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        signal_all_as(uid).map_err(err)?;
+        let live = live_processes_of(uid);
+        if live.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(err(std::io::Error::other(format!(
+                "still running: {live:?}"
+            ))));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL to every process `uid` may signal, from a child that takes it.
+fn signal_all_as(uid: u32) -> std::io::Result<()> {
+    // SAFETY: fork in a multithreaded process: the child makes only
+    // async-signal-safe system calls (setgroups, setresgid, setresuid,
+    // kill) and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above. kill(-1) reaches every process of this uid but
+        // the caller (ESRCH when there is none).
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(uid, uid, uid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                libc::_exit(3);
+            }
+            libc::kill(-1, libc::SIGKILL);
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child just forked.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the signalling child ended with {status:#x}"
+        )))
+    }
+}
+
+/// Pids of the processes of `uid` that are not zombies.
+fn live_processes_of(uid: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                return false;
+            };
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let real_uid = field("Uid:").split_whitespace().next().map(str::to_string);
+            real_uid.as_deref() == Some(uid.to_string().as_str())
+                && !field("State:").starts_with('Z')
+        })
+        .collect()
 }
 
 /// What a helper is confined to.
@@ -247,7 +344,7 @@ pub struct Jail {
     /// The file system the process sees, if it gets a root of its own.
     root: Option<PreparedRoot>,
     rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
-    filter: seccompiler::BpfProgram,
+    filters: Vec<seccompiler::BpfProgram>,
 }
 
 /// Syscalls a device backend never needs and an attacker wants: refused
@@ -305,27 +402,110 @@ const DENIED: &[i64] = &[
     libc::SYS_move_mount,
     libc::SYS_open_tree,
     libc::SYS_mount_setattr,
+    libc::SYS_fsconfig,
+    libc::SYS_fspick,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_process_madvise,
+    libc::SYS_kcmp,
 ];
+
+/// Namespaces a jailed helper may not make with `clone` (unshare and setns
+/// are denied outright; clone3 reads as absent, so glibc uses clone).
+const CLONE_NAMESPACES: &[libc::c_int] = &[
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWCGROUP,
+    libc::CLONE_NEWTIME,
+];
+
+/// A program refusing every x32 system call (`nr | 0x40000000`): x32 shares
+/// x86_64's audit architecture, so the rule tables, keyed by number, would
+/// not see them.
+fn no_x32_filter() -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JGE_K: u16 = 0x35;
+    const BPF_RET_K: u16 = 0x06;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    vec![
+        // seccomp_data.nr, at offset 0.
+        sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: BPF_JGE_K,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ERRNO | libc::EPERM as u32,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ALLOW,
+        },
+    ]
+}
 
 impl Jail {
     /// A jail as uid = gid = `id`, with the backends' rlimits and the deny
     /// list compiled for this architecture.
     pub fn for_backend(id: u32) -> Result<Jail, JailError> {
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+        let seccomp = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
             DENIED.iter().map(|nr| (*nr, Vec::new())).collect();
-        let arch = std::env::consts::ARCH
+        let clone_rules = CLONE_NAMESPACES
+            .iter()
+            .map(|flag| {
+                let cond = SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(*flag as u64),
+                    *flag as u64,
+                )
+                .map_err(seccomp)?;
+                SeccompRule::new(vec![cond]).map_err(seccomp)
+            })
+            .collect::<Result<Vec<_>, JailError>>()?;
+        rules.insert(libc::SYS_clone, clone_rules);
+        let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(seccomp)?;
+        let build = |rules, errno: i32| -> Result<seccompiler::BpfProgram, JailError> {
+            seccompiler::SeccompFilter::new(
+                rules,
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(errno as u32),
+                arch,
+            )
+            .map_err(seccomp)?
             .try_into()
-            .map_err(|e: seccompiler::BackendError| JailError::Seccomp(e.to_string()))?;
-        let filter = seccompiler::SeccompFilter::new(
-            rules,
-            seccompiler::SeccompAction::Allow,
-            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-            arch,
-        )
-        .map_err(|e| JailError::Seccomp(e.to_string()))?;
-        let filter: seccompiler::BpfProgram = filter
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| JailError::Seccomp(e.to_string()))?;
+            .map_err(seccomp)
+        };
+        let absent: BTreeMap<i64, Vec<SeccompRule>> =
+            [(libc::SYS_clone3, Vec::new())].into_iter().collect();
+        let filters = vec![
+            no_x32_filter(),
+            build(rules, libc::EPERM)?,
+            build(absent, libc::ENOSYS)?,
+        ];
         Ok(Jail {
             uid: id,
             gid: id,
@@ -340,7 +520,7 @@ impl Jail {
                 (libc::RLIMIT_CORE, 0),
                 (libc::RLIMIT_MEMLOCK, 64 << 10),
             ],
-            filter,
+            filters,
         })
     }
 
@@ -384,8 +564,11 @@ impl Jail {
             namespaces,
             root,
             rlimits,
-            filter,
+            filters,
         } = self;
+        // Nothing of the spawner's environment (the programs are named by
+        // absolute path and need none).
+        cmd.env_clear();
         // SAFETY: the closure runs between fork and exec and calls only
         // async-signal-safe functions (unshare, mount, mkdir, open, symlink,
         // pivot_root, setgroups, setresgid, setresuid, umask, prctl,
@@ -420,7 +603,25 @@ impl Jail {
                         return fail();
                     }
                 }
-                seccompiler::apply_filter(&filter).map_err(|e| std::io::Error::other(e.to_string()))
+                // No descriptor the spawner leaked (one not close-on-exec)
+                // crosses into the jail: a directory fd would lead out of
+                // its root.
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) != 0
+                {
+                    return fail();
+                }
+                for filter in &filters {
+                    // On failure errno says why; nothing is allocated here.
+                    if seccompiler::apply_filter(filter).is_err() {
+                        return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                    }
+                }
+                Ok(())
             });
         }
     }
@@ -709,7 +910,7 @@ impl PreparedRoot {
                     }
                     RootStep::Mknod { path, rdev, owner } => {
                         libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, *rdev) == 0
-                            && libc::chown(path.as_ptr(), *owner, *owner) == 0
+                            && libc::lchown(path.as_ptr(), *owner, *owner) == 0
                     }
                     RootStep::Symlink { target, link } => {
                         libc::symlink(target.as_ptr(), link.as_ptr()) == 0
@@ -726,18 +927,23 @@ impl PreparedRoot {
                             libc::MS_BIND | libc::MS_REC,
                             std::ptr::null(),
                         ) == 0
-                            && (!*read_only
-                                || libc::mount(
-                                    null,
+                            && (!*read_only || {
+                                // Read-only, nosuid, nodev through every
+                                // submount too (a remount would change the
+                                // top one only).
+                                let mut attr: libc::mount_attr = std::mem::zeroed();
+                                attr.attr_set = libc::MOUNT_ATTR_RDONLY
+                                    | libc::MOUNT_ATTR_NOSUID
+                                    | libc::MOUNT_ATTR_NODEV;
+                                libc::syscall(
+                                    libc::SYS_mount_setattr,
+                                    libc::AT_FDCWD,
                                     target.as_ptr(),
-                                    null,
-                                    libc::MS_BIND
-                                        | libc::MS_REMOUNT
-                                        | libc::MS_RDONLY
-                                        | libc::MS_NOSUID
-                                        | libc::MS_NODEV,
-                                    std::ptr::null(),
-                                ) == 0)
+                                    libc::AT_RECURSIVE as libc::c_uint,
+                                    &attr as *const libc::mount_attr,
+                                    std::mem::size_of::<libc::mount_attr>(),
+                                ) == 0
+                            })
                     }
                 };
                 if !ok {
@@ -1002,5 +1208,82 @@ tried("open-existing", lambda: os.close(os.open("plain", os.O_RDONLY | 0o4000)))
         assert_eq!(mode & 0o7777, 0o755);
         assert!(!dir.join("made").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn kill_uid_ends_what_a_jailed_helper_left_behind() {
+        // A jailed shell forks a sleeper that outlives it (as a compromised
+        // helper could), in a session of its own.
+        let uid = 4_000_126;
+        let jail = Jail::for_backend(uid).unwrap();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+        ]);
+        jail.apply(&mut cmd);
+        let out = cmd.output().expect("jailed shell");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        let left: i32 = text.trim().parse().expect("pid");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let alive = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .map(|s| !s.contains("State:\tZ"))
+                .unwrap_or(false)
+        };
+        assert!(alive(left), "the sleeper did not start");
+        kill_uid(uid).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while alive(left) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!alive(left), "process {left} of uid {uid} survived");
+        // Nothing of that uid: a second sweep finds none at once.
+        kill_uid(uid).unwrap();
+    }
+
+    #[test]
+    fn a_jailed_helper_cannot_make_namespaces_with_clone_nor_use_x32() {
+        let jail = Jail::for_backend(4_000_127).unwrap();
+        let script = r#"
+import ctypes, os, errno
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_clone = 56
+CLONE_NEWUSER = 0x10000000
+SIGCHLD = 17
+r = libc.syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0)
+if r == 0:
+    os._exit(0)
+print("clone-newuser", errno.errorcode.get(ctypes.get_errno(), r) if r < 0 else "ok")
+if r > 0:
+    os.waitpid(r, 0)
+r = libc.syscall(0x40000000 | 39)  # x32 getpid
+print("x32", errno.errorcode.get(ctypes.get_errno(), r) if r < 0 else "ok")
+r = libc.syscall(435, 0, 0)  # clone3
+print("clone3", errno.errorcode.get(ctypes.get_errno(), r) if r < 0 else "ok")
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+print("fork", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"#;
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.args(["-c", script]);
+        jail.apply(&mut cmd);
+        let out = cmd.output().expect("python3");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for want in [
+            "clone-newuser EPERM",
+            "x32 EPERM",
+            "clone3 ENOSYS",
+            "fork 7",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want}: {text}");
+        }
     }
 }

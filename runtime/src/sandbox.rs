@@ -529,6 +529,8 @@ impl Sandbox {
             &self.dir,
         )?;
         let uid = id.uid;
+        // Whatever a crashed sandbox's helpers forked under this uid.
+        crate::jail::kill_uid(uid)?;
         let dir = root.join(uid.to_string());
         self.jail = Some((id, dir.clone()));
         // Searchable by the jailed uids, listable by nobody but root.
@@ -744,13 +746,20 @@ impl Sandbox {
         }
         if let Some((id, dir)) = self.jail.take() {
             let _ = std::fs::remove_dir_all(&dir);
+            // What a compromised helper forked must not meet the next
+            // sandbox of this uid (the next claim sweeps again).
+            if let Err(e) = crate::jail::kill_uid(id.uid) {
+                log::warn!("sandbox {}: {e}", self.id);
+            }
             id.release();
         }
-        if let Some(share) = self.share.take() {
-            share.remove()?;
-        }
+        // Each step is tried whatever the one before gave: the first error
+        // is reported.
+        let share = self.share.take().map(|share| share.remove()).unwrap_or(Ok(()));
         // The sandbox's own tmpfs (and anything a failed step left on it).
-        unmount_below(&self.dir)?;
+        let unmounted = unmount_below(&self.dir);
+        share?;
+        unmounted?;
         remove_tree_same_fs(&self.dir)
     }
 }
