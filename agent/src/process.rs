@@ -2,9 +2,10 @@
 //!
 //! As PID 1 the agent must reap every zombie, its own children and orphans
 //! re-parented to it. One thread does all reaping on SIGCHLD. It takes the
-//! spawn lock first, so a child that `Command::spawn` is still setting up
-//! (std waits on a child whose exec failed) is never reaped from under it,
-//! and a child is always registered as tracked before it can be reaped.
+//! spawn lock first, which the launcher holds only across a fork and the
+//! registration of the new pid (never while a child sets up, parks or
+//! execs), so a child is always registered as tracked before it can be
+//! reaped: one that exits at once is still waited for.
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
@@ -94,7 +95,8 @@ impl Reaper {
         Ok(reaper)
     }
 
-    /// Holds off reaping while a child is spawned and registered.
+    /// Holds off reaping while a child is forked and registered; held for
+    /// no longer than that.
     pub fn spawn_guard(&self) -> MutexGuard<'_, ()> {
         self.spawn_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
