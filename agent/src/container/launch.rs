@@ -83,7 +83,11 @@ pub(super) fn park(
     streams: ProcessStreams,
 ) -> Result<Parked, ContainerError> {
     let (forked, park) = fork_child(reaper, launch, streams, true)?;
-    let Some((parked, go)) = park else {
+    let Some(ParkEnds { parked, go }) = park else {
+        // Cannot happen (asked for above); do not leave the child.
+        // SAFETY: kill(2) of a child this agent forked and still tracks.
+        unsafe { libc::kill(forked.pid, libc::SIGKILL) };
+        reaper.forget(forked.pid);
         return Err(ContainerError::Io(std::io::Error::other(
             "the container process was forked without its start pipe",
         )));
@@ -99,9 +103,11 @@ pub(super) fn park(
         Err(e) => Err(e),
         Ok(_) => {
             // Cannot happen (the child parks before exec); do not leave it.
-            // SAFETY: kill(2) of a child this agent forked and still tracks
-            // (not yet reaped: its pid is its own).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if reaper.try_wait(pid).is_none() {
+                // SAFETY: kill(2) of a child this agent forked and tracks,
+                // not reaped yet: its pid is its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
             reaper.forget(pid);
             Err(ContainerError::Io(std::io::Error::other(
                 "the container process ran before start",
@@ -179,6 +185,14 @@ fn dev_null() -> std::io::Result<OwnedFd> {
     above_stdio(OwnedFd::from(null))
 }
 
+/// The agent's ends of a parking child's pipes.
+struct ParkEnds {
+    /// The child writes one byte here once parked.
+    parked: OwnedFd,
+    /// `start` (or `delete`) writes its byte here.
+    go: OwnedFd,
+}
+
 /// The fds of one fork: the child's ends (closed in the agent right after
 /// the fork) and the agent's.
 struct ForkFds {
@@ -249,13 +263,12 @@ impl ForkFds {
 /// no other concurrently forked child, which may park for long, holds a
 /// copy of them and keeps their EOF from the agent). Waiting for the
 /// child, to park or to exec, happens with no lock held.
-#[allow(clippy::type_complexity)]
 fn fork_child(
     reaper: &Reaper,
     mut launch: Launch,
     streams: ProcessStreams,
     park: bool,
-) -> Result<(Forked, Option<(OwnedFd, OwnedFd)>), ContainerError> {
+) -> Result<(Forked, Option<ParkEnds>), ContainerError> {
     let plan = &mut launch.plan;
     let program = plan.args.first().cloned().unwrap_or_default();
     let spawn_err = |step: &str, reason: String| ContainerError::Spawn {
@@ -363,7 +376,7 @@ fn fork_child(
         park,
     } = fds;
     let console = console.map(|(agent_end, _child_end)| agent_end);
-    let park = park.map(|(parked_r, _parked_w, _go_r, go_w)| (parked_r, go_w));
+    let park = park.map(|(parked, _parked_w, _go_r, go)| ParkEnds { parked, go });
     drop((child_stdio, diag_w, errno_w));
     drop(guard);
     // The child has its own copy of the launch (device filter fds
