@@ -183,6 +183,10 @@ unsafe fn helper_main(join_fd: libc::c_int, flags: libc::c_int, ready: libc::c_i
     // SAFETY: raw syscalls on inherited fds and integer arguments; the
     // holder's body is async-signal-safe too.
     unsafe {
+        // Only its two fds stay: it lives as long as its container is
+        // created, and must not keep another launch's pipes open (their
+        // EOF tells the agent a child exec'd or failed).
+        close_all_but(join_fd, ready);
         libc::prctl(libc::PR_SET_NAME, c"husk-userns".as_ptr());
         let mut rc = 0;
         if join_fd >= 0 && libc::setns(join_fd, libc::CLONE_NEWUSER) < 0 {
@@ -211,6 +215,27 @@ unsafe fn helper_main(join_fd: libc::c_int, flags: libc::c_int, ready: libc::c_i
             libc::pause();
         }
     }
+}
+
+/// Closes every fd but `a` and `b` (either may be -1).
+///
+/// # Safety
+/// Only in a freshly forked child: raw syscalls only.
+unsafe fn close_all_but(a: libc::c_int, b: libc::c_int) {
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    let mut next: libc::c_int = 0;
+    for keep in [low, high] {
+        if keep < 0 {
+            continue;
+        }
+        if keep > next {
+            // SAFETY: close_range(2) of fds this child does not use.
+            unsafe { libc::syscall(libc::SYS_close_range, next as u32, (keep - 1) as u32, 0u32) };
+        }
+        next = keep + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, next as u32, u32::MAX, 0u32) };
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! What runs in the forked child between fork and exec: a [`LaunchPlan`]
-//! applied with raw syscalls.
+//! applied with raw syscalls, then the exec.
 //!
-//! Everything was computed before the fork (by the planner, `husk_agent::plan`),
-//! because between fork and exec in a multi-threaded process only
-//! async-signal-safe calls are allowed: nothing here allocates or plans. A
-//! failing step writes its description to the diagnostics pipe and returns
-//! the errno, so the error names what failed. The one point where the child
-//! waits for the agent (a created container parked until `start`) is
-//! [`wait_for_start`], called from [`apply_in_child`] only.
+//! Everything was computed before the fork (by the planner, `husk_agent::plan`,
+//! and [`ExecArgs`]), because between fork and exec in a multi-threaded
+//! process only async-signal-safe calls are allowed: nothing here allocates
+//! or plans. A failing step writes its description to the diagnostics pipe,
+//! and [`run`] writes the errno to the errno pipe, so the error names what
+//! failed; an exec that succeeds closes both (close-on-exec), which is how
+//! the agent knows. The one point where the child waits for the agent (a
+//! created container parked until `start`) is [`wait_for_start`], called
+//! from [`apply_in_child`] only; the agent holds no lock meanwhile.
 
 use crate::cgroup::devices::DeviceFilter;
 use crate::hooks::GuestHooks;
@@ -28,8 +30,8 @@ pub struct Launch {
     pub device_filter: Option<DeviceFilter>,
 }
 
-/// Reports a failed step to the parent and returns the error to std, which
-/// turns it into the spawn error.
+/// Reports a failed step to the parent and returns its errno, which [`run`]
+/// sends on the errno pipe.
 fn fail(diag_fd: libc::c_int, what: &CString) -> std::io::Error {
     let err = std::io::Error::last_os_error();
     let bytes = what.as_bytes();
@@ -89,6 +91,7 @@ pub struct StepNames {
     pub bind_device: CString,
     pub device_filter: CString,
     pub userns_root: CString,
+    pub stdio: CString,
 }
 
 impl StepNames {
@@ -129,15 +132,141 @@ impl StepNames {
             bind_device: c("bind-mounting /dev nodes (user namespace: no mknod)"),
             device_filter: c("attaching the linux.resources.devices filter"),
             userns_root: c("becoming root of the user namespace (uid and gid 0 must be mapped)"),
+            stdio: c("setting up stdio"),
         }
     }
+}
+
+/// process.args and process.env as execvp(3) takes them, made before the
+/// fork.
+pub struct ExecArgs {
+    program: CString,
+    /// Owns what `argv` points into.
+    _args: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    /// Owns what `envp` points into.
+    _env: Vec<CString>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecArgs {
+    /// Fails with what is wrong: no args, or a NUL byte in an arg or
+    /// variable.
+    pub fn new(args: &[String], env: &[(String, String)]) -> Result<Self, String> {
+        let c = |what: &str, s: String| {
+            CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
+        };
+        let program = c(
+            "process.args[0]",
+            args.first().ok_or("process.args is empty")?.clone(),
+        )?;
+        let args = args
+            .iter()
+            .map(|a| c("process.args", a.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let env = env
+            .iter()
+            .map(|(k, v)| c("process.env", format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nul_ended = |v: &[CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        Ok(ExecArgs {
+            program,
+            argv: nul_ended(&args),
+            envp: nul_ended(&env),
+            _args: args,
+            _env: env,
+        })
+    }
+}
+
+/// The fds a forked child works with (all opened by the agent before the
+/// fork, close-on-exec, and above 2 so that setting up stdio cannot
+/// overwrite one).
+pub struct ChildFds {
+    /// Become the child's fds 0, 1 and 2.
+    pub stdio: [libc::c_int; 3],
+    /// Takes the description of a failed step.
+    pub diag: libc::c_int,
+    /// Takes the errno of a failed step or exec, as 4 native-endian bytes.
+    pub errno: libc::c_int,
+    /// The child's end of the terminal socket (see `open_console`), or -1.
+    pub console: libc::c_int,
+}
+
+extern "C" {
+    /// The environment execvp(3) searches PATH in and hands on.
+    static mut environ: *const *const libc::c_char;
+}
+
+/// The forked child's life: stdio, the launch's plan, then exec; on any
+/// failure the errno goes to the agent and the child exits.
+///
+/// # Safety
+/// Only in a freshly forked child of the agent; never returns.
+pub unsafe fn run(launch: &Launch, names: &StepNames, fds: &ChildFds, exec: &ExecArgs) -> ! {
+    // SAFETY: forwarded from the caller's contract.
+    let err = unsafe { setup_and_exec(launch, names, fds, exec) };
+    let errno = err.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes();
+    // SAFETY: writing a local buffer to our pipe fd, then _exit(2), which
+    // runs nothing of the agent's (no atexit handlers, no destructors).
+    unsafe {
+        libc::write(fds.errno, errno.as_ptr().cast(), errno.len());
+        libc::_exit(127)
+    }
+}
+
+/// Returns only on failure, with its errno.
+///
+/// # Safety
+/// As [`run`].
+unsafe fn setup_and_exec(
+    launch: &Launch,
+    names: &StepNames,
+    fds: &ChildFds,
+    exec: &ExecArgs,
+) -> std::io::Error {
+    // As std's Command does: the process starts with no signal blocked (the
+    // agent blocks SIGCHLD for its reaper) and SIGPIPE at its default (the
+    // agent ignores it).
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset; then
+    // sigprocmask and signal with valid arguments.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    for (target, fd) in (0..).zip(fds.stdio) {
+        // SAFETY: dup2 of an fd opened for this child onto 0..2; the
+        // sources are above 2 (see `ChildFds`), so none is overwritten.
+        if unsafe { libc::dup2(fd, target) } < 0 {
+            return fail(fds.diag, &names.stdio);
+        }
+    }
+    // SAFETY: forwarded from the caller's contract.
+    if let Err(e) = unsafe { apply_in_child(launch, names, fds.diag, fds.console) } {
+        return e;
+    }
+    // SAFETY: this single-threaded child points environ at the prepared,
+    // NUL-ended array (as std's Command does) so that execvp searches the
+    // process's PATH, then execs with NUL-ended argv prepared before the fork.
+    unsafe {
+        environ = exec.envp.as_ptr();
+        libc::execvp(exec.program.as_ptr(), exec.argv.as_ptr());
+    }
+    std::io::Error::last_os_error()
 }
 
 /// Runs in the forked child: applies the launch's plan. Only raw syscalls.
 ///
 /// # Safety
-/// Must only be called between fork and exec (from `pre_exec`).
-pub unsafe fn apply_in_child(
+/// Must only be called between fork and exec (from [`run`]).
+unsafe fn apply_in_child(
     launch: &Launch,
     names: &StepNames,
     diag: libc::c_int,

@@ -240,7 +240,7 @@ impl Containers {
         let parked = lock(&c.parked)
             .take()
             .ok_or_else(|| ContainerError::AlreadyStarted(id.to_string()))?;
-        let proc = release(parked, child::START)?;
+        let proc = release(&self.reaper, parked, child::START)?;
         let pid = proc.pid;
         *lock(&c.init) = Some(proc);
         Ok(pid as u32)
@@ -427,7 +427,7 @@ impl Containers {
         let c = self.get(id)?;
         // A created container's parked child ends without exec.
         if let Some(parked) = lock(&c.parked).take() {
-            let _ = release(parked, b'x');
+            let _ = release(&self.reaper, parked, b'x');
         }
         let init = lock(&c.init).clone();
         if let Some(init) = &init {
