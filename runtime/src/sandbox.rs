@@ -755,7 +755,11 @@ impl Sandbox {
         }
         // Each step is tried whatever the one before gave: the first error
         // is reported.
-        let share = self.share.take().map(|share| share.remove()).unwrap_or(Ok(()));
+        let share = self
+            .share
+            .take()
+            .map(|share| share.remove())
+            .unwrap_or(Ok(()));
         // The sandbox's own tmpfs (and anything a failed step left on it).
         let unmounted = unmount_below(&self.dir);
         share?;
