@@ -24,7 +24,7 @@ use husk_runtime::agent::{AgentClient, AgentError};
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{
-    connect_stdio_via, BootPhase, NewContainer, Sandbox, SandboxConfig, StdioPumps,
+    connect_stdio_via, BootPhase, NewContainer, Sandbox, SandboxConfig, SandboxError, StdioPumps,
 };
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -271,20 +271,20 @@ impl Pod {
     /// only (the share's mounts), never for a call into the guest.
     fn try_with<T>(
         &self,
-        f: impl FnOnce(&mut Sandbox) -> Result<T, String>,
+        f: impl FnOnce(&mut Sandbox) -> Result<T, SandboxError>,
     ) -> Result<T, (Code, String)> {
         if let Some(why) = self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err((Code::UNAVAILABLE, format!("the VM is gone: {why}")));
         }
         let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_mut() {
-            Some(sb) => f(sb).map_err(|e| (Code::UNKNOWN, e)),
+            Some(sb) => f(sb).map_err(|e| (error::code_of_sandbox(&e), e.to_string())),
             None => Err((Code::UNAVAILABLE, "the VM is shut down".to_string())),
         }
     }
 
     /// [`Self::try_with`] for an RPC's answer.
-    fn with<T>(&self, f: impl FnOnce(&mut Sandbox) -> Result<T, String>) -> TtrpcResult<T> {
+    fn with<T>(&self, f: impl FnOnce(&mut Sandbox) -> Result<T, SandboxError>) -> TtrpcResult<T> {
         self.try_with(f).map_err(|(code, msg)| err(code, msg))
     }
 
@@ -819,7 +819,7 @@ impl Inner {
                 Ok(std::process::id())
             }
             Err(e) => {
-                let _ = pod.with(|sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
+                let _ = pod.with(|sb| sb.unshare_container(&id));
                 if owns_vm {
                     self.pods
                         .lock()
@@ -865,19 +865,15 @@ impl Inner {
         let shared_id = id.clone();
         let (rel, shared) = pod
             .try_with(move |sb| {
-                let rel = sb
-                    .share_rootfs(
-                        &shared_id,
-                        &rootfs,
-                        readonly_rootfs.is_some(),
-                        readonly_rootfs.as_deref().unwrap_or(&[]),
-                    )
-                    .map_err(|e| e.to_string())?;
+                let rel = sb.share_rootfs(
+                    &shared_id,
+                    &rootfs,
+                    readonly_rootfs.is_some(),
+                    readonly_rootfs.as_deref().unwrap_or(&[]),
+                )?;
                 let mut shared = HashMap::new();
                 for (index, source, destination, readonly) in binds {
-                    let r = sb
-                        .share_path(&shared_id, index, &source, readonly)
-                        .map_err(|e| e.to_string())?;
+                    let r = sb.share_path(&shared_id, index, &source, readonly)?;
                     shared.insert(destination, r);
                 }
                 Ok((rel, shared))
@@ -885,8 +881,7 @@ impl Inner {
             .map_err(|(code, message)| TaskError::Pod { code, message })?;
         // ...the guest's part without it.
         let result = pod.try_call(move |agent| {
-            let (tokens, pumps) =
-                connect_stdio_via(agent, stdio).map_err(|e| AgentError::Aborted(e.to_string()))?;
+            let (tokens, pumps) = connect_stdio_via(agent, stdio).map_err(stdio_error)?;
             let req = NewContainer {
                 id,
                 spec_json,
@@ -954,6 +949,16 @@ fn status_of(phase: Phase) -> Status {
         Phase::Running => Status::RUNNING,
         Phase::Paused => Status::PAUSED,
         Phase::Stopped => Status::STOPPED,
+    }
+}
+
+/// A failure to connect a process's stdio streams, as an agent error: an
+/// agent's own error keeps its kind; anything else means the guest's
+/// streams could not be reached.
+fn stdio_error(e: SandboxError) -> AgentError {
+    match e {
+        SandboxError::Agent(agent) => agent,
+        other => AgentError::Aborted(other.to_string()),
     }
 }
 
@@ -1049,8 +1054,8 @@ impl containerd_shim::Task for Service {
             let stdio = host_stdio(&p.stdin, &p.stdout, &p.stderr, p.terminal).map_err(internal)?;
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
             let started = pod.call(move |agent| {
-                let (tokens, pumps): (StdioTokens, StdioPumps) = connect_stdio_via(agent, stdio)
-                    .map_err(|e| AgentError::Aborted(e.to_string()))?;
+                let (tokens, pumps): (StdioTokens, StdioPumps) =
+                    connect_stdio_via(agent, stdio).map_err(stdio_error)?;
                 let r = AgentExec {
                     container_id: id,
                     exec_id,
@@ -1182,7 +1187,7 @@ impl containerd_shim::Task for Service {
                 log::warn!("removing {id} in the guest: {e}");
             }
         }
-        let _ = pod.with(move |sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
+        let _ = pod.with(move |sb| sb.unshare_container(&id));
         if container.owns_vm {
             self.inner
                 .pods
