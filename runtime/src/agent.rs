@@ -43,6 +43,9 @@ pub enum AgentError {
         /// The guest's message, bounded and printable.
         message: String,
     },
+    /// The ttrpc connection broke (closed, reset, end of stream).
+    #[error("agent: {0}")]
+    Disconnected(String),
     #[error("agent: no answer within {RPC_TIMEOUT:?}")]
     Timeout,
     #[error("{0}")]
@@ -69,6 +72,13 @@ impl From<ttrpc::Error> for AgentError {
                 message: printable(s.message(), MAX_AGENT_MESSAGE),
             },
             ttrpc::Error::Others(m) if m.ends_with(TTRPC_TIMED_OUT) => AgentError::Timeout,
+            e @ (ttrpc::Error::Socket(_)
+            | ttrpc::Error::Nix(_)
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::RemoteClosed
+            | ttrpc::Error::Eof) => {
+                AgentError::Disconnected(printable(&e.to_string(), MAX_AGENT_MESSAGE))
+            }
             other => AgentError::Rpc {
                 kind: GuestErrorKind::Unknown,
                 message: printable(&other.to_string(), MAX_AGENT_MESSAGE),
@@ -113,6 +123,7 @@ impl AgentError {
             | AgentError::Refused { .. }
             | AgentError::Unanswered { .. }
             | AgentError::Handshake { .. }
+            | AgentError::Disconnected(_)
             | AgentError::Aborted(_) => ErrorKind::Unavailable,
             AgentError::NotReady(..) => ErrorKind::NotReady,
             AgentError::Timeout => ErrorKind::Timeout,
@@ -773,5 +784,15 @@ mod kind_tests {
             AgentError::Aborted("gone".into()).kind(),
             ErrorKind::Unavailable
         );
+        for broken in [
+            ttrpc::Error::Eof,
+            ttrpc::Error::RemoteClosed,
+            ttrpc::Error::Socket("\u{1b}[2Jreset".into()),
+        ] {
+            let e = AgentError::from(broken);
+            assert!(matches!(e, AgentError::Disconnected(_)), "{e}");
+            assert_eq!(e.code(), Code::UNAVAILABLE);
+            assert!(!e.to_string().chars().any(char::is_control), "{e}");
+        }
     }
 }
