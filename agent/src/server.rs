@@ -2,13 +2,14 @@
 
 use crate::container::{ContainerError, Containers, ProcessStreams};
 use crate::process::Reaper;
-use crate::streams::StreamRegistry;
+use crate::streams::{StreamError, StreamRegistry};
 use crate::{power, stats};
 use husk_protocol::agent::*;
 use husk_protocol::agent_ttrpc::{create_agent, Agent};
+use husk_protocol::ErrorKind;
 use husk_protocol::{AGENT_PORT, VERSION};
 use std::sync::{Arc, OnceLock};
-use ttrpc::{Code, Error as RpcError, TtrpcContext};
+use ttrpc::{Error as RpcError, TtrpcContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -28,24 +29,35 @@ fn boottime_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn status(code: Code, msg: impl ToString) -> RpcError {
-    RpcError::RpcStatus(ttrpc::get_status(code, msg.to_string()))
+impl ContainerError {
+    /// What kind of failure this is, for the host to act on without
+    /// reading the message.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ContainerError::NotFound(_) | ContainerError::NoProcess { .. } => ErrorKind::NotFound,
+            ContainerError::Exists(_) => ErrorKind::AlreadyExists,
+            ContainerError::NotRunning(_)
+            | ContainerError::Running(_)
+            | ContainerError::AlreadyStarted(_) => ErrorKind::FailedPrecondition,
+            ContainerError::Spec(_) | ContainerError::Hook(_) | ContainerError::Parse(_) => {
+                ErrorKind::InvalidArgument
+            }
+            ContainerError::Stream(StreamError::NotArrived(_)) => ErrorKind::DeadlineExceeded,
+            ContainerError::NoShare
+            | ContainerError::Cgroup(_)
+            | ContainerError::Spawn { .. }
+            | ContainerError::Stream(StreamError::Listen { .. })
+            | ContainerError::Userns(_)
+            | ContainerError::Devices(_)
+            | ContainerError::StageDevice { .. }
+            | ContainerError::Io(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 impl From<ContainerError> for RpcError {
     fn from(e: ContainerError) -> Self {
-        let code = match &e {
-            ContainerError::NotFound(_) | ContainerError::NoProcess { .. } => Code::NOT_FOUND,
-            ContainerError::Exists(_) => Code::ALREADY_EXISTS,
-            ContainerError::NotRunning(_)
-            | ContainerError::Running(_)
-            | ContainerError::AlreadyStarted(_) => Code::FAILED_PRECONDITION,
-            ContainerError::Spec(_) | ContainerError::Hook(_) | ContainerError::Parse(_) => {
-                Code::INVALID_ARGUMENT
-            }
-            _ => Code::INTERNAL,
-        };
-        status(code, e)
+        e.kind().rpc_error(e)
     }
 }
 
@@ -65,7 +77,7 @@ impl AgentService {
         let take = |t| {
             self.streams
                 .take(t)
-                .map_err(|e| status(Code::DEADLINE_EXCEEDED, e))
+                .map_err(|e| ErrorKind::DeadlineExceeded.rpc_error(e))
         };
         Ok(ProcessStreams {
             stdin: take(s.stdin)?,
@@ -90,7 +102,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         _: GuestInfoRequest,
     ) -> ttrpc::Result<GuestInfoResponse> {
-        let uts = nix::sys::utsname::uname().map_err(|e| status(Code::INTERNAL, e))?;
+        let uts = nix::sys::utsname::uname().map_err(|e| ErrorKind::Internal.rpc_error(e))?;
         let mem_kib = std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
             .lines()
@@ -289,5 +301,59 @@ pub fn serve(service: AgentService) -> Result<(), ServeError> {
     mark_ready(ready);
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind of container error leaves the agent as a status whose code
+    /// and kind (in its details) the host reads back as the same kind.
+    #[test]
+    fn container_errors_carry_their_kind_and_code() {
+        let id = || "c".to_string();
+        let cases = [
+            (ContainerError::NotFound(id()), ErrorKind::NotFound),
+            (
+                ContainerError::NoProcess {
+                    id: id(),
+                    exec_id: "e".into(),
+                },
+                ErrorKind::NotFound,
+            ),
+            (ContainerError::Exists(id()), ErrorKind::AlreadyExists),
+            (
+                ContainerError::Parse("x".into()),
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                ContainerError::NotRunning(id()),
+                ErrorKind::FailedPrecondition,
+            ),
+            (ContainerError::Running(id()), ErrorKind::FailedPrecondition),
+            (
+                ContainerError::AlreadyStarted(id()),
+                ErrorKind::FailedPrecondition,
+            ),
+            (
+                ContainerError::Stream(StreamError::NotArrived(7)),
+                ErrorKind::DeadlineExceeded,
+            ),
+            (ContainerError::NoShare, ErrorKind::Internal),
+            (
+                ContainerError::Io(std::io::Error::other("x")),
+                ErrorKind::Internal,
+            ),
+        ];
+        for (error, kind) in cases {
+            let message = error.to_string();
+            let RpcError::RpcStatus(status) = RpcError::from(error) else {
+                panic!("not a status");
+            };
+            assert_eq!(status.code(), kind.code(), "{message}");
+            assert_eq!(status.message, message);
+            assert_eq!(ErrorKind::of_status(&status), kind, "{message}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use husk_protocol::agent::*;
 use husk_protocol::agent_ttrpc::AgentClient as RpcClient;
+pub use husk_protocol::ErrorKind as GuestErrorKind;
 use husk_protocol::{StreamHeader, StreamKind, AGENT_PORT, STREAM_PORT};
 use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
@@ -34,8 +35,17 @@ pub enum AgentError {
     Handshake { port: u32, answer: String },
     #[error("the agent did not answer within {0:?} (last attempt: {1})")]
     NotReady(Duration, String),
+    /// The agent answered with an error (or a frame ttrpc could not read).
+    #[error("agent: {message}")]
+    Rpc {
+        /// The kind the guest named, as far as the host accepts it.
+        kind: GuestErrorKind,
+        /// The guest's message, bounded and printable.
+        message: String,
+    },
+    /// The ttrpc connection broke (closed, reset, end of stream).
     #[error("agent: {0}")]
-    Rpc(String),
+    Disconnected(String),
     #[error("agent: no answer within {RPC_TIMEOUT:?}")]
     Timeout,
     #[error("{0}")]
@@ -54,13 +64,75 @@ const TTRPC_TIMED_OUT: &str = "timed out waiting on channel";
 impl From<ttrpc::Error> for AgentError {
     fn from(e: ttrpc::Error) -> Self {
         // Both kinds may carry guest bytes: a status message, or ttrpc's
-        // dump of a malformed frame.
-        let text = match e {
-            ttrpc::Error::RpcStatus(s) => printable(s.message(), MAX_AGENT_MESSAGE),
-            ttrpc::Error::Others(m) if m.ends_with(TTRPC_TIMED_OUT) => return AgentError::Timeout,
-            other => printable(&other.to_string(), MAX_AGENT_MESSAGE),
-        };
-        AgentError::Rpc(text)
+        // dump of a malformed frame. The status's code and kind are data
+        // too: they only classify (see `GuestErrorKind::of_status`).
+        match e {
+            ttrpc::Error::RpcStatus(s) => AgentError::Rpc {
+                kind: GuestErrorKind::of_status(&s),
+                message: printable(s.message(), MAX_AGENT_MESSAGE),
+            },
+            ttrpc::Error::Others(m) if m.ends_with(TTRPC_TIMED_OUT) => AgentError::Timeout,
+            e @ (ttrpc::Error::Socket(_)
+            | ttrpc::Error::Nix(_)
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::RemoteClosed
+            | ttrpc::Error::Eof) => {
+                AgentError::Disconnected(printable(&e.to_string(), MAX_AGENT_MESSAGE))
+            }
+            other => AgentError::Rpc {
+                kind: GuestErrorKind::Unknown,
+                message: printable(&other.to_string(), MAX_AGENT_MESSAGE),
+            },
+        }
+    }
+}
+
+/// What kind of failure an [`AgentError`] is, for callers that act on it
+/// (the shim's status codes, a boot's retry) without reading its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The agent reported a failure of this kind.
+    Guest(GuestErrorKind),
+    /// The guest could not be reached (connection refused, unanswered or
+    /// broken, a VM component gone).
+    Unavailable,
+    /// The agent did not come up while the VM booted.
+    NotReady,
+    /// The agent did not answer a request in time.
+    Timeout,
+}
+
+impl ErrorKind {
+    /// The ttrpc status code that goes with the kind (what the shim tells
+    /// containerd).
+    pub fn code(self) -> ttrpc::Code {
+        match self {
+            ErrorKind::Guest(kind) => kind.code(),
+            ErrorKind::Unavailable | ErrorKind::NotReady => ttrpc::Code::UNAVAILABLE,
+            ErrorKind::Timeout => ttrpc::Code::DEADLINE_EXCEEDED,
+        }
+    }
+}
+
+impl AgentError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Rpc { kind, .. } => ErrorKind::Guest(*kind),
+            AgentError::Connect { .. }
+            | AgentError::Refused { .. }
+            | AgentError::Unanswered { .. }
+            | AgentError::Handshake { .. }
+            | AgentError::Disconnected(_)
+            | AgentError::Aborted(_) => ErrorKind::Unavailable,
+            AgentError::NotReady(..) => ErrorKind::NotReady,
+            AgentError::Timeout => ErrorKind::Timeout,
+        }
+    }
+
+    /// The ttrpc status code of [`Self::kind`].
+    pub fn code(&self) -> ttrpc::Code {
+        self.kind().code()
     }
 }
 
@@ -220,6 +292,17 @@ impl AgentClient {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A client over an already connected ttrpc stream (for tests that
+    /// serve the agent API in process).
+    #[cfg(test)]
+    fn from_stream(stream: UnixStream, uds: &Path) -> Result<Self, AgentError> {
+        let client = ttrpc::Client::new(stream.into_raw_fd())?;
+        Ok(AgentClient {
+            rpc: RpcClient::new(client),
+            uds: uds.to_path_buf(),
+        })
     }
 
     /// Opens a stream connection of `kind` carrying `token`.
@@ -468,9 +551,14 @@ mod exit_tests {
         use super::{AgentError, MAX_AGENT_MESSAGE};
         let huge = "\u{1b}]0;x\u{7}".repeat(1 << 20);
         let status = ttrpc::get_status(ttrpc::Code::INTERNAL, huge);
-        let AgentError::Rpc(text) = AgentError::from(ttrpc::Error::RpcStatus(status)) else {
+        let AgentError::Rpc {
+            message: text,
+            kind,
+        } = AgentError::from(ttrpc::Error::RpcStatus(status))
+        else {
             panic!("a status is an Rpc error");
         };
+        assert_eq!(kind, super::GuestErrorKind::Internal);
         assert_eq!(text.chars().count(), MAX_AGENT_MESSAGE + 1);
         assert!(text.starts_with("?]0;x??]0;x?") && text.ends_with('…'));
         assert!(!text.chars().any(char::is_control));
@@ -479,8 +567,9 @@ mod exit_tests {
             "9, ".repeat(1 << 20)
         ));
         match AgentError::from(dump) {
-            AgentError::Rpc(t) => assert!(
-                t.starts_with("ttrpc err: malformed packet ??9, ")
+            AgentError::Rpc { message: t, kind } => assert!(
+                kind == super::GuestErrorKind::Unknown
+                    && t.starts_with("ttrpc err: malformed packet ??9, ")
                     && t.chars().count() == MAX_AGENT_MESSAGE + 1
             ),
             other => panic!("{other:?}"),
@@ -595,5 +684,115 @@ mod connect_tests {
         assert_eq!(late, Ok(()), "the late answer found the host's side closed");
         assert_eq!(closed, Ok(0), "the parked stream was not closed after it");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+    use husk_protocol::agent_ttrpc::{create_agent, Agent};
+    use std::sync::Arc;
+    use ttrpc::proto::Any;
+    use ttrpc::{Code, TtrpcContext};
+
+    /// An agent whose RemoveContainer fails as its container id says: a
+    /// kind's name sends that kind; the others send what a hostile guest
+    /// could.
+    struct FailingAgent;
+
+    impl Agent for FailingAgent {
+        fn remove_container(
+            &self,
+            _: &TtrpcContext,
+            req: RemoveContainerRequest,
+        ) -> ttrpc::Result<Empty> {
+            let id = req.container_id.as_str();
+            if let Some(kind) = GuestErrorKind::SENT.into_iter().find(|k| k.name() == id) {
+                return Err(kind.rpc_error(format!("container {id}: refused")));
+            }
+            let mut status = ttrpc::get_status(Code::NOT_FOUND, "\u{1b}[2Jhostile");
+            match id {
+                "kind-garbage" | "kind-disagrees" | "kind-huge" => {
+                    let mut any = Any::new();
+                    any.type_url = husk_protocol::error::KIND_TYPE_URL.into();
+                    any.value = match id {
+                        "kind-garbage" => b"\xff\xfeadmin".to_vec(),
+                        "kind-disagrees" => b"already-exists".to_vec(),
+                        _ => vec![b'n'; 1 << 20],
+                    };
+                    status.details.push(any);
+                }
+                _ => unreachable!("unknown test case {id}"),
+            }
+            Err(ttrpc::Error::RpcStatus(status))
+        }
+    }
+
+    /// Serves [`FailingAgent`] on a Unix socket and connects a client.
+    fn serve() -> (ttrpc::Server, AgentClient, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("husk-kinds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let service = Arc::new(FailingAgent) as Arc<dyn Agent + Send + Sync>;
+        let mut server = ttrpc::Server::new()
+            .bind(&format!("unix://{}", sock.display()))
+            .unwrap()
+            .register_service(create_agent(service));
+        server.start().unwrap();
+        let stream = UnixStream::connect(&sock).unwrap();
+        let client = AgentClient::from_stream(stream, &sock).unwrap();
+        (server, client, dir)
+    }
+
+    #[test]
+    fn agent_error_kinds_cross_ttrpc_with_their_codes() {
+        let (server, client, dir) = serve();
+        for sent in GuestErrorKind::SENT {
+            let e = client.remove_container(sent.name(), false).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Guest(sent), "{e}");
+            assert_eq!(e.code(), sent.code(), "{e}");
+            assert_eq!(e.to_string(), format!("agent: container {sent}: refused"));
+        }
+        for hostile in ["kind-garbage", "kind-disagrees", "kind-huge"] {
+            let e = client.remove_container(hostile, false).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                ErrorKind::Guest(GuestErrorKind::Unknown),
+                "{hostile}: {e}"
+            );
+            assert_eq!(e.code(), Code::UNKNOWN, "{hostile}");
+            assert_eq!(e.to_string(), "agent: ?[2Jhostile", "{hostile}");
+        }
+        // A method the agent does not serve is no kind of its own.
+        let e = client.health().unwrap_err();
+        assert!(matches!(e, AgentError::Rpc { .. }), "{e}");
+        drop(client);
+        server.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn host_side_failures_have_kinds_too() {
+        let refused = AgentError::Refused { port: 1024 };
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert_eq!(refused.code(), Code::UNAVAILABLE);
+        let not_ready = AgentError::NotReady(Duration::from_secs(1), "x".into());
+        assert_eq!(not_ready.kind(), ErrorKind::NotReady);
+        assert_eq!(AgentError::Timeout.code(), Code::DEADLINE_EXCEEDED);
+        assert_eq!(
+            AgentError::Aborted("gone".into()).kind(),
+            ErrorKind::Unavailable
+        );
+        for broken in [
+            ttrpc::Error::Eof,
+            ttrpc::Error::RemoteClosed,
+            ttrpc::Error::Socket("\u{1b}[2Jreset".into()),
+        ] {
+            let e = AgentError::from(broken);
+            assert!(matches!(e, AgentError::Disconnected(_)), "{e}");
+            assert_eq!(e.code(), Code::UNAVAILABLE);
+            assert!(!e.to_string().chars().any(char::is_control), "{e}");
+        }
     }
 }

@@ -53,6 +53,15 @@ pub enum SandboxError {
     },
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error("the guest agent did not start within {timeout:?}; console: {console}")]
+    AgentNotStarted { timeout: Duration, console: String },
+    #[error("the guest agent did not answer within {timeout:?} (last attempt: {last}); console: {console}; vsock backend: {vsock}")]
+    AgentNotReady {
+        timeout: Duration,
+        last: String,
+        console: String,
+        vsock: String,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -71,6 +80,74 @@ pub enum SandboxError {
     Jail(#[from] crate::jail::JailError),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+}
+
+/// The part of starting a sandbox that failed, named in a boot's error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootPhase {
+    /// Preparing the directory, jail, share or artifacts.
+    Setup,
+    /// Starting a device backend (virtiofsd, the vsock backend).
+    Backend,
+    /// Starting or running the VMM.
+    Vmm,
+    /// The guest agent never announced itself.
+    AgentStart,
+    /// The guest agent announced itself but never answered the host.
+    AgentNotReady,
+}
+
+impl std::fmt::Display for BootPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootPhase::Setup => "setting up the sandbox",
+            BootPhase::Backend => "device backend",
+            BootPhase::Vmm => "VMM",
+            BootPhase::AgentStart => "guest agent did not start",
+            BootPhase::AgentNotReady => "guest agent not ready",
+        })
+    }
+}
+
+impl SandboxError {
+    /// The phase of [`Sandbox::start`] this error ends.
+    pub fn boot_phase(&self) -> BootPhase {
+        match self {
+            SandboxError::Backend(_) => BootPhase::Backend,
+            SandboxError::Hypervisor(_) => BootPhase::Vmm,
+            SandboxError::ComponentDied { name, .. } if *name == "qemu" || *name == "husk-vmm" => {
+                BootPhase::Vmm
+            }
+            SandboxError::ComponentDied { .. } => BootPhase::Backend,
+            SandboxError::AgentNotStarted { .. } => BootPhase::AgentStart,
+            SandboxError::AgentNotReady { .. } | SandboxError::Agent(_) => BootPhase::AgentNotReady,
+            _ => BootPhase::Setup,
+        }
+    }
+
+    /// The ttrpc status code a front end reports this error with, by its
+    /// kind (an agent's error keeps the agent's kind).
+    pub fn code(&self) -> ttrpc::Code {
+        use ttrpc::Code;
+        match self {
+            SandboxError::InvalidId(_) => Code::INVALID_ARGUMENT,
+            SandboxError::Exists(_) => Code::ALREADY_EXISTS,
+            SandboxError::MissingSharedDir(_) | SandboxError::MissingRootfs(_) => Code::NOT_FOUND,
+            SandboxError::Agent(e) => e.code(),
+            SandboxError::ComponentDied { .. }
+            | SandboxError::AgentNotStarted { .. }
+            | SandboxError::AgentNotReady { .. } => Code::UNAVAILABLE,
+            SandboxError::NoShare => Code::FAILED_PRECONDITION,
+            SandboxError::Artifact(_)
+            | SandboxError::Backend(_)
+            | SandboxError::Hypervisor(_)
+            | SandboxError::Io { .. }
+            | SandboxError::Cleanup { .. }
+            | SandboxError::Share(_)
+            | SandboxError::Jail(_)
+            | SandboxError::Console(_) => Code::INTERNAL,
+        }
+    }
 }
 
 /// A container to create in a sandbox's guest.
@@ -413,12 +490,13 @@ impl Sandbox {
         };
         let agent = match agent {
             Ok(a) => a,
-            Err(AgentError::NotReady(t, last)) => {
-                return Err(SandboxError::Agent(AgentError::Aborted(format!(
-                    "the guest agent did not answer within {t:?} (last attempt: {last}); console: {}; vsock backend: {}",
-                    log_tail(&sandbox.console_log),
-                    log_tail(&dir.join("vsock.log"))
-                ))))
+            Err(AgentError::NotReady(timeout, last)) => {
+                return Err(SandboxError::AgentNotReady {
+                    timeout,
+                    last,
+                    console: log_tail(&sandbox.console_log),
+                    vsock: log_tail(&dir.join("vsock.log")),
+                })
             }
             Err(e) => return Err(e.into()),
         };
@@ -880,10 +958,10 @@ fn wait_for_marker(
         }
         alive().map_err(|e| SandboxError::Agent(AgentError::Aborted(e)))?;
         if Instant::now() >= deadline {
-            return Err(SandboxError::Agent(AgentError::Aborted(format!(
-                "the guest agent did not start within {timeout:?}; console: {}",
-                log_tail(console)
-            ))));
+            return Err(SandboxError::AgentNotStarted {
+                timeout,
+                console: log_tail(console),
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
     }

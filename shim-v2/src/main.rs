@@ -13,6 +13,7 @@
 //! from `start`; containerd 2.x speaks `containerd.task.v3.Task`. The
 //! messages are the same, so the task service is registered under both names.
 
+mod error;
 mod io;
 mod metrics;
 mod mount;

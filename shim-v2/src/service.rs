@@ -6,6 +6,7 @@
 //! `Pids` lists the real (guest) pids. containerd never signals the pid
 //! itself: it asks the shim (`Kill`).
 
+use crate::error::{self, TaskError};
 use crate::io::host_stdio;
 use crate::publisher::Publisher;
 use crate::spec::{self, Role};
@@ -22,7 +23,9 @@ use husk_protocol::agent::{ExecProcessRequest as AgentExec, Stdio as StdioTokens
 use husk_runtime::agent::{AgentClient, AgentError};
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
-use husk_runtime::sandbox::{connect_stdio_via, NewContainer, Sandbox, SandboxConfig, StdioPumps};
+use husk_runtime::sandbox::{
+    connect_stdio_via, BootPhase, NewContainer, Sandbox, SandboxConfig, SandboxError, StdioPumps,
+};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -140,6 +143,10 @@ impl Proc {
     }
 }
 
+/// Boots of one VM, at most: a second only after an agent that announced
+/// itself and never answered.
+const MAX_BOOT_ATTEMPTS: u32 = 2;
+
 /// One VM: a pod's or a plain container's.
 struct Pod {
     id: String,
@@ -173,12 +180,20 @@ impl Pod {
         let owner = std::thread::Builder::new()
             .name(format!("vm-{}", sc.id))
             .spawn(move || {
-                // A guest whose agent came up but never answered the host's
-                // connect is retried once (a vsock backend flake under load).
+                // A guest whose agent announced itself but never answered
+                // the host's connect is booted once more (a vsock backend
+                // flake under load): by the error's phase, logged, and
+                // counted in the error if the second boot fails too.
+                let mut attempts = 1;
                 let mut started = Sandbox::start(&config, &sc);
                 if let Err(e) = &started {
-                    if e.to_string().contains("did not answer") {
-                        log::warn!("VM {}: {e}; retrying once", sc.id);
+                    if e.boot_phase() == BootPhase::AgentNotReady {
+                        log::warn!(
+                            "VM {}: boot attempt {attempts} of {MAX_BOOT_ATTEMPTS} failed ({}): {e}; booting again",
+                            sc.id,
+                            e.boot_phase()
+                        );
+                        attempts += 1;
                         started = Sandbox::start(&config, &sc);
                     }
                 }
@@ -194,8 +209,12 @@ impl Pod {
                         *owner_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(sb);
                         let _ = ready_tx.send(Ok((dir, shared)));
                     }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow::anyhow!("starting the VM: {e}")));
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(TaskError::Boot {
+                            phase: source.boot_phase(),
+                            attempts,
+                            source,
+                        }));
                         return;
                     }
                 }
@@ -217,7 +236,7 @@ impl Pod {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let _ = owner.join();
-                return Err(e);
+                return Err(e.into());
             }
             Err(_) => {
                 let _ = owner.join();
@@ -231,7 +250,7 @@ impl Pod {
                 Err(e) => {
                     drop(stop_tx);
                     let _ = owner.join();
-                    anyhow::bail!("second agent connection: {e}");
+                    return Err(anyhow::Error::new(e).context("second agent connection"));
                 }
             };
         Ok(Arc::new(Pod {
@@ -252,20 +271,20 @@ impl Pod {
     /// only (the share's mounts), never for a call into the guest.
     fn try_with<T>(
         &self,
-        f: impl FnOnce(&mut Sandbox) -> Result<T, String>,
+        f: impl FnOnce(&mut Sandbox) -> Result<T, SandboxError>,
     ) -> Result<T, (Code, String)> {
         if let Some(why) = self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err((Code::UNAVAILABLE, format!("the VM is gone: {why}")));
         }
         let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_mut() {
-            Some(sb) => f(sb).map_err(|e| (Code::UNKNOWN, e)),
+            Some(sb) => f(sb).map_err(|e| (error::code_of_sandbox(&e), e.to_string())),
             None => Err((Code::UNAVAILABLE, "the VM is shut down".to_string())),
         }
     }
 
     /// [`Self::try_with`] for an RPC's answer.
-    fn with<T>(&self, f: impl FnOnce(&mut Sandbox) -> Result<T, String>) -> TtrpcResult<T> {
+    fn with<T>(&self, f: impl FnOnce(&mut Sandbox) -> Result<T, SandboxError>) -> TtrpcResult<T> {
         self.try_with(f).map_err(|(code, msg)| err(code, msg))
     }
 
@@ -283,11 +302,13 @@ impl Pod {
         let agent = self.try_with(|sb| Ok(sb.agent_client()))?;
         f(&agent).map_err(|e| {
             let mut guard = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
-            let msg = match guard.as_mut() {
-                Some(sb) => sb.explain(e).to_string(),
-                None => e.to_string(),
-            };
-            (Code::UNKNOWN, msg)
+            match guard.as_mut() {
+                Some(sb) => {
+                    let explained = sb.explain(e);
+                    (error::code_of_sandbox(&explained), explained.to_string())
+                }
+                None => (error::code_of_kind(e.kind()), e.to_string()),
+            }
         })
     }
 
@@ -412,7 +433,7 @@ impl<'a> Reservation<'a> {
     fn take(set: &'a Mutex<HashSet<String>>, keys: Vec<String>) -> anyhow::Result<Self> {
         let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(busy) = keys.iter().find(|k| held.contains(*k)) {
-            anyhow::bail!("{busy} already exists in this shim (its create is in progress)");
+            return Err(TaskError::CreateInProgress(busy.clone()).into());
         }
         held.extend(keys.iter().cloned());
         Ok(Reservation { set, keys })
@@ -630,7 +651,7 @@ impl Inner {
     fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
         let id = req.id.clone();
         if !husk_runtime::sandbox::valid_id(&id) {
-            anyhow::bail!("invalid container id {id:?}");
+            return Err(TaskError::InvalidId(id).into());
         }
         let _reserved = Reservation::take(&self.creating, vec![format!("container {id}")])?;
         if self
@@ -639,10 +660,10 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&id)
         {
-            anyhow::bail!("container {id} already exists in this shim");
+            return Err(TaskError::ContainerExists(id).into());
         }
         if !req.checkpoint.is_empty() {
-            anyhow::bail!("husk does not support restoring from a checkpoint");
+            return Err(TaskError::Checkpoint.into());
         }
         let config = runtime_config(req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
@@ -672,7 +693,7 @@ impl Inner {
         };
         if !bundle_spec.rootfs.is_dir() {
             undo_rootfs(&rootfs_mount);
-            anyhow::bail!("rootfs {} does not exist", bundle_spec.rootfs.display());
+            return Err(TaskError::MissingRootfs(bundle_spec.rootfs.clone()).into());
         }
 
         // The VM: a new one, or the pod's.
@@ -697,7 +718,7 @@ impl Inner {
                     .contains_key(&vm_id)
                 {
                     undo_rootfs(&rootfs_mount);
-                    anyhow::bail!("a VM named {vm_id} already exists in this shim");
+                    return Err(TaskError::VmExists(vm_id).into());
                 }
                 let mut sc = SandboxConfig::new(&spec::vm_dir_name(&vm_id), &config);
                 sc.state_root = state::state_root(&self.namespace);
@@ -747,9 +768,11 @@ impl Inner {
                     Some(p) => (p, false),
                     None => {
                         undo_rootfs(&rootfs_mount);
-                        anyhow::bail!(
-                            "the pod sandbox {pod} of container {id} is not served by this shim"
-                        );
+                        return Err(TaskError::PodNotServed {
+                            pod: pod.clone(),
+                            id,
+                        }
+                        .into());
                     }
                 }
             }
@@ -796,7 +819,7 @@ impl Inner {
                 Ok(std::process::id())
             }
             Err(e) => {
-                let _ = pod.with(|sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
+                let _ = pod.with(|sb| sb.unshare_container(&id));
                 if owns_vm {
                     self.pods
                         .lock()
@@ -826,9 +849,7 @@ impl Inner {
         let pause_pid = match role {
             Role::PodMember { pod: pod_id } => {
                 let pid = *pod.pause_pid.lock().unwrap_or_else(|p| p.into_inner());
-                Some(pid.ok_or_else(|| {
-                    anyhow::anyhow!("the sandbox container of pod {pod_id} has not started yet")
-                })?)
+                Some(pid.ok_or_else(|| TaskError::PodNotStarted(pod_id.clone()))?)
             }
             _ => None,
         };
@@ -844,28 +865,23 @@ impl Inner {
         let shared_id = id.clone();
         let (rel, shared) = pod
             .try_with(move |sb| {
-                let rel = sb
-                    .share_rootfs(
-                        &shared_id,
-                        &rootfs,
-                        readonly_rootfs.is_some(),
-                        readonly_rootfs.as_deref().unwrap_or(&[]),
-                    )
-                    .map_err(|e| e.to_string())?;
+                let rel = sb.share_rootfs(
+                    &shared_id,
+                    &rootfs,
+                    readonly_rootfs.is_some(),
+                    readonly_rootfs.as_deref().unwrap_or(&[]),
+                )?;
                 let mut shared = HashMap::new();
                 for (index, source, destination, readonly) in binds {
-                    let r = sb
-                        .share_path(&shared_id, index, &source, readonly)
-                        .map_err(|e| e.to_string())?;
+                    let r = sb.share_path(&shared_id, index, &source, readonly)?;
                     shared.insert(destination, r);
                 }
                 Ok((rel, shared))
             })
-            .map_err(|(_, e)| anyhow::anyhow!("{e}"))?;
+            .map_err(|(code, message)| TaskError::Pod { code, message })?;
         // ...the guest's part without it.
         let result = pod.try_call(move |agent| {
-            let (tokens, pumps) =
-                connect_stdio_via(agent, stdio).map_err(|e| AgentError::Aborted(e.to_string()))?;
+            let (tokens, pumps) = connect_stdio_via(agent, stdio).map_err(stdio_error)?;
             let req = NewContainer {
                 id,
                 spec_json,
@@ -879,7 +895,7 @@ impl Inner {
             agent.create_container(&req)?;
             Ok(pumps)
         });
-        result.map_err(|(_, e)| anyhow::anyhow!("{e}"))
+        result.map_err(|(code, message)| TaskError::Pod { code, message }.into())
     }
 }
 
@@ -902,11 +918,11 @@ fn runtime_config(options: Option<&Any>) -> anyhow::Result<Config> {
         "containerd.runc.v1.Options" => {
             let o = api::Options::parse_from_bytes(&any.value)?;
             if o != api::Options::default() {
-                anyhow::bail!("runtime options: husk does not take runc options ({o:?}); use runtimeoptions.v1.Options with ConfigPath naming a husk config file");
+                return Err(TaskError::RuntimeOptions(format!("husk does not take runc options ({o:?}); use runtimeoptions.v1.Options with ConfigPath naming a husk config file")).into());
             }
             Ok(Config::load()?)
         }
-        other => anyhow::bail!("runtime options of type {other:?} are not supported: husk takes runtimeoptions.v1.Options (ConfigPath = a husk config file)"),
+        other => Err(TaskError::RuntimeOptions(format!("type {other:?} is not supported: husk takes runtimeoptions.v1.Options (ConfigPath = a husk config file)")).into()),
     }
 }
 
@@ -936,21 +952,20 @@ fn status_of(phase: Phase) -> Status {
     }
 }
 
+/// A failure to connect a process's stdio streams, as an agent error: an
+/// agent's own error keeps its kind; anything else means the guest's
+/// streams could not be reached.
+fn stdio_error(e: SandboxError) -> AgentError {
+    match e {
+        SandboxError::Agent(agent) => agent,
+        other => AgentError::Aborted(other.to_string()),
+    }
+}
+
+/// An error chain as containerd's status: its code by the type of its
+/// cause (see `error::code_of`), the whole chain as the message.
 fn any_err(e: anyhow::Error) -> ttrpc::Error {
-    let msg = format!("{e:#}");
-    let code = if msg.contains("already exists") {
-        Code::ALREADY_EXISTS
-    } else if msg.contains("does not exist") || msg.contains("not found") {
-        Code::NOT_FOUND
-    } else if msg.contains("not supported")
-        || msg.contains("does not take")
-        || msg.contains("unknown field")
-    {
-        Code::INVALID_ARGUMENT
-    } else {
-        Code::UNKNOWN
-    };
-    err(code, msg)
+    err(error::code_of(&e), format!("{e:#}"))
 }
 
 impl containerd_shim::Task for Service {
@@ -1039,8 +1054,8 @@ impl containerd_shim::Task for Service {
             let stdio = host_stdio(&p.stdin, &p.stdout, &p.stderr, p.terminal).map_err(internal)?;
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
             let started = pod.call(move |agent| {
-                let (tokens, pumps): (StdioTokens, StdioPumps) = connect_stdio_via(agent, stdio)
-                    .map_err(|e| AgentError::Aborted(e.to_string()))?;
+                let (tokens, pumps): (StdioTokens, StdioPumps) =
+                    connect_stdio_via(agent, stdio).map_err(stdio_error)?;
                 let r = AgentExec {
                     container_id: id,
                     exec_id,
@@ -1172,7 +1187,7 @@ impl containerd_shim::Task for Service {
                 log::warn!("removing {id} in the guest: {e}");
             }
         }
-        let _ = pod.with(move |sb| sb.unshare_container(&id).map_err(|e| e.to_string()));
+        let _ = pod.with(move |sb| sb.unshare_container(&id));
         if container.owns_vm {
             self.inner
                 .pods
@@ -1512,6 +1527,7 @@ mod tests {
             .err()
             .expect("a taken id");
         assert!(e.to_string().contains("container a already exists"), "{e}");
+        assert_eq!(error::code_of(&e), Code::ALREADY_EXISTS);
         // Nothing of a refused reservation is held.
         let b = Reservation::take(&set, vec!["container b".into()]).unwrap();
         drop(a);
@@ -1532,12 +1548,14 @@ mod tests {
         std::fs::write(&bad, "hypervisr = \"qemu\"\n").unwrap();
         let e = runtime_config(Some(&runtime_options(bad.to_str().unwrap()))).unwrap_err();
         assert!(format!("{e:#}").contains("hypervisr"), "{e:#}");
+        assert_eq!(error::code_of(&e), Code::INVALID_ARGUMENT);
         let other = Any {
             type_url: "example.com/Other".into(),
             ..Default::default()
         };
         let e = runtime_config(Some(&other)).unwrap_err();
         assert!(e.to_string().contains("not supported"), "{e}");
+        assert_eq!(error::code_of(&e), Code::INVALID_ARGUMENT);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,8 +20,10 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod error;
 pub mod stream;
 
+pub use error::ErrorKind;
 pub use stream::{StreamHeader, StreamKind};
 
 /// vsock port on which the agent serves ttrpc.
