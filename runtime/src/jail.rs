@@ -204,22 +204,30 @@ pub fn no_set_id_bits_filters() -> Result<Vec<seccompiler::BpfProgram>, JailErro
     // for it). A second program, since one program has one match action.
     let absent: BTreeMap<i64, Vec<SeccompRule>> =
         [(libc::SYS_openat2, Vec::new())].into_iter().collect();
-    let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(seccomp)?;
-    let build = |rules, errno: i32| -> Result<seccompiler::BpfProgram, JailError> {
-        seccompiler::SeccompFilter::new(
-            rules,
-            seccompiler::SeccompAction::Allow,
-            seccompiler::SeccompAction::Errno(errno as u32),
-            arch,
-        )
-        .map_err(seccomp)?
-        .try_into()
-        .map_err(seccomp)
-    };
+    let build = refusing_with;
     Ok(vec![
         build(rules, libc::EPERM)?,
         build(absent, libc::ENOSYS)?,
     ])
+}
+
+/// A program for this architecture that answers the calls `rules` match
+/// with `errno` and allows the rest.
+fn refusing_with(
+    rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+    errno: i32,
+) -> Result<seccompiler::BpfProgram, JailError> {
+    let seccomp = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(seccomp)?;
+    seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(errno as u32),
+        arch,
+    )
+    .map_err(seccomp)?
+    .try_into()
+    .map_err(seccomp)
 }
 
 /// Installs `filters` in `cmd`'s child before exec, with no_new_privs (which
@@ -487,18 +495,7 @@ impl Jail {
             })
             .collect::<Result<Vec<_>, JailError>>()?;
         rules.insert(libc::SYS_clone, clone_rules);
-        let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(seccomp)?;
-        let build = |rules, errno: i32| -> Result<seccompiler::BpfProgram, JailError> {
-            seccompiler::SeccompFilter::new(
-                rules,
-                seccompiler::SeccompAction::Allow,
-                seccompiler::SeccompAction::Errno(errno as u32),
-                arch,
-            )
-            .map_err(seccomp)?
-            .try_into()
-            .map_err(seccomp)
-        };
+        let build = refusing_with;
         let absent: BTreeMap<i64, Vec<SeccompRule>> =
             [(libc::SYS_clone3, Vec::new())].into_iter().collect();
         let filters = vec![
