@@ -715,3 +715,14 @@ pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
     }
     tree
 }
+
+/// Boots a sandbox named `name` under the test's state root, with the
+/// machine's husk config (library-level tests: no CLI, no containerd).
+pub fn start_sandbox(dir: &TestDir, name: &str) -> husk_runtime::sandbox::Sandbox {
+    require_guest();
+    let config = husk_runtime::config::Config::load().expect("husk config");
+    let mut sc = husk_runtime::sandbox::SandboxConfig::new(name, &config);
+    sc.state_root = dir.state_root().join("sandbox");
+    husk_runtime::sandbox::Sandbox::start(&config, &sc)
+        .unwrap_or_else(|e| panic!("starting sandbox {name}: {e}"))
+}

@@ -5,8 +5,7 @@
 //! the agent (the guest's PID 1) keeps reaping meanwhile.
 
 use husk_protocol::agent::{ExecProcessRequest, Stdio as StdioTokens};
-use husk_runtime::config::Config;
-use husk_runtime::sandbox::{NewContainer, Sandbox, SandboxConfig};
+use husk_runtime::sandbox::{NewContainer, Sandbox};
 use husk_tests::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,14 +18,6 @@ const STEP_BOUND: Duration = Duration::from_secs(10);
 
 /// How long container A stays created.
 const HELD: Duration = Duration::from_secs(30);
-
-fn start_sandbox(dir: &TestDir, name: &str) -> Sandbox {
-    require_guest();
-    let config = Config::load().expect("husk config");
-    let mut sc = SandboxConfig::new(name, &config);
-    sc.state_root = dir.state_root().join("sandbox");
-    Sandbox::start(&config, &sc).unwrap_or_else(|e| panic!("starting sandbox {name}: {e}"))
-}
 
 /// Runs `step`, failing the test if it errs or takes longer than
 /// `STEP_BOUND`.

@@ -3,19 +3,10 @@
 //! confinement, faults of the VMM and the device backends, bad input.
 
 use husk_protocol::StreamKind;
-use husk_runtime::config::Config;
-use husk_runtime::sandbox::{Sandbox, SandboxConfig, SandboxError};
+use husk_runtime::sandbox::SandboxError;
 use husk_tests::*;
 use std::io::{Read, Write};
 use std::time::Duration;
-
-fn start_sandbox(dir: &TestDir, name: &str) -> Sandbox {
-    require_guest();
-    let config = Config::load().expect("husk config");
-    let mut sc = SandboxConfig::new(name, &config);
-    sc.state_root = dir.state_root().join("sandbox");
-    Sandbox::start(&config, &sc).unwrap_or_else(|e| panic!("starting sandbox {name}: {e}"))
-}
 
 #[test]
 fn agent_answers_health_and_version_over_vsock() {
