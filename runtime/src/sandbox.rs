@@ -726,21 +726,25 @@ impl Sandbox {
         } else {
             ReadOnly::No
         };
-        Ok(self.share()?.bind(rootfs, &rel, access)?)
+        let mode = crate::share::BindMode {
+            readonly: access,
+            propagation: crate::share::Propagation::Private,
+        };
+        Ok(self.share()?.bind(rootfs, &rel, mode)?)
     }
 
     /// Shares a host path (file or directory) for a bind mount of
-    /// `container_id`, read-only on the host as `readonly` says; returns its
-    /// path relative to the share.
+    /// `container_id`, read-only and propagated on the host as `mode` says;
+    /// returns its path relative to the share.
     pub fn share_path(
         &self,
         container_id: &str,
         index: usize,
         source: &Path,
-        readonly: ReadOnly,
+        mode: crate::share::BindMode,
     ) -> Result<String, SandboxError> {
         let rel = format!("{container_id}/mounts/{index}");
-        Ok(self.share()?.bind(source, &rel, readonly)?)
+        Ok(self.share()?.bind(source, &rel, mode)?)
     }
 
     /// Opens the stdio streams of a process and starts the host-side pumps.

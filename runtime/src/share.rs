@@ -73,6 +73,65 @@ impl ReadOnly {
     }
 }
 
+/// Which way mounts propagate between a volume's host source and its bind
+/// in the share (OCI `rprivate` vs `rslave`/`rshared`).
+///
+/// A bind never sends: the guest's mounts are made in the guest's kernel
+/// and cannot reach the host, and a bind that sent would let husk's own
+/// unmounts at teardown reach the source. So `rshared` is given as
+/// `rslave`: the host's mounts under the source appear in the container,
+/// nothing comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// Nothing propagates either way (`private`, `rprivate`, no option).
+    Private,
+    /// Mounts made under the source on the host later appear in the bind
+    /// (`slave`, `rslave`, `shared`, `rshared`).
+    FromHost,
+}
+
+impl Propagation {
+    /// From a spec mount's options: the last propagation option wins.
+    pub fn from_options<S: AsRef<str>>(options: &[S]) -> Propagation {
+        let mut propagation = Propagation::Private;
+        for o in options {
+            match o.as_ref() {
+                "private" | "rprivate" | "unbindable" | "runbindable" => {
+                    propagation = Propagation::Private
+                }
+                "slave" | "rslave" | "shared" | "rshared" => propagation = Propagation::FromHost,
+                _ => {}
+            }
+        }
+        propagation
+    }
+
+    /// The `mount_attr.propagation` value for the detached copy.
+    fn mount_attr(self) -> u64 {
+        match self {
+            Propagation::Private => libc::MS_PRIVATE,
+            Propagation::FromHost => libc::MS_SLAVE,
+        }
+    }
+}
+
+/// How a volume is bound into the share: its read-only-ness and its
+/// propagation, both from the spec mount's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindMode {
+    pub readonly: ReadOnly,
+    pub propagation: Propagation,
+}
+
+impl BindMode {
+    pub fn from_options<S: AsRef<str>>(options: &[S]) -> BindMode {
+        BindMode {
+            readonly: ReadOnly::from_options(options),
+            propagation: Propagation::from_options(options),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
     #[error("{what} {path}: {source}")]
@@ -171,17 +230,26 @@ impl Share {
     }
 
     /// Binds `source` (a file or a directory, recursively) at `rel` under
-    /// the share with nosuid, nodev and `readonly`; returns `rel`.
-    pub fn bind(&self, source: &Path, rel: &str, readonly: ReadOnly) -> Result<String, ShareError> {
+    /// the share with nosuid, nodev and `mode`; returns `rel`.
+    ///
+    /// The copy open_tree makes of a shared mount is a peer of it, which
+    /// would send both ways; it is made a slave of the source (or private)
+    /// before it is attached, so nothing husk does to it, its teardown
+    /// included, reaches the host's mounts.
+    pub fn bind(&self, source: &Path, rel: &str, mode: BindMode) -> Result<String, ShareError> {
+        let BindMode {
+            readonly,
+            propagation,
+        } = mode;
         let meta = std::fs::metadata(source).map_err(io("bind source", source))?;
         let tree = open_tree_clone(source)?;
         let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
         if readonly == ReadOnly::Recursive {
             set |= libc::MOUNT_ATTR_RDONLY;
         }
-        mount_setattr(&tree, set, true, source)?;
+        mount_setattr(&tree, set, propagation.mount_attr(), true, source)?;
         if readonly == ReadOnly::Top {
-            mount_setattr(&tree, libc::MOUNT_ATTR_RDONLY, false, source)?;
+            mount_setattr(&tree, libc::MOUNT_ATTR_RDONLY, 0, false, source)?;
         }
         let target = self.mount_point(rel, meta.is_dir())?;
         move_mount(&tree, &target, &self.host.join(rel))?;
@@ -553,16 +621,19 @@ fn open_tree_clone(source: &Path) -> Result<OwnedFd, ShareError> {
     owned(fd, "cloning the mount tree of", source)
 }
 
-/// Sets `set` on the detached tree `tree` (its root only, or recursively).
+/// Sets `set` and `propagation` (0: unchanged) on the detached tree `tree`
+/// (its root only, or recursively).
 fn mount_setattr(
     tree: &OwnedFd,
     set: u64,
+    propagation: u64,
     recursive: bool,
     source: &Path,
 ) -> Result<(), ShareError> {
     // SAFETY: mount_attr is plain data; all-zero means "change nothing".
     let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
     attr.attr_set = set;
+    attr.propagation = propagation;
     let mut flags = libc::AT_EMPTY_PATH;
     if recursive {
         flags |= libc::AT_RECURSIVE;
@@ -668,6 +739,36 @@ mod tests {
         assert_eq!(ReadOnly::from_options(&["ro", "rw"]), ReadOnly::No);
         assert_eq!(ReadOnly::from_options(&["rro"]), ReadOnly::Recursive);
         assert_eq!(ReadOnly::from_options(&["ro", "rro", "rrw"]), ReadOnly::Top);
+    }
+
+    #[test]
+    fn propagation_is_from_the_host_only_and_follows_the_last_option() {
+        assert_eq!(Propagation::from_options::<&str>(&[]), Propagation::Private);
+        assert_eq!(
+            Propagation::from_options(&["rbind", "rprivate", "ro"]),
+            Propagation::Private
+        );
+        for from_host in ["rslave", "slave", "rshared", "shared"] {
+            assert_eq!(
+                Propagation::from_options(&["rbind", from_host]),
+                Propagation::FromHost,
+                "{from_host}"
+            );
+        }
+        assert_eq!(
+            Propagation::from_options(&["rshared", "rprivate"]),
+            Propagation::Private
+        );
+        // Never a peer (MS_SHARED): nothing goes back to the host.
+        assert_eq!(Propagation::FromHost.mount_attr(), libc::MS_SLAVE);
+        assert_eq!(Propagation::Private.mount_attr(), libc::MS_PRIVATE);
+        assert_eq!(
+            BindMode::from_options(&["rbind", "rslave", "ro"]),
+            BindMode {
+                readonly: ReadOnly::Top,
+                propagation: Propagation::FromHost
+            }
+        );
     }
 
     #[test]

@@ -872,8 +872,8 @@ impl Inner {
                     readonly_rootfs.as_deref().unwrap_or(&[]),
                 )?;
                 let mut shared = HashMap::new();
-                for (index, source, destination, readonly) in binds {
-                    let r = sb.share_path(&shared_id, index, &source, readonly)?;
+                for (index, source, destination, mode) in binds {
+                    let r = sb.share_path(&shared_id, index, &source, mode)?;
                     shared.insert(destination, r);
                 }
                 Ok((rel, shared))

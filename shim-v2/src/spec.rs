@@ -3,8 +3,8 @@
 //! mean something inside the pod's VM.
 
 use husk_runtime::config::Config;
+use husk_runtime::share::BindMode;
 use husk_runtime::share::MountPoint;
-use husk_runtime::share::ReadOnly;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -241,7 +241,7 @@ pub fn vm_dir_name(id: &str) -> String {
 }
 
 /// Host paths of bind mounts to share into the guest: (index, source, destination).
-pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String, ReadOnly)> {
+pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String, BindMode)> {
     let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
         return Vec::new();
     };
@@ -270,7 +270,7 @@ pub fn bind_mounts(spec: &Value, bundle: &Path) -> Vec<(usize, PathBuf, String, 
                 i,
                 source,
                 m.get("destination")?.as_str()?.to_string(),
-                ReadOnly::from_options(&options),
+                BindMode::from_options(&options),
             ))
         })
         .collect()

@@ -921,3 +921,56 @@ fn a_hung_guest_is_torn_down_by_sigkill() {
     remove(&c, "hung");
     assert_clean(&c);
 }
+
+/// OCI `ro` and `rro` on a volume with a tmpfs mounted below it on the
+/// host, as runc gives them: `ro` makes the volume read-only and leaves
+/// the tmpfs writable; `rro` makes both read-only. (containerd 1.6's CRI
+/// never asks for `rro`, so this goes through `ctr run --mount`.)
+#[test]
+fn ro_volumes_keep_writable_submounts_and_rro_volumes_do_not() {
+    let c = Containerd::start("ctr-rro");
+    let vol = c.dir.path.join("volume");
+    let sub = vol.join("tmpfs");
+    std::fs::create_dir_all(&sub).expect("volume dir");
+    let sub_path = sub.display().to_string();
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "husk-test", &sub_path])
+        .output()
+        .expect("mount");
+    assert!(mount.status.success(), "mount tmpfs: {}", stderr(&mount));
+    let ro = format!("type=bind,src={},dst=/ro,options=rbind:ro", vol.display());
+    let rro = format!(
+        "type=bind,src={},dst=/rro,options=rbind:ro:rro",
+        vol.display()
+    );
+    let script = "for f in /ro/file /ro/tmpfs/file /rro/file /rro/tmpfs/file; do \
+                  if touch $f 2>/dev/null; then echo $f writable; else echo $f read-only; fi; done";
+    let out = c.ctr(&run_args(
+        "rro",
+        &["--rm", "--mount", &ro, "--mount", &rro],
+        &["sh", "-c", script],
+    ));
+    let umount = Command::new("umount")
+        .arg(&sub_path)
+        .output()
+        .expect("umount");
+    assert!(
+        out.status.success(),
+        "ctr run: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>(),
+        [
+            "/ro/file read-only",
+            "/ro/tmpfs/file writable",
+            "/rro/file read-only",
+            "/rro/tmpfs/file read-only",
+        ]
+    );
+    assert_clean(&c);
+    // Nothing of husk's kept the host's tmpfs busy.
+    assert!(umount.status.success(), "umount: {}", stderr(&umount));
+    std::fs::remove_dir(&sub).expect("the tmpfs mount point is removable");
+}

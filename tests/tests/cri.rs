@@ -469,3 +469,195 @@ done
         c.log_tail()
     );
 }
+
+/// A mount the test makes on the host, undone (lazily) if the test fails
+/// before it does so itself.
+struct HostMount(std::path::PathBuf);
+
+impl HostMount {
+    fn tmpfs(at: &std::path::Path) -> HostMount {
+        std::fs::create_dir_all(at).expect("mount point");
+        run_ok(std::process::Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "husk-test",
+            &at.display().to_string(),
+        ]));
+        HostMount(at.to_path_buf())
+    }
+
+    /// `at` bound on itself and made shared (the volume kubelet gives a
+    /// pod for bidirectional propagation is a shared mount).
+    fn shared_bind(at: &std::path::Path) -> HostMount {
+        std::fs::create_dir_all(at).expect("mount point");
+        let path = at.display().to_string();
+        run_ok(std::process::Command::new("mount").args(["--bind", &path, &path]));
+        let m = HostMount(at.to_path_buf());
+        run_ok(std::process::Command::new("mount").args(["--make-shared", &path]));
+        m
+    }
+
+    /// Unmounts it and removes its mount point: what the issue saw fail
+    /// with "device or resource busy" once a husk mount outlived its pod.
+    fn remove(self) {
+        let path = self.0.clone();
+        std::mem::forget(self);
+        run_ok(std::process::Command::new("umount").arg(&path));
+        std::fs::remove_dir(&path).unwrap_or_else(|e| panic!("rmdir {}: {e}", path.display()));
+    }
+}
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("running a host command");
+    assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+}
+
+/// The mount points in /proc/self/mountinfo at or below `dir`.
+fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    let mut found: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .map(str::to_string)
+        .collect();
+    found.sort();
+    found
+}
+
+/// Volumes mount as runc gives them, where a VM allows (issue 12): a
+/// read-only volume that is not recursively read-only (CRI `readonly`
+/// without `recursive_read_only`, OCI `ro`) is read-only while the tmpfs
+/// mounted below it on the host stays writable; a mount made on the host
+/// under an `rshared` volume after the container started appears in the
+/// container (and not through the same volume bound without propagation);
+/// and once the pod is gone no mount of husk's is left on the
+/// host: the test's own mounts are the only ones under its directory, and
+/// each unmounts and its directory is removed.
+#[test]
+fn volumes_mount_as_runc_gives_them_and_no_mount_outlives_the_pod() {
+    let c = Containerd::start("cri-mounts");
+    let logs = c.dir.path.join("pod-logs");
+    std::fs::create_dir_all(&logs).expect("log dir");
+    let log_dir = format!("log-dir={}", logs.display());
+    let ro_vol = c.dir.path.join("ro-volume");
+    std::fs::create_dir_all(&ro_vol).expect("volume dir");
+    let ro_sub = HostMount::tmpfs(&ro_vol.join("tmpfs"));
+    let shared_vol = HostMount::shared_bind(&c.dir.path.join("shared-volume"));
+    std::fs::create_dir_all(shared_vol.0.join("later")).expect("later mount point");
+    let before = mounts_under(&c.dir.path);
+
+    let pod = ok(
+        c.cri(&["runp", "name=mounts", "uid=uid-m", "ns=default", &log_dir]),
+        "RunPodSandbox",
+        &c,
+    );
+    let pod_arg = format!("pod={pod}");
+    let ro_arg = format!("mount={}:/ro:ro", ro_vol.display());
+    let shared_arg = format!("mount={}:/shared:rshared", shared_vol.0.display());
+    let private_arg = format!("mount={}:/private", shared_vol.0.display());
+    let ctr = ok(
+        c.cri(&[
+            "create",
+            &pod_arg,
+            "name=mounts",
+            "uid=uid-m",
+            "ns=default",
+            &log_dir,
+            "image=docker.io/library/husk-busybox:latest",
+            "cname=vols",
+            "log=vols.log",
+            &ro_arg,
+            &shared_arg,
+            &private_arg,
+            "--",
+            "sleep",
+            "1000",
+        ]),
+        "CreateContainer",
+        &c,
+    );
+    ok(c.cri(&["start", &ctr]), "StartContainer", &c);
+    let sh = |cmd: &str| c.cri(&["exec", &ctr, "--", "sh", "-c", cmd]);
+
+    // `ro` is the volume's own mount: the tmpfs below it keeps its flags.
+    let out = sh("touch /ro/file");
+    assert!(!out.status.success(), "the read-only volume took a file");
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "touch /ro/file: {}",
+        stderr(&out)
+    );
+    ok(
+        sh("echo in-submount > /ro/tmpfs/file"),
+        "writing the volume's tmpfs submount",
+        &c,
+    );
+    assert_eq!(
+        std::fs::read_to_string(ro_vol.join("tmpfs/file"))
+            .ok()
+            .as_deref(),
+        Some("in-submount\n"),
+        "the write reached the host's tmpfs"
+    );
+
+    // A host mount made under the rshared volume after the start.
+    let later = HostMount::tmpfs(&shared_vol.0.join("later"));
+    std::fs::write(later.0.join("hello"), "from-a-later-host-mount\n").expect("write");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = sh("cat /shared/later/hello");
+        if stdout(&out) == "from-a-later-host-mount\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host mount never appeared in the container: {} {}",
+            stdout(&out),
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The same volume without propagation (CRI's default, `rprivate`)
+    // shows the mount point, not the mount, as runc's does.
+    let out = sh("ls -A /private/later");
+    assert!(
+        out.status.success() && stdout(&out).is_empty(),
+        "a private volume received a host mount: {} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    ok(c.cri(&["stop", &ctr, "2"]), "StopContainer", &c);
+    ok(c.cri(&["rm", &ctr]), "RemoveContainer", &c);
+    ok(c.cri(&["stopp", &pod]), "StopPodSandbox", &c);
+    ok(c.cri(&["rmp", &pod]), "RemovePodSandbox", &c);
+    assert_eq!(
+        c.leftovers_settled(),
+        Vec::<String>::new(),
+        "after the pod was removed; log:\n{}",
+        c.log_tail()
+    );
+    let mut expected = before.clone();
+    expected.push(later.0.display().to_string());
+    expected.sort();
+    assert_eq!(
+        mounts_under(&c.dir.path),
+        expected,
+        "only the test's own mounts are left"
+    );
+    later.remove();
+    ro_sub.remove();
+    shared_vol.remove();
+    assert_eq!(mounts_under(&c.dir.path), Vec::<String>::new());
+}

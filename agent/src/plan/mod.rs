@@ -585,6 +585,48 @@ mod tests {
         assert!(bind);
     }
 
+    /// A volume the host shared is left writable in the guest for `ro`
+    /// (the host's bind is read-only at its top only; a guest remount
+    /// would make the host submounts the guest automounts below it
+    /// read-only too), read-only for `rro`; a guest path keeps its `ro`.
+    #[test]
+    fn only_rro_shared_volumes_are_remounted_read_only_in_the_guest() {
+        use super::fs::{Entry, MapFs};
+        use super::mounts::{mount_step, MountContext};
+        let mut fs = MapFs::new();
+        fs.insert("/shared/c/mounts/0", Entry::Dir);
+        fs.insert("/guest-dir", Entry::Dir);
+        let shared_mounts: HashMap<String, String> =
+            [("/vol".to_string(), "c/mounts/0".to_string())].into();
+        let cx = MountContext {
+            root: Path::new("/r"),
+            shared_dir: Path::new("/shared"),
+            shared_mounts: &shared_mounts,
+            own_cgroup: None,
+        };
+        let remount = |destination: &str, source: &str, options: &[&str]| {
+            let m: oci_spec::runtime::Mount = serde_json::from_value(serde_json::json!({
+                "destination": destination,
+                "type": "bind",
+                "source": source,
+                "options": options,
+            }))
+            .unwrap();
+            let step = mount_step(0, &m, &cx, &fs).unwrap();
+            step.remount_flags.map(|f| f & libc::MS_RDONLY != 0)
+        };
+        assert_eq!(
+            remount("/vol", "/host/vol", &["rbind", "ro", "nosuid"]),
+            Some(false)
+        );
+        assert_eq!(remount("/vol", "/host/vol", &["rbind", "ro"]), None);
+        assert_eq!(
+            remount("/vol", "/host/vol", &["rbind", "ro", "rro"]),
+            Some(true)
+        );
+        assert_eq!(remount("/g", "/guest-dir", &["rbind", "ro"]), Some(true));
+    }
+
     #[test]
     fn executable_lookup_follows_absolute_symlinks_inside_root() {
         let dir = std::env::temp_dir().join(format!("husk-spec-test-{}", std::process::id()));

@@ -157,7 +157,8 @@ pub(super) fn mount_step(
     }
     let nul = |e: SpecError| err(e.reason());
     let target = join_inside(root, destination);
-    let (flags, propagation, data, bind_opt) = mount_options(m.options().as_deref().unwrap_or(&[]));
+    let options = m.options().as_deref().unwrap_or(&[]);
+    let (mut flags, propagation, data, bind_opt) = mount_options(options);
     let mut fstype = m.typ().clone().unwrap_or_default();
     // The guest has only cgroup v2: a v1 "cgroup" mount means the container's
     // view of cgroups, which is cgroup2 (scoped by its cgroup namespace).
@@ -183,6 +184,17 @@ pub(super) fn mount_step(
     } else if bind {
         let dest_key = destination.display().to_string();
         let src = if let Some(rel) = cx.shared_mounts.get(&dest_key) {
+            // A non-recursive `ro` volume (OCI `ro` without `rro`): the host
+            // made its bind read-only at the top only, and virtio-fs
+            // answers EROFS for it. Remounting it read-only here as well
+            // would make its submounts read-only too: the guest mounts
+            // each host submount when it is first walked (an automount),
+            // with the flags of the mount it is found under. So the guest
+            // leaves the bind writable and the host enforces `ro`; with
+            // `rro` the host bind is read-only throughout, and so is this.
+            if !options.iter().any(|o| o == "rro") {
+                flags &= !libc::MS_RDONLY;
+            }
             join_inside(cx.shared_dir, Path::new(rel))
         } else {
             source

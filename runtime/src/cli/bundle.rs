@@ -1,7 +1,7 @@
 //! Reading an OCI bundle: config.json checked before anything is created.
 
 use anyhow::{bail, Context};
-use husk_runtime::share::ReadOnly;
+use husk_runtime::share::BindMode;
 use oci_spec::runtime::Spec;
 use std::path::{Path, PathBuf};
 
@@ -200,7 +200,7 @@ impl Bundle {
     /// Host paths of bind mounts to share into the guest: (index, source, destination).
     /// The spec's bind mounts: index, source, destination, and how
     /// read-only the host makes them.
-    pub fn bind_mounts(&self) -> Vec<(usize, PathBuf, String, ReadOnly)> {
+    pub fn bind_mounts(&self) -> Vec<(usize, PathBuf, String, BindMode)> {
         self.spec
             .mounts()
             .as_deref()
@@ -220,7 +220,7 @@ impl Bundle {
                     i,
                     m.source().clone()?,
                     m.destination().display().to_string(),
-                    ReadOnly::from_options(m.options().as_deref().unwrap_or(&[])),
+                    BindMode::from_options(m.options().as_deref().unwrap_or(&[])),
                 ))
             })
             .collect()

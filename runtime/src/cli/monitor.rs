@@ -157,10 +157,10 @@ fn setup(
         readonly_rootfs.as_deref().unwrap_or(&[]),
     )?;
     let mut shared = HashMap::new();
-    for (index, source, destination, readonly) in bundle.bind_mounts() {
+    for (index, source, destination, mode) in bundle.bind_mounts() {
         let source = bundle.host_source(&source);
         let rel = sandbox
-            .share_path(&args.id, index, &source, readonly)
+            .share_path(&args.id, index, &source, mode)
             .with_context(|| format!("config.json: mounts[{index}] ({destination})"))?;
         shared.insert(destination, rel);
     }

@@ -6,9 +6,11 @@
 //! husk-cri SOCKET runp name=N uid=U ns=NS log-dir=DIR [handler=husk] [pid=node]
 //!                                                                          -> pod id
 //! husk-cri SOCKET create pod=ID name=N uid=U ns=NS log-dir=DIR cname=C image=I log=FILE
-//!                        [mount=HOST:CTR]... [handler=husk] [pid=node] [caps=ALL]
+//!                        [mount=HOST:CTR[:OPT,…]]... [handler=husk] [pid=node] [caps=ALL]
 //!                        -- CMD...                                         -> container id
-//! (pid=node: the node's pid namespace, hostPID; in husk, the guest's.
+//! (mount options: ro (readonly), rro (readonly and recursive_read_only),
+//!  rslave (propagation host to container), rshared (bidirectional).
+//!  pid=node: the node's pid namespace, hostPID; in husk, the guest's.
 //!  caps=C,…: capabilities added to the container's.)
 //! husk-cri SOCKET start|rm CID     husk-cri SOCKET stop CID [TIMEOUT]
 //! husk-cri SOCKET stopp|rmp POD    husk-cri SOCKET status CID              -> STATE EXIT_CODE
@@ -221,13 +223,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<i32> {
             cc.command = rest.clone();
             cc.log_path = one(&kv, "log")?;
             for spec in kv.get("mount").cloned().unwrap_or_default() {
-                let (host, ctr) = spec
-                    .split_once(':')
-                    .ok_or_else(|| anyhow::anyhow!("mount={spec}: want HOST:CTR"))?;
-                let mut mount = Mount::new();
-                mount.host_path = host.into();
-                mount.container_path = ctr.into();
-                cc.mounts.push(mount);
+                cc.mounts.push(volume(&spec)?);
             }
             let mut linux = LinuxContainerConfig::new();
             let mut sc = LinuxContainerSecurityContext::new();
@@ -400,4 +396,30 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// A CRI volume from `HOST:CTR[:OPT,…]` (options as the usage says).
+fn volume(spec: &str) -> anyhow::Result<Mount> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(host), Some(ctr)) = (parts.next(), parts.next()) else {
+        anyhow::bail!("mount={spec}: want HOST:CTR[:OPT,…]");
+    };
+    let mut mount = Mount::new();
+    mount.host_path = host.into();
+    mount.container_path = ctr.into();
+    for opt in parts.next().map(|o| o.split(',')).into_iter().flatten() {
+        match opt {
+            "ro" => mount.readonly = true,
+            "rro" => {
+                mount.readonly = true;
+                mount.recursive_read_only = true;
+            }
+            "rslave" => mount.propagation = MountPropagation::PROPAGATION_HOST_TO_CONTAINER.into(),
+            "rshared" => mount.propagation = MountPropagation::PROPAGATION_BIDIRECTIONAL.into(),
+            other => {
+                anyhow::bail!("mount={spec}: unknown option {other:?} (ro, rro, rslave, rshared)")
+            }
+        }
+    }
+    Ok(mount)
 }
