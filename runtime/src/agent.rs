@@ -175,9 +175,6 @@ fn park_unanswered(stream: UnixStream) {
     }
 }
 
-/// The send buffer asked for on a stream's socket.
-const STREAM_SOCKET_BUFFER: usize = 1 << 20;
-
 /// Connects to guest vsock `port` through the hybrid Unix socket.
 pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
     let timeout = HANDSHAKE_TIMEOUT;
@@ -311,14 +308,6 @@ impl AgentClient {
     /// Opens a stream connection of `kind` carrying `token`.
     pub fn open_stream(&self, kind: StreamKind, token: u64) -> Result<UnixStream, AgentError> {
         let mut stream = connect_port(&self.uds, STREAM_PORT)?;
-        // Room for a whole stdio copy on the way to the vsock backend (the
-        // default is ~200 KiB): fewer wakeups per MiB. Best effort, and a
-        // fixed bound: the kernel caps it at net.core.wmem_max.
-        let _ = nix::sys::socket::setsockopt(
-            &stream,
-            nix::sys::socket::sockopt::SndBuf,
-            &STREAM_SOCKET_BUFFER,
-        );
         StreamHeader { kind, token }
             .write_to(&mut stream)
             .map_err(|source| AgentError::Connect {
