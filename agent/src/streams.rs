@@ -1,7 +1,7 @@
 //! Stream connections on STREAM_PORT: each starts with a StreamHeader.
 //! Process streams are parked here under their token until the request that
-//! names them (CreateContainer, ExecProcess) takes them; echo streams are
-//! served at once.
+//! names them (CreateContainer, ExecProcess) takes them; echo, sink and
+//! source streams (diagnostics and measurement) are served at once.
 
 use husk_protocol::{StreamHeader, StreamKind, STREAM_PORT};
 use std::collections::HashMap;
@@ -108,7 +108,44 @@ fn accept(registry: Arc<StreamRegistry>, mut stream: VsockStream) {
     match header.kind {
         StreamKind::Process => registry.park(header.token, stream),
         StreamKind::Echo => echo(stream),
+        StreamKind::Sink => sink(stream, header.token),
+        StreamKind::Source => source(stream, header.token),
     }
+}
+
+/// The buffer of the diagnostic streams: the size of a stdio copy, so that
+/// they measure what the vsock path can carry with the same chunking.
+const DIAG_CHUNK: usize = 1 << 20;
+
+/// Reads and discards `len` bytes, then answers with one byte and closes.
+fn sink(mut stream: VsockStream, len: u64) {
+    let mut buf = vec![0u8; DIAG_CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        match stream.read(&mut buf[..want]) {
+            Ok(0) => return,
+            Ok(n) => left -= n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+    let _ = stream.write_all(&[1]);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Writes `len` zero bytes, then half-closes.
+fn source(mut stream: VsockStream, len: u64) {
+    let buf = vec![0u8; DIAG_CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        if stream.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 /// Writes back every byte read until EOF, then half-closes.

@@ -889,8 +889,13 @@ pub fn connect_stdio_via(
     Ok((tokens, StdioPumps { outputs }))
 }
 
+/// The host pumps' buffer: one bounded buffer per stream, whatever the
+/// guest sends; a slow reader stops the pump, and the vsock backend's credit
+/// then stops the guest.
+const PUMP_BUFFER: usize = 1 << 20;
+
 fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
-    let mut buf = vec![0u8; 128 * 1024];
+    let mut buf = vec![0u8; PUMP_BUFFER];
     loop {
         match input.read(&mut buf) {
             Ok(0) => break,
@@ -909,7 +914,7 @@ fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
 }
 
 fn pump_out(mut stream: UnixStream, mut output: Box<dyn Write + Send>) {
-    let mut buf = vec![0u8; 128 * 1024];
+    let mut buf = vec![0u8; PUMP_BUFFER];
     loop {
         match stream.read(&mut buf) {
             Ok(0) => break,

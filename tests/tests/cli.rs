@@ -222,6 +222,45 @@ fn stdout_carries_64_mib_intact_and_stdin_eof_arrives() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
+#[test]
+fn stdin_through_cat_stdout_carries_32_mib_intact_both_ways_at_once() {
+    // stdin spliced into the container's pipe and its stdout spliced back,
+    // at the same time: a writer that does not read would fill both pipes
+    // and the streams' buffers, so this also proves each side waits for the
+    // other instead of buffering.
+    const BYTES: usize = 32 << 20;
+    let dir = TestDir::new("stdin-cat");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["cat"]));
+    let mut data = vec![0u8; BYTES];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let mut child = Command::new(husk_bin())
+        .args(["--root", s(&root), "run", "--bundle", s(&b), "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut input = child.stdin.take().expect("stdin");
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || input.write_all(&sent));
+    let out = child.wait_with_output().expect("wait");
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("write to husk run");
+    ok(&out, "run cat");
+    assert_eq!(out.stdout.len(), BYTES, "bytes back through cat");
+    assert!(out.stdout == data, "32 MiB came back changed");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
 fn read_until(master: &mut std::fs::File, needle: &str) -> String {
     let mut seen = String::new();
     let mut buf = [0u8; 4096];

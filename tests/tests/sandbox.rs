@@ -129,6 +129,55 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
     sandbox.shutdown().expect("shutdown");
 }
 
+#[test]
+fn sink_and_source_streams_carry_exactly_the_bytes_asked_for() {
+    const BYTES: u64 = 8 << 20;
+    let dir = TestDir::new("sink-source");
+    let sandbox = start_sandbox(&dir, "sink-source");
+    let stall = Some(Duration::from_secs(60));
+
+    // Source: exactly BYTES zeros, then EOF.
+    let mut source = sandbox
+        .agent()
+        .open_stream(StreamKind::Source, BYTES)
+        .expect("open source stream");
+    source.set_read_timeout(stall).expect("read timeout");
+    let mut got = Vec::new();
+    source.read_to_end(&mut got).expect("read the source");
+    assert_eq!(got.len() as u64, BYTES, "bytes from the source stream");
+    assert!(
+        got.iter().all(|b| *b == 0),
+        "the source sent non-zero bytes"
+    );
+
+    // Sink: answers one byte only once it has read all BYTES, then closes.
+    let mut sink = sandbox
+        .agent()
+        .open_stream(StreamKind::Sink, BYTES)
+        .expect("open sink stream");
+    sink.set_read_timeout(stall).expect("read timeout");
+    sink.set_write_timeout(stall).expect("write timeout");
+    let chunk = vec![0x5au8; 1 << 20];
+    sink.write_all(&chunk[..(1 << 20) - 1]).expect("write");
+    for _ in 1..BYTES >> 20 {
+        sink.write_all(&chunk).expect("write to the sink");
+    }
+    sink.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("read timeout");
+    let mut early = [0u8; 1];
+    assert!(
+        sink.read(&mut early).is_err(),
+        "the sink answered one byte short of what it was asked for"
+    );
+    sink.set_read_timeout(stall).expect("read timeout");
+    sink.write_all(&[0x5a]).expect("the last byte");
+    let mut answer = Vec::new();
+    sink.read_to_end(&mut answer)
+        .expect("read the sink's answer");
+    assert_eq!(answer, [1], "the sink's answer");
+    sandbox.shutdown().expect("shutdown");
+}
+
 fn run_container(dir: &TestDir, id: &str, spec: &serde_json::Value) -> std::process::Output {
     require_guest();
     let bundle = write_bundle(&dir.path.join("bundle"), spec);

@@ -18,6 +18,15 @@ pub enum StreamKind {
     Process,
     /// Diagnostics: the agent writes back every byte it reads, then closes.
     Echo,
+    /// Measurement, host to guest: the agent reads and discards as many
+    /// bytes as the header's token says, answers with one byte once it has
+    /// them all, and closes (a half-close from the host would not do: the
+    /// vsock backend drops a half-closed connection's pending data).
+    Sink,
+    /// Measurement, guest to host: the agent writes as many zero bytes as
+    /// the header's token says, then closes. The host counts what arrives
+    /// and stops at the count it asked for; it trusts nothing else.
+    Source,
 }
 
 impl StreamKind {
@@ -25,6 +34,8 @@ impl StreamKind {
         match self {
             StreamKind::Process => 1,
             StreamKind::Echo => 2,
+            StreamKind::Sink => 3,
+            StreamKind::Source => 4,
         }
     }
 
@@ -32,6 +43,8 @@ impl StreamKind {
         match code {
             1 => Some(StreamKind::Process),
             2 => Some(StreamKind::Echo),
+            3 => Some(StreamKind::Sink),
+            4 => Some(StreamKind::Source),
             _ => None,
         }
     }
@@ -62,7 +75,9 @@ pub enum StreamHeaderError {
 pub struct StreamHeader {
     /// What the stream carries.
     pub kind: StreamKind,
-    /// For process streams: the token named in the request that uses it.
+    /// For process streams: the token named in the request that uses it;
+    /// for [`StreamKind::Sink`] and [`StreamKind::Source`]: how many bytes
+    /// the agent receives or sends.
     pub token: u64,
 }
 
@@ -116,12 +131,19 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let h = StreamHeader {
-            kind: StreamKind::Process,
-            token: 0x0102_0304_0506_0708,
-        };
-        let decoded = StreamHeader::read_from(&mut &h.encode()[..]).unwrap();
-        assert_eq!(decoded, h);
+        for kind in [
+            StreamKind::Process,
+            StreamKind::Echo,
+            StreamKind::Sink,
+            StreamKind::Source,
+        ] {
+            let h = StreamHeader {
+                kind,
+                token: 0x0102_0304_0506_0708,
+            };
+            let decoded = StreamHeader::read_from(&mut &h.encode()[..]).unwrap();
+            assert_eq!(decoded, h);
+        }
     }
 
     #[test]
