@@ -8,8 +8,18 @@ use husk_tests::*;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+/// The 32-stream test moves 1 GiB through vhost-device-vsock, whose
+/// transfers can hang when the guest's emulated CPU is starved
+/// (rust-vmm/vhost-device#494): the tests of this file run one at a time,
+/// so that none of them starves another's VM.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn agent_answers_health_and_version_over_vsock() {
+    let _alone = alone();
     let dir = TestDir::new("health");
     let sandbox = start_sandbox(&dir, "health");
     let health = sandbox.agent().health().expect("health RPC");
@@ -61,6 +71,7 @@ fn fnv1a(mut h: u64, data: &[u8]) -> u64 {
 
 #[test]
 fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
+    let _alone = alone();
     const STREAMS: u64 = 32;
     const BYTES: usize = 16 << 20;
     const CHUNK: usize = 64 << 10;
@@ -131,6 +142,7 @@ fn thirty_two_vsock_streams_carry_16_mib_each_way_intact() {
 
 #[test]
 fn sink_and_source_streams_carry_exactly_the_bytes_asked_for() {
+    let _alone = alone();
     const BYTES: u64 = 8 << 20;
     let dir = TestDir::new("sink-source");
     let sandbox = start_sandbox(&dir, "sink-source");
@@ -195,6 +207,7 @@ fn run_container(dir: &TestDir, id: &str, spec: &serde_json::Value) -> std::proc
 
 #[test]
 fn virtio_fs_carries_files_host_to_guest_and_back() {
+    let _alone = alone();
     let dir = TestDir::new("virtiofs");
     let rootfs = dir.path.join("bundle/rootfs");
     busybox_rootfs(&rootfs);
@@ -218,6 +231,7 @@ fn virtio_fs_carries_files_host_to_guest_and_back() {
 
 #[test]
 fn guest_cannot_reach_host_paths_outside_the_share() {
+    let _alone = alone();
     let dir = TestDir::new("escape");
     let rootfs = dir.path.join("bundle/rootfs");
     busybox_rootfs(&rootfs);
@@ -262,6 +276,7 @@ fn guest_cannot_reach_host_paths_outside_the_share() {
 
 #[test]
 fn killing_qemu_mid_run_is_an_error_and_leaves_nothing() {
+    let _alone = alone();
     let dir = TestDir::new("killvmm");
     let spec = default_spec(&["sh", "-c", "echo started; sleep 60"]);
     let bundle = write_bundle(&dir.path.join("bundle"), &spec);
@@ -344,11 +359,13 @@ fn kill_backend_and_expect_report(backend: &str) {
 
 #[test]
 fn killing_virtiofsd_is_reported_and_leaves_nothing() {
+    let _alone = alone();
     kill_backend_and_expect_report("virtiofsd");
 }
 
 #[test]
 fn killing_the_vsock_backend_is_reported_and_leaves_nothing() {
+    let _alone = alone();
     kill_backend_and_expect_report("vhost-device-vsock");
 }
 
@@ -383,6 +400,7 @@ fn check_fails_with(name: &str, args: &[&str], env: &[(&str, &str)], expect: &[&
 
 #[test]
 fn bad_inputs_give_one_clear_line_and_leave_nothing() {
+    let _alone = alone();
     require_guest();
     let dir = TestDir::new("badinput-files");
     let garbage = dir.path.join("garbage");
@@ -454,6 +472,7 @@ fn bad_inputs_give_one_clear_line_and_leave_nothing() {
 
 #[test]
 fn husk_check_passes_and_reports_boot_timing() {
+    let _alone = alone();
     require_guest();
     let dir = TestDir::new("check");
     let out = husk(&dir.state_root(), &["check", "--format", "json"]);
