@@ -275,23 +275,11 @@ impl Drop for HostCgroup {
     }
 }
 
-/// cgroup v1 shares (2..262144) to v2 weight (1..10000), as runc and crun
-/// convert them.
-pub fn shares_to_weight(shares: u64) -> u64 {
-    let shares = shares.clamp(2, 262_144);
-    1 + ((shares - 2) * 9999) / 262_142
-}
+pub use husk_protocol::resources::shares_to_weight;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shares_convert_to_weight_like_runc() {
-        assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(1024), 39);
-        assert_eq!(shares_to_weight(262_144), 10_000);
-    }
 
     #[test]
     fn paths_are_kept_inside_the_hierarchy() {

@@ -18,3 +18,4 @@ pub mod lockfile;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;
+pub mod supervisor;

@@ -705,26 +705,27 @@ impl Sandbox {
     /// Bind-mounts a container's rootfs into the share (nosuid, nodev on
     /// the host) and returns its path relative to the share.
     ///
-    /// A `readonly` rootfs (`root.readonly`) is read-only on the host from
-    /// the first instant the guest can see it, as a `ro` volume is: the host
-    /// first makes the `mount_points` the guest will need in it (see
-    /// `share::rootfs_mount_points`), since the guest cannot.
+    /// A read-only rootfs (`root.readonly`: `readonly` names the mount
+    /// points the guest will need in it, see `share::rootfs_mount_points`)
+    /// is read-only on the host from the first instant the guest can see
+    /// it, as a `ro` volume is: the host first makes those mount points,
+    /// since the guest cannot.
     pub fn share_rootfs(
         &self,
         container_id: &str,
         rootfs: &Path,
-        readonly: bool,
-        mount_points: &[crate::share::MountPoint],
+        readonly: Option<&[crate::share::MountPoint]>,
     ) -> Result<String, SandboxError> {
         if !rootfs.is_dir() {
             return Err(SandboxError::MissingRootfs(rootfs.to_path_buf()));
         }
         let rel = format!("{container_id}/rootfs");
-        let access = if readonly {
-            crate::share::make_mount_points(rootfs, mount_points)?;
-            ReadOnly::Top
-        } else {
-            ReadOnly::No
+        let access = match readonly {
+            Some(mount_points) => {
+                crate::share::make_mount_points(rootfs, mount_points)?;
+                ReadOnly::Top
+            }
+            None => ReadOnly::No,
         };
         let mode = crate::share::BindMode {
             readonly: access,

@@ -3,6 +3,11 @@
 //! a size the host cannot give is refused with an error naming the field,
 //! instead of wrapping to something small or booting a VM that cannot run.
 
+/// The most vCPUs husk gives one VM, whichever the hypervisor: husk-vmm's
+/// MP table holds 32 (`husk_vmm::mptable::MAX_VCPUS`, checked equal by a
+/// test), and a sandbox's size must not depend on the backend.
+pub const MAX_VCPUS: u32 = 32;
+
 /// A requested size the host cannot give.
 #[derive(Debug, thiserror::Error)]
 pub enum SizeError {

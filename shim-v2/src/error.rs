@@ -4,7 +4,7 @@
 use husk_runtime::agent::{AgentError, ErrorKind, GuestErrorKind};
 use husk_runtime::config::ConfigError;
 use husk_runtime::sandbox::{BootPhase, SandboxError};
-use std::path::PathBuf;
+use husk_runtime::supervisor::{BundleError, HookError, SupervisorError};
 use ttrpc::Code;
 
 /// A task request the shim refused or failed, as the shim itself saw it.
@@ -20,8 +20,6 @@ pub enum TaskError {
     VmExists(String),
     #[error("husk does not support restoring from a checkpoint")]
     Checkpoint,
-    #[error("rootfs {} does not exist", .0.display())]
-    MissingRootfs(PathBuf),
     #[error("the pod sandbox {pod} of container {id} is not served by this shim")]
     PodNotServed { pod: String, id: String },
     #[error("the sandbox container of pod {0} has not started yet")]
@@ -58,7 +56,7 @@ impl TaskError {
             | TaskError::ContainerExists(_)
             | TaskError::VmExists(_) => Code::ALREADY_EXISTS,
             TaskError::Checkpoint => Code::UNIMPLEMENTED,
-            TaskError::MissingRootfs(_) | TaskError::PodNotServed { .. } => Code::NOT_FOUND,
+            TaskError::PodNotServed { .. } => Code::NOT_FOUND,
             TaskError::PodNotStarted(_) => Code::FAILED_PRECONDITION,
             TaskError::Boot { source, .. } => source.code(),
             TaskError::Pod { code, .. } => *code,
@@ -90,6 +88,18 @@ pub fn code_of_sandbox(e: &SandboxError) -> Code {
     }
 }
 
+/// The code of a bundle that cannot be used: missing parts are NOT_FOUND,
+/// the rest is the client's bad input.
+fn code_of_bundle(e: &BundleError) -> Code {
+    match e {
+        BundleError::Missing(_)
+        | BundleError::MissingRootfs { .. }
+        | BundleError::BindSource { .. }
+        | BundleError::Read { .. } => Code::NOT_FOUND,
+        _ => Code::INVALID_ARGUMENT,
+    }
+}
+
 /// The code of an error chain: the first cause of a known type decides;
 /// a chain of none is `UNKNOWN`.
 pub fn code_of(e: &anyhow::Error) -> Code {
@@ -105,6 +115,24 @@ pub fn code_of(e: &anyhow::Error) -> Code {
         }
         if cause.downcast_ref::<ConfigError>().is_some() {
             return Code::INVALID_ARGUMENT;
+        }
+        if let Some(b) = cause.downcast_ref::<BundleError>() {
+            return code_of_bundle(b);
+        }
+        if cause.downcast_ref::<HookError>().is_some() {
+            return Code::FAILED_PRECONDITION;
+        }
+        if let Some(s) = cause.downcast_ref::<SupervisorError>() {
+            return match s {
+                SupervisorError::Bundle(b) => code_of_bundle(b),
+                SupervisorError::Hook(_) | SupervisorError::Transition(_) => {
+                    Code::FAILED_PRECONDITION
+                }
+                SupervisorError::Cgroup(_) => Code::INTERNAL,
+                SupervisorError::Mount { source, .. } | SupervisorError::Sandbox(source) => {
+                    code_of_sandbox(source)
+                }
+            };
         }
     }
     Code::UNKNOWN

@@ -26,6 +26,7 @@ use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{
     connect_stdio_via, BootPhase, NewContainer, Sandbox, SandboxConfig, SandboxError, StdioPumps,
 };
+use husk_runtime::supervisor::{self, hooks, Bundle, Event, HookKind, Next, SupervisorError};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -59,13 +60,9 @@ struct Exit {
     at: Timestamp,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
-    Created,
-    Running,
-    Paused,
-    Stopped,
-}
+/// A process's place in its life: the supervisor's state machine (named
+/// `Phase` here, where containerd's task `Status` is also in scope).
+use husk_runtime::supervisor::Status as Phase;
 
 /// The container's init process or an exec.
 struct Proc {
@@ -128,7 +125,9 @@ impl Proc {
         }
         before_wake();
         st.exit = Some(exit);
-        st.phase = Phase::Stopped;
+        if let Ok(Next::Is(next)) = st.phase.next(Event::Exit) {
+            st.phase = next;
+        }
         self.exited.notify_all();
     }
 
@@ -367,46 +366,53 @@ impl Pod {
     }
 }
 
-/// The host cgroup of a VM-owning container (a pod's sandbox container or
-/// a plain container): its `linux.cgroupsPath`, created in every hierarchy,
-/// bounded by the VM's memory plus the host overhead and the pids maximum,
-/// with this shim moved in. A systemd-style path (`slice:prefix:name`) is
-/// not supported by husk's cgroupfs layout: the VM then runs in the shim's
-/// cgroup, with a warning.
-fn pod_host_cgroup(
-    spec: &serde_json::Value,
-    vm_memory_mib: u32,
-    config: &Config,
-) -> anyhow::Result<Option<HostCgroup>> {
-    let Some(path) = spec
-        .pointer("/linux/cgroupsPath")
-        .and_then(serde_json::Value::as_str)
-        .filter(|p| !p.is_empty())
-    else {
-        return Ok(None);
-    };
-    let cg = match HostCgroup::create(path) {
-        Ok(cg) => cg,
-        Err(e @ husk_runtime::host_cgroup::HostCgroupError::Systemd(_)) => {
-            log::warn!("{e}; the VM stays in the shim's cgroup");
-            return Ok(None);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let mib = u64::from(vm_memory_mib).saturating_add(u64::from(config.host_overhead_mib));
-    cg.limit_sandbox(mib.saturating_mul(1 << 20), config.host_pids_max)?;
-    cg.add(std::process::id())?;
-    Ok(Some(cg))
-}
-
 struct Container {
     id: String,
     bundle: PathBuf,
+    /// The typed spec, for the host hooks of poststart and poststop.
+    spec: oci_spec::runtime::Spec,
+    annotations: HashMap<String, String>,
     pod: Arc<Pod>,
     owns_vm: bool,
     rootfs_mount: Option<PathBuf>,
     init: Arc<Proc>,
     execs: HashMap<String, Arc<Proc>>,
+}
+
+/// What a container's late host hooks (poststart, poststop) need, taken
+/// out of the registry so no lock is held while they run.
+struct HookView {
+    id: String,
+    bundle: PathBuf,
+    spec: oci_spec::runtime::Spec,
+    annotations: HashMap<String, String>,
+}
+
+impl HookView {
+    /// Runs every hook of `kind`; failures are warnings (runtime spec).
+    fn run_all(&self, status: Phase, kind: HookKind) {
+        let state = hooks::oci_state(
+            &self.id,
+            status,
+            std::process::id() as i32,
+            &self.bundle,
+            &self.annotations,
+        );
+        for e in hooks::run_all(&self.spec, &state, kind) {
+            log::warn!("{}: {e}", self.id);
+        }
+    }
+}
+
+impl Container {
+    fn hook_view(&self) -> HookView {
+        HookView {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            spec: self.spec.clone(),
+            annotations: self.annotations.clone(),
+        }
+    }
 }
 
 struct Inner {
@@ -557,49 +563,37 @@ impl Inner {
     fn spawn_waiter(self: &Arc<Self>, pod: Arc<Pod>, proc_: Arc<Proc>) {
         let inner = self.clone();
         std::thread::spawn(move || {
-            let result = pod.waiter.wait_process(&proc_.cid, &proc_.exec_id);
-            match result {
-                Ok(r) => {
-                    if proc_.exec_id.is_empty() {
-                        // The init is gone: so is the rest of the container,
-                        // as when a pid namespace's init dies.
-                        let id = proc_.cid.clone();
-                        let _ = pod.try_call(move |agent| {
-                            agent.signal_process(&id, "", libc::SIGKILL as u32, true)
-                        });
-                    }
-                    let host_now = now();
-                    // The guest's clock, unless it is clearly off.
-                    let at = if r.exited_at_unix_ns > 0
-                        && (ts_from_ns(r.exited_at_unix_ns).seconds - host_now.seconds).abs() < 5
-                    {
-                        ts_from_ns(r.exited_at_unix_ns)
-                    } else {
-                        host_now
-                    };
-                    inner.exited(
-                        &proc_,
-                        Exit {
-                            status: r.exit_code.max(0) as u32,
-                            at,
-                        },
-                        r.oom_killed,
-                    );
-                }
-                Err(e) => {
-                    // The VM died (the monitor reports it) or the agent broke.
-                    let reason = pod.check().unwrap_or_else(|| e.to_string());
-                    log::warn!("waiting for {} {}: {reason}", proc_.cid, proc_.exec_id);
-                    inner.exited(
-                        &proc_,
-                        Exit {
-                            status: 128 + libc::SIGKILL as u32,
-                            at: now(),
-                        },
-                        false,
-                    );
-                }
+            let end = supervisor::wait_process_end(&pod.waiter, &proc_.cid, &proc_.exec_id, |e| {
+                // The VM died (the watcher reports it) or the agent broke.
+                pod.check().unwrap_or_else(|| e.to_string())
+            });
+            if let Some(cause) = &end.cause {
+                log::warn!("waiting for {} {}: {cause}", proc_.cid, proc_.exec_id);
+            } else if proc_.exec_id.is_empty() {
+                // The init is gone: so is the rest of the container, as
+                // when a pid namespace's init dies.
+                let id = proc_.cid.clone();
+                let _ = pod.try_call(move |agent| {
+                    agent.signal_process(&id, "", libc::SIGKILL as u32, true)
+                });
             }
+            let host_now = now();
+            // The guest's clock, unless it is clearly off.
+            let at = if end.exited_at_unix_ns > 0
+                && (ts_from_ns(end.exited_at_unix_ns).seconds - host_now.seconds).abs() < 5
+            {
+                ts_from_ns(end.exited_at_unix_ns)
+            } else {
+                host_now
+            };
+            inner.exited(
+                &proc_,
+                Exit {
+                    status: end.code.unsigned_abs(),
+                    at,
+                },
+                end.oom_killed,
+            );
         });
     }
 
@@ -666,35 +660,37 @@ impl Inner {
             return Err(TaskError::Checkpoint.into());
         }
         let config = runtime_config(req.options.as_ref())?;
-        let bundle = PathBuf::from(&req.bundle);
-        let mut bundle_spec = spec::load(&bundle)?;
-        let annotations = spec::annotations(&bundle_spec.value);
-        let role = spec::role(&id, &annotations);
-
-        // The rootfs containerd hands over as mounts.
+        let bundle_dir = PathBuf::from(&req.bundle);
+        // The rootfs containerd hands over as mounts, at the bundle's
+        // `rootfs` (which the spec's root.path names for containerd).
         let mut rootfs_mount = None;
-        if !req.rootfs.is_empty() {
-            let target = bundle.join("rootfs");
+        if !req.rootfs.is_empty() && bundle_dir.is_dir() {
+            let target = bundle_dir.join("rootfs");
             std::fs::create_dir_all(&target)?;
             for m in &req.rootfs {
-                let options: Vec<String> = m.options.clone();
-                if let Err(e) = crate::mount::mount_one(&m.type_, &m.source, &options, &target) {
+                if let Err(e) = crate::mount::mount_one(&m.type_, &m.source, &m.options, &target) {
                     let _ = husk_runtime::sandbox::unmount_below(&target);
                     return Err(anyhow::anyhow!("mounting the rootfs: {e:#}"));
                 }
                 rootfs_mount = Some(target.clone());
             }
-            bundle_spec.rootfs = target;
         }
         let undo_rootfs = |m: &Option<PathBuf>| {
             if let Some(m) = m {
                 let _ = husk_runtime::sandbox::unmount_below(m);
             }
         };
-        if !bundle_spec.rootfs.is_dir() {
-            undo_rootfs(&rootfs_mount);
-            return Err(TaskError::MissingRootfs(bundle_spec.rootfs.clone()).into());
+        let mut bundle = match Bundle::load(&bundle_dir) {
+            Ok(b) => b,
+            Err(e) => {
+                undo_rootfs(&rootfs_mount);
+                return Err(e.into());
+            }
+        };
+        if let Some(target) = &rootfs_mount {
+            bundle.rootfs = target.clone();
         }
+        let role = spec::role(&id, &bundle.annotations());
 
         // The VM: a new one, or the pod's.
         let (pod, owns_vm) = match &role {
@@ -720,24 +716,38 @@ impl Inner {
                     undo_rootfs(&rootfs_mount);
                     return Err(TaskError::VmExists(vm_id).into());
                 }
-                let mut sc = SandboxConfig::new(&spec::vm_dir_name(&vm_id), &config);
+                let mut sc = SandboxConfig::new(&vm_id, &config);
                 sc.state_root = state::state_root(&self.namespace);
-                let (memory, vcpus) = match spec::vm_size(&bundle_spec.value, &config) {
+                let size = match bundle.vm_size(&config) {
                     Ok(size) => size,
                     Err(e) => {
                         undo_rootfs(&rootfs_mount);
-                        return Err(e);
+                        return Err(e.into());
                     }
                 };
-                sc.memory_mib = memory;
-                sc.vcpus = vcpus;
+                sc.memory_mib = size.memory_mib;
+                sc.vcpus = size.vcpus;
                 // Into the pod's host cgroup before the VM's helpers are
-                // spawned: they inherit it.
-                let host_cgroup = match pod_host_cgroup(&bundle_spec.value, memory, &config) {
+                // spawned: they inherit it. A pod's sandbox container
+                // carries the pause process's CPU limits, not the pod's.
+                let cpu_limits = matches!(role, Role::Standalone);
+                let host_cgroup = match supervisor::sandbox_cgroup(
+                    &bundle,
+                    size,
+                    &config,
+                    cpu_limits,
+                    &[std::process::id()],
+                ) {
                     Ok(cg) => cg,
+                    // containerd's systemd cgroup driver: the VM stays in
+                    // the shim's cgroup (husk uses the cgroupfs layout).
+                    Err(e @ husk_runtime::host_cgroup::HostCgroupError::Systemd(_)) => {
+                        log::warn!("{e}; the VM stays in the shim's cgroup");
+                        None
+                    }
                     Err(e) => {
                         undo_rootfs(&rootfs_mount);
-                        return Err(e);
+                        return Err(e.into());
                     }
                 };
                 match Pod::boot(config.clone(), sc, vm_id.clone()) {
@@ -777,7 +787,29 @@ impl Inner {
                 }
             }
         };
-        let result = self.create_in_vm(&id, &bundle, &mut bundle_spec, &pod, owns_vm, &role, req);
+        let result = self
+            .create_in_vm(&id, &mut bundle, &pod, &role, req)
+            .and_then(|pumps| {
+                // The container exists in the guest, its process not yet
+                // started: the host hooks of create, as the CLI runs them.
+                let state = hooks::oci_state(
+                    &id,
+                    Phase::Created,
+                    std::process::id() as i32,
+                    &bundle.dir,
+                    &bundle.annotations(),
+                );
+                let hooked = hooks::run(&bundle.spec, &state, HookKind::CreateRuntime)
+                    .and_then(|()| hooks::run(&bundle.spec, &state, HookKind::Prestart));
+                if let Err(e) = hooked {
+                    if !owns_vm {
+                        let guest_id = id.clone();
+                        let _ = pod.try_call(move |agent| agent.remove_container(&guest_id, true));
+                    }
+                    return Err(e.into());
+                }
+                Ok(pumps)
+            });
         match result {
             Ok(pumps) => {
                 let record = Record {
@@ -796,7 +828,7 @@ impl Inner {
                         Vec::new()
                     },
                 };
-                if let Err(e) = state::write_record(&bundle, &record) {
+                if let Err(e) = state::write_record(&bundle.dir, &record) {
                     log::warn!("writing the shim record: {e}");
                 }
                 let init = Proc::new(&id, "", &req.stdin, &req.stdout, &req.stderr, req.terminal);
@@ -807,7 +839,9 @@ impl Inner {
                         id.clone(),
                         Container {
                             id: id.clone(),
-                            bundle: bundle.clone(),
+                            bundle: bundle.dir.clone(),
+                            spec: bundle.spec.clone(),
+                            annotations: bundle.annotations(),
                             pod,
                             owns_vm,
                             rootfs_mount,
@@ -835,14 +869,11 @@ impl Inner {
 }
 
 impl Inner {
-    #[allow(clippy::too_many_arguments)]
     fn create_in_vm(
         &self,
         id: &str,
-        bundle: &Path,
-        bundle_spec: &mut spec::BundleSpec,
+        bundle: &mut Bundle,
         pod: &Arc<Pod>,
-        _owns_vm: bool,
         role: &Role,
         req: &api::CreateTaskRequest,
     ) -> anyhow::Result<StdioPumps> {
@@ -853,43 +884,35 @@ impl Inner {
             }
             _ => None,
         };
-        spec::rewrite_for_guest(&mut bundle_spec.value, pause_pid);
-        let spec_json = serde_json::to_vec(&bundle_spec.value)?;
-        let binds = spec::bind_mounts(&bundle_spec.value, bundle);
-        let readonly_rootfs = spec::readonly_rootfs(&bundle_spec.value, bundle);
+        spec::rewrite_for_guest(&mut bundle.value, pause_pid);
         let stdio = host_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
-        let rootfs = bundle_spec.rootfs.clone();
-        let id = id.to_string();
-        let bundle = bundle.to_path_buf();
         // The host-side mounts under the sandbox lock (no guest call)...
-        let shared_id = id.clone();
-        let (rel, shared) = pod
-            .try_with(move |sb| {
-                let rel = sb.share_rootfs(
-                    &shared_id,
-                    &rootfs,
-                    readonly_rootfs.is_some(),
-                    readonly_rootfs.as_deref().unwrap_or(&[]),
-                )?;
-                let mut shared = HashMap::new();
-                for (index, source, destination, mode) in binds {
-                    let r = sb.share_path(&shared_id, index, &source, mode)?;
-                    shared.insert(destination, r);
-                }
-                Ok((rel, shared))
+        let shared = pod
+            .try_with(|sb| Ok(supervisor::share_container(sb, id, bundle)))
+            .and_then(|shared| {
+                shared.map_err(|e: SupervisorError| {
+                    let code = e
+                        .sandbox()
+                        .map_or(Code::INVALID_ARGUMENT, error::code_of_sandbox);
+                    (code, e.to_string())
+                })
             })
             .map_err(|(code, message)| TaskError::Pod { code, message })?;
         // ...the guest's part without it.
+        let request = NewContainer {
+            id: id.to_string(),
+            spec_json: bundle.spec_json(),
+            rootfs_rel: shared.rootfs_rel,
+            shared_mounts: shared.mounts,
+            stdio: Default::default(),
+            no_pivot: false,
+            bundle: bundle.dir.clone(),
+        };
         let result = pod.try_call(move |agent| {
             let (tokens, pumps) = connect_stdio_via(agent, stdio).map_err(stdio_error)?;
             let req = NewContainer {
-                id,
-                spec_json,
-                rootfs_rel: rel,
-                shared_mounts: shared,
                 stdio: tokens,
-                no_pivot: false,
-                bundle,
+                ..request
             }
             .into_request();
             agent.create_container(&req)?;
@@ -945,7 +968,7 @@ fn decode_runtime_options(bytes: &[u8]) -> anyhow::Result<(String, String)> {
 
 fn status_of(phase: Phase) -> Status {
     match phase {
-        Phase::Created => Status::CREATED,
+        Phase::Creating | Phase::Created => Status::CREATED,
         Phase::Running => Status::RUNNING,
         Phase::Paused => Status::PAUSED,
         Phase::Stopped => Status::STOPPED,
@@ -1040,10 +1063,11 @@ impl containerd_shim::Task for Service {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         let (pod, p) = self.inner.lookup(&req.id, &req.exec_id)?;
-        if p.lock().phase != Phase::Created {
+        let phase = p.lock().phase;
+        if let Err(e) = phase.next(Event::Start) {
             return Err(err(
                 Code::FAILED_PRECONDITION,
-                format!("{} {} is not in the created state", req.id, req.exec_id),
+                format!("{} {}: {e}", req.id, req.exec_id),
             ));
         }
         let guest_pid = if req.exec_id.is_empty() {
@@ -1099,6 +1123,18 @@ impl containerd_shim::Task for Service {
             }
         }
         self.inner.spawn_waiter(pod, p);
+        if req.exec_id.is_empty() {
+            let containers = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = containers.get(&req.id) {
+                let c = c.hook_view();
+                drop(containers);
+                c.run_all(Phase::Running, HookKind::Poststart);
+            }
+        }
         let pid = std::process::id();
         if req.exec_id.is_empty() {
             self.inner.publish(
@@ -1136,10 +1172,10 @@ impl containerd_shim::Task for Service {
             let st = p.lock();
             (st.phase, st.exit.clone())
         };
-        if matches!(phase, Phase::Running | Phase::Paused) {
+        if let Err(e) = phase.next(Event::Delete { force: false }) {
             return Err(err(
                 Code::FAILED_PRECONDITION,
-                format!("{} {} is still running; kill it first", req.id, req.exec_id),
+                format!("{} {}: {e}; kill it first", req.id, req.exec_id),
             ));
         }
         let exit = exit.unwrap_or(Exit {
@@ -1204,6 +1240,9 @@ impl containerd_shim::Task for Service {
             }
         }
         state::remove_record(&container.bundle);
+        container
+            .hook_view()
+            .run_all(Phase::Stopped, HookKind::Poststop);
         self.inner.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
@@ -1241,9 +1280,14 @@ impl containerd_shim::Task for Service {
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let (pod, p) = self.inner.lookup(&req.id, "")?;
+        let paused = p.lock().phase.next(Event::Pause);
+        let Ok(Next::Is(paused)) = paused else {
+            let why = paused.err().map(|e| e.to_string()).unwrap_or_default();
+            return Err(err(Code::FAILED_PRECONDITION, format!("{}: {why}", req.id)));
+        };
         let id = req.id.clone();
         pod.call(move |agent| agent.pause(&id))?;
-        p.lock().phase = Phase::Paused;
+        p.lock().phase = paused;
         self.inner.publish(
             topics::TASK_PAUSED_EVENT_TOPIC,
             Box::new(TaskPaused {
@@ -1260,8 +1304,8 @@ impl containerd_shim::Task for Service {
         pod.call(move |agent| agent.resume(&id))?;
         {
             let mut st = p.lock();
-            if st.phase == Phase::Paused {
-                st.phase = Phase::Running;
+            if let Ok(Next::Is(next)) = st.phase.next(Event::Resume) {
+                st.phase = next;
             }
         }
         self.inner.publish(
@@ -1295,7 +1339,7 @@ impl containerd_shim::Task for Service {
                     format!("process {} {} already finished", req.id, req.exec_id),
                 ))
             }
-            Phase::Created => {
+            Phase::Creating | Phase::Created => {
                 // Never started: it ends without running (as with runc).
                 if req.exec_id.is_empty() {
                     let id = req.id.clone();

@@ -726,3 +726,16 @@ pub fn start_sandbox(dir: &TestDir, name: &str) -> husk_runtime::sandbox::Sandbo
     husk_runtime::sandbox::Sandbox::start(&config, &sc)
         .unwrap_or_else(|e| panic!("starting sandbox {name}: {e}"))
 }
+
+#[cfg(test)]
+mod limits {
+    /// One vCPU maximum for every hypervisor: the runtime sizes VMs by the
+    /// bound husk-vmm's MP table holds.
+    #[test]
+    fn the_vcpu_maximum_is_husk_vmms() {
+        assert_eq!(
+            husk_runtime::sizing::MAX_VCPUS,
+            u32::from(husk_vmm::mptable::MAX_VCPUS)
+        );
+    }
+}

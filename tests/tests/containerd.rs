@@ -974,3 +974,140 @@ fn ro_volumes_keep_writable_submounts_and_rro_volumes_do_not() {
     assert!(umount.status.success(), "umount: {}", stderr(&umount));
     std::fs::remove_dir(&sub).expect("the tmpfs mount point is removable");
 }
+
+/// A whole runtime spec for `ctr run --config`: `spec` with its rootfs at
+/// an absolute path (ctr then uses no image and no snapshot).
+fn config_file(c: &Containerd, name: &str, mut spec: serde_json::Value) -> String {
+    let rootfs = c.dir.path.join(format!("{name}-rootfs"));
+    husk_tests::busybox_rootfs(&rootfs);
+    spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+    let path = c.dir.path.join(format!("{name}.json"));
+    std::fs::write(&path, spec.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    path.display().to_string()
+}
+
+/// The host hooks run under containerd as under the CLI (one supervisor):
+/// createRuntime and prestart at create, poststart after start, poststop
+/// after delete, in that order, each with the state on stdin; a failing
+/// createRuntime hook fails the create and leaves nothing.
+#[test]
+fn host_hooks_run_in_order_with_the_state_on_stdin() {
+    let c = Containerd::start("ctr-hooks");
+    let log = c.dir.path.join("hooks.log");
+    let hook = |name: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {name} $(cat) >> {}", log.display())], "timeout": 10});
+    let mut spec = husk_tests::default_spec(&["true"]);
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": [hook("createRuntime")],
+        "prestart": [hook("prestart")],
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")],
+    });
+    let config = config_file(&c, "hooked", spec);
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        "--config",
+        &config,
+        "hooked",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr run --config: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let order: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        order,
+        ["createRuntime", "prestart", "poststart", "poststop"],
+        "{text}"
+    );
+    for (line, status) in text
+        .lines()
+        .zip(["created", "created", "running", "stopped"])
+    {
+        let json = line.split_once(' ').map(|x| x.1).unwrap_or_default();
+        let st: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(st["id"], "hooked", "{line}");
+        assert_eq!(st["status"], status, "{line}");
+        assert!(st["pid"].as_i64().unwrap_or(0) > 0, "{line}");
+        assert!(
+            st["bundle"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("/hooked"),
+            "{line}"
+        );
+    }
+
+    let mut spec = husk_tests::default_spec(&["true"]);
+    spec["hooks"] = serde_json::json!({"createRuntime": [{"path": "/bin/false"}]});
+    let config = config_file(&c, "badhook", spec);
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        "--config",
+        &config,
+        "badhook",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a failing createRuntime hook must fail create"
+    );
+    assert!(
+        stderr(&out).contains("createRuntime hook"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = c.ctr(&["containers", "rm", "badhook"]);
+    assert_clean(&c);
+}
+
+/// `linux.resources.cpu.cpus` sizes the VM under containerd as under the
+/// CLI: "2-3" needs four vCPUs, and the container's cpuset is applied.
+#[test]
+fn cpu_cpus_sizes_the_vm() {
+    let c = Containerd::start("ctr-cpuset");
+    let mut spec = husk_tests::default_spec(&[
+        "sh",
+        "-c",
+        "echo nproc=$(grep -c ^processor /proc/cpuinfo) cpuset=$(cat /sys/fs/cgroup/cpuset.cpus.effective)",
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup2"}));
+    spec["linux"]["resources"] = serde_json::json!({"cpu": {"cpus": "2-3"}});
+    let config = config_file(&c, "cpuset", spec);
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        "--config",
+        &config,
+        "cpuset",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr run with cpu.cpus 2-3: {}\n{}",
+        stderr(&out),
+        c.log_tail()
+    );
+    assert_eq!(
+        stdout(&out).trim(),
+        "nproc=4 cpuset=2-3",
+        "{}",
+        stderr(&out)
+    );
+    assert_clean(&c);
+}

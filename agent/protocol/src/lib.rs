@@ -21,6 +21,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod error;
+pub mod resources;
 pub mod stream;
 
 pub use error::ErrorKind;

@@ -215,8 +215,7 @@ pub fn apply_resources(cgroup: &Path, r: &LinuxResources) -> Result<(), CgroupEr
             write_cgroup(cgroup, "cpu.max", &format!("{quota} {period}"))?;
         }
         if let Some(shares) = cpu.shares() {
-            // The conversion runc and crun use from cgroup v1 shares.
-            let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9_999 / 262_142;
+            let weight = husk_protocol::resources::shares_to_weight(shares);
             write_cgroup(cgroup, "cpu.weight", &weight.to_string())?;
         }
         if let Some(cpus) = cpu.cpus() {

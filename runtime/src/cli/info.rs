@@ -140,7 +140,7 @@ pub fn update(root: &Path, a: UpdateArgs) -> anyhow::Result<()> {
         serde_json::from_value(r.clone()).context("invalid resources")?;
     super::agent_of(root, &a.id)?.update_resources(&a.id, serde_json::to_vec(&r)?)?;
     // The host side carries the CPU limits too (host_cgroup's module comment).
-    let bundle = super::bundle::Bundle::load(&st.bundle)?;
+    let bundle = husk_runtime::supervisor::Bundle::load(&st.bundle)?;
     let cgroups_path = bundle
         .spec
         .linux()

@@ -1,11 +1,11 @@
 //! The OCI lifecycle: create, start, run, kill, delete, state, list, pause,
 //! resume.
 
-use super::bundle::Bundle;
 use super::monitor::{self, FD_LINK, FD_READY, FD_STDERR, FD_STDIN, FD_STDOUT};
 use super::shadow::FD_SHADOW_LINK;
 use super::state::{self, ContainerState, Status};
 use anyhow::{bail, Context};
+use husk_runtime::supervisor::{Bundle, Event, HookKind};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -76,13 +76,7 @@ pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
         );
     }
     let bundle = Bundle::load(&args.bundle)?;
-    let annotations = bundle
-        .spec
-        .annotations()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let annotations = bundle.annotations().into_iter().collect();
     husk_runtime::sandbox::private_dir_all(root)?;
     // Held until the container is created (or everything undone): a delete
     // of this id waits for it.
@@ -259,12 +253,9 @@ pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
 
 pub fn start(root: &Path, id: &str) -> anyhow::Result<()> {
     let st = ContainerState::load(root, id)?;
-    match st.effective_status() {
-        Status::Created => {}
-        s => bail!("cannot start a container that is {}", s.as_str()),
-    }
+    st.effective_status().next(Event::Start)?;
     monitor::request(root, id, serde_json::json!({"op": "start"}))?;
-    super::hooks::run_host_hooks(root, id, "poststart")?;
+    super::hooks::run_host_hooks(root, id, HookKind::Poststart)?;
     Ok(())
 }
 
@@ -348,7 +339,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
     if !state::container_dir(root, id).exists() {
         lifecycle.remove();
     }
-    super::hooks::run_saved_hooks(&st, "poststop");
+    super::hooks::run_saved_hooks(&st, HookKind::Poststop);
     Ok(())
 }
 

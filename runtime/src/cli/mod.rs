@@ -1,6 +1,5 @@
 //! Command-line front end over the sandbox library: the runc command set.
 
-mod bundle;
 mod check;
 mod console;
 mod exec;

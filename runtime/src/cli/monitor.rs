@@ -8,7 +8,6 @@
 //! File descriptors from `husk create`: 3, 4, 5 the container's stdin,
 //! stdout and stderr; 6 the link to the shadow; 7 the ready pipe.
 
-use super::bundle::Bundle;
 use super::console;
 use super::state::{self, ContainerState, Status};
 use anyhow::{bail, Context};
@@ -16,7 +15,7 @@ use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{HostStdio, NewContainer, Sandbox, SandboxConfig, StdioPumps};
-use std::collections::HashMap;
+use husk_runtime::supervisor::{self, hooks, Bundle, Event, HookKind};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -114,56 +113,22 @@ fn setup(
 ) -> anyhow::Result<Monitor> {
     let bundle = Bundle::load(&args.bundle)?;
     let config = Config::load()?;
-    let vm_memory_mib = bundle.memory_mib(&config)?;
+    let size = bundle.vm_size(&config)?;
     // Into the host cgroup first: the VMM and backends inherit it.
-    let host_cgroup = match bundle
-        .spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().clone())
-    {
-        Some(path) => {
-            let cg = HostCgroup::create(&path.display().to_string())?;
-            if let Some(cpu) = bundle
-                .spec
-                .linux()
-                .as_ref()
-                .and_then(|l| l.resources().as_ref())
-                .and_then(|r| r.cpu().as_ref())
-            {
-                cg.mirror_cpu(cpu)
-                    .context("config.json: linux.resources.cpu on the host cgroup")?;
-            }
-            let host_mib =
-                u64::from(vm_memory_mib).saturating_add(u64::from(config.host_overhead_mib));
-            cg.limit_sandbox(host_mib.saturating_mul(1 << 20), config.host_pids_max)
-                .context("the sandbox's memory and pids bounds on the host cgroup")?;
-            cg.add(std::process::id())?;
-            cg.add(args.shadow_pid as u32)?;
-            Some(cg)
-        }
-        None => None,
-    };
+    let host_cgroup = supervisor::sandbox_cgroup(
+        &bundle,
+        size,
+        &config,
+        true,
+        &[std::process::id(), args.shadow_pid as u32],
+    )
+    .context("config.json: linux.cgroupsPath: the sandbox's host cgroup")?;
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);
-    sc.memory_mib = vm_memory_mib;
-    sc.vcpus = bundle.vcpus(&config)?;
+    sc.memory_mib = size.memory_mib;
+    sc.vcpus = size.vcpus;
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
-    let readonly_rootfs = bundle.readonly_rootfs();
-    let rootfs = sandbox.share_rootfs(
-        &args.id,
-        &bundle.rootfs,
-        readonly_rootfs.is_some(),
-        readonly_rootfs.as_deref().unwrap_or(&[]),
-    )?;
-    let mut shared = HashMap::new();
-    for (index, source, destination, mode) in bundle.bind_mounts() {
-        let source = bundle.host_source(&source);
-        let rel = sandbox
-            .share_path(&args.id, index, &source, mode)
-            .with_context(|| format!("config.json: mounts[{index}] ({destination})"))?;
-        shared.insert(destination, rel);
-    }
+    let shared = supervisor::share_container(&sandbox, &args.id, &bundle)?;
     let terminal = bundle
         .spec
         .process()
@@ -191,9 +156,9 @@ fn setup(
     let (tokens, pumps) = sandbox.connect_stdio(host_stdio)?;
     sandbox.create_container(NewContainer {
         id: args.id.clone(),
-        spec_json: bundle.spec_json.clone(),
-        rootfs_rel: rootfs,
-        shared_mounts: shared,
+        spec_json: bundle.spec_json(),
+        rootfs_rel: shared.rootfs_rel,
+        shared_mounts: shared.mounts,
         stdio: tokens,
         no_pivot: args.no_pivot,
         bundle: bundle.dir.clone(),
@@ -206,8 +171,8 @@ fn setup(
         s.monitor_start = state::process_start(std::process::id() as i32).unwrap_or(0);
     })?;
     // The container exists in the guest, its process not yet started.
-    super::hooks::run_spec_hooks(&bundle.spec, &st.oci(), "createRuntime")?;
-    super::hooks::run_spec_hooks(&bundle.spec, &st.oci(), "prestart")?;
+    hooks::run(&bundle.spec, &st.oci(), HookKind::CreateRuntime)?;
+    hooks::run(&bundle.spec, &st.oci(), HookKind::Prestart)?;
     Ok(Monitor {
         root: root.to_path_buf(),
         id: args.id.clone(),
@@ -285,10 +250,7 @@ impl Monitor {
     }
 
     fn start(self: &Arc<Self>) -> anyhow::Result<serde_json::Value> {
-        let st = self.state()?;
-        if st.status != Status::Created {
-            bail!("cannot start a container that is {}", st.status.as_str());
-        }
+        self.state()?.status.next(Event::Start)?;
         let pid = self.agent.start_container(&self.id);
         let pid = match pid {
             Ok(pid) => pid,
@@ -318,33 +280,28 @@ impl Monitor {
     }
 
     fn wait_exit(&self) {
-        let (code, signal) = match self.agent.wait_process(&self.id, "") {
-            Ok(s) => {
-                let exit = husk_runtime::agent::ProcessExit::from_guest(s.exit_code, s.signal);
-                (exit.code, exit.signal)
+        let end = supervisor::wait_process_end(&self.agent, &self.id, "", |e| {
+            match lock(&self.sandbox).as_mut() {
+                Some(sb) => sb.explain(e).to_string(),
+                None => e.to_string(),
             }
-            Err(e) => {
-                // The VM is gone, and the container with it: record why
-                // before the shadow exits, so `husk run` can say it.
-                let cause = match lock(&self.sandbox).as_mut() {
-                    Some(sb) => sb.explain(e).to_string(),
-                    None => e.to_string(),
-                };
-                let _ = state::update(&self.root, &self.id, |s| {
-                    if s.error.is_none() {
-                        s.error = Some(cause);
-                    }
-                });
-                // Output streams of a dead VM may never reach EOF: do not
-                // wait for them.
-                lock(&self.pumps).take();
-                (128 + libc::SIGKILL, libc::SIGKILL)
-            }
-        };
+        });
+        if let Some(cause) = end.cause {
+            // The VM is gone, and the container with it: record why
+            // before the shadow exits, so `husk run` can say it.
+            let _ = state::update(&self.root, &self.id, |s| {
+                if s.error.is_none() {
+                    s.error = Some(cause);
+                }
+            });
+            // Output streams of a dead VM may never reach EOF: do not
+            // wait for them.
+            lock(&self.pumps).take();
+        }
         if let Some(pumps) = lock(&self.pumps).take() {
             pumps.finish();
         }
-        self.finish(code, signal);
+        self.finish(end.code, end.signal);
     }
 
     /// Watches the VMM and the device backends: the death of any of them
@@ -411,13 +368,9 @@ impl Monitor {
 
     fn delete(&self, force: bool) -> anyhow::Result<()> {
         let st = self.state()?;
-        if matches!(st.status, Status::Running | Status::Paused) && !force {
-            bail!(
-                "cannot delete container {} that is not stopped: {}",
-                self.id,
-                st.status.as_str()
-            );
-        }
+        st.status
+            .next(Event::Delete { force })
+            .with_context(|| format!("container {}", self.id))?;
         if matches!(st.status, Status::Running | Status::Paused) {
             let _ = self.agent.remove_container(&self.id, true);
         }
