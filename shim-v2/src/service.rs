@@ -369,8 +369,8 @@ impl Pod {
 struct Container {
     id: String,
     bundle: PathBuf,
-    /// The typed spec, for the host hooks of poststart and poststop.
-    spec: oci_spec::runtime::Spec,
+    /// The spec's hooks, for poststart and poststop.
+    hooks: Option<oci_spec::runtime::Hooks>,
     annotations: HashMap<String, String>,
     pod: Arc<Pod>,
     owns_vm: bool,
@@ -384,7 +384,7 @@ struct Container {
 struct HookView {
     id: String,
     bundle: PathBuf,
-    spec: oci_spec::runtime::Spec,
+    hooks: Option<oci_spec::runtime::Hooks>,
     annotations: HashMap<String, String>,
 }
 
@@ -398,7 +398,7 @@ impl HookView {
             &self.bundle,
             &self.annotations,
         );
-        for e in hooks::run_all(&self.spec, &state, kind) {
+        for e in hooks::run_all(self.hooks.as_ref(), &state, kind) {
             log::warn!("{}: {e}", self.id);
         }
     }
@@ -409,7 +409,7 @@ impl Container {
         HookView {
             id: self.id.clone(),
             bundle: self.bundle.clone(),
-            spec: self.spec.clone(),
+            hooks: self.hooks.clone(),
             annotations: self.annotations.clone(),
         }
     }
@@ -799,8 +799,14 @@ impl Inner {
                     &bundle.dir,
                     &bundle.annotations(),
                 );
-                let hooked = hooks::run(&bundle.spec, &state, HookKind::CreateRuntime)
-                    .and_then(|()| hooks::run(&bundle.spec, &state, HookKind::Prestart));
+                let hooked = hooks::run(
+                    bundle.spec.hooks().as_ref(),
+                    &state,
+                    HookKind::CreateRuntime,
+                )
+                .and_then(|()| {
+                    hooks::run(bundle.spec.hooks().as_ref(), &state, HookKind::Prestart)
+                });
                 if let Err(e) = hooked {
                     if !owns_vm {
                         let guest_id = id.clone();
@@ -840,7 +846,7 @@ impl Inner {
                         Container {
                             id: id.clone(),
                             bundle: bundle.dir.clone(),
-                            spec: bundle.spec.clone(),
+                            hooks: bundle.spec.hooks().clone(),
                             annotations: bundle.annotations(),
                             pod,
                             owns_vm,

@@ -22,7 +22,7 @@ pub fn run_saved_hooks(st: &ContainerState, kind: HookKind) {
     if kind == HookKind::Poststop {
         state["status"] = serde_json::json!("stopped");
     }
-    for e in hooks::run_all(&bundle.spec, &state, kind) {
+    for e in hooks::run_all(bundle.spec.hooks().as_ref(), &state, kind) {
         eprintln!("husk: warning: {e}");
     }
 }

@@ -171,8 +171,12 @@ fn setup(
         s.monitor_start = state::process_start(std::process::id() as i32).unwrap_or(0);
     })?;
     // The container exists in the guest, its process not yet started.
-    hooks::run(&bundle.spec, &st.oci(), HookKind::CreateRuntime)?;
-    hooks::run(&bundle.spec, &st.oci(), HookKind::Prestart)?;
+    hooks::run(
+        bundle.spec.hooks().as_ref(),
+        &st.oci(),
+        HookKind::CreateRuntime,
+    )?;
+    hooks::run(bundle.spec.hooks().as_ref(), &st.oci(), HookKind::Prestart)?;
     Ok(Monitor {
         root: root.to_path_buf(),
         id: args.id.clone(),

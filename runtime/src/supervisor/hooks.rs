@@ -5,7 +5,7 @@
 //! timeout. createContainer and startContainer belong to the container's
 //! namespaces, which are in the guest: the agent runs those.
 
-use oci_spec::runtime::{Hook, Spec};
+use oci_spec::runtime::{Hook, Hooks};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,8 +74,8 @@ pub fn oci_state(
     })
 }
 
-fn hooks_of(spec: &Spec, kind: HookKind) -> &[Hook] {
-    let Some(hooks) = spec.hooks() else {
+fn hooks_of(hooks: Option<&Hooks>, kind: HookKind) -> &[Hook] {
+    let Some(hooks) = hooks else {
         return &[];
     };
     #[allow(deprecated)]
@@ -161,8 +161,12 @@ fn run_hook(
 
 /// Runs the hooks of `kind` in order; the first failure stops the rest and
 /// is returned (createRuntime, prestart: the failure fails `create`).
-pub fn run(spec: &Spec, state: &serde_json::Value, kind: HookKind) -> Result<(), HookError> {
-    for (i, hook) in hooks_of(spec, kind).iter().enumerate() {
+pub fn run(
+    hooks: Option<&Hooks>,
+    state: &serde_json::Value,
+    kind: HookKind,
+) -> Result<(), HookError> {
+    for (i, hook) in hooks_of(hooks, kind).iter().enumerate() {
         run_hook(hook, state, kind, i)?;
     }
     Ok(())
@@ -170,8 +174,8 @@ pub fn run(spec: &Spec, state: &serde_json::Value, kind: HookKind) -> Result<(),
 
 /// Runs every hook of `kind`, each whatever the others did, and returns
 /// the failures, for the caller to warn of (poststart, poststop).
-pub fn run_all(spec: &Spec, state: &serde_json::Value, kind: HookKind) -> Vec<HookError> {
-    hooks_of(spec, kind)
+pub fn run_all(hooks: Option<&Hooks>, state: &serde_json::Value, kind: HookKind) -> Vec<HookError> {
+    hooks_of(hooks, kind)
         .iter()
         .enumerate()
         .filter_map(|(i, hook)| run_hook(hook, state, kind, i).err())
