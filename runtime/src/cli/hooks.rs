@@ -1,20 +1,21 @@
 //! Host-side OCI hooks: createRuntime and prestart (during create, in the
-//! monitor, once the container exists in the guest), poststart (after
-//! start), poststop (after delete). Each gets the state JSON on stdin and is
+//! monitor, once the container exists in the guest), poststart (in the
+//! monitor, after start), poststop (in the monitor, after delete; by
+//! `husk delete` itself only when the monitor is gone). poststart and
+//! poststop run from the hooks saved in the state at create, not from the
+//! bundle, which may be gone by then. Each gets the state JSON on stdin and is
 //! killed at its timeout. createContainer and startContainer belong to the
 //! container's namespaces, which are in the guest: the agent runs those.
 
-use super::bundle::Bundle;
 use super::state::ContainerState;
 use anyhow::{bail, Context};
-use oci_spec::runtime::{Hook, Spec};
+use oci_spec::runtime::{Hook, Hooks, Spec};
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn hooks_of<'a>(spec: &'a Spec, kind: &str) -> &'a [Hook] {
-    let Some(hooks) = spec.hooks() else {
+fn hooks_of<'a>(hooks: Option<&'a Hooks>, kind: &str) -> &'a [Hook] {
+    let Some(hooks) = hooks else {
         return &[];
     };
     #[allow(deprecated)]
@@ -80,31 +81,26 @@ fn run_hook(
 
 /// Runs every hook of `kind`; the first failure stops the rest.
 pub fn run_spec_hooks(spec: &Spec, state: &serde_json::Value, kind: &str) -> anyhow::Result<()> {
-    for (i, hook) in hooks_of(spec, kind).iter().enumerate() {
+    for (i, hook) in hooks_of(spec.hooks().as_ref(), kind).iter().enumerate() {
         run_hook(hook, state, kind, i)?;
     }
     Ok(())
 }
 
-/// poststart from the CLI: failures are warnings, as the spec says.
-pub fn run_host_hooks(root: &Path, id: &str, kind: &str) -> anyhow::Result<()> {
-    let st = ContainerState::load(root, id)?;
-    run_saved_hooks(&st, kind);
-    Ok(())
-}
-
-/// Runs hooks of a container whose bundle is on disk; failures only warn.
-pub fn run_saved_hooks(st: &ContainerState, kind: &str) {
-    let Ok(bundle) = Bundle::load(&st.bundle) else {
-        return;
-    };
+/// Runs the hooks of `kind` saved in the container's state at create, so
+/// they run even when the bundle no longer loads. Failures only warn, as
+/// the spec says: they are logged and returned for the caller to show.
+pub fn run_saved_hooks(st: &ContainerState, kind: &str) -> Vec<String> {
     let mut state = st.oci();
     if kind == "poststop" {
         state["status"] = serde_json::json!("stopped");
     }
-    for (i, hook) in hooks_of(&bundle.spec, kind).iter().enumerate() {
+    let mut warnings = Vec::new();
+    for (i, hook) in hooks_of(st.hooks.as_ref(), kind).iter().enumerate() {
         if let Err(e) = run_hook(hook, &state, kind, i) {
-            eprintln!("husk: warning: {e}");
+            log::warn!("{}: {e}", st.id);
+            warnings.push(super::one_line(&e));
         }
     }
+    warnings
 }
