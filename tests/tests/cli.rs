@@ -527,6 +527,56 @@ fn exec_and_ps_go_through_the_monitor() {
     assert_eq!(out.status.code(), Some(4), "exec: {}", stderr(&out));
     assert_eq!(stdout(&out), "back\n");
     ok(&husk(&root, &["ps", "route"]), "ps");
+    // The exec's stdin goes through the monitor's pump too, and its end
+    // arrives: cat ends, and its output is all out before husk exits.
+    let mut cat = Command::new(husk_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["exec", "route", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning husk exec");
+    cat.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"piped-in\n")
+        .expect("write to exec");
+    let out = cat.wait_with_output().expect("husk exec cat");
+    ok(&out, "exec cat");
+    assert_eq!(stdout(&out), "piped-in\n");
+    // A detached exec returns at once; --pid-file names the host process
+    // that lives as long as it does.
+    let pid_file = dir.path.join("exec.pid");
+    ok(
+        &husk(
+            &root,
+            &[
+                "exec",
+                "-d",
+                "--pid-file",
+                s(&pid_file),
+                "route",
+                "sleep",
+                "2",
+            ],
+        ),
+        "exec -d",
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("exec pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while process_lives(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detached exec never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     ok(
         &husk(&root, &["delete", "--force", "route"]),
         "delete --force",
