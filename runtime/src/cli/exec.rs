@@ -171,8 +171,8 @@ fn start_in_monitor(
         (stdio, fds)
     };
     let req = MonitorRequest::Exec { process, stdio };
-    let reply = monitor::request_with_fds(root, &args.id, &req, &fds)
-        .with_context(|| format!("exec in {}", args.id))?;
+    // The monitor's errors name the exec already ("exec in ID: ...").
+    let reply = monitor::request_with_fds(root, &args.id, &req, &fds)?;
     drop(pty);
     match reply {
         MonitorReply::ExecStarted { exec_id, .. } => Ok(exec_id),

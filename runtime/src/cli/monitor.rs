@@ -344,6 +344,13 @@ impl Monitor {
         match req {
             MonitorRequest::Start => self.start(),
             MonitorRequest::Kill { signal, all } => {
+                if !(1..=libc::SIGRTMAX()).contains(&signal) {
+                    return Err(MonitorError::new(
+                        MonitorErrorKind::BadRequest,
+                        format!("bad request: {signal} is not a signal"),
+                    )
+                    .into());
+                }
                 let _serial = lock(&self.lifecycle);
                 self.kill(signal, all).map(|_| MonitorReply::Done)
             }
