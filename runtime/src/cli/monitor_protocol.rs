@@ -34,7 +34,11 @@ pub const MAX_FDS: usize = 3;
 
 /// How long the CLI waits for the reply to a request that asks the monitor
 /// for something quick; a monitor that does not answer by then is named.
-pub const QUICK_REPLY: Duration = Duration::from_secs(20);
+/// Twice the agent's own timeout: longer than any one request's agent calls
+/// (an exec's stream handshakes and its RPC), so an agent that does not
+/// answer is reported as such, by the monitor, before this runs out.
+pub const QUICK_REPLY: Duration =
+    Duration::from_secs(2 * husk_runtime::agent::RPC_TIMEOUT.as_secs());
 
 /// How long the monitor waits for a connected client to send its request.
 pub const REQUEST_READ: Duration = Duration::from_secs(5);
