@@ -822,6 +822,10 @@ pub fn request_with_fds(
         UnixStream::connect(&sock).with_context(|| format!("connecting to the monitor of {id}"))?;
     proto::send_with_fds(&conn, req, fds)
         .with_context(|| format!("sending a request to the monitor of {id}"))?;
+    // One request per connection: the monitor reads nothing after it, and a
+    // peer that waits for more (a monitor of an older husk, reading a line)
+    // sees the end instead of hanging.
+    let _ = conn.shutdown(std::net::Shutdown::Write);
     let timeout = req.reply_timeout();
     conn.set_read_timeout(timeout)?;
     let response: MonitorResponse =
