@@ -457,6 +457,145 @@ fn hooks_run_in_order_with_the_state_on_stdin() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
+/// poststart and poststop run from the hooks saved at create: a bundle
+/// whose config.json is gone by start does not skip them, and each gets the
+/// state on stdin (poststop's says stopped).
+#[test]
+fn poststart_and_poststop_run_when_the_bundle_no_longer_loads() {
+    let dir = TestDir::new("savedhooks");
+    let root = dir.state_root();
+    let log = dir.path.join("hooks.log");
+    let mut spec = default_spec(&["true"]);
+    let hook = |name: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {name} $(cat) >> {}", log.display())], "timeout": 10});
+    spec["hooks"] = serde_json::json!({
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")],
+    });
+    let b = bundle_with(&dir, "b", spec);
+    ok(&husk(&root, &["create", "-b", s(&b), "saved"]), "create");
+    std::fs::remove_file(b.join("config.json")).expect("remove config.json");
+    ok(&husk(&root, &["start", "saved"]), "start without a bundle");
+    ok(&husk(&root, &["delete", "--force", "saved"]), "delete");
+    let text = std::fs::read_to_string(&log).expect("hook log");
+    let lines: Vec<(&str, serde_json::Value)> = text
+        .lines()
+        .map(|l| {
+            let (name, json) = l.split_once(' ').unwrap_or_default();
+            let st = serde_json::from_str(json).unwrap_or_else(|e| panic!("{l}: {e}"));
+            (name, st)
+        })
+        .collect();
+    let order: Vec<&str> = lines.iter().map(|(n, _)| *n).collect();
+    assert_eq!(order, ["poststart", "poststop"], "{text}");
+    for (_, st) in &lines {
+        assert_eq!(st["id"], "saved", "{text}");
+    }
+    assert_eq!(lines[1].1["status"], "stopped", "{text}");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// Every command that reaches into the guest goes through the container's
+/// monitor, the one route in: with the monitor stopped (SIGSTOP), exec and
+/// ps cannot reach the agent some other way, and each fails within its
+/// bounded wait naming the monitor. Once the monitor runs again, they work.
+#[test]
+fn exec_and_ps_go_through_the_monitor() {
+    let dir = TestDir::new("route");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+    ok(&husk(&root, &["run", "-d", "-b", s(&b), "route"]), "run -d");
+    let monitor = pid_of(&dir.path, "__monitor").expect("monitor pid");
+    // SAFETY: kill(2) of the monitor process found above.
+    unsafe { libc::kill(monitor, libc::SIGSTOP) };
+    // Both at once: each waits out the CLI's bound on a quick request
+    // (twice the agent's RPC timeout).
+    let tries: Vec<_> = [vec!["exec", "route", "true"], vec!["ps", "route"]]
+        .into_iter()
+        .map(|args| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let out = husk(&root, &args);
+                (args, out, started.elapsed())
+            })
+        })
+        .collect();
+    for t in tries {
+        let (args, out, took) = t.join().expect("husk thread");
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} worked without the monitor");
+        assert!(
+            err.contains("the monitor of container route") && err.contains("did not answer"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(120),
+            "{args:?} took {took:?}"
+        );
+    }
+    // SAFETY: kill(2) of the same process, stopped above.
+    unsafe { libc::kill(monitor, libc::SIGCONT) };
+    let out = husk(&root, &["exec", "route", "sh", "-c", "echo back; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "exec: {}", stderr(&out));
+    assert_eq!(stdout(&out), "back\n");
+    ok(&husk(&root, &["ps", "route"]), "ps");
+    // The exec's stdin goes through the monitor's pump too, and its end
+    // arrives: cat ends, and its output is all out before husk exits.
+    let mut cat = Command::new(husk_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["exec", "route", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning husk exec");
+    cat.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"piped-in\n")
+        .expect("write to exec");
+    let out = cat.wait_with_output().expect("husk exec cat");
+    ok(&out, "exec cat");
+    assert_eq!(stdout(&out), "piped-in\n");
+    // A detached exec returns at once; --pid-file names the host process
+    // that lives as long as it does.
+    let pid_file = dir.path.join("exec.pid");
+    ok(
+        &husk(
+            &root,
+            &[
+                "exec",
+                "-d",
+                "--pid-file",
+                s(&pid_file),
+                "route",
+                "sleep",
+                "2",
+            ],
+        ),
+        "exec -d",
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("exec pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while process_lives(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detached exec never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ok(
+        &husk(&root, &["delete", "--force", "route"]),
+        "delete --force",
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
 /// createContainer and startContainer run inside the guest, in the
 /// container's namespaces, with the state on stdin; a failing one fails
 /// `start` naming it, and the container is cleaned up by delete.

@@ -10,6 +10,8 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 pub struct HostPty {
     pub master: OwnedFd,
@@ -81,10 +83,16 @@ pub fn console_stdio(socket: &Path) -> anyhow::Result<(HostStdio, OwnedFd)> {
 
 /// Follows the window size that the console socket's owner sets on the host
 /// master into the guest pty of process `exec_id` (empty: the init), until
-/// the agent stops answering.
-pub fn follow_window_size(master: OwnedFd, agent: AgentClient, id: String, exec_id: String) {
+/// `stop` is set (the process ended) or the agent stops answering.
+pub fn follow_window_size(
+    master: OwnedFd,
+    agent: AgentClient,
+    id: String,
+    exec_id: String,
+    stop: Arc<AtomicBool>,
+) {
     let mut last = None;
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let size = window_size(&master);
         if size.is_some() && size != last {
             if let Some((rows, cols)) = size {

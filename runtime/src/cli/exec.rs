@@ -1,15 +1,17 @@
-//! `husk exec`: a new process in a running container. This command is the
-//! process's host side: it carries its stdio and exits as the process
-//! exits. With --detach it runs itself in the background and returns once
+//! `husk exec`: a new process in a running container, started by the
+//! container's monitor (the one route into the guest). This command hands
+//! the monitor its stdio (or, with --tty, a host pty whose master went to
+//! the console socket) and exits as the process exits. With --detach it runs itself in the background and returns once
 //! the process has started (--pid-file then names that background copy).
 
 use super::console;
+use super::monitor;
+use super::monitor_protocol::{
+    self as proto, ExecStdio, MonitorReply, MonitorRequest, ReadyMessage,
+};
 use super::state::{ContainerState, Status};
 use anyhow::{bail, Context};
-use husk_protocol::agent::ExecProcessRequest;
-use husk_runtime::sandbox::HostStdio;
-use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 /// Set in a detached exec's background copy: the fd to report start on.
@@ -90,83 +92,108 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<i32> {
         );
     }
     let process = process_json(&args, &st)?;
-    if args.detach && std::env::var_os(READY_FD_ENV).is_none() {
-        return detach(root, &args);
+    let ready = ready_pipe();
+    if args.detach && ready.is_none() {
+        return detach(&args);
     }
+    let exec_id = match start_in_monitor(root, &args, process) {
+        Ok(exec_id) => exec_id,
+        Err(e) => {
+            if let Some(mut ready) = ready {
+                let message = super::one_line(&e);
+                let _ = proto::write_message(&mut ready, &ReadyMessage::Failed { message });
+            }
+            return Err(e);
+        }
+    };
+    if let Some(mut ready) = ready {
+        proto::write_message(&mut ready, &ReadyMessage::Ready)?;
+    } else if let Some(pid_file) = &args.pid_file {
+        super::lifecycle::write_pid_file(pid_file, std::process::id() as i32)?;
+    }
+    // The monitor answers once the process ended and its output is all out.
+    match monitor::request(root, &args.id, &MonitorRequest::Wait { exec_id })? {
+        MonitorReply::Exited { code, signal } => {
+            if signal > 0 {
+                super::die_by_signal(signal);
+            }
+            Ok(code)
+        }
+        other => bail!("the monitor of {} answered wait with {other:?}", args.id),
+    }
+}
+
+/// The ready pipe of a detached exec's background copy, if this is one.
+fn ready_pipe() -> Option<std::fs::File> {
+    let fd = std::env::var(READY_FD_ENV).ok()?.parse::<i32>().ok()?;
+    // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the parent passed this pipe's write end for our report; we
+    // own it from here.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn fd_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+/// Hands the process and its stdio to the container's monitor, which
+/// starts it; returns its exec id.
+fn start_in_monitor(
+    root: &Path,
+    args: &ExecArgs,
+    process: serde_json::Value,
+) -> anyhow::Result<String> {
     let terminal = process["terminal"].as_bool().unwrap_or(false);
-    let agent = super::agent_of(root, &args.id)?;
-    let sandbox_uds =
-        husk_runtime::sandbox::sandbox_dir(&super::state::sandbox_root(root), &args.id)
-            .join("vsock.sock");
-    let mut host_pty = None;
-    let stdio = if terminal {
+    // Held until the monitor has its own copies.
+    let mut pty = None;
+    let (stdio, fds): (ExecStdio, Vec<RawFd>) = if terminal {
         let socket = args
             .console_socket
             .as_ref()
             .context("a terminal process needs --console-socket")?;
-        let (stdio, master) = console::console_stdio(socket)?;
-        host_pty = Some(master);
-        stdio
+        let host_pty = console::open_raw_pty()?;
+        console::send_master(socket, &host_pty.master)?;
+        let fds = vec![host_pty.slave.as_raw_fd(), host_pty.master.as_raw_fd()];
+        pty = Some(host_pty);
+        (ExecStdio::Terminal, fds)
     } else {
-        HostStdio {
-            stdin: Some(Box::new(std::io::stdin())),
-            stdout: Some(Box::new(std::io::stdout())),
-            stderr: Some(Box::new(std::io::stderr())),
-            terminal: false,
-        }
+        let open = [fd_open(0), fd_open(1), fd_open(2)];
+        let stdio = ExecStdio::Pipes {
+            stdin: open[0],
+            stdout: open[1],
+            stderr: open[2],
+        };
+        let fds = (0..3).filter(|fd| open[*fd as usize]).collect();
+        (stdio, fds)
     };
-    let (tokens, pumps) = husk_runtime::sandbox::connect_stdio_via(&agent, stdio)?;
-    let exec_id = format!("exec-{:016x}", husk_runtime::agent::new_token());
-    let req = ExecProcessRequest {
-        container_id: args.id.clone(),
-        exec_id: exec_id.clone(),
-        process_json: serde_json::to_vec(&process)?,
-        stdio: Some(tokens).into(),
-        ..Default::default()
-    };
-    agent
-        .exec_process(&req)
-        .with_context(|| format!("exec in {} (through {})", args.id, sandbox_uds.display()))?;
-    if let Some(fd) = std::env::var(READY_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    {
-        // SAFETY: the parent passed this pipe's write end for our report.
-        let mut ready = unsafe { std::fs::File::from_raw_fd(fd) };
-        let _ = writeln!(ready, "ok");
-    } else if let Some(pid_file) = &args.pid_file {
-        super::lifecycle::write_pid_file(pid_file, std::process::id() as i32)?;
+    let req = MonitorRequest::Exec { process, stdio };
+    // The monitor's errors name the exec already ("exec in ID: ...").
+    let reply = monitor::request_with_fds(root, &args.id, &req, &fds)?;
+    drop(pty);
+    match reply {
+        MonitorReply::ExecStarted { exec_id, .. } => Ok(exec_id),
+        other => bail!("the monitor of {} answered exec with {other:?}", args.id),
     }
-    if let Some(master) = host_pty {
-        let (agent, id, eid) = (agent.clone(), args.id.clone(), exec_id.clone());
-        std::thread::spawn(move || console::follow_window_size(master, agent, id, eid));
-    }
-    let status = agent.wait_process(&args.id, &exec_id)?;
-    pumps.finish();
-    let exit = husk_runtime::agent::ProcessExit::from_guest(status.exit_code, status.signal);
-    if exit.signal > 0 {
-        super::die_by_signal(exit.signal);
-    }
-    Ok(exit.code)
 }
 
 /// Runs this exec in a background copy of ourselves and returns once the
 /// process started; the copy is what --pid-file names.
-fn detach(root: &Path, args: &ExecArgs) -> anyhow::Result<i32> {
+fn detach(args: &ExecArgs) -> anyhow::Result<i32> {
     let (ready_r, ready_w) = nix::unistd::pipe().context("creating a pipe")?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(std::env::args_os().skip(1)).env(
-        READY_FD_ENV,
-        std::os::fd::AsRawFd::as_raw_fd(&ready_w).to_string(),
-    );
-    let _ = root;
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_FD_ENV, ready_w.as_raw_fd().to_string());
     let child = cmd.spawn().context("starting the detached exec")?;
     drop(ready_w);
-    let mut answer = String::new();
-    let _ = std::fs::File::from(ready_r).read_to_string(&mut answer);
-    if answer.trim() != "ok" {
-        bail!("exec in {} failed to start", args.id);
+    match proto::read_message::<ReadyMessage>(&mut std::fs::File::from(ready_r), None) {
+        Ok(ReadyMessage::Ready) => {}
+        Ok(ReadyMessage::Failed { message }) => bail!("{message}"),
+        Err(e) => bail!("exec in {} failed to start: {e}", args.id),
     }
     if let Some(pid_file) = &args.pid_file {
         super::lifecycle::write_pid_file(pid_file, child.id() as i32)?;

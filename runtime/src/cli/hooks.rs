@@ -1,28 +1,27 @@
-//! The CLI's side of the host hooks: poststart and poststop of a container
-//! whose bundle is on disk, with its saved state (the runner is the
-//! supervisor's, `husk_runtime::supervisor::hooks`).
+//! The CLI's side of the host hooks (the runner is the supervisor's,
+//! `husk_runtime::supervisor::hooks`): createRuntime and prestart run in the
+//! monitor during create, once the container exists in the guest;
+//! poststart in the monitor after start; poststop in the monitor after
+//! delete (by `husk delete` itself only when the monitor is gone).
+//! poststart and poststop run from the hooks saved in the state at create,
+//! not from the bundle, which may be gone by then.
 
 use super::state::ContainerState;
-use husk_runtime::supervisor::{hooks, Bundle, HookKind};
-use std::path::Path;
+use husk_runtime::supervisor::{hooks, HookKind};
 
-/// poststart from the CLI: failures are warnings, as the spec says.
-pub fn run_host_hooks(root: &Path, id: &str, kind: HookKind) -> anyhow::Result<()> {
-    let st = ContainerState::load(root, id)?;
-    run_saved_hooks(&st, kind);
-    Ok(())
-}
-
-/// Runs hooks of a container whose bundle is on disk; failures only warn.
-pub fn run_saved_hooks(st: &ContainerState, kind: HookKind) {
-    let Ok(bundle) = Bundle::load(&st.bundle) else {
-        return;
-    };
+/// Runs the hooks of `kind` saved in the container's state at create, so
+/// they run even when the bundle no longer loads. Failures only warn, as
+/// the spec says: they are logged and returned for the caller to show.
+pub fn run_saved_hooks(st: &ContainerState, kind: HookKind) -> Vec<String> {
     let mut state = st.oci();
     if kind == HookKind::Poststop {
         state["status"] = serde_json::json!("stopped");
     }
-    for e in hooks::run_all(bundle.spec.hooks().as_ref(), &state, kind) {
-        eprintln!("husk: warning: {e}");
-    }
+    hooks::run_all(st.hooks.as_ref(), &state, kind)
+        .into_iter()
+        .map(|e| {
+            log::warn!("{}: {e}", st.id);
+            e.to_string()
+        })
+        .collect()
 }

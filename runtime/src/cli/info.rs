@@ -1,5 +1,7 @@
 //! ps, events, update, features, spec.
 
+use super::monitor;
+use super::monitor_protocol::{ContainerStats, MonitorReply, MonitorRequest};
 use super::state::{ContainerState, Status};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -9,15 +11,19 @@ pub fn ps(root: &Path, id: &str, format: &str) -> anyhow::Result<()> {
     if st.effective_status() == Status::Stopped {
         bail!("container {id} is not running");
     }
-    let procs = super::agent_of(root, id)?.list_processes(id)?;
+    let processes = match monitor::request(root, id, &MonitorRequest::Ps)? {
+        MonitorReply::Processes { processes } => processes,
+        other => bail!("the monitor of {id} answered ps with {other:?}"),
+    };
     if format == "json" {
-        let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+        let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
         println!("{}", serde_json::to_string(&pids)?);
     } else {
         // Guest pids: the processes live in the VM, not on this host.
         println!("{:<8} CMD", "PID");
-        for p in procs {
-            // The command line is the guest's to choose: never raw to a terminal.
+        for p in processes {
+            // Made printable by the monitor; printable again, cheaply, so
+            // nothing raw reaches a terminal whatever sent it.
             let command = husk_runtime::agent::printable(&p.command, 4096);
             println!("{:<8} {command}", p.pid);
         }
@@ -25,9 +31,15 @@ pub fn ps(root: &Path, id: &str, format: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stats_event(root: &Path, id: &str) -> anyhow::Result<serde_json::Value> {
-    let s = super::agent_of(root, id)?.stats(id)?;
-    Ok(serde_json::json!({
+fn stats_of(root: &Path, id: &str) -> anyhow::Result<ContainerStats> {
+    match monitor::request(root, id, &MonitorRequest::Stats)? {
+        MonitorReply::Stats { stats } => Ok(stats),
+        other => bail!("the monitor of {id} answered stats with {other:?}"),
+    }
+}
+
+fn stats_event(id: &str, s: &ContainerStats) -> serde_json::Value {
+    serde_json::json!({
         "type": "stats",
         "id": id,
         "data": {
@@ -38,7 +50,7 @@ fn stats_event(root: &Path, id: &str) -> anyhow::Result<serde_json::Value> {
             "pids": {"current": s.pids_current, "limit": s.pids_limit},
             "blkio": {"read_bytes": s.io_read_bytes, "write_bytes": s.io_write_bytes},
         }
-    }))
+    })
 }
 
 pub fn events(root: &Path, id: &str, stats: bool, interval: &str) -> anyhow::Result<()> {
@@ -58,12 +70,13 @@ pub fn events(root: &Path, id: &str, stats: bool, interval: &str) -> anyhow::Res
             }
             return Ok(());
         }
-        let event = stats_event(root, id)?;
+        let sample = stats_of(root, id)?;
+        let event = stats_event(id, &sample);
         if stats {
             println!("{event}");
             return Ok(());
         }
-        let oom = super::agent_of(root, id)?.stats(id)?.memory_oom_kill_events;
+        let oom = sample.memory_oom_kill_events;
         if last_oom.is_some_and(|l| oom > l) {
             println!("{}", serde_json::json!({"type": "oom", "id": id}));
         }
@@ -137,19 +150,16 @@ pub fn update(root: &Path, a: UpdateArgs) -> anyhow::Result<()> {
     }
     // Check it is a valid linux.resources before sending it.
     let resources: oci_spec::runtime::LinuxResources =
-        serde_json::from_value(r.clone()).context("invalid resources")?;
-    super::agent_of(root, &a.id)?.update_resources(&a.id, serde_json::to_vec(&r)?)?;
-    // The host side carries the CPU limits too (host_cgroup's module comment).
-    let bundle = husk_runtime::supervisor::Bundle::load(&st.bundle)?;
-    let cgroups_path = bundle
-        .spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().clone());
-    if let (Some(path), Some(cpu)) = (cgroups_path, resources.cpu()) {
-        husk_runtime::host_cgroup::HostCgroup::existing(&path.display().to_string())?
-            .mirror_cpu(cpu)?;
-    }
+        serde_json::from_value(r).context("invalid resources")?;
+    // The monitor applies it in the guest and mirrors the CPU limits on the
+    // host cgroup (host_cgroup's module comment).
+    monitor::request(
+        root,
+        &a.id,
+        &MonitorRequest::Update {
+            resources: Box::new(resources),
+        },
+    )?;
     Ok(())
 }
 

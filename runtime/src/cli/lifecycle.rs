@@ -2,11 +2,11 @@
 //! resume.
 
 use super::monitor::{self, FD_LINK, FD_READY, FD_STDERR, FD_STDIN, FD_STDOUT};
+use super::monitor_protocol::{self as proto, MonitorRequest, ReadyMessage};
 use super::shadow::FD_SHADOW_LINK;
 use super::state::{self, ContainerState, Status};
 use anyhow::{bail, Context};
 use husk_runtime::supervisor::{Bundle, Event, HookKind};
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -123,7 +123,9 @@ fn spawn_monitor_and_shadow(
         exit_code: None,
         guest_pid: 0,
         error: None,
+        hooks: bundle.spec.hooks().clone(),
     }
+    // The one state write of the CLI: the record the monitor takes over.
     .save(root)?;
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let (link_monitor, link_shadow) = UnixStream::pair().context("creating the shadow link")?;
@@ -216,15 +218,14 @@ fn spawn_monitor_and_shadow(
     };
     drop((stdio, link_m, ready));
 
-    let mut answer = String::new();
-    let _ = std::fs::File::from(ready_r).read_to_string(&mut answer);
-    if answer.trim() != "ok" {
+    let answer = proto::read_message::<ReadyMessage>(&mut std::fs::File::from(ready_r), None);
+    if answer.as_ref().ok() != Some(&ReadyMessage::Ready) {
         let _ = monitor.wait();
         let _ = shadow.kill();
         let _ = shadow.wait();
-        match answer.trim().strip_prefix("error ") {
-            Some(e) => bail!("{e}"),
-            None => {
+        match answer {
+            Ok(ReadyMessage::Failed { message }) => bail!("{message}"),
+            _ => {
                 let log = state::container_dir(root, &args.id).join("monitor.log");
                 bail!(
                     "the monitor of {} died while creating it: {}",
@@ -254,8 +255,9 @@ pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
 pub fn start(root: &Path, id: &str) -> anyhow::Result<()> {
     let st = ContainerState::load(root, id)?;
     st.effective_status().next(Event::Start)?;
-    monitor::request(root, id, serde_json::json!({"op": "start"}))?;
-    super::hooks::run_host_hooks(root, id, HookKind::Poststart)?;
+    // The monitor starts it and runs the poststart hooks.
+    let reply = monitor::request(root, id, &MonitorRequest::Start)?;
+    monitor::print_warnings(&reply);
     Ok(())
 }
 
@@ -295,11 +297,7 @@ pub fn kill(root: &Path, id: &str, signal: &str, all: bool) -> anyhow::Result<()
         Status::Creating => bail!("container {id} is still being created"),
         _ => {}
     }
-    monitor::request(
-        root,
-        id,
-        serde_json::json!({"op": "kill", "signal": signal, "all": all}),
-    )?;
+    monitor::request(root, id, &MonitorRequest::Kill { signal, all })?;
     Ok(())
 }
 
@@ -316,11 +314,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         }
     };
     if st.monitor_alive() {
-        monitor::request(
-            root,
-            id,
-            serde_json::json!({"op": "delete", "force": force}),
-        )?;
+        // The monitor tears down and runs the poststop hooks.
+        let reply = monitor::request(root, id, &MonitorRequest::Delete { force })?;
+        monitor::print_warnings(&reply);
         // The monitor exits after answering; wait so nothing of it remains.
         for _ in 0..500 {
             if !st.monitor_alive() {
@@ -335,11 +331,15 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         husk_runtime::sandbox::unmount_below(&sandbox)?;
         husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
         let _ = std::fs::remove_dir_all(state::container_dir(root, id));
+        // No monitor is left to run poststop: the hooks saved at create run
+        // here, the one host hook the CLI runs itself.
+        for w in super::hooks::run_saved_hooks(&st, HookKind::Poststop) {
+            eprintln!("husk: warning: {w}");
+        }
     }
     if !state::container_dir(root, id).exists() {
         lifecycle.remove();
     }
-    super::hooks::run_saved_hooks(&st, HookKind::Poststop);
     Ok(())
 }
 
@@ -397,10 +397,10 @@ pub fn list(root: &Path, format: &str, quiet: bool) -> anyhow::Result<()> {
 
 pub fn pause(root: &Path, id: &str, pause: bool) -> anyhow::Result<()> {
     let st = ContainerState::load(root, id)?;
-    let (want, to) = if pause {
-        (Status::Running, Status::Paused)
+    let want = if pause {
+        Status::Running
     } else {
-        (Status::Paused, Status::Running)
+        Status::Paused
     };
     if st.effective_status() != want {
         bail!(
@@ -409,23 +409,12 @@ pub fn pause(root: &Path, id: &str, pause: bool) -> anyhow::Result<()> {
             want.as_str()
         );
     }
-    let agent = super::agent_of(root, id)?;
-    if pause {
-        agent.pause(id)?
+    // The monitor freezes (or thaws) it and records the new status.
+    let req = if pause {
+        MonitorRequest::Pause
     } else {
-        agent.resume(id)?
-    }
-    // Only from the state checked above: a container that stopped in
-    // between stays stopped, never "paused" over its exit.
-    let mut now = want;
-    state::update(root, id, |s| {
-        now = s.status;
-        if s.status == want {
-            s.status = to;
-        }
-    })?;
-    if now != want {
-        bail!("container {id} is {}, not {}", now.as_str(), want.as_str());
-    }
+        MonitorRequest::Resume
+    };
+    monitor::request(root, id, &req)?;
     Ok(())
 }

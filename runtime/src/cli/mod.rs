@@ -8,14 +8,14 @@ mod info;
 mod lifecycle;
 pub mod log;
 mod monitor;
+mod monitor_protocol;
 mod shadow;
 mod signals;
 mod state;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use husk_runtime::agent::AgentClient;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -185,13 +185,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Monitor(args) => monitor::monitor(root, args),
         Command::Shadow { .. } => shadow::shadow(),
     }
-}
-
-/// The agent of a container's sandbox, reached directly over its vsock.
-pub fn agent_of(root: &Path, id: &str) -> anyhow::Result<AgentClient> {
-    let uds = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(root), id).join("vsock.sock");
-    AgentClient::connect(&uds, std::time::Duration::from_secs(5), || Ok(()))
-        .map_err(|e| anyhow::anyhow!("container {id}: cannot reach its agent: {e}"))
 }
 
 /// The error and its causes on one line, each cause once: our error messages

@@ -1,26 +1,39 @@
 //! The per-sandbox monitor: `husk create` starts it as a daemon. It owns the
 //! VM, its device backends and the agent connection, holds the container
-//! process's stdio, and serves lifecycle requests on `monitor.sock`. When the
-//! container's process ends it records the status and tells the shadow
-//! process (state.pid) how to exit. Its death takes the VM with it (the VMM
-//! and backends die with their parent), so nothing outlives it.
+//! process's stdio, and serves the CLI's requests on `monitor.sock`: every
+//! command that reaches into the guest (start, kill, delete, exec and its
+//! wait, ps, pause, resume, stats, update) comes through here, in the typed
+//! messages of `monitor_protocol`, so the CLI never talks to the agent. It
+//! is also the one writer of state.json once `husk create` has written the
+//! first record, and runs the host hooks (poststart after start, poststop
+//! at delete) from the hooks saved in that record. When the container's
+//! process ends it records the status and tells the shadow process
+//! (state.pid) how to exit. Its death takes the VM with it (the VMM and
+//! backends die with their parent), so nothing outlives it.
 //!
 //! File descriptors from `husk create`: 3, 4, 5 the container's stdin,
 //! stdout and stderr; 6 the link to the shadow; 7 the ready pipe.
 
 use super::console;
+use super::monitor_protocol::{
+    self as proto, ContainerStats, ExecStdio, GuestProcess, MonitorError, MonitorErrorKind,
+    MonitorReply, MonitorRequest, MonitorResponse, ReadyMessage, ToMonitor, ToShadow,
+};
 use super::state::{self, ContainerState, Status};
 use anyhow::{bail, Context};
+use husk_protocol::agent::ExecProcessRequest;
 use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{HostStdio, NewContainer, Sandbox, SandboxConfig, StdioPumps};
 use husk_runtime::supervisor::{self, hooks, Bundle, Event, HookKind};
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const FD_STDIN: i32 = 3;
@@ -43,6 +56,13 @@ pub struct MonitorArgs {
     pub id: String,
 }
 
+/// An exec the monitor runs for a `husk exec`: its output pumps, and the
+/// switch that stops its stdin pump once the process ended.
+struct RunningExec {
+    pumps: StdioPumps,
+    stop_stdin: Arc<AtomicBool>,
+}
+
 struct Monitor {
     root: PathBuf,
     id: String,
@@ -52,6 +72,11 @@ struct Monitor {
     link: Mutex<UnixStream>,
     host_pty_master: Mutex<Option<OwnedFd>>,
     host_cgroup: Mutex<Option<HostCgroup>>,
+    execs: Mutex<HashMap<String, RunningExec>>,
+    /// Held by the requests that change the container's state, so that
+    /// they run one at a time as they did when the monitor served one
+    /// connection at a time (execs, waits and queries run beside them).
+    lifecycle: Mutex<()>,
 }
 
 fn take_fd(fd: i32) -> Option<File> {
@@ -68,6 +93,10 @@ fn take_fd(fd: i32) -> Option<File> {
     Some(unsafe { File::from_raw_fd(fd) })
 }
 
+fn say_failed(ready: &mut File, message: String) {
+    let _ = proto::write_message(ready, &ReadyMessage::Failed { message });
+}
+
 pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<i32> {
     let mut ready =
         take_fd(FD_READY).context("no ready pipe: __monitor is started by husk create")?;
@@ -78,19 +107,19 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<i32> {
     let monitor = match setup(root, &args, stdio, link) {
         Ok(m) => Arc::new(m),
         Err(e) => {
-            let _ = writeln!(ready, "error {}", super::one_line(&e));
+            say_failed(&mut ready, super::one_line(&e));
             return Ok(1);
         }
     };
     let listener = match UnixListener::bind(state::monitor_socket(root, &args.id)) {
         Ok(l) => l,
         Err(e) => {
-            let _ = writeln!(ready, "error binding the monitor socket: {e}");
+            say_failed(&mut ready, format!("binding the monitor socket: {e}"));
             monitor.teardown();
             return Ok(1);
         }
     };
-    let _ = writeln!(ready, "ok");
+    let _ = proto::write_message(&mut ready, &ReadyMessage::Ready);
     drop(ready);
     let m = Arc::clone(&monitor);
     std::thread::spawn(move || m.watch_shadow());
@@ -186,22 +215,49 @@ fn setup(
         link: Mutex::new(link),
         host_pty_master: Mutex::new(host_pty_master),
         host_cgroup: Mutex::new(host_cgroup),
+        execs: Mutex::new(HashMap::new()),
+        lifecycle: Mutex::new(()),
     })
-}
-
-#[derive(serde::Deserialize)]
-struct Request {
-    op: String,
-    #[serde(default)]
-    signal: i32,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    force: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A request refused because of the container's state.
+fn refused(message: String) -> anyhow::Error {
+    MonitorError::new(MonitorErrorKind::FailedPrecondition, message).into()
+}
+
+/// The stdin of an exec, read from the descriptor `husk exec` handed over:
+/// it ends (reads as EOF) once the process ended, so the monitor does not
+/// go on holding, and reading, the caller's stdin.
+struct ExecInput {
+    fd: OwnedFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl Read for ExecInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(0);
+            }
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        loop {
+            match nix::unistd::read(self.fd.as_raw_fd(), buf) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => return other.map_err(Into::into),
+            }
+        }
+    }
 }
 
 impl Monitor {
@@ -209,78 +265,111 @@ impl Monitor {
         ContainerState::load(&self.root, &self.id)
     }
 
-    /// Handles one request; true when the monitor should exit.
+    /// Reads one request; a delete is served here, anything else on a
+    /// thread of its own (an exec's wait lasts as long as its process).
+    /// True when the monitor should exit.
     fn serve(self: &Arc<Self>, conn: UnixStream) -> bool {
-        let mut line = String::new();
-        // A request is one short JSON line: read no more than that.
-        let mut reader = BufReader::new(match conn.try_clone() {
-            Ok(c) => c,
-            Err(_) => return false,
-        })
-        .take(MAX_LINE);
-        if reader.read_line(&mut line).is_err() {
-            return false;
+        // A client that connects and says nothing does not hold the rest up.
+        let _ = conn.set_read_timeout(Some(proto::REQUEST_READ));
+        let (req, fds) =
+            match proto::recv_with_fds::<MonitorRequest>(&conn, Some(proto::REQUEST_READ)) {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = MonitorError::new(
+                        MonitorErrorKind::BadRequest,
+                        format!("bad request: {e}"),
+                    );
+                    reply(&conn, Err(e.into()));
+                    return false;
+                }
+            };
+        let _ = conn.set_read_timeout(None);
+        if matches!(req, MonitorRequest::Delete { .. }) {
+            let result = self.handle(req, fds);
+            let deleted = result.is_ok();
+            reply(&conn, result);
+            return deleted;
         }
-        let (reply, exit) = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match self.handle(&req) {
-                Ok(v) => (
-                    serde_json::json!({"ok": true, "value": v}),
-                    req.op == "delete",
-                ),
-                Err(e) => (
-                    serde_json::json!({"ok": false, "error": super::one_line(&e)}),
-                    false,
-                ),
-            },
-            Err(e) => (
-                serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-                false,
-            ),
-        };
-        let mut conn = conn;
-        let _ = writeln!(conn, "{reply}");
-        exit
+        let m = Arc::clone(self);
+        std::thread::spawn(move || reply(&conn, m.handle(req, fds)));
+        false
     }
 
-    fn handle(self: &Arc<Self>, req: &Request) -> anyhow::Result<serde_json::Value> {
-        match req.op.as_str() {
-            "start" => self.start(),
-            "kill" => self
-                .kill(req.signal, req.all)
-                .map(|_| serde_json::Value::Null),
-            "delete" => self.delete(req.force).map(|_| serde_json::Value::Null),
-            other => bail!("unknown monitor request {other:?}"),
+    fn handle(
+        self: &Arc<Self>,
+        req: MonitorRequest,
+        fds: Vec<OwnedFd>,
+    ) -> anyhow::Result<MonitorReply> {
+        if fds.len() != req.fd_count() {
+            return Err(MonitorError::new(
+                MonitorErrorKind::BadRequest,
+                format!(
+                    "bad request: {} file descriptors came with it, {} expected",
+                    fds.len(),
+                    req.fd_count()
+                ),
+            )
+            .into());
+        }
+        match req {
+            MonitorRequest::Start => self.start(),
+            MonitorRequest::Kill { signal, all } => {
+                if !(1..=libc::SIGRTMAX()).contains(&signal) {
+                    return Err(MonitorError::new(
+                        MonitorErrorKind::BadRequest,
+                        format!("bad request: {signal} is not a signal"),
+                    )
+                    .into());
+                }
+                let _serial = lock(&self.lifecycle);
+                self.kill(signal, all).map(|_| MonitorReply::Done)
+            }
+            MonitorRequest::Delete { force } => self.delete(force),
+            MonitorRequest::Exec { process, stdio } => self.exec(process, stdio, fds),
+            MonitorRequest::Wait { exec_id } => self.wait_exec(&exec_id),
+            MonitorRequest::Ps => self.ps(),
+            MonitorRequest::Pause => self.pause(true),
+            MonitorRequest::Resume => self.pause(false),
+            MonitorRequest::Stats => self.stats(),
+            MonitorRequest::Update { resources } => self.update(resources),
         }
     }
 
-    fn start(self: &Arc<Self>) -> anyhow::Result<serde_json::Value> {
-        self.state()?.status.next(Event::Start)?;
+    fn start(self: &Arc<Self>) -> anyhow::Result<MonitorReply> {
+        let _serial = lock(&self.lifecycle);
+        let st = self.state()?;
+        st.status
+            .next(Event::Start)
+            .map_err(|e| refused(e.to_string()))?;
         let pid = self.agent.start_container(&self.id);
         let pid = match pid {
             Ok(pid) => pid,
             Err(e) => {
                 let e = match lock(&self.sandbox).as_mut() {
-                    Some(sb) => sb.explain(e).to_string(),
-                    None => e.to_string(),
+                    Some(sb) => sb.explain(e),
+                    None => husk_runtime::sandbox::SandboxError::Agent(e),
                 };
                 self.finish(127, 0);
-                bail!("{e}");
+                return Err(e.into());
             }
         };
-        state::update(&self.root, &self.id, |s| {
+        let st = state::update(&self.root, &self.id, |s| {
             s.status = Status::Running;
             s.guest_pid = pid;
         })?;
         if let Some(master) = lock(&self.host_pty_master).take() {
             let agent = self.agent.clone();
             let id = self.id.clone();
+            // The init's window is followed for as long as the monitor lives.
+            let never = Arc::new(AtomicBool::new(false));
             std::thread::spawn(move || {
-                console::follow_window_size(master, agent, id, String::new())
+                console::follow_window_size(master, agent, id, String::new(), never)
             });
         }
         let m = Arc::clone(self);
         std::thread::spawn(move || m.wait_exit());
-        Ok(serde_json::json!(pid))
+        let warnings = super::hooks::run_saved_hooks(&st, HookKind::Poststart);
+        Ok(MonitorReply::Started { pid, warnings })
     }
 
     fn wait_exit(&self) {
@@ -349,7 +438,7 @@ impl Monitor {
             return;
         }
         let mut link = lock(&self.link);
-        let _ = writeln!(link, "exit {code} {signal}");
+        let _ = proto::write_message(&mut *link, &ToShadow::Exit { code, signal });
     }
 
     fn kill(&self, signal: i32, all: bool) -> anyhow::Result<()> {
@@ -366,20 +455,27 @@ impl Monitor {
                 .agent
                 .signal_process(&self.id, "", signal as u32, all)
                 .map_err(Into::into),
-            s => bail!("container {} is not running ({})", self.id, s.as_str()),
+            s => Err(refused(format!(
+                "container {} is not running ({})",
+                self.id,
+                s.as_str()
+            ))),
         }
     }
 
-    fn delete(&self, force: bool) -> anyhow::Result<()> {
+    /// Ends the VM, removes the container, then runs its poststop hooks.
+    fn delete(&self, force: bool) -> anyhow::Result<MonitorReply> {
+        let _serial = lock(&self.lifecycle);
         let st = self.state()?;
         st.status
             .next(Event::Delete { force })
-            .with_context(|| format!("container {}", self.id))?;
+            .map_err(|e| refused(format!("container {}: {e}", self.id)))?;
         if matches!(st.status, Status::Running | Status::Paused) {
             let _ = self.agent.remove_container(&self.id, true);
         }
         self.teardown();
-        Ok(())
+        let warnings = super::hooks::run_saved_hooks(&st, HookKind::Poststop);
+        Ok(MonitorReply::DoneWithWarnings { warnings })
     }
 
     /// Ends the VM and removes every trace of the container.
@@ -396,21 +492,243 @@ impl Monitor {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Starts a process in the container with the stdio `husk exec` handed
+    /// over; its pumps live here until its `Wait` is answered.
+    fn exec(
+        &self,
+        process: serde_json::Value,
+        stdio: ExecStdio,
+        fds: Vec<OwnedFd>,
+    ) -> anyhow::Result<MonitorReply> {
+        let status = self.state()?.status;
+        if status != Status::Running {
+            return Err(refused(format!(
+                "cannot exec in a container that is {}",
+                status.as_str()
+            )));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let input = |fd: OwnedFd| {
+            Box::new(ExecInput {
+                fd,
+                stop: Arc::clone(&stop),
+            }) as Box<dyn Read + Send>
+        };
+        let output = |fd: OwnedFd| Box::new(File::from(fd)) as Box<dyn Write + Send>;
+        let mut fds = fds.into_iter();
+        let (host_stdio, master) = match stdio {
+            ExecStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                // In the order the request names them (fd_count checked).
+                let stdin = stdin.then(|| fds.next()).flatten();
+                let stdout = stdout.then(|| fds.next()).flatten();
+                let stderr = stderr.then(|| fds.next()).flatten();
+                let stdio = HostStdio {
+                    stdin: stdin.map(input),
+                    stdout: stdout.map(output),
+                    stderr: stderr.map(output),
+                    terminal: false,
+                };
+                (stdio, None)
+            }
+            ExecStdio::Terminal => {
+                let (Some(slave), Some(master)) = (fds.next(), fds.next()) else {
+                    bail!("a terminal exec needs the pty's slave and master");
+                };
+                let slave_in = slave.try_clone().context("duplicating the pty slave")?;
+                let stdio = HostStdio {
+                    stdin: Some(input(slave_in)),
+                    stdout: Some(output(slave)),
+                    stderr: None,
+                    terminal: true,
+                };
+                (stdio, Some(master))
+            }
+        };
+        let (tokens, pumps) = husk_runtime::sandbox::connect_stdio_via(&self.agent, host_stdio)
+            .with_context(|| format!("exec in {}", self.id))?;
+        let exec_id = format!("exec-{:016x}", husk_runtime::agent::new_token());
+        let req = ExecProcessRequest {
+            container_id: self.id.clone(),
+            exec_id: exec_id.clone(),
+            process_json: serde_json::to_vec(&process)?,
+            stdio: Some(tokens).into(),
+            ..Default::default()
+        };
+        let pid = match self.agent.exec_process(&req) {
+            Ok(pid) => pid,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(anyhow::Error::from(e).context(format!("exec in {}", self.id)));
+            }
+        };
+        if let Some(master) = master {
+            let (agent, id, eid) = (self.agent.clone(), self.id.clone(), exec_id.clone());
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || console::follow_window_size(master, agent, id, eid, stop));
+        }
+        lock(&self.execs).insert(
+            exec_id.clone(),
+            RunningExec {
+                pumps,
+                stop_stdin: stop,
+            },
+        );
+        Ok(MonitorReply::ExecStarted { exec_id, pid })
+    }
+
+    /// Waits for an exec to end; its output is all delivered before the
+    /// answer goes out.
+    fn wait_exec(&self, exec_id: &str) -> anyhow::Result<MonitorReply> {
+        if !lock(&self.execs).contains_key(exec_id) {
+            return Err(MonitorError::new(
+                MonitorErrorKind::BadRequest,
+                format!("container {} has no exec {exec_id:?}", self.id),
+            )
+            .into());
+        }
+        let status = self.agent.wait_process(&self.id, exec_id);
+        let exec = lock(&self.execs).remove(exec_id);
+        if let Some(exec) = &exec {
+            exec.stop_stdin.store(true, Ordering::Relaxed);
+        }
+        let status = status.with_context(|| format!("waiting for {exec_id} in {}", self.id))?;
+        if let Some(exec) = exec {
+            exec.pumps.finish();
+        }
+        let exit = husk_runtime::agent::ProcessExit::from_guest(status.exit_code, status.signal);
+        Ok(MonitorReply::Exited {
+            code: exit.code,
+            signal: exit.signal,
+        })
+    }
+
+    fn running_or_paused(&self) -> anyhow::Result<()> {
+        match self.state()?.status {
+            Status::Stopped => Err(refused(format!("container {} is not running", self.id))),
+            _ => Ok(()),
+        }
+    }
+
+    fn ps(&self) -> anyhow::Result<MonitorReply> {
+        self.running_or_paused()?;
+        let processes = self
+            .agent
+            .list_processes(&self.id)?
+            .into_iter()
+            .map(|p| GuestProcess {
+                pid: p.pid,
+                // The command line is the guest's to choose: never raw.
+                command: husk_runtime::agent::printable(&p.command, 4096),
+            })
+            .collect();
+        Ok(MonitorReply::Processes { processes })
+    }
+
+    fn stats(&self) -> anyhow::Result<MonitorReply> {
+        self.running_or_paused()?;
+        let s = self.agent.stats(&self.id)?;
+        let stats = ContainerStats {
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            cpu_nr_periods: s.cpu_nr_periods,
+            cpu_nr_throttled: s.cpu_nr_throttled,
+            cpu_throttled_usec: s.cpu_throttled_usec,
+            memory_current_bytes: s.memory_current_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            memory_oom_kill_events: s.memory_oom_kill_events,
+            memory_stat: s
+                .memory_stat
+                .into_iter()
+                .map(|(k, v)| (husk_runtime::agent::printable(&k, 64), v))
+                .collect(),
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            io_read_bytes: s.io_read_bytes,
+            io_write_bytes: s.io_write_bytes,
+        };
+        Ok(MonitorReply::Stats { stats })
+    }
+
+    fn pause(&self, pause: bool) -> anyhow::Result<MonitorReply> {
+        let _serial = lock(&self.lifecycle);
+        let (want, to) = if pause {
+            (Status::Running, Status::Paused)
+        } else {
+            (Status::Paused, Status::Running)
+        };
+        let status = self.state()?.status;
+        if status != want {
+            return Err(refused(format!(
+                "container {} is {}, not {}",
+                self.id,
+                status.as_str(),
+                want.as_str()
+            )));
+        }
+        if pause {
+            self.agent.pause(&self.id)?
+        } else {
+            self.agent.resume(&self.id)?
+        }
+        // Only from the state checked above: a container that stopped in
+        // between stays stopped, never "paused" over its exit.
+        let mut now = want;
+        state::update(&self.root, &self.id, |s| {
+            now = s.status;
+            if s.status == want {
+                s.status = to;
+            }
+        })?;
+        if now != want {
+            return Err(refused(format!(
+                "container {} is {}, not {}",
+                self.id,
+                now.as_str(),
+                want.as_str()
+            )));
+        }
+        Ok(MonitorReply::Done)
+    }
+
+    fn update(
+        &self,
+        resources: Box<oci_spec::runtime::LinuxResources>,
+    ) -> anyhow::Result<MonitorReply> {
+        let _serial = lock(&self.lifecycle);
+        self.running_or_paused()?;
+        self.agent
+            .update_resources(&self.id, serde_json::to_vec(&resources)?)?;
+        // The host side carries the CPU limits too (host_cgroup's module comment).
+        if let (Some(cg), Some(cpu)) = (lock(&self.host_cgroup).as_ref(), resources.cpu()) {
+            cg.mirror_cpu(cpu)
+                .context("linux.resources.cpu on the host cgroup")?;
+        }
+        Ok(MonitorReply::Done)
+    }
+
     /// The shadow is state.pid: if it is killed from the host (its end of
     /// the link closes before the container ended), the container dies too.
-    /// Signals it catches arrive as `signal N` lines and are forwarded.
+    /// Signals it catches arrive as `ToMonitor::Signal` and are forwarded.
     fn watch_shadow(&self) {
-        let link = match lock(&self.link).try_clone() {
+        let mut link = match lock(&self.link).try_clone() {
             Ok(l) => l,
             Err(_) => return,
         };
-        for line in BufReader::new(link).lines() {
-            let Ok(line) = line else { break };
-            if let Some(sig) = line
-                .strip_prefix("signal ")
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                let _ = self.kill(sig, false);
+        loop {
+            match proto::read_message::<ToMonitor>(&mut link, None) {
+                Ok(ToMonitor::Signal { signal }) => {
+                    let _ = self.kill(signal, false);
+                }
+                // A whole frame that is not a message: the link is still in step.
+                Err(proto::ProtocolError::Malformed(e)) => {
+                    log::warn!("{}: from the shadow: {e}", self.id)
+                }
+                Err(_) => break,
             }
         }
         if let Ok(st) = self.state() {
@@ -424,26 +742,76 @@ impl Monitor {
     }
 }
 
-/// The longest line read from the monitor's socket, either way.
-pub const MAX_LINE: u64 = 64 * 1024;
+/// Answers a request; an answer too large for a frame is answered with
+/// an error that says so instead.
+fn reply(conn: &UnixStream, result: anyhow::Result<MonitorReply>) {
+    let response = match result {
+        Ok(r) => MonitorResponse::Ok(r),
+        Err(e) => MonitorResponse::Err(MonitorError::of(&e)),
+    };
+    let mut conn = conn;
+    if let Err(e) = proto::write_message(&mut conn, &response) {
+        if matches!(e, proto::ProtocolError::TooLarge { .. }) {
+            let e = MonitorError::new(MonitorErrorKind::Internal, format!("the answer: {e}"));
+            let _ = proto::write_message(&mut conn, &MonitorResponse::Err(e));
+        }
+    }
+}
 
-/// Sends one request to a container's monitor and returns its value.
-pub fn request(root: &Path, id: &str, req: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+/// Sends one request to a container's monitor and returns its answer.
+pub fn request(root: &Path, id: &str, req: &MonitorRequest) -> anyhow::Result<MonitorReply> {
+    request_with_fds(root, id, req, &[])
+}
+
+/// Sends one request with file descriptors (an exec's stdio) to a
+/// container's monitor and returns its answer.
+pub fn request_with_fds(
+    root: &Path,
+    id: &str,
+    req: &MonitorRequest,
+    fds: &[std::os::fd::RawFd],
+) -> anyhow::Result<MonitorReply> {
     let st = ContainerState::load(root, id)?;
     if !st.monitor_alive() {
         bail!("container {id} is stopped (its monitor is gone)");
     }
     let sock = st.monitor_socket(root);
-    let mut conn =
+    let conn =
         UnixStream::connect(&sock).with_context(|| format!("connecting to the monitor of {id}"))?;
-    writeln!(conn, "{req}")?;
-    let mut line = String::new();
-    BufReader::new(conn).take(MAX_LINE).read_line(&mut line)?;
-    let reply: serde_json::Value =
-        serde_json::from_str(&line).with_context(|| format!("monitor of {id}: bad reply"))?;
-    if reply["ok"] == true {
-        Ok(reply["value"].clone())
-    } else {
-        bail!("{}", reply["error"].as_str().unwrap_or("monitor error"))
+    proto::send_with_fds(&conn, req, fds)
+        .with_context(|| format!("sending a request to the monitor of {id}"))?;
+    // One request per connection: the monitor reads nothing after it, and a
+    // peer that waits for more (a monitor of an older husk, reading a line)
+    // sees the end instead of hanging.
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let timeout = req.reply_timeout();
+    conn.set_read_timeout(timeout)?;
+    let response: MonitorResponse =
+        proto::read_message(&mut &conn, timeout).map_err(|e| match e {
+            proto::ProtocolError::Timeout(t) => anyhow::anyhow!(
+                "the monitor of container {id} (pid {}) did not answer within {t:?}",
+                st.monitor_pid
+            ),
+            proto::ProtocolError::Closed => {
+                anyhow::anyhow!("the monitor of container {id} closed the connection unanswered")
+            }
+            e => anyhow::Error::from(e).context(format!("the monitor of container {id}")),
+        })?;
+    match response {
+        MonitorResponse::Ok(reply) => Ok(reply),
+        MonitorResponse::Err(e) => Err(e.into()),
+    }
+}
+
+/// Prints the warnings an answer carries (host hooks that failed).
+pub fn print_warnings(reply: &MonitorReply) {
+    let warnings = match reply {
+        MonitorReply::Started { warnings, .. } | MonitorReply::DoneWithWarnings { warnings } => {
+            warnings
+        }
+        _ => return,
+    };
+    for w in warnings {
+        eprintln!("husk: warning: {w}");
     }
 }

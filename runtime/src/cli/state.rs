@@ -1,6 +1,10 @@
 //! A container's state on disk (`<root>/containers/<id>/state.json`) and how
-//! liveness is read from it: a container whose monitor is gone is stopped,
-//! whatever the file says, so `state` never hangs on a crashed monitor.
+//! liveness is read from it. One writer: `husk create` saves the first
+//! record (status "creating", before the monitor exists); from then on only
+//! the monitor changes it ([`update`]), and `husk delete` of a container
+//! whose monitor is gone only removes it. A container whose monitor is gone
+//! is stopped, whatever the file says, so `state` never hangs on a crashed
+//! monitor.
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -33,6 +37,10 @@ pub struct ContainerState {
     /// (the VMM or a device backend died).
     #[serde(default)]
     pub error: Option<String>,
+    /// The spec's hooks, saved at create: poststart and poststop run from
+    /// here, so a bundle removed or changed since does not skip them.
+    #[serde(default)]
+    pub hooks: Option<oci_spec::runtime::Hooks>,
 }
 
 /// Refuses an id that is not a plain name, as runc does ("invalid id
