@@ -18,6 +18,7 @@ mod io;
 mod metrics;
 mod mount;
 mod publisher;
+mod runtime_options;
 mod service;
 mod spec;
 mod state;

@@ -1,4 +1,16 @@
 //! Mounting the rootfs containerd hands over (`CreateTaskRequest.rootfs`).
+//!
+//! Hand-written rather than `containerd_shim::mount::mount_rootfs` (0.12),
+//! which does not do the job in this shim: its synchronous version forks
+//! and then blocks in `monitor::wait_pid` until the crate's own SIGCHLD
+//! reaper (the one `containerd_shim::run` installs) reports the child's
+//! exit. This shim serves ttrpc itself and waits for each of its children
+//! (QEMU, virtiofsd, vhost-device-vsock) by pid, so nothing would ever
+//! report it and CreateTask would hang; a `waitpid(-1)` reaper added for it
+//! would steal those children's exits. The forked child also logs through
+//! the process's logger after fork in a multithreaded process. The
+//! fork-free version exists only with the crate's `async` feature, which
+//! replaces the synchronous `Task` trait the service implements.
 
 use nix::mount::{mount, MsFlags};
 use std::path::Path;

@@ -9,6 +9,7 @@
 use crate::error::{self, TaskError};
 use crate::io::host_stdio;
 use crate::publisher::Publisher;
+use crate::runtime_options;
 use crate::spec::{self, Role};
 use crate::state::{self, Record};
 use containerd_shim::api;
@@ -936,8 +937,8 @@ fn runtime_config(options: Option<&Any>) -> anyhow::Result<Config> {
     };
     let name = any.type_url.rsplit('/').next().unwrap_or(&any.type_url);
     match name {
-        "runtimeoptions.v1.Options" => {
-            let (_type_url, config_path) = decode_runtime_options(&any.value)?;
+        runtime_options::TYPE_NAME => {
+            let config_path = runtime_options::config_path(&any.value)?;
             if config_path.is_empty() {
                 Ok(Config::load()?)
             } else {
@@ -953,23 +954,6 @@ fn runtime_config(options: Option<&Any>) -> anyhow::Result<Config> {
         }
         other => Err(TaskError::RuntimeOptions(format!("type {other:?} is not supported: husk takes runtimeoptions.v1.Options (ConfigPath = a husk config file)")).into()),
     }
-}
-
-/// `runtimeoptions.v1.Options { string type_url = 1; string config_path = 2; }`
-fn decode_runtime_options(bytes: &[u8]) -> anyhow::Result<(String, String)> {
-    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
-    let (mut type_url, mut config_path) = (String::new(), String::new());
-    while let Some(tag) = input.read_raw_tag_or_eof()? {
-        match tag {
-            10 => type_url = input.read_string()?,
-            18 => config_path = input.read_string()?,
-            _ => input.skip_field(
-                containerd_shim::protos::protobuf::rt::WireType::new(tag & 7)
-                    .ok_or_else(|| anyhow::anyhow!("runtime options: bad wire type"))?,
-            )?,
-        }
-    }
-    Ok((type_url, config_path))
 }
 
 fn status_of(phase: Phase) -> Status {
@@ -1559,12 +1543,13 @@ mod tests {
     use super::*;
 
     fn runtime_options(config_path: &str) -> Any {
-        // runtimeoptions.v1.Options { type_url = 1; config_path = 2 }
-        let mut value = vec![10, 0, 18, config_path.len() as u8];
-        value.extend_from_slice(config_path.as_bytes());
+        let options = runtime_options::Options {
+            config_path: config_path.into(),
+            ..Default::default()
+        };
         Any {
-            type_url: "runtimeoptions.v1.Options".into(),
-            value,
+            type_url: runtime_options::TYPE_NAME.into(),
+            value: options.write_to_bytes().unwrap(),
             ..Default::default()
         }
     }

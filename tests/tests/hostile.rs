@@ -9,34 +9,12 @@ use husk_tests::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_RESOURCE",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_SETFCAP",
-];
-
 fn privileged_spec(script: &str) -> serde_json::Value {
     let mut spec = default_spec(&["sh", "-c", script]);
-    let caps = serde_json::json!(ALL_CAPS);
+    // Every capability there is, as `docker run --privileged` grants.
+    let mut all: Vec<String> = caps::all().iter().map(|c| c.to_string()).collect();
+    all.sort();
+    let caps = serde_json::json!(all);
     spec["process"]["capabilities"] = serde_json::json!({
         "bounding": caps, "effective": caps, "permitted": caps
     });

@@ -113,7 +113,10 @@ fn dropped_capabilities_are_gone() {
     );
     ok(&out, "run");
     let text = stdout(&out);
-    // CAP_CHOWN = bit 0, CAP_KILL = bit 5.
+    // CAP_CHOWN = bit 0, CAP_KILL = bit 5 (linux/capability.h). Written
+    // out, not taken from the `caps` crate the agent maps names with: the
+    // kernel's view is checked against the header, not against the
+    // agent's own table.
     for (set, mask) in [
         ("CapBnd", "0000000000000021"),
         ("CapEff", "0000000000000021"),

@@ -7,6 +7,12 @@
 //! generator (no libbpf: the agent is static), loads it with
 //! `bpf(BPF_PROG_LOAD)` and attaches it with `bpf(BPF_PROG_ATTACH)`.
 //!
+//! Hand-written on purpose: no maintained crate generates device-cgroup
+//! programs (aya and libbpf-rs load programs compiled elsewhere; they do
+//! not build one from a rule list at run time), and runc and crun likewise
+//! emit theirs with their own generators. The program is a few
+//! instructions per rule, all of them checked by the kernel's verifier.
+//!
 //! Semantics: rules are evaluated in order and the last rule that matches
 //! wins, separately for each access bit a request asks for (`m`, `r`, `w`);
 //! a request is allowed when each of its bits is, and a bit no rule matches

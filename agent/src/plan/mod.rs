@@ -24,7 +24,6 @@ pub mod mounts;
 pub mod process;
 pub mod seccomp;
 pub mod seccomp_check;
-mod syscalls;
 pub mod userns;
 
 use fs::GuestFs;

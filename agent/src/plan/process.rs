@@ -107,51 +107,10 @@ pub(super) struct ProcessExtras {
     pub scheduler: Option<(libc::c_int, libc::c_int)>,
 }
 
-/// Capability numbers by OCI name (linux/capability.h).
-const CAPS: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
+/// Number of a capability by OCI name (the `caps` crate's table of
+/// linux/capability.h). Spelled as runc accepts it: any ASCII case, `CAP_`
+/// optional. ASCII only, not `caps::to_canonical`: its Unicode
+/// uppercasing turns other spellings (`ſ` into `S`) into valid names.
 pub fn cap_number(name: &str) -> Option<u32> {
     let name = name.to_ascii_uppercase();
     let name = if name.starts_with("CAP_") {
@@ -159,7 +118,9 @@ pub fn cap_number(name: &str) -> Option<u32> {
     } else {
         format!("CAP_{name}")
     };
-    CAPS.iter().position(|c| *c == name).map(|i| i as u32)
+    name.parse::<caps::Capability>()
+        .ok()
+        .map(|c| u32::from(c.index()))
 }
 
 fn cap_mask(set: &Option<oci_spec::runtime::Capabilities>, field: &str) -> Result<u64, SpecError> {
@@ -174,7 +135,13 @@ fn cap_mask(set: &Option<oci_spec::runtime::Capabilities>, field: &str) -> Resul
                 "process.capabilities.{field}: unknown capability {name:?}"
             ))
         })?;
-        mask |= 1 << n;
+        // Every capability the crate knows is below 64 (the kernel's
+        // two-word capset layout).
+        mask |= 1u64.checked_shl(n).ok_or_else(|| {
+            SpecError::Invalid(format!(
+                "process.capabilities.{field}: capability {name:?} is past bit 63"
+            ))
+        })?;
     }
     Ok(mask)
 }
@@ -301,4 +268,37 @@ pub(super) fn process_extras(
         ioprio,
         scheduler,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cap_number;
+
+    #[test]
+    fn capability_names_resolve_as_runc_spells_them() {
+        for (name, nr) in [
+            ("CAP_CHOWN", 0),
+            ("CAP_KILL", 5),
+            ("kill", 5),
+            ("Cap_Sys_Admin", 21),
+            ("CAP_CHECKPOINT_RESTORE", 40),
+        ] {
+            assert_eq!(cap_number(name), Some(nr), "{name}");
+        }
+        // Every capability the crate knows resolves to its own number.
+        for cap in caps::all() {
+            assert_eq!(cap_number(&cap.to_string()), Some(u32::from(cap.index())));
+        }
+        // Unknown, empty, and a non-ASCII spelling that Unicode uppercasing
+        // would turn into CAP_SYS_ADMIN.
+        for name in [
+            "CAP_NOSUCH",
+            "",
+            "CAP_",
+            "CAP_\u{17f}YS_ADMIN",
+            "CAP_CHOWN\0",
+        ] {
+            assert_eq!(cap_number(name), None, "{name:?}");
+        }
+    }
 }
