@@ -11,6 +11,13 @@
 //! the serving threads) and takes the namespaces as file descriptors, so
 //! the same code runs in the guest and in host tests on namespaces they
 //! make.
+//!
+//! Which namespace: a container whose spec asks for a new network
+//! namespace gets an empty one with only `lo` up at its creation, and
+//! `UpdateNetwork` (sent between create and start) fills it; a pod member's
+//! spec names the sandbox container's namespace, so configuring the sandbox
+//! configures the pod; a container without a network namespace of its own
+//! runs in the guest's root one, where the device is configured in place.
 
 use husk_protocol::agent::{
     IpAddress as WireAddress, Neighbour as WireNeighbour, Route as WireRoute, UpdateNetworkRequest,

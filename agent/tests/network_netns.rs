@@ -146,7 +146,7 @@ fn pod_request() -> UpdateNetworkRequest {
     }
 }
 
-fn find<'a>(items: &'a [Value], pred: impl Fn(&Value) -> bool) -> Option<&'a Value> {
+fn find(items: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
     items.iter().find(|v| pred(v))
 }
 
