@@ -10,11 +10,26 @@
 //! the test made; no packet is sent anywhere. busybox has no iptables or
 //! nft: Debian's iptables, nftables and iproute2 binaries are copied into
 //! the container's rootfs with the libraries `ldd` names.
+//!
+//! The agent's UpdateNetwork, in the same kind of VM: a dummy link in the
+//! guest's root namespace stands in for the virtio-net device that the
+//! host side of issue 14 attaches; a created container's new namespace is
+//! configured through the agent API and checked from inside it.
 
+use husk_protocol::agent::{
+    IpAddress, Neighbour as WireNeighbour, NetworkInterface, Route as WireRoute,
+    Stdio as StdioTokens, UpdateNetworkRequest,
+};
+use husk_protocol::agent_ttrpc::AgentClient as RpcClient;
+use husk_protocol::{ErrorKind, AGENT_PORT};
+use husk_runtime::agent::connect_port;
+use husk_runtime::sandbox::{sandbox_dir, NewContainer, Sandbox};
 use husk_tests::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::IntoRawFd;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",
@@ -97,15 +112,12 @@ fn libraries(binary: &Path) -> Vec<String> {
 
 /// A busybox rootfs with Debian's ip, iptables (legacy and nft), ip6tables
 /// and nft, their libraries and the xtables extensions.
-fn network_tools_bundle(dir: &Path, script: &str) -> std::path::PathBuf {
-    require_guest();
-    let bundle = dir.join("bundle");
-    let rootfs = bundle.join("rootfs");
-    busybox_rootfs(&rootfs);
+fn network_tools_rootfs(rootfs: &Path) {
+    busybox_rootfs(rootfs);
     let mut needed = BTreeSet::new();
     for (host, inside) in PROGRAMS {
         let host = Path::new(host);
-        copy_into(&rootfs, host, inside);
+        copy_into(rootfs, host, inside);
         needed.extend(libraries(host));
     }
     let extensions: Vec<_> = std::fs::read_dir(XTABLES_DIR)
@@ -114,27 +126,37 @@ fn network_tools_bundle(dir: &Path, script: &str) -> std::path::PathBuf {
         .map(|e| e.path())
         .collect();
     for ext in &extensions {
-        copy_into(&rootfs, ext, &ext.to_string_lossy());
+        copy_into(rootfs, ext, &ext.to_string_lossy());
         needed.extend(libraries(ext));
     }
     for lib in &needed {
-        copy_into(&rootfs, Path::new(lib), lib);
+        copy_into(rootfs, Path::new(lib), lib);
     }
     for (alias, target) in ALIASES {
         std::os::unix::fs::symlink(target, rootfs.join("usr/local/sbin").join(alias))
             .unwrap_or_else(|e| panic!("symlink {alias}: {e}"));
     }
     if Path::new("/etc/protocols").is_file() {
-        copy_into(&rootfs, Path::new("/etc/protocols"), "/etc/protocols");
+        copy_into(rootfs, Path::new("/etc/protocols"), "/etc/protocols");
     }
+}
 
+/// A spec running `script` with the network capabilities.
+fn privileged_spec(script: &str) -> serde_json::Value {
     let mut spec = default_spec(&["sh", "-c", script]);
     let caps = serde_json::json!(ALL_CAPS);
     spec["process"]["capabilities"] = serde_json::json!({
         "bounding": caps, "effective": caps, "permitted": caps
     });
     spec["process"]["noNewPrivileges"] = serde_json::json!(false);
-    write_bundle(&bundle, &spec)
+    spec
+}
+
+fn network_tools_bundle(dir: &Path, script: &str) -> std::path::PathBuf {
+    require_guest();
+    let bundle = dir.join("bundle");
+    network_tools_rootfs(&bundle.join("rootfs"));
+    write_bundle(&bundle, &privileged_spec(script))
 }
 
 /// Each check: a name, then the command the container runs for it. A
@@ -293,5 +315,174 @@ fn each_networking_feature_of_the_guest_kernel_works_in_a_container() {
         failed.is_empty() && missing.is_empty(),
         "guest networking checks failed:\n{}\nmissing: {missing:?}\nfull output:\n{text}",
         failed.join("\n")
+    );
+}
+
+fn new_container(
+    sandbox: &Sandbox,
+    dir: &TestDir,
+    id: &str,
+    spec: &serde_json::Value,
+) -> NewContainer {
+    let rootfs = dir.path.join(id).join("rootfs");
+    network_tools_rootfs(&rootfs);
+    let rootfs_rel = sandbox
+        .share_rootfs(id, &rootfs, false, &[])
+        .unwrap_or_else(|e| panic!("sharing the rootfs of {id}: {e}"));
+    NewContainer {
+        id: id.to_string(),
+        spec_json: serde_json::to_vec(spec).unwrap_or_default(),
+        rootfs_rel,
+        shared_mounts: HashMap::new(),
+        stdio: StdioTokens::default(),
+        no_pivot: false,
+        bundle: dir.path.join(id),
+    }
+}
+
+fn run_to_end(sandbox: &mut Sandbox, dir: &TestDir, id: &str, spec: &serde_json::Value) -> i32 {
+    let c = new_container(sandbox, dir, id, spec);
+    sandbox
+        .create_container(c)
+        .unwrap_or_else(|e| panic!("creating {id}: {e}"));
+    sandbox
+        .start_container(id)
+        .unwrap_or_else(|e| panic!("starting {id}: {e}"));
+    sandbox
+        .wait_process(id, "")
+        .unwrap_or_else(|e| panic!("waiting for {id}: {e}"))
+        .exit_code
+}
+
+const DEVICE_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x01];
+
+fn update_request(mac: &[u8]) -> UpdateNetworkRequest {
+    let addr = |address: Vec<u8>, prefix_len| IpAddress {
+        address,
+        prefix_len,
+        ..Default::default()
+    };
+    let v6 = |last: u8| {
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[2] = 0x02;
+        a[15] = last;
+        a.to_vec()
+    };
+    let gw_mac = vec![0x02, 0x48, 0x55, 0x53, 0x4b, 0xfe];
+    UpdateNetworkRequest {
+        container_id: "pod".into(),
+        interfaces: vec![NetworkInterface {
+            name: "eth0".into(),
+            mac: mac.to_vec(),
+            mtu: 1400,
+            addresses: vec![addr(vec![10, 200, 0, 2], 24), addr(v6(2), 64)],
+            ..Default::default()
+        }],
+        routes: vec![
+            WireRoute {
+                gateway: vec![10, 200, 0, 1],
+                device: "eth0".into(),
+                metric: 100,
+                ..Default::default()
+            },
+            WireRoute {
+                gateway: v6(1),
+                device: "eth0".into(),
+                ipv6: true,
+                ..Default::default()
+            },
+        ],
+        neighbours: vec![WireNeighbour {
+            address: vec![10, 200, 0, 1],
+            mac: gw_mac,
+            device: "eth0".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// UpdateNetwork in a real VM, before the host side exists: a container
+/// without a network namespace of its own makes, in the guest's root
+/// namespace, a dummy link with the MAC the host would give its tap (a
+/// stand-in for the virtio-net device, which only the host side attaches);
+/// a second container, created with a new network namespace and not
+/// started, is configured through the agent API; its init then checks,
+/// with iproute2, what it finds (each exit code names the failed check).
+#[test]
+fn update_network_configures_a_created_containers_namespace() {
+    let dir = TestDir::new("guest-update-network");
+    let mut sandbox = start_sandbox(&dir, "netupdate");
+
+    let mut dev =
+        privileged_spec("/usr/local/sbin/ip link add eth9 address 02:48:55:53:4b:01 type dummy");
+    if let Some(ns) = dev["linux"]["namespaces"].as_array_mut() {
+        ns.retain(|n| n["type"] != "network");
+    }
+    assert_eq!(
+        run_to_end(&mut sandbox, &dir, "dev", &dev),
+        0,
+        "making the stand-in device"
+    );
+
+    let checks = "ip=/usr/local/sbin/ip; \
+        $ip link show eth0 | grep -q 'mtu 1400' || exit 10; \
+        $ip link show eth0 | grep -q 'link/ether 02:48:55:53:4b:01' || exit 11; \
+        $ip link show eth0 | grep -q '[<,]UP[,>]' || exit 12; \
+        $ip addr show eth0 | grep -q 'inet 10.200.0.2/24' || exit 13; \
+        $ip addr show eth0 | grep 'inet6 fd00:200::2/64' | grep -vq tentative || exit 14; \
+        $ip route | grep -q '^default via 10.200.0.1 dev eth0 .*metric 100' || exit 15; \
+        $ip -6 route | grep -q '^default via fd00:200::1 dev eth0' || exit 16; \
+        $ip neigh | grep -q '^10.200.0.1 dev eth0 lladdr 02:48:55:53:4b:fe PERMANENT' || exit 17; \
+        $ip link show lo | grep -q '[<,]UP[,>]' || exit 18; \
+        exit 0";
+    let pod = new_container(&sandbox, &dir, "pod", &privileged_spec(checks));
+    sandbox
+        .create_container(pod)
+        .unwrap_or_else(|e| panic!("creating pod: {e}"));
+
+    // The runtime's client has no UpdateNetwork call yet (the host side of
+    // issue 14 adds it): a ttrpc connection of the test's own.
+    let uds = sandbox_dir(&dir.state_root().join("sandbox"), "netupdate").join("vsock.sock");
+    let stream = connect_port(&uds, AGENT_PORT).unwrap_or_else(|e| panic!("connecting: {e}"));
+    let client = RpcClient::new(
+        ttrpc::Client::new(stream.into_raw_fd()).unwrap_or_else(|e| panic!("ttrpc client: {e}")),
+    );
+    let ctx = || ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64);
+
+    // A malformed request is refused whole, naming the fault.
+    let err = client
+        .update_network(ctx(), &update_request(&DEVICE_MAC[..5]))
+        .expect_err("a 5-byte MAC");
+    let ttrpc::Error::RpcStatus(status) = &err else {
+        panic!("not a status: {err:?}");
+    };
+    assert_eq!(
+        ErrorKind::of_status(status),
+        ErrorKind::InvalidArgument,
+        "{status:?}"
+    );
+    assert!(
+        status.message.contains("6 bytes, not 5"),
+        "{}",
+        status.message
+    );
+
+    client
+        .update_network(ctx(), &update_request(&DEVICE_MAC))
+        .unwrap_or_else(|e| panic!("UpdateNetwork: {e:?}"));
+
+    sandbox
+        .start_container("pod")
+        .unwrap_or_else(|e| panic!("starting pod: {e}"));
+    let exit = sandbox
+        .wait_process("pod", "")
+        .unwrap_or_else(|e| panic!("waiting for pod: {e}"));
+    assert_eq!(
+        exit.exit_code, 0,
+        "the pod's namespace lacks what UpdateNetwork asked (10 mtu, 11 mac, 12 up, 13 v4 \
+         address, 14 v6 address usable, 15 v4 default route, 16 v6 default route, 17 \
+         neighbour, 18 lo up): {exit:?}"
     );
 }
