@@ -5,6 +5,8 @@ packages=(
     qemu-system-x86 linux-source-6.1 busybox-static cpio file
     build-essential flex bison bc libelf-dev libssl-dev
     libseccomp-dev libcap-ng-dev pkg-config
+    # tests/tests/guest_network.rs copies these into a container's rootfs.
+    iptables nftables iproute2
 )
 missing=()
 for p in "${packages[@]}"; do

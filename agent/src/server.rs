@@ -4,10 +4,12 @@ use crate::container::{ContainerError, Containers, ProcessStreams};
 use crate::process::Reaper;
 use crate::streams::{StreamError, StreamRegistry};
 use crate::{power, stats};
+use husk_agent::network::{self, NetworkConfig, NetworkError};
 use husk_protocol::agent::*;
 use husk_protocol::agent_ttrpc::{create_agent, Agent};
 use husk_protocol::ErrorKind;
 use husk_protocol::{AGENT_PORT, VERSION};
+use std::os::fd::AsFd;
 use std::sync::{Arc, OnceLock};
 use ttrpc::{Error as RpcError, TtrpcContext};
 
@@ -176,6 +178,23 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers
             .update(&req.container_id, &req.resources_json)?;
+        Ok(Empty::default())
+    }
+
+    fn update_network(&self, _: &TtrpcContext, req: UpdateNetworkRequest) -> ttrpc::Result<Empty> {
+        let rpc = |e: NetworkError| e.kind().rpc_error(e);
+        // The whole request is checked before anything changes.
+        let config = NetworkConfig::from_request(&req).map_err(rpc)?;
+        let target = self.containers.net_namespace(&req.container_id)?;
+        // The guest's root namespace, where virtio-net devices appear: the
+        // agent's own (its serving threads never leave it).
+        let root = std::fs::File::open("/proc/self/ns/net").map_err(|source| {
+            rpc(NetworkError::Namespace {
+                which: "guest's root",
+                source,
+            })
+        })?;
+        network::apply(&config, root.as_fd(), target.as_fd()).map_err(rpc)?;
         Ok(Empty::default())
     }
 

@@ -421,6 +421,13 @@ fn fork_child(
     ))
 }
 
+impl Parked {
+    /// The parked child's pid: it has made (or joined) its namespaces.
+    pub(super) fn pid(&self) -> i32 {
+        self.forked.pid
+    }
+}
+
 impl Forked {
     /// Waits, with no lock held, until the child has exec'd (its errno
     /// pipe closes empty) or failed, then wires its stdio.

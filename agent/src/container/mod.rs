@@ -408,6 +408,24 @@ impl Containers {
         Ok(())
     }
 
+    /// The network namespace of the container's init, parked or started
+    /// and not yet exited (UpdateNetwork configures it before the start).
+    pub fn net_namespace(&self, id: &str) -> Result<OwnedFd, ContainerError> {
+        let c = self.get(id)?;
+        // The locks stay held while the namespace opens: the child is not
+        // released or replaced meanwhile, and the reaper keeps an exited
+        // child's pid until it is waited for.
+        let parked = lock(&c.parked);
+        let init = lock(&c.init);
+        let pid = match (parked.as_ref(), init.as_ref()) {
+            (Some(p), _) => p.pid(),
+            (None, Some(p)) if p.exit.get().is_none() => p.pid,
+            _ => return Err(ContainerError::NotRunning(id.to_string())),
+        };
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        Ok(ns.into())
+    }
+
     pub fn cgroup(&self, id: &str) -> Result<PathBuf, ContainerError> {
         Ok(self.get(id)?.cgroup.clone())
     }

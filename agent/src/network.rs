@@ -1,0 +1,894 @@
+//! The guest side of a pod's network (`UpdateNetwork`): the host's
+//! interfaces arrive as virtio-net devices in the guest's root network
+//! namespace; each is found by its MAC, moved into the network namespace of
+//! the container that asked (a pod's sandbox container, whose namespace the
+//! pod's other containers join), renamed, sized, addressed and brought up;
+//! then routes and permanent neighbours are added there.
+//!
+//! [`NetworkConfig::from_request`] checks the whole request before anything
+//! is applied; [`apply`] does the rtnetlink work on a thread of its own (a
+//! network namespace is a per-thread attribute: `setns` there never moves
+//! the serving threads) and takes the namespaces as file descriptors, so
+//! the same code runs in the guest and in host tests on namespaces they
+//! make.
+//!
+//! Which namespace: a container whose spec asks for a new network
+//! namespace gets an empty one with only `lo` up at its creation, and
+//! `UpdateNetwork` (sent between create and start) fills it; a pod member's
+//! spec names the sandbox container's namespace, so configuring the sandbox
+//! configures the pod; a container without a network namespace of its own
+//! runs in the guest's root one, where the device is configured in place.
+
+use husk_protocol::agent::{
+    IpAddress as WireAddress, Neighbour as WireNeighbour, Route as WireRoute, UpdateNetworkRequest,
+};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+/// The longest interface name the kernel takes (IFNAMSIZ less its NUL).
+const IFNAME_MAX: usize = 15;
+/// The main routing table (RT_TABLE_MAIN).
+const MAIN_TABLE: u8 = 254;
+/// Sizes the kernel accepts for a link's MTU: IPv4's minimum (RFC 791) to
+/// the largest an IP packet can be.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The request itself is wrong: nothing was applied.
+    #[error("UpdateNetwork: {item}: {reason}")]
+    Invalid { item: String, reason: String },
+    /// No link of the guest has an interface's MAC.
+    #[error("UpdateNetwork: interface {name:?}: no guest network device has MAC {mac}")]
+    NoDevice { name: String, mac: Mac },
+    /// The kernel refused a step, named with the item it was for.
+    #[error("UpdateNetwork: {item}: {step}: {source}")]
+    Netlink {
+        item: String,
+        step: &'static str,
+        source: std::io::Error,
+    },
+    #[error("UpdateNetwork: entering the {which} network namespace: {source}")]
+    Namespace {
+        which: &'static str,
+        source: std::io::Error,
+    },
+    #[error("UpdateNetwork: starting the thread that configures the namespace: {0}")]
+    Thread(std::io::Error),
+}
+
+impl NetworkError {
+    /// What kind of failure this is, for the host to act on without
+    /// reading the message.
+    pub fn kind(&self) -> husk_protocol::ErrorKind {
+        use husk_protocol::ErrorKind;
+        match self {
+            NetworkError::Invalid { .. } => ErrorKind::InvalidArgument,
+            // The request is well formed, the guest lacks what it names
+            // (the host has not attached that device).
+            NetworkError::NoDevice { .. } => ErrorKind::FailedPrecondition,
+            NetworkError::Netlink { .. }
+            | NetworkError::Namespace { .. }
+            | NetworkError::Thread(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A link-layer (Ethernet) address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// An address with its prefix, the prefix checked against the family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefixed {
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub mac: Mac,
+    /// None leaves the device's MTU as it is (0 on the wire).
+    pub mtu: Option<u32>,
+    pub addresses: Vec<Prefixed>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The destination network; prefix 0 for a default route.
+    pub destination: Prefixed,
+    pub gateway: Option<IpAddr>,
+    /// An interface of the request, or `lo`; None only with a gateway.
+    pub device: Option<String>,
+    pub metric: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub address: IpAddr,
+    pub mac: Mac,
+    pub device: String,
+}
+
+/// A checked `UpdateNetworkRequest`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub interfaces: Vec<Interface>,
+    pub routes: Vec<Route>,
+    pub neighbours: Vec<Neighbour>,
+}
+
+fn invalid(item: impl Into<String>, reason: impl Into<String>) -> NetworkError {
+    NetworkError::Invalid {
+        item: item.into(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_mac(item: &str, bytes: &[u8]) -> Result<Mac, NetworkError> {
+    let mac: [u8; 6] = bytes
+        .try_into()
+        .map_err(|_| invalid(item, format!("a MAC has 6 bytes, not {}", bytes.len())))?;
+    Ok(Mac(mac))
+}
+
+fn parse_ip(item: &str, what: &str, bytes: &[u8]) -> Result<IpAddr, NetworkError> {
+    match bytes.len() {
+        4 => {
+            let b: [u8; 4] = bytes.try_into().unwrap_or_default();
+            Ok(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+        16 => {
+            let b: [u8; 16] = bytes.try_into().unwrap_or_default();
+            Ok(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        n => Err(invalid(
+            item,
+            format!("{what} has 4 (IPv4) or 16 (IPv6) bytes, not {n}"),
+        )),
+    }
+}
+
+fn check_prefix(item: &str, address: IpAddr, prefix_len: u32) -> Result<u8, NetworkError> {
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    if prefix_len > max {
+        return Err(invalid(
+            item,
+            format!("prefix length {prefix_len} is out of range for {address} (0 to {max})"),
+        ));
+    }
+    Ok(prefix_len as u8)
+}
+
+/// A name the kernel takes for a link and that cannot be mistaken for a
+/// path or an option (dev_valid_name's rules).
+fn check_ifname(item: &str, name: &str) -> Result<(), NetworkError> {
+    let bad = name.is_empty()
+        || name.len() > IFNAME_MAX
+        || name == "."
+        || name == ".."
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || !b.is_ascii_graphic());
+    if bad {
+        return Err(invalid(
+            item,
+            format!(
+                "{name:?} is not an interface name (1 to {IFNAME_MAX} printable ASCII \
+                 characters, no '/', ':' or space)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl NetworkConfig {
+    /// Checks the whole request: every size, family, prefix and name, and
+    /// that routes and neighbours name an interface of the request (or lo).
+    pub fn from_request(req: &UpdateNetworkRequest) -> Result<Self, NetworkError> {
+        let mut interfaces = Vec::with_capacity(req.interfaces.len());
+        let mut names = HashSet::new();
+        let mut macs = HashSet::new();
+        for (i, wire) in req.interfaces.iter().enumerate() {
+            let item = format!("interfaces[{i}] ({:?})", wire.name);
+            check_ifname(&item, &wire.name)?;
+            if wire.name == "lo" {
+                return Err(invalid(&item, "lo is the namespace's own loopback"));
+            }
+            let mac = parse_mac(&item, &wire.mac)?;
+            if mac.0 == [0; 6] || mac.0[0] & 1 != 0 {
+                return Err(invalid(
+                    &item,
+                    format!("{mac} is not a device's (unicast, non-zero) MAC"),
+                ));
+            }
+            let mtu = match wire.mtu {
+                0 => None,
+                m if MTU_RANGE.contains(&m) => Some(m),
+                m => {
+                    return Err(invalid(
+                        &item,
+                        format!(
+                            "MTU {m} is out of range ({} to {})",
+                            MTU_RANGE.start(),
+                            MTU_RANGE.end()
+                        ),
+                    ))
+                }
+            };
+            if !names.insert(wire.name.clone()) {
+                return Err(invalid(&item, "the name is given twice"));
+            }
+            if !macs.insert(mac) {
+                return Err(invalid(&item, format!("MAC {mac} is given twice")));
+            }
+            let addresses = wire
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(j, a)| parse_address(&format!("{item}.addresses[{j}]"), a))
+                .collect::<Result<_, _>>()?;
+            interfaces.push(Interface {
+                name: wire.name.clone(),
+                mac,
+                mtu,
+                addresses,
+            });
+        }
+        let known = |item: &str, device: &str| {
+            if device == "lo" || names.contains(device) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    item,
+                    format!("device {device:?} is not an interface of the request"),
+                ))
+            }
+        };
+        let routes = req
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| parse_route(&format!("routes[{i}]"), r, &known))
+            .collect::<Result<_, _>>()?;
+        let neighbours = req
+            .neighbours
+            .iter()
+            .enumerate()
+            .map(|(i, n)| parse_neighbour(&format!("neighbours[{i}]"), n, &known))
+            .collect::<Result<_, _>>()?;
+        Ok(NetworkConfig {
+            interfaces,
+            routes,
+            neighbours,
+        })
+    }
+}
+
+fn parse_address(item: &str, wire: &WireAddress) -> Result<Prefixed, NetworkError> {
+    let address = parse_ip(item, "the address", &wire.address)?;
+    if address.is_unspecified() || address.is_multicast() {
+        return Err(invalid(
+            item,
+            format!("{address} cannot be an interface's address"),
+        ));
+    }
+    let prefix_len = check_prefix(item, address, wire.prefix_len)?;
+    Ok(Prefixed {
+        address,
+        prefix_len,
+    })
+}
+
+fn parse_route(
+    item: &str,
+    wire: &WireRoute,
+    known: &dyn Fn(&str, &str) -> Result<(), NetworkError>,
+) -> Result<Route, NetworkError> {
+    let destination = if wire.destination.is_empty() {
+        if wire.prefix_len != 0 {
+            return Err(invalid(
+                item,
+                format!(
+                    "an empty destination is a default route: prefix length 0, not {}",
+                    wire.prefix_len
+                ),
+            ));
+        }
+        let any = if wire.ipv6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        Prefixed {
+            address: any,
+            prefix_len: 0,
+        }
+    } else {
+        let address = parse_ip(item, "the destination", &wire.destination)?;
+        if address.is_ipv6() != wire.ipv6 {
+            return Err(invalid(
+                item,
+                format!("destination {address} disagrees with ipv6 = {}", wire.ipv6),
+            ));
+        }
+        Prefixed {
+            address,
+            prefix_len: check_prefix(item, address, wire.prefix_len)?,
+        }
+    };
+    let gateway = if wire.gateway.is_empty() {
+        None
+    } else {
+        let gateway = parse_ip(item, "the gateway", &wire.gateway)?;
+        if gateway.is_ipv6() != wire.ipv6 {
+            return Err(invalid(
+                item,
+                format!("gateway {gateway} disagrees with ipv6 = {}", wire.ipv6),
+            ));
+        }
+        if gateway.is_unspecified() || gateway.is_multicast() {
+            return Err(invalid(item, format!("{gateway} cannot be a gateway")));
+        }
+        Some(gateway)
+    };
+    let device = if wire.device.is_empty() {
+        if gateway.is_none() {
+            return Err(invalid(item, "a route needs a device, a gateway or both"));
+        }
+        None
+    } else {
+        known(item, &wire.device)?;
+        Some(wire.device.clone())
+    };
+    Ok(Route {
+        destination,
+        gateway,
+        device,
+        metric: wire.metric,
+    })
+}
+
+fn parse_neighbour(
+    item: &str,
+    wire: &WireNeighbour,
+    known: &dyn Fn(&str, &str) -> Result<(), NetworkError>,
+) -> Result<Neighbour, NetworkError> {
+    let address = parse_ip(item, "the address", &wire.address)?;
+    if address.is_unspecified() || address.is_multicast() {
+        return Err(invalid(item, format!("{address} cannot be a neighbour")));
+    }
+    let mac = parse_mac(item, &wire.mac)?;
+    known(item, &wire.device)?;
+    Ok(Neighbour {
+        address,
+        mac,
+        device: wire.device.clone(),
+    })
+}
+
+/// Applies `config` in the network namespace `target`, taking the
+/// interfaces it does not hold yet from `source` (the guest's root
+/// namespace, where virtio-net devices appear). Interfaces first (moved,
+/// renamed, sized, addressed, up), then `lo` up, then routes, then
+/// neighbours: the first failure stops and names its item.
+pub fn apply(
+    config: &NetworkConfig,
+    source: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+) -> Result<(), NetworkError> {
+    let source = source
+        .try_clone_to_owned()
+        .map_err(|source| NetworkError::Namespace {
+            which: "source",
+            source,
+        })?;
+    let target = target
+        .try_clone_to_owned()
+        .map_err(|source| NetworkError::Namespace {
+            which: "target",
+            source,
+        })?;
+    let config = config.clone();
+    // A thread of its own, ended after: setns(CLONE_NEWNET) changes only
+    // the calling thread, which must not be a serving one.
+    let worker = std::thread::Builder::new()
+        .name("netns-config".into())
+        .spawn(move || {
+            let from = Rtnl::open_in(&source, "source")?;
+            let to = Rtnl::open_in(&target, "target")?;
+            apply_with(&config, &from, &to, &target)
+        })
+        .map_err(NetworkError::Thread)?;
+    worker.join().unwrap_or_else(|_| {
+        Err(NetworkError::Thread(std::io::Error::other(
+            "the thread configuring the namespace panicked",
+        )))
+    })
+}
+
+fn apply_with(
+    config: &NetworkConfig,
+    from: &Rtnl,
+    to: &Rtnl,
+    target: &OwnedFd,
+) -> Result<(), NetworkError> {
+    for iface in &config.interfaces {
+        let item = format!("interface {:?} ({})", iface.name, iface.mac);
+        let index = match to.link_by_mac(&item, iface.mac)? {
+            Some(index) => index,
+            None => {
+                let Some(index) = from.link_by_mac(&item, iface.mac)? else {
+                    return Err(NetworkError::NoDevice {
+                        name: iface.name.clone(),
+                        mac: iface.mac,
+                    });
+                };
+                let mut msg = LinkMessage::default();
+                msg.header.index = index;
+                msg.attributes
+                    .push(LinkAttribute::NetNsFd(target.as_raw_fd()));
+                from.request(
+                    &item,
+                    "moving it into the namespace",
+                    RouteNetlinkMessage::SetLink(msg),
+                    0,
+                )?;
+                to.link_by_mac(&item, iface.mac)?
+                    .ok_or_else(|| NetworkError::NoDevice {
+                        name: iface.name.clone(),
+                        mac: iface.mac,
+                    })?
+            }
+        };
+        // Renaming needs the link down: it is (a move brings it down), or
+        // a repeated request takes it down first.
+        to.set_up(&item, index, false)?;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::IfName(iface.name.clone()));
+        if let Some(mtu) = iface.mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        to.request(
+            &item,
+            "renaming it and setting its MTU",
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )?;
+        for a in &iface.addresses {
+            to.add_address(&item, index, a)?;
+        }
+        to.set_up(&item, index, true)?;
+    }
+    let lo = to
+        .link_by_name("lo", "lo")?
+        .ok_or_else(|| invalid("lo", "the namespace has no loopback"))?;
+    to.set_up("lo", lo, true)?;
+    for (i, r) in config.routes.iter().enumerate() {
+        let item = format!(
+            "routes[{i}] ({}/{})",
+            r.destination.address, r.destination.prefix_len
+        );
+        let oif =
+            match &r.device {
+                Some(d) => Some(to.link_by_name(&item, d)?.ok_or_else(|| {
+                    invalid(&item, format!("device {d:?} is not in the namespace"))
+                })?),
+                None => None,
+            };
+        to.add_route(&item, r, oif)?;
+    }
+    for (i, n) in config.neighbours.iter().enumerate() {
+        let item = format!("neighbours[{i}] ({} at {})", n.address, n.mac);
+        let index = to.link_by_name(&item, &n.device)?.ok_or_else(|| {
+            invalid(
+                &item,
+                format!("device {:?} is not in the namespace", n.device),
+            )
+        })?;
+        to.add_neighbour(&item, index, n)?;
+    }
+    Ok(())
+}
+
+/// An rtnetlink socket of one network namespace (a socket stays in the
+/// namespace it was made in).
+struct Rtnl {
+    socket: Socket,
+}
+
+fn family(ip: &IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+impl Rtnl {
+    /// Enters `ns` (this thread only) and opens a socket there.
+    fn open_in(ns: &OwnedFd, which: &'static str) -> Result<Self, NetworkError> {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            NetworkError::Namespace {
+                which,
+                source: e.into(),
+            }
+        })?;
+        let fail = |source| NetworkError::Namespace { which, source };
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(fail)?;
+        socket.bind_auto().map_err(fail)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(fail)?;
+        Ok(Rtnl { socket })
+    }
+
+    /// Sends one request and reads its replies: the messages of a dump,
+    /// or the kernel's acknowledgement.
+    fn request(
+        &self,
+        item: &str,
+        step: &'static str,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetworkError> {
+        let fail = |source| NetworkError::Netlink {
+            item: item.to_string(),
+            step,
+            source,
+        };
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
+        header.sequence_number = 1;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf[..]);
+        self.socket.send(&buf, 0).map_err(fail)?;
+        let mut replies = Vec::new();
+        let mut received = vec![0u8; 64 * 1024];
+        loop {
+            let size = self.socket.recv(&mut &mut received[..], 0).map_err(fail)?;
+            let mut offset = 0;
+            while offset < size {
+                let reply =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&received[offset..size])
+                        .map_err(|e| {
+                            fail(std::io::Error::other(format!("a malformed reply: {e}")))
+                        })?;
+                let len = reply.header.length as usize;
+                match reply.payload {
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => return Ok(replies),
+                        Some(code) => {
+                            return Err(fail(std::io::Error::from_raw_os_error(-code.get())))
+                        }
+                    },
+                    NetlinkPayload::InnerMessage(m) => replies.push(m),
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+
+    fn links(&self, item: &str) -> Result<Vec<LinkMessage>, NetworkError> {
+        let replies = self.request(
+            item,
+            "listing links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn link_by_mac(&self, item: &str, mac: Mac) -> Result<Option<u32>, NetworkError> {
+        Ok(self.links(item)?.into_iter().find_map(|l| {
+            l.attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == mac.0))
+                .then_some(l.header.index)
+        }))
+    }
+
+    fn link_by_name(&self, item: &str, name: &str) -> Result<Option<u32>, NetworkError> {
+        Ok(self.links(item)?.into_iter().find_map(|l| {
+            l.attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
+                .then_some(l.header.index)
+        }))
+    }
+
+    fn set_up(&self, item: &str, index: u32, up: bool) -> Result<(), NetworkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.change_mask = LinkFlags::Up;
+        if up {
+            msg.header.flags = LinkFlags::Up;
+        }
+        let step = if up {
+            "bringing it up"
+        } else {
+            "taking it down"
+        };
+        self.request(item, step, RouteNetlinkMessage::SetLink(msg), 0)?;
+        Ok(())
+    }
+
+    fn add_address(&self, item: &str, index: u32, a: &Prefixed) -> Result<(), NetworkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family(&a.address);
+        msg.header.prefix_len = a.prefix_len;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Address(a.address));
+        if a.address.is_ipv4() {
+            msg.attributes.push(AddressAttribute::Local(a.address));
+        } else {
+            // No duplicate address detection: the host assigned it, and
+            // the address must be usable as soon as the container starts.
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        self.request(
+            item,
+            "adding an address",
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    fn add_route(&self, item: &str, r: &Route, oif: Option<u32>) -> Result<(), NetworkError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(&r.destination.address);
+        msg.header.destination_prefix_length = r.destination.prefix_len;
+        msg.header.table = MAIN_TABLE;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.kind = RouteType::Unicast;
+        msg.header.scope = if r.gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        if r.destination.prefix_len > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    r.destination.address,
+                )));
+        }
+        if let Some(gw) = r.gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        }
+        if let Some(oif) = oif {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        if r.metric != 0 {
+            msg.attributes.push(RouteAttribute::Priority(r.metric));
+        }
+        self.request(
+            item,
+            "adding the route",
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    fn add_neighbour(&self, item: &str, index: u32, n: &Neighbour) -> Result<(), NetworkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(&n.address);
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.kind = RouteType::Unicast;
+        let destination = match n.address {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        };
+        msg.attributes
+            .push(NeighbourAttribute::Destination(destination));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(n.mac.0.to_vec()));
+        self.request(
+            item,
+            "adding the neighbour",
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_protocol::agent::NetworkInterface;
+    use husk_protocol::ErrorKind;
+
+    fn request() -> UpdateNetworkRequest {
+        UpdateNetworkRequest {
+            container_id: "c".into(),
+            interfaces: vec![NetworkInterface {
+                name: "eth0".into(),
+                mac: vec![2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+                addresses: vec![
+                    WireAddress {
+                        address: vec![10, 0, 0, 2],
+                        prefix_len: 24,
+                        ..Default::default()
+                    },
+                    WireAddress {
+                        address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).octets().to_vec(),
+                        prefix_len: 64,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            routes: vec![WireRoute {
+                gateway: vec![10, 0, 0, 1],
+                device: "eth0".into(),
+                metric: 10,
+                ..Default::default()
+            }],
+            neighbours: vec![WireNeighbour {
+                address: vec![10, 0, 0, 1],
+                mac: vec![2, 0, 0, 0, 0, 0xfe],
+                device: "eth0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_valid_request_is_read_as_given() {
+        let c = NetworkConfig::from_request(&request()).expect("valid");
+        assert_eq!(c.interfaces.len(), 1);
+        let i = &c.interfaces[0];
+        assert_eq!(i.name, "eth0");
+        assert_eq!(i.mac, Mac([2, 0, 0, 0, 0, 1]));
+        assert_eq!(i.mtu, Some(1500));
+        assert_eq!(
+            i.addresses[1].address,
+            "fd00::2".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(i.addresses[1].prefix_len, 64);
+        assert_eq!(
+            c.routes,
+            vec![Route {
+                destination: Prefixed {
+                    address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    prefix_len: 0
+                },
+                gateway: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+                device: Some("eth0".into()),
+                metric: 10,
+            }]
+        );
+        assert_eq!(c.neighbours[0].mac.to_string(), "02:00:00:00:00:fe");
+    }
+
+    /// Each malformed field is refused before anything is applied, as an
+    /// InvalidArgument naming the item and the fault.
+    #[test]
+    fn malformed_requests_are_refused_naming_the_item() {
+        type Edit = fn(&mut UpdateNetworkRequest);
+        let cases: [(Edit, &str); 16] = [
+            (
+                |r| r.interfaces[0].mac = vec![2, 0, 0, 0, 1],
+                "6 bytes, not 5",
+            ),
+            (|r| r.interfaces[0].mac = vec![0; 6], "not a device's"),
+            (
+                |r| r.interfaces[0].mac = vec![1, 0, 0, 0, 0, 1],
+                "not a device's",
+            ),
+            (
+                |r| r.interfaces[0].name = "a/b".into(),
+                "not an interface name",
+            ),
+            (
+                |r| r.interfaces[0].name = "x".repeat(16),
+                "not an interface name",
+            ),
+            (
+                |r| r.interfaces[0].name = String::new(),
+                "not an interface name",
+            ),
+            (|r| r.interfaces[0].name = "lo".into(), "loopback"),
+            (|r| r.interfaces[0].mtu = 67, "MTU 67 is out of range"),
+            (
+                |r| r.interfaces[0].addresses[0].address = vec![10, 0, 0],
+                "4 (IPv4) or 16 (IPv6) bytes, not 3",
+            ),
+            (
+                |r| r.interfaces[0].addresses[0].prefix_len = 33,
+                "prefix length 33 is out of range",
+            ),
+            (
+                |r| r.interfaces[0].addresses[1].prefix_len = 129,
+                "prefix length 129 is out of range",
+            ),
+            (
+                |r| r.routes[0].device = "eth1".into(),
+                "\"eth1\" is not an interface",
+            ),
+            (|r| r.routes[0].prefix_len = 8, "prefix length 0, not 8"),
+            (|r| r.routes[0].ipv6 = true, "disagrees with ipv6"),
+            (|r| r.neighbours[0].mac = vec![2; 7], "6 bytes, not 7"),
+            (
+                |r| r.neighbours[0].device = "wlan0".into(),
+                "\"wlan0\" is not an interface",
+            ),
+        ];
+        for (edit, expected) in cases {
+            let mut r = request();
+            edit(&mut r);
+            let err = NetworkConfig::from_request(&r).expect_err(expected);
+            assert!(matches!(err, NetworkError::Invalid { .. }), "{err}");
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+            assert!(
+                err.to_string().contains(expected),
+                "{err} lacks {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_and_deviceless_link_routes_are_refused() {
+        let mut r = request();
+        let mut second = r.interfaces[0].clone();
+        second.name = "eth1".into();
+        r.interfaces.push(second);
+        let err = NetworkConfig::from_request(&r).expect_err("same MAC twice");
+        assert!(err.to_string().contains("given twice"), "{err}");
+
+        let mut r = request();
+        r.routes[0].gateway.clear();
+        r.routes[0].device.clear();
+        let err = NetworkConfig::from_request(&r).expect_err("no device, no gateway");
+        assert!(err.to_string().contains("needs a device"), "{err}");
+    }
+}
