@@ -60,11 +60,18 @@ impl Hypervisor for HuskVmm {
         true
     }
 
+    fn has_virtio_net(&self) -> bool {
+        false
+    }
+
     fn launch(
         &self,
         vm: &VmConfig,
         jail: crate::jail::Jail,
     ) -> Result<HelperProcess, HypervisorError> {
+        if !vm.net_devices.is_empty() {
+            return Err(HypervisorError::NoVirtioNet("husk-vmm"));
+        }
         let mut cmd = Command::new(&self.program);
         cmd.args(self.args(vm));
         jail.apply(&mut cmd);
