@@ -1,7 +1,11 @@
 //! The tc plumbing that joins a tap to a client interface (Kata's
 //! "tcfilter", Firecracker's tc-redirect-tap): an ingress qdisc on each,
-//! and on each a match-all filter whose `mirred egress redirect` action
-//! sends every frame that arrives to the other one.
+//! and on each a filter that matches every frame and whose
+//! `mirred egress redirect` action sends it to the other one.
+//!
+//! The filter is a u32 one with a single all-zero key (`u32 match u32 0 0`,
+//! as Kata does), not `matchall`: u32 is in every kernel that has tc, while
+//! `matchall` (CONFIG_NET_CLS_MATCHALL) is missing from minimal ones.
 //!
 //! husk's filters are marked: they sit at priority [`FILTER_PRIORITY`] and
 //! their action carries the cookie [`ACTION_COOKIE`], so that a cleanup
@@ -11,8 +15,8 @@ use super::netlink::{NetlinkError, RouteSocket};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionGeneric, TcActionMirrorOption, TcActionOption,
-    TcActionType, TcAttribute, TcFilterMatchAll, TcFilterMatchAllOption, TcHandle, TcMessage,
-    TcMirror, TcMirrorActionType, TcOption,
+    TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
+    TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -90,12 +94,19 @@ pub fn add_redirect(socket: &mut RouteSocket, from: u32, to: u32) -> Result<(), 
             mirror,
         ))]),
     ];
+    // One key that masks nothing: every frame matches; terminal, so the
+    // classification ends here.
+    let mut selector = TcU32Selector::default();
+    selector.flags = TcU32SelectorFlags::Terminal;
+    selector.nkeys = 1;
+    selector.keys = vec![TcU32Key::default()];
     let mut message = filter_message(from);
     message.attributes = vec![
-        TcAttribute::Kind(TcFilterMatchAll::KIND.to_string()),
-        TcAttribute::Options(vec![TcOption::MatchAll(TcFilterMatchAllOption::Action(
-            vec![action],
-        ))]),
+        TcAttribute::Kind(TcFilterU32::KIND.to_string()),
+        TcAttribute::Options(vec![
+            TcOption::U32(TcFilterU32Option::Selector(selector)),
+            TcOption::U32(TcFilterU32Option::Action(vec![action])),
+        ]),
     ];
     socket.request(
         &format!("adding a redirect filter from interface {from} to {to}"),
@@ -161,8 +172,7 @@ pub fn ingress_filters(
                 TcAttribute::Kind(k) => kind = k.clone(),
                 TcAttribute::Options(options) => {
                     for option in options {
-                        if let TcOption::MatchAll(TcFilterMatchAllOption::Action(actions)) = option
-                        {
+                        if let TcOption::U32(TcFilterU32Option::Action(actions)) = option {
                             redirects.extend(actions.iter().filter_map(redirect_of));
                         }
                     }
@@ -170,8 +180,8 @@ pub fn ingress_filters(
                 _ => {}
             }
         }
-        // Each filter is dumped twice (its chain head without options,
-        // then the filter): keep the ones that say what they do.
+        // A u32 filter is dumped as several entries of one priority (its
+        // hash table, then the filter with its actions).
         if kind.is_empty() {
             continue;
         }

@@ -127,7 +127,8 @@ fn remove_filter_of(
     if filters.iter().any(ours) {
         tc::delete_redirect(socket, index)?;
     }
-    let others_left = filters.iter().any(|f| !ours(f));
+    // husk's priority goes as a whole (a u32 filter's hash table too).
+    let others_left = filters.iter().any(|f| f.priority != tc::FILTER_PRIORITY);
     if made_qdisc && !others_left {
         tc::delete_ingress_qdisc(socket, index)?;
     }
