@@ -204,13 +204,10 @@ fn route_of(route: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<Route
     }
     // A multipath route has no single device: not mirrored.
     let device = names.get(&device?)?.clone();
-    let destination = match destination {
-        Some(address) => Some(IpNet {
-            address,
-            prefix_len: route.header.destination_prefix_length,
-        }),
-        None => None,
-    };
+    let destination = destination.map(|address| IpNet {
+        address,
+        prefix_len: route.header.destination_prefix_length,
+    });
     Some(Route {
         destination,
         gateway,
