@@ -351,6 +351,9 @@ pub struct Jail {
     namespaces: libc::c_int,
     /// The file system the process sees, if it gets a root of its own.
     root: Option<PreparedRoot>,
+    /// Descriptors the process inherits (the VMM's taps); every other one
+    /// is closed at exec.
+    kept_fds: Vec<libc::c_int>,
     rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     filters: Vec<seccompiler::BpfProgram>,
 }
@@ -509,6 +512,7 @@ impl Jail {
             groups: Vec::new(),
             namespaces: 0,
             root: None,
+            kept_fds: Vec::new(),
             rlimits: vec![
                 // One descriptor per vsock connection (the streams of every
                 // process), the vhost-user fds and guest memory.
@@ -540,6 +544,15 @@ impl Jail {
         self
     }
 
+    /// Lets the process inherit `fds` (e.g. taps for the VMM, named by
+    /// number on its command line). Each must stay open in the spawner
+    /// until the process has started, and be above 2 (0-2 become the
+    /// process's stdio).
+    pub fn keep_fds(mut self, fds: &[std::os::fd::RawFd]) -> Jail {
+        self.kept_fds.extend_from_slice(fds);
+        self
+    }
+
     /// New network, IPC and UTS namespaces: a process that talks to its
     /// peers only through Unix sockets on the file system and descriptors
     /// it was given reaches no network, no host IPC object, no hostname.
@@ -560,6 +573,7 @@ impl Jail {
             groups,
             namespaces,
             root,
+            kept_fds,
             rlimits,
             filters,
         } = self;
@@ -569,7 +583,7 @@ impl Jail {
         // SAFETY: the closure runs between fork and exec and calls only
         // async-signal-safe functions (unshare, mount, mkdir, open, symlink,
         // pivot_root, setgroups, setresgid, setresuid, umask, prctl,
-        // setrlimit, and seccomp through seccompiler, which makes the
+        // setrlimit, close_range, fcntl, and seccomp through seccompiler, which makes the
         // prctl/seccomp calls on a program built before fork), on memory
         // prepared before fork.
         unsafe {
@@ -611,6 +625,12 @@ impl Jail {
                 ) != 0
                 {
                     return fail();
+                }
+                // ...except those the process is meant to have.
+                for fd in &kept_fds {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return fail();
+                    }
                 }
                 for filter in &filters {
                     // On failure errno says why; nothing is allocated here.

@@ -15,6 +15,7 @@ pub mod host_cgroup;
 pub mod hypervisor;
 pub mod jail;
 pub mod lockfile;
+pub mod network;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;

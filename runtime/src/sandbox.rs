@@ -192,6 +192,8 @@ pub struct SandboxConfig {
     pub vcpus: u32,
     /// Share this existing directory instead of the sandbox's own `shared/`.
     pub shared_dir: Option<PathBuf>,
+    /// Taps the VM gets as virtio-net devices (see [`crate::network`]).
+    pub network: Vec<crate::network::VmTap>,
 }
 
 impl SandboxConfig {
@@ -202,6 +204,7 @@ impl SandboxConfig {
             memory_mib: config.default_memory_mib,
             vcpus: config.default_vcpus,
             shared_dir: None,
+            network: Vec::new(),
         }
     }
 }
@@ -359,6 +362,9 @@ impl Sandbox {
         let virtiofsd = crate::artifacts::virtiofsd(config.virtiofsd.as_deref())?;
         let vsock_backend = crate::artifacts::vsock_backend(config.vsock_backend.as_deref())?;
         let selection = hypervisor::select(config.hypervisor, config)?;
+        if !sc.network.is_empty() && !selection.hypervisor.has_virtio_net() {
+            return Err(HypervisorError::NoVirtioNet(selection.hypervisor.name()).into());
+        }
 
         let dir = sandbox_dir(&sc.state_root, &sc.id);
         private_dir_all(&sc.state_root)?;
@@ -471,6 +477,7 @@ impl Sandbox {
             guest_cid: GUEST_CID,
             console_log: console_fifo,
             vmm_log: dir.join("vmm.log"),
+            net_devices: sc.network.iter().map(|t| t.vm_device()).collect(),
         };
         let vmm_jail = sandbox.vmm_jail(uid, &vm_config, selection.hypervisor.as_ref())?;
         let tv = Instant::now();
@@ -669,8 +676,10 @@ impl Sandbox {
         if hypervisor.uses_kvm() {
             root = root.device("/dev/kvm", uid);
         }
+        let taps: Vec<_> = vm.net_devices.iter().map(|d| d.tap_fd).collect();
         Ok(crate::jail::Jail::for_backend(uid)?
             .isolated()
+            .keep_fds(&taps)
             .with_root(&root, &self.jail_root_dir("vmm")?)?)
     }
 

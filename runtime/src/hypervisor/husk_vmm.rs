@@ -60,11 +60,18 @@ impl Hypervisor for HuskVmm {
         true
     }
 
+    fn has_virtio_net(&self) -> bool {
+        false
+    }
+
     fn launch(
         &self,
         vm: &VmConfig,
         jail: crate::jail::Jail,
     ) -> Result<HelperProcess, HypervisorError> {
+        if !vm.net_devices.is_empty() {
+            return Err(HypervisorError::NoVirtioNet("husk-vmm"));
+        }
         let mut cmd = Command::new(&self.program);
         cmd.args(self.args(vm));
         jail.apply(&mut cmd);
@@ -75,5 +82,41 @@ impl Hypervisor for HuskVmm {
                 source,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_is_refused_clearly_before_anything_starts() {
+        let p = |s: &str| PathBuf::from(format!("/s/{s}"));
+        let vm = VmConfig {
+            kernel: p("vmlinux"),
+            initramfs: p("initramfs.img"),
+            cmdline: "console=ttyS0".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            fs_socket: p("fs.sock"),
+            fs_tag: "husk".into(),
+            vsock_socket: p("vsock.sock"),
+            guest_cid: 3,
+            console_log: p("console.log"),
+            vmm_log: p("vmm.log"),
+            net_devices: vec![crate::hypervisor::VmNetDevice {
+                tap_fd: 7,
+                mac: [2, 0, 0, 0, 0, 1],
+            }],
+        };
+        let vmm = HuskVmm::new(PathBuf::from("/nonexistent/husk-vmm"));
+        assert!(!vmm.has_virtio_net());
+        let jail = crate::jail::Jail::for_backend(1_999_999).expect("jail");
+        let err = vmm.launch(&vm, jail).expect_err("a tap with husk-vmm");
+        assert!(
+            matches!(err, HypervisorError::NoVirtioNet("husk-vmm")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no virtio-net yet"), "{err}");
     }
 }

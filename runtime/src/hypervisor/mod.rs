@@ -22,6 +22,17 @@ pub enum HypervisorError {
     KvmUnusable(String),
     #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
+    #[error("hypervisor {0} has no virtio-net yet: a sandbox with network devices needs QEMU")]
+    NoVirtioNet(&'static str),
+}
+
+/// A virtio-net device of the VM: the tap whose descriptor the VMM is
+/// given (open in the spawner, kept open across the jail's exec) and the
+/// guest device's MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmNetDevice {
+    pub tap_fd: std::os::fd::RawFd,
+    pub mac: [u8; 6],
 }
 
 /// What a VM is made of; the same for every backend.
@@ -44,6 +55,8 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// The VMM's own messages.
     pub vmm_log: PathBuf,
+    /// Network devices, in the order the guest enumerates them.
+    pub net_devices: Vec<VmNetDevice>,
 }
 
 /// A hypervisor backend.
@@ -56,6 +69,8 @@ pub trait Hypervisor: Send + Sync {
     fn program(&self) -> &std::path::Path;
     /// Whether it opens /dev/kvm.
     fn uses_kvm(&self) -> bool;
+    /// Whether it can give the guest virtio-net devices on taps.
+    fn has_virtio_net(&self) -> bool;
     /// Starts the VM process in `jail`; returns once it is spawned.
     fn launch(
         &self,

@@ -33,6 +33,31 @@ fn host_tsc_khz() -> u64 {
         .unwrap_or(2_000_000)
 }
 
+/// `-netdev`/`-device` pairs for the VM's taps: QEMU takes each tap by
+/// descriptor (opened by husk in the client's namespace, inherited across
+/// the jail's exec, see [`crate::jail::Jail::keep_fds`]), so QEMU itself
+/// needs no network namespace, no /dev/net/tun and no privilege. The
+/// vhost-net kernel accelerator stays off: it would need /dev/vhost-net in
+/// the jail.
+pub fn net_device_args(devices: &[super::VmNetDevice]) -> Vec<String> {
+    let mut args = Vec::new();
+    for (n, device) in devices.iter().enumerate() {
+        let mac = device
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net{n},fd={},vhost=off", device.tap_fd),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net{n},mac={mac}"),
+        ]);
+    }
+    args
+}
+
 impl Qemu {
     pub fn new(program: PathBuf, kvm: bool) -> Self {
         Qemu { program, kvm }
@@ -99,6 +124,7 @@ impl Qemu {
             "-sandbox".into(),
             QEMU_SANDBOX.into(),
         ]);
+        args.extend(net_device_args(&vm.net_devices));
         // No QMP socket: the host never talks to QEMU, and a monitor socket
         // is a root-level control channel nobody should be handed.
         args
@@ -124,6 +150,10 @@ impl Hypervisor for Qemu {
 
     fn uses_kvm(&self) -> bool {
         self.kvm
+    }
+
+    fn has_virtio_net(&self) -> bool {
+        true
     }
 
     fn launch(
@@ -160,6 +190,7 @@ mod tests {
             guest_cid: 3,
             console_log: p("console.log"),
             vmm_log: p("vmm.log"),
+            net_devices: Vec::new(),
         }
     }
 
@@ -186,5 +217,46 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn each_tap_becomes_a_virtio_net_device_with_its_mac() {
+        let mut config = vm();
+        assert!(!Qemu::new(PathBuf::from("/qemu"), false)
+            .args(&config)
+            .iter()
+            .any(|a| a == "-netdev"));
+        config.net_devices = vec![
+            crate::hypervisor::VmNetDevice {
+                tap_fd: 7,
+                mac: [0x02, 0x42, 0xac, 0x11, 0x00, 0x02],
+            },
+            crate::hypervisor::VmNetDevice {
+                tap_fd: 9,
+                mac: [0x0a, 0, 0, 0, 0, 0xff],
+            },
+        ];
+        let args = Qemu::new(PathBuf::from("/qemu"), false).args(&config);
+        let after = |flag: &str| -> Vec<&String> {
+            args.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| &w[1])
+                .collect()
+        };
+        assert_eq!(
+            after("-netdev"),
+            ["tap,id=net0,fd=7,vhost=off", "tap,id=net1,fd=9,vhost=off"]
+        );
+        let devices: Vec<&String> = after("-device")
+            .into_iter()
+            .filter(|d| d.starts_with("virtio-net-device"))
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02",
+                "virtio-net-device,netdev=net1,mac=0a:00:00:00:00:ff"
+            ]
+        );
     }
 }

@@ -1,0 +1,208 @@
+//! Joining a client interface to a tap for the VM, and undoing it.
+//!
+//! [`wire`] makes, in the client's namespace, a tap named after the
+//! interface ([`super::tap::tap_name`]), gives it the interface's MTU, brings
+//! it up, and joins the two with tc ([`super::tc`]). The tap's descriptor
+//! goes to the VMM, which reads and writes the guest's frames on it: from
+//! the VMM's own, empty, network namespace, since a tap works wherever its
+//! descriptor is. [`unwire`] removes what [`wire`] made, from its
+//! [`Wiring`] record; [`unwire_namespace`] does the same with no record
+//! (after a crash), by name and by the filters' cookie. The client's
+//! interfaces themselves stay the client's (CNI DEL, Docker remove them).
+
+use super::config::Interface;
+use super::netlink::{NetlinkError, RouteSocket};
+use super::netns::{NetNs, NetnsError};
+use super::tap::{open_tap, parse_tap_name, tap_name, TapError};
+use super::tc;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::RouteNetlinkMessage;
+use std::os::fd::OwnedFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("tap {0}: made, but not found in the namespace afterwards")]
+    TapVanished(String),
+}
+
+/// What [`wire`] made for one interface: enough for [`unwire`] to remove it
+/// from another process (it is kept in the sandbox's state).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Wiring {
+    pub interface: String,
+    pub interface_index: u32,
+    pub tap: String,
+    pub tap_index: u32,
+    /// Whether husk added the interface's ingress qdisc (false: the client
+    /// had one, which stays).
+    pub made_ingress_qdisc: bool,
+}
+
+/// A wired tap: its descriptor (for the VMM), the MAC the guest's device
+/// gets (the interface's), and the record of what was made.
+#[derive(Debug)]
+pub struct WiredTap {
+    pub tap: OwnedFd,
+    pub mac: [u8; 6],
+    pub wiring: Wiring,
+}
+
+impl WiredTap {
+    /// The tap for the sandbox's VM, and the record to keep for [`unwire`].
+    pub fn into_vm_tap(self) -> Result<(super::VmTap, Wiring), std::io::Error> {
+        Ok((super::VmTap::new(self.tap, self.mac)?, self.wiring))
+    }
+}
+
+/// Makes the tap of `interface` in `netns` and joins the two with tc.
+/// On failure nothing husk made stays behind.
+pub fn wire(netns: &NetNs, interface: &Interface) -> Result<WiredTap, WireError> {
+    let name = tap_name(interface.index)?;
+    let (mut socket, tap) =
+        netns.run(|| -> Result<_, WireError> { Ok((RouteSocket::new()?, open_tap(&name)?)) })??;
+    // From here on the tap exists while `tap` is open: an error drops it,
+    // and the tap with its qdisc and filter goes away by itself.
+    let tap_index = link_index(&mut socket, &name)?.ok_or(WireError::TapVanished(name.clone()))?;
+    socket.request(
+        &format!("setting the MTU of {name} and bringing it up"),
+        RouteNetlinkMessage::SetLink(up_with_mtu(tap_index, interface.mtu)),
+        0,
+    )?;
+    tc::add_ingress_qdisc(&mut socket, tap_index)?;
+    tc::add_redirect(&mut socket, tap_index, interface.index)?;
+    let made_ingress_qdisc = tc::add_ingress_qdisc(&mut socket, interface.index)?;
+    let wiring = Wiring {
+        interface: interface.name.clone(),
+        interface_index: interface.index,
+        tap: name,
+        tap_index,
+        made_ingress_qdisc,
+    };
+    if let Err(e) = tc::add_redirect(&mut socket, interface.index, tap_index) {
+        let _ = unwire_with(&mut socket, &wiring);
+        return Err(e.into());
+    }
+    Ok(WiredTap {
+        tap,
+        mac: interface.mac,
+        wiring,
+    })
+}
+
+/// Removes what [`wire`] made; what is already gone is no error, so it can
+/// run twice, or after the tap vanished with the VMM.
+pub fn unwire(netns: &NetNs, wiring: &Wiring) -> Result<(), WireError> {
+    let mut socket = netns.run(RouteSocket::new)??;
+    unwire_with(&mut socket, wiring)
+}
+
+fn unwire_with(socket: &mut RouteSocket, wiring: &Wiring) -> Result<(), WireError> {
+    remove_filter_of(socket, wiring.interface_index, wiring.made_ingress_qdisc)?;
+    // Only the tap of this name at this index: the index of a tap that is
+    // gone may have been given to another interface since.
+    if link_index(socket, &wiring.tap)? == Some(wiring.tap_index) {
+        delete_link(socket, wiring.tap_index)?;
+    }
+    Ok(())
+}
+
+/// Removes husk's redirect filter from interface `index`'s ingress (only if
+/// it carries husk's cookie), and then the ingress qdisc when husk made it
+/// (`made_qdisc`) or, with no record, when no filter is left on it.
+fn remove_filter_of(
+    socket: &mut RouteSocket,
+    index: u32,
+    made_qdisc: bool,
+) -> Result<(), WireError> {
+    let filters = tc::ingress_filters(socket, index)?;
+    let ours = |f: &tc::IngressFilter| {
+        f.priority == tc::FILTER_PRIORITY && f.redirects.iter().any(|r| r.husks)
+    };
+    if filters.iter().any(ours) {
+        tc::delete_redirect(socket, index)?;
+    }
+    // husk's priority goes as a whole (a u32 filter's hash table too).
+    let others_left = filters.iter().any(|f| f.priority != tc::FILTER_PRIORITY);
+    if made_qdisc && !others_left {
+        tc::delete_ingress_qdisc(socket, index)?;
+    }
+    Ok(())
+}
+
+/// Removes every tap of husk's in `netns` and husk's filters from the other
+/// interfaces, with no record (after a crash of the monitor or the shim).
+/// An ingress qdisc left with no filter once husk's is gone is removed too:
+/// husk's wiring is what put it there unless the client made an empty one.
+pub fn unwire_namespace(netns: &NetNs) -> Result<(), WireError> {
+    let mut socket = netns.run(RouteSocket::new)??;
+    let links = list_links(&mut socket)?;
+    for (index, name) in &links {
+        if parse_tap_name(name).is_some() {
+            delete_link(&mut socket, *index)?;
+        }
+    }
+    for (index, name) in &links {
+        if parse_tap_name(name).is_none() {
+            let ours = tc::ingress_filters(&mut socket, *index)?
+                .iter()
+                .any(|f| f.priority == tc::FILTER_PRIORITY && f.redirects.iter().any(|r| r.husks));
+            if ours {
+                remove_filter_of(&mut socket, *index, true)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn up_with_mtu(index: u32, mtu: u32) -> LinkMessage {
+    let mut message = LinkMessage::default();
+    message.header.index = index;
+    message.header.flags = LinkFlags::Up;
+    message.header.change_mask = LinkFlags::Up;
+    message.attributes.push(LinkAttribute::Mtu(mtu));
+    message
+}
+
+fn delete_link(socket: &mut RouteSocket, index: u32) -> Result<(), WireError> {
+    let mut message = LinkMessage::default();
+    message.header.index = index;
+    match socket.request(
+        &format!("removing interface {index}"),
+        RouteNetlinkMessage::DelLink(message),
+        0,
+    ) {
+        Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Every interface of the socket's namespace: (index, name).
+fn list_links(socket: &mut RouteSocket) -> Result<Vec<(u32, String)>, WireError> {
+    Ok(socket
+        .dump(
+            "listing interfaces",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some((link.header.index, n.clone())),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+fn link_index(socket: &mut RouteSocket, name: &str) -> Result<Option<u32>, WireError> {
+    Ok(list_links(socket)?
+        .into_iter()
+        .find(|(_, n)| n == name)
+        .map(|(index, _)| index))
+}

@@ -1,0 +1,162 @@
+//! Networking end to end in a real microVM: an interface of a network
+//! namespace (a veth, as CNI or Docker leave it) is wired to a tap, the tap
+//! goes to QEMU as a virtio-net device, and a process in the guest pings
+//! the far end of the veth. The guest's interface is configured here by the
+//! container itself (`ip` in a busybox rootfs, with CAP_NET_ADMIN in the
+//! guest's network namespace): the agent's UpdateNetwork, which will do
+//! that from the discovered configuration, is the guest side's work.
+//!
+//! Traffic stays between namespaces the test makes (the guest, the client
+//! namespace and the peer namespace).
+
+use husk_protocol::agent::Stdio as StdioTokens;
+use husk_runtime::network::{self, NetNs};
+use husk_runtime::sandbox::{NewContainer, Sandbox, SandboxConfig};
+use husk_tests::*;
+use std::collections::HashMap;
+use std::process::Command;
+
+struct TestNs {
+    name: String,
+}
+
+impl TestNs {
+    fn new(tag: &str) -> TestNs {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test makes network namespaces: run it as root"
+        );
+        let name = format!("husk-t-{}-{tag}", std::process::id());
+        run_ip(&["netns", "add", &name]);
+        TestNs { name }
+    }
+
+    fn ip(&self, args: &str) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend(args.split_whitespace());
+        run_ip(&all)
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run_ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip (iproute2) is needed for this test: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const GUEST_MAC: &str = "02:48:55:53:4b:21";
+const PEER_MAC: &str = "02:48:55:53:4b:31";
+
+#[test]
+fn the_guest_reaches_the_far_end_of_the_clients_veth_through_the_tap() {
+    require_guest();
+    let client = TestNs::new("vm-c");
+    let peer = TestNs::new("vm-p");
+    client.ip(&format!(
+        "link add eth0 type veth peer name peer0 netns {}",
+        peer.name
+    ));
+    client.ip(&format!("link set eth0 address {GUEST_MAC}"));
+    client.ip("addr add 10.213.0.2/24 dev eth0");
+    client.ip("link set eth0 up");
+    peer.ip(&format!("link set peer0 address {PEER_MAC}"));
+    peer.ip("addr add 10.213.0.1/24 dev peer0");
+    peer.ip("link set peer0 up");
+    let links_before = client.ip("-o link show");
+
+    let netns = NetNs::open(&std::path::Path::new("/run/netns").join(&client.name)).unwrap();
+    let config = network::discover(&netns).expect("discovering the client namespace");
+    let [eth0] = config.interfaces.as_slice() else {
+        panic!("{config:?}")
+    };
+    let (tap, wiring) = network::wire(&netns, eth0)
+        .expect("wiring eth0")
+        .into_vm_tap()
+        .expect("the tap for the VM");
+
+    let dir = TestDir::new("net-vm");
+    let husk_config = husk_runtime::config::Config::load().expect("husk config");
+    let mut sc = SandboxConfig::new("net-vm", &husk_config);
+    sc.state_root = dir.state_root().join("sandbox");
+    sc.network = vec![tap];
+    let mut sandbox = Sandbox::start(&husk_config, &sc)
+        .unwrap_or_else(|e| panic!("starting the sandbox with a tap: {e}"));
+    // The sandbox's QEMU holds the tap now; the config's copy can go.
+    drop(sc);
+
+    // The container shares the guest's network namespace (no "network"
+    // entry), finds the virtio-net device by the client interface's MAC,
+    // gives it the client interface's address, and connects to a closed
+    // TCP port of the peer: "refused" is the peer kernel's RST, so the ARP
+    // exchange and the SYN made the round trip (not ping: busybox's needs
+    // POSIX timers, which the guest kernel leaves out).
+    let script = format!(
+        "dev=; for i in /sys/class/net/*; do \
+           [ \"$(cat $i/address)\" = {GUEST_MAC} ] && dev=${{i##*/}}; done; \
+         [ -n \"$dev\" ] || exit 10; \
+         ip link set \"$dev\" up || exit 11; \
+         ip addr add 10.213.0.2/24 dev \"$dev\" || exit 12; \
+         nc 10.213.0.1 9 </dev/null 2>/tmp/nc.err; \
+         grep -q refused /tmp/nc.err || {{ cat /tmp/nc.err; exit 13; }}; \
+         ip neigh show 10.213.0.1 dev \"$dev\" | grep -q {PEER_MAC} || exit 14"
+    );
+    let mut spec = default_spec(&["sh", "-c", &script]);
+    spec["linux"]["namespaces"] =
+        serde_json::json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    let caps = serde_json::json!(["CAP_NET_ADMIN", "CAP_NET_RAW"]);
+    spec["process"]["capabilities"] = serde_json::json!({
+        "bounding": caps, "effective": caps, "permitted": caps
+    });
+    let rootfs = dir.path.join("c/rootfs");
+    busybox_rootfs(&rootfs);
+    let rootfs_rel = sandbox
+        .share_rootfs("c", &rootfs, false, &[])
+        .expect("sharing the rootfs");
+    sandbox
+        .create_container(NewContainer {
+            id: "c".into(),
+            spec_json: serde_json::to_vec(&spec).unwrap_or_default(),
+            rootfs_rel,
+            shared_mounts: HashMap::new(),
+            stdio: StdioTokens::default(),
+            no_pivot: false,
+            bundle: dir.path.join("c"),
+        })
+        .expect("creating the container");
+    sandbox
+        .start_container("c")
+        .expect("starting the container");
+    let exit = sandbox
+        .wait_process("c", "")
+        .expect("waiting for the container");
+    let console = std::fs::read_to_string(sandbox.console_log()).unwrap_or_default();
+    assert_eq!(
+        exit.exit_code, 0,
+        "10: no guest interface with the MAC, 11/12: configuring it, 13: no RST \
+         from the peer, 14: the peer's MAC not learnt; console:\n{console}"
+    );
+    sandbox.shutdown().expect("shutdown");
+
+    network::unwire(&netns, &wiring).expect("unwiring");
+    assert_eq!(client.ip("-o link show"), links_before);
+    assert_eq!(network::discover(&netns).unwrap(), config);
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
+}
