@@ -465,6 +465,16 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Gives the container's network namespace in the guest the
+    /// interfaces, addresses, routes and neighbours of `req`.
+    pub fn update_network(
+        &self,
+        req: &husk_protocol::agent::UpdateNetworkRequest,
+    ) -> Result<(), AgentError> {
+        self.rpc.update_network(ctx(), req)?;
+        Ok(())
+    }
+
     pub fn shutdown(&self) -> Result<(), AgentError> {
         self.rpc
             .shutdown(shutdown_ctx(), &ShutdownRequest::default())?;

@@ -327,7 +327,7 @@ fn new_container(
     let rootfs = dir.path.join(id).join("rootfs");
     network_tools_rootfs(&rootfs);
     let rootfs_rel = sandbox
-        .share_rootfs(id, &rootfs, false, &[])
+        .share_rootfs(id, &rootfs, None)
         .unwrap_or_else(|e| panic!("sharing the rootfs of {id}: {e}"));
     NewContainer {
         id: id.to_string(),

@@ -125,7 +125,7 @@ fn the_guest_reaches_the_far_end_of_the_clients_veth_through_the_tap() {
     let rootfs = dir.path.join("c/rootfs");
     busybox_rootfs(&rootfs);
     let rootfs_rel = sandbox
-        .share_rootfs("c", &rootfs, false, &[])
+        .share_rootfs("c", &rootfs, None)
         .expect("sharing the rootfs");
     sandbox
         .create_container(NewContainer {
@@ -159,4 +159,90 @@ fn the_guest_reaches_the_far_end_of_the_clients_veth_through_the_tap() {
         leftovers_settled(&dir.path, &dir.state_root()),
         Vec::<String>::new()
     );
+}
+
+/// `husk run` with a network namespace the test made (as CNI or podman
+/// make one): the container's guest gets its two interfaces with the same
+/// MACs, MTU 1400, IPv4 and IPv6 addresses and both default routes, and
+/// talks to a server in the peer namespace over each; afterwards the
+/// namespace is as it was (no tap, no filter left).
+#[test]
+fn husk_run_gets_the_interfaces_of_the_namespace_it_is_given() {
+    require_guest();
+    let client = TestNs::new("run-c");
+    let peer = TestNs::new("run-p");
+    client.ip(&format!(
+        "link add eth0 type veth peer name peer0 netns {}",
+        peer.name
+    ));
+    client.ip(&format!("link set eth0 address {GUEST_MAC} mtu 1400 up"));
+    client.ip("addr add 10.213.1.2/24 dev eth0");
+    client.ip("addr add fd00:213:1::2/64 dev eth0 nodad");
+    peer.ip(&format!("link set peer0 address {PEER_MAC} mtu 1400 up"));
+    peer.ip("addr add 10.213.1.1/24 dev peer0");
+    peer.ip("addr add fd00:213:1::1/64 dev peer0 nodad");
+    client.ip("route add default via 10.213.1.1 dev eth0");
+    client.ip("-6 route add default via fd00:213:1::1 dev eth0");
+    client.ip(&format!(
+        "link add eth1 type veth peer name peer1 netns {}",
+        peer.name
+    ));
+    client.ip("link set eth1 up");
+    client.ip("addr add 10.213.2.2/24 dev eth1");
+    peer.ip("link set peer1 up");
+    peer.ip("addr add 10.213.2.1/24 dev peer1");
+    let links_before = client.ip("-o link show");
+    // A server in the peer namespace, on every address.
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", &peer.name, "busybox", "nc", "-ll", "-p", "8080",
+        ])
+        .args(["-e", "/bin/echo", "hello-from-peer"])
+        .spawn()
+        .expect("busybox nc server in the peer namespace");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let dir = TestDir::new("net-run");
+    let root = dir.state_root();
+    let script = format!(
+        "cd /sys/class/net; echo eth0 $(cat eth0/mtu) $(cat eth0/address); \
+         echo eth1 $(cat eth1/mtu); \
+         ip -o addr show dev eth0 | grep -q 'inet 10.213.1.2/24' && echo v4; \
+         ip -o addr show dev eth0 | grep -q 'inet6 fd00:213:1::2/64' && echo v6; \
+         ip route | grep -q 'default via 10.213.1.1' && echo default4; \
+         ip -6 route | grep -q 'default via fd00:213:1::1' && echo default6; \
+         nc -w 5 10.213.1.1 8080 </dev/null; \
+         nc -w 5 fd00:213:1::1 8080 </dev/null; \
+         nc -w 5 10.213.2.1 8080 </dev/null"
+    );
+    let mut spec = default_spec(&["sh", "-c", &script]);
+    spec["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+        {"type": "network", "path": format!("/run/netns/{}", client.name)}
+    ]);
+    let bundle = dir.path.join("b");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    write_bundle(&bundle, &spec);
+    let out = husk(&root, &["run", "-b", &bundle.display().to_string(), "net"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "husk run: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "eth0 1400 {GUEST_MAC}\neth1 1500\nv4\nv6\ndefault4\ndefault6\n\
+             hello-from-peer\nhello-from-peer\nhello-from-peer\n"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(client.ip("-o link show"), links_before, "a tap was left");
+    for dev in ["eth0", "eth1"] {
+        let out = Command::new("tc")
+            .args(["-n", &client.name, "filter", "show", "dev", dev, "ingress"])
+            .output()
+            .expect("tc");
+        assert_eq!(stdout(&out), "", "a filter was left on {dev}");
+    }
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }

@@ -124,6 +124,7 @@ fn spawn_monitor_and_shadow(
         guest_pid: 0,
         error: None,
         hooks: bundle.spec.hooks().clone(),
+        network_namespace: husk_runtime::supervisor::network::namespace_path(&bundle.spec),
     }
     // The one state write of the CLI: the record the monitor takes over.
     .save(root)?;
@@ -328,6 +329,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         // A crashed monitor took its VM with it; remove what is left on disk.
         let sandbox = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(root), id);
         husk_runtime::sandbox::remove_jail_of(&sandbox);
+        if let Some(netns) = &st.network_namespace {
+            husk_runtime::supervisor::network::unwire_after_crash(netns);
+        }
         husk_runtime::sandbox::unmount_below(&sandbox)?;
         husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
         let _ = std::fs::remove_dir_all(state::container_dir(root, id));

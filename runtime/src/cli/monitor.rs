@@ -26,6 +26,7 @@ use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{HostStdio, NewContainer, Sandbox, SandboxConfig, StdioPumps};
+use husk_runtime::supervisor::network::{self, SandboxNetwork};
 use husk_runtime::supervisor::{self, hooks, Bundle, Event, HookKind};
 use std::collections::HashMap;
 use std::fs::File;
@@ -72,6 +73,8 @@ struct Monitor {
     link: Mutex<UnixStream>,
     host_pty_master: Mutex<Option<OwnedFd>>,
     host_cgroup: Mutex<Option<HostCgroup>>,
+    /// The client's interfaces wired to the VM's taps, unwired at teardown.
+    network: Mutex<Option<SandboxNetwork>>,
     execs: Mutex<HashMap<String, RunningExec>>,
     /// Held by the requests that change the container's state, so that
     /// they run one at a time as they did when the monitor served one
@@ -140,7 +143,7 @@ fn setup(
     stdio: [Option<File>; 3],
     link: UnixStream,
 ) -> anyhow::Result<Monitor> {
-    let bundle = Bundle::load(&args.bundle)?;
+    let mut bundle = Bundle::load(&args.bundle)?;
     let config = Config::load()?;
     let size = bundle.vm_size(&config)?;
     // Into the host cgroup first: the VMM and backends inherit it.
@@ -156,6 +159,19 @@ fn setup(
     sc.state_root = state::sandbox_root(root);
     sc.memory_mib = size.memory_mib;
     sc.vcpus = size.vcpus;
+    // The client's interfaces, wired to taps before the VM boots with them.
+    let network = match network::namespace_path(&bundle.spec) {
+        Some(path) => {
+            let (network, taps) = SandboxNetwork::wire(&path)?;
+            sc.network = taps;
+            network::guest_spec_without_network_path(&mut bundle.value);
+            Some(network)
+        }
+        None => {
+            log::info!("{}: no network namespace path: loopback only", args.id);
+            None
+        }
+    };
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
     let shared = supervisor::share_container(&sandbox, &args.id, &bundle)?;
     let terminal = bundle
@@ -193,6 +209,12 @@ fn setup(
         bundle: bundle.dir.clone(),
     })?;
     let agent = sandbox.agent_client();
+    if let Some(network) = network.as_ref().filter(|n| !n.is_empty()) {
+        agent
+            .update_network(&network.request(&args.id))
+            .map_err(|e| sandbox.explain(e))
+            .context("configuring the guest's network")?;
+    }
     let st = state::update(root, &args.id, |s| {
         s.status = Status::Created;
         s.pid = args.shadow_pid;
@@ -215,6 +237,7 @@ fn setup(
         link: Mutex::new(link),
         host_pty_master: Mutex::new(host_pty_master),
         host_cgroup: Mutex::new(host_cgroup),
+        network: Mutex::new(network),
         execs: Mutex::new(HashMap::new()),
         lifecycle: Mutex::new(()),
     })
@@ -484,6 +507,9 @@ impl Monitor {
             if let Err(e) = sandbox.shutdown() {
                 log::warn!("{}: {e}", self.id);
             }
+        }
+        if let Some(mut network) = lock(&self.network).take() {
+            network.unwire();
         }
         if let Some(mut cg) = lock(&self.host_cgroup).take() {
             cg.remove(std::process::id());

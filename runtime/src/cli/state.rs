@@ -41,6 +41,11 @@ pub struct ContainerState {
     /// here, so a bundle removed or changed since does not skip them.
     #[serde(default)]
     pub hooks: Option<oci_spec::runtime::Hooks>,
+    /// The client's network namespace whose interfaces the monitor wires
+    /// to the VM, saved at create: a `delete` after a crashed monitor
+    /// removes husk's taps and filters from it.
+    #[serde(default)]
+    pub network_namespace: Option<PathBuf>,
 }
 
 /// Refuses an id that is not a plain name, as runc does ("invalid id

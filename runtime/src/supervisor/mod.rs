@@ -6,6 +6,7 @@
 //!   bind mounts, the read-only rootfs, VM sizing;
 //! - [`status`]: the container state machine both adapters move through;
 //! - [`hooks`]: the four host hooks;
+//! - [`network`]: the client's network namespace wired to the VM's taps;
 //! - here: the host cgroup of a VM, sharing a container's files into its
 //!   VM, and how a process's end is read from the guest.
 //!
@@ -14,6 +15,7 @@
 
 pub mod bundle;
 pub mod hooks;
+pub mod network;
 pub mod status;
 
 pub use bundle::{BindMount, Bundle, BundleError, VmSize};
