@@ -27,6 +27,7 @@ use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::sandbox::{
     connect_stdio_via, BootPhase, NewContainer, Sandbox, SandboxConfig, SandboxError, StdioPumps,
 };
+use husk_runtime::supervisor::network::{self, SandboxNetwork};
 use husk_runtime::supervisor::{self, hooks, Bundle, Event, HookKind, Next, SupervisorError};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -167,6 +168,8 @@ struct Pod {
     /// holds this shim and the VM's helpers, with the VM's memory and pids
     /// bounds: kubelet's accounting of the pod sees the VM.
     host_cgroup: Mutex<Option<HostCgroup>>,
+    /// The client's interfaces (CNI's, for a pod) wired to the VM's taps.
+    network: Mutex<Option<SandboxNetwork>>,
 }
 
 impl Pod {
@@ -264,6 +267,7 @@ impl Pod {
             dead: Mutex::new(None),
             pause_pid: Mutex::new(None),
             host_cgroup: Mutex::new(None),
+            network: Mutex::new(None),
         }))
     }
 
@@ -354,6 +358,16 @@ impl Pod {
         let owner = self.owner.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = owner {
             let _ = h.join();
+        }
+        // The taps went with QEMU; the filters on the client's interfaces
+        // are removed here (the interfaces are the client's: CNI DEL).
+        if let Some(mut network) = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            network.unwire();
         }
         // The VM's processes are gone: leave the cgroup and remove it.
         if let Some(mut cg) = self
@@ -751,9 +765,26 @@ impl Inner {
                         return Err(e.into());
                     }
                 };
+                // The client's interfaces (CNI's), wired to taps the VM
+                // boots with; the guest gets a new namespace in place of
+                // the client's, which UpdateNetwork fills.
+                let network = match network::namespace_path(&bundle.spec) {
+                    Some(path) => match SandboxNetwork::wire(&path) {
+                        Ok((network, taps)) => {
+                            sc.network = taps;
+                            Some(network)
+                        }
+                        Err(e) => {
+                            undo_rootfs(&rootfs_mount);
+                            return Err(e.into());
+                        }
+                    },
+                    None => None,
+                };
                 match Pod::boot(config.clone(), sc, vm_id.clone()) {
                     Ok(pod) => {
                         *pod.host_cgroup.lock().unwrap_or_else(|p| p.into_inner()) = host_cgroup;
+                        *pod.network.lock().unwrap_or_else(|p| p.into_inner()) = network;
                         self.pods
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -791,6 +822,19 @@ impl Inner {
         let result = self
             .create_in_vm(&id, &mut bundle, &pod, &role, req)
             .and_then(|pumps| {
+                if owns_vm {
+                    let request = pod
+                        .network
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .filter(|n| !n.is_empty())
+                        .map(|n| n.request(&id));
+                    if let Some(request) = request {
+                        pod.try_call(move |agent| agent.update_network(&request))
+                            .map_err(|(code, message)| TaskError::Pod { code, message })?;
+                    }
+                }
                 // The container exists in the guest, its process not yet
                 // started: the host hooks of create, as the CLI runs them.
                 let state = hooks::oci_state(
@@ -824,6 +868,15 @@ impl Inner {
                     shared_dir: pod.shared_dir.clone(),
                     owns_vm,
                     rootfs_mount: rootfs_mount.clone(),
+                    network_namespace: if owns_vm {
+                        pod.network
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .map(|n| n.path().to_path_buf())
+                    } else {
+                        None
+                    },
                     host_cgroup: if owns_vm {
                         pod.host_cgroup
                             .lock()

@@ -31,6 +31,11 @@ pub struct Record {
     /// dead shim once the VM's processes are gone.
     #[serde(default)]
     pub host_cgroup: Vec<PathBuf>,
+    /// The client's network namespace whose interfaces the shim wired to
+    /// the VM: husk's taps and filters are removed from it after a dead
+    /// shim.
+    #[serde(default)]
+    pub network_namespace: Option<PathBuf>,
 }
 
 pub fn write_record(bundle: &Path, record: &Record) -> anyhow::Result<()> {
@@ -70,6 +75,9 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
     }
     if record.owns_vm {
         remove_host_cgroup(&record.host_cgroup);
+        if let Some(netns) = &record.network_namespace {
+            husk_runtime::supervisor::network::unwire_after_crash(netns);
+        }
     }
     remove_record(bundle);
     Ok(())

@@ -74,6 +74,10 @@ fn which(bin: &str) -> Option<PathBuf> {
 }
 
 pub struct Containerd {
+    /// The network namespace containerd runs in (`/run/netns/NAME`), where
+    /// its CNI plugins put their bridge; None: the host's, with the test
+    /// CNI plugin that configures nothing.
+    netns: Option<String>,
     pub dir: TestDir,
     pub socket: PathBuf,
     /// `HUSK_SHIM_ROOT` of the shims: their VMs' directories.
@@ -84,6 +88,20 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd for test `name` and imports the images.
     pub fn start(name: &str) -> Containerd {
+        Containerd::start_in(name, None)
+    }
+
+    /// Starts containerd for test `name` inside the network namespace
+    /// `netns` (made by the test), with real CNI: Debian's `bridge`
+    /// (a bridge `husk-br0` in that namespace, the gateway 10.213.9.1) and
+    /// `host-local` (10.213.9.0/24, its state under the test directory).
+    /// Only the network namespace is entered (`nsenter --net`): `ip netns
+    /// exec` would also hide the host's cgroup mounts.
+    pub fn start_with_bridge_cni(name: &str, netns: &str) -> Containerd {
+        Containerd::start_in(name, Some(netns))
+    }
+
+    fn start_in(name: &str, netns: Option<&str>) -> Containerd {
         crate::require_guest();
         shim_bin();
         let images = setup();
@@ -100,7 +118,39 @@ impl Containerd {
             "containerd-test-config.sh: {}",
             crate::stderr(&out)
         );
+        if netns.is_some() {
+            let cni = root.join("cni");
+            let _ = std::fs::remove_file(cni.join("10-husk-test.conflist"));
+            for plugin in ["bridge", "host-local"] {
+                let bin = Path::new("/usr/lib/cni").join(plugin);
+                assert!(
+                    bin.is_file(),
+                    "{} is missing: apt-get install containernetworking-plugins",
+                    bin.display()
+                );
+                let _ = std::os::unix::fs::symlink(&bin, root.join("cni-bin").join(plugin));
+            }
+            let conflist = serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "husk-bridge",
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": "husk-br0",
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "subnet": "10.213.9.0/24",
+                        "gateway": "10.213.9.1",
+                        "dataDir": root.join("cni-ipam"),
+                    }
+                }]
+            });
+            std::fs::write(cni.join("10-husk-bridge.conflist"), conflist.to_string())
+                .unwrap_or_else(|e| panic!("writing the CNI config: {e}"));
+        }
         let mut c = Containerd {
+            netns: netns.map(str::to_string),
             socket: root.join("containerd.sock"),
             husk_root: root.join("husk"),
             dir,
@@ -143,7 +193,15 @@ impl Containerd {
             .append(true)
             .open(root.join("containerd.log"))
             .unwrap_or_else(|e| panic!("containerd.log: {e}"));
-        let child = Command::new("containerd")
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = command
             .arg("--config")
             .arg(root.join("config.toml"))
             .env("PATH", path)

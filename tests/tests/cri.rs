@@ -661,3 +661,186 @@ fn volumes_mount_as_runc_gives_them_and_no_mount_outlives_the_pod() {
     shared_vol.remove();
     assert_eq!(mounts_under(&c.dir.path), Vec::<String>::new());
 }
+
+/// A network namespace the test makes for containerd's CNI bridge; removed
+/// when dropped.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(tag: &str) -> TestNetns {
+        let name = format!("husk-t-{}-{tag}", std::process::id());
+        run_ok(std::process::Command::new("ip").args(["netns", "add", &name]));
+        run_ok(std::process::Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        TestNetns(name)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .expect("ip");
+        stdout(&out)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Pods with real CNI (Debian's bridge and host-local, containerd inside a
+/// namespace the test made): each pod's guest has the address CNI gave it
+/// on eth0, with the veth's MAC (seen on the wire by the test's namespace)
+/// and MTU; pod A's server answers pod B and the test's namespace; pod B
+/// reaches the bridge's gateway; deleting the pods leaves no tap or filter,
+/// CNI DEL releases the addresses and removes the veths.
+#[test]
+fn pods_get_their_cni_address_and_talk_over_the_bridge() {
+    let netns = TestNetns::new("cri-net");
+    let c = Containerd::start_with_bridge_cni("cri-net", &netns.0);
+    let logs = c.dir.path.join("pod-logs");
+    std::fs::create_dir_all(&logs).expect("log dir");
+    let log_dir = format!("log-dir={}", logs.display());
+    let run_pod = |name: &str| {
+        let uid = format!("uid={name}");
+        let pod_name = format!("name={name}");
+        ok(
+            c.cri(&[
+                "runp",
+                &pod_name,
+                &uid,
+                "ns=default",
+                &log_dir,
+                "handler=husk",
+            ]),
+            "RunPodSandbox",
+            &c,
+        )
+    };
+    let start = |pod: &str, name: &str, cmd: &str| {
+        let pod_arg = format!("pod={pod}");
+        let cname = format!("cname={name}");
+        let log = format!("log={name}.log");
+        let id = ok(
+            c.cri(&[
+                "create",
+                &pod_arg,
+                "name=p",
+                "uid=u",
+                "ns=default",
+                &log_dir,
+                "image=docker.io/library/husk-busybox:latest",
+                &cname,
+                &log,
+                "--",
+                "sh",
+                "-c",
+                cmd,
+            ]),
+            "CreateContainer",
+            &c,
+        );
+        ok(c.cri(&["start", &id]), "StartContainer", &c);
+        id
+    };
+    let pod_a = run_pod("a");
+    let ip_a = ok(c.cri(&["podip", &pod_a]), "PodSandboxStatus", &c);
+    assert!(
+        ip_a.starts_with("10.213.9."),
+        "pod A's CNI address: {ip_a:?}"
+    );
+    let server = start(
+        &pod_a,
+        "server",
+        "ip -o -4 addr show dev eth0; echo mtu=$(cat /sys/class/net/eth0/mtu) \
+         mac=$(cat /sys/class/net/eth0/address); \
+         while :; do echo hello-from-a | nc -l -p 8080; done",
+    );
+    let server_log = logs.join("server.log");
+    let text = wait_for_file(&server_log, "mac=", Duration::from_secs(60));
+    assert!(
+        text.contains(&format!("inet {ip_a}/24")),
+        "pod A's eth0 has its CNI address: {text}"
+    );
+    assert!(text.contains("mtu=1500"), "the veth's MTU: {text}");
+    let mac = text
+        .split("mac=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+
+    // The test's namespace (the bridge's) reaches pod A's server, and sees
+    // the guest's frames come from the MAC the guest has.
+    // (The server prints its facts before it listens: retried until it does.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &netns.0, "busybox", "nc", "-w", "5", &ip_a, "8080",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("nc from the test's namespace");
+        if stdout(&out).trim() == "hello-from-a" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod A's server never answered the test's namespace: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let neigh = netns.ip(&["neigh", "show", &ip_a]);
+    assert!(
+        neigh.contains(&mac),
+        "pod A's MAC {mac} on the wire: {neigh}"
+    );
+
+    let pod_b = run_pod("b");
+    let ip_b = ok(c.cri(&["podip", &pod_b]), "PodSandboxStatus", &c);
+    assert_ne!(ip_a, ip_b);
+    let client = start(
+        &pod_b,
+        "client",
+        &format!(
+            "for i in 1 2 3 4 5 6 7 8 9 10; do nc -w 5 {ip_a} 8080 </dev/null && break; \
+             sleep 0.5; done; nc -w 5 10.213.9.1 9 </dev/null 2>&1; \
+             echo client-done; sleep 1000"
+        ),
+    );
+    let client_log = logs.join("client.log");
+    let text = wait_for_file(&client_log, "client-done", Duration::from_secs(60));
+    assert!(text.contains("hello-from-a"), "pod B reached pod A: {text}");
+    // Port 9 of the gateway has no listener: "refused" is its kernel's RST.
+    assert!(
+        text.contains("refused"),
+        "pod B reached the gateway: {text}"
+    );
+
+    for (id, pod) in [(&server, &pod_a), (&client, &pod_b)] {
+        ok(c.cri(&["stop", id, "2"]), "StopContainer", &c);
+        ok(c.cri(&["rm", id]), "RemoveContainer", &c);
+        ok(c.cri(&["stopp", pod]), "StopPodSandbox", &c);
+        ok(c.cri(&["rmp", pod]), "RemovePodSandbox", &c);
+    }
+    // CNI DEL ran: the veths are gone from the bridge and the addresses
+    // are released; no tap of husk's is left anywhere in the namespace.
+    assert_eq!(netns.ip(&["-o", "link", "show", "master", "husk-br0"]), "");
+    assert!(!netns.ip(&["-o", "link"]).contains("_husk"));
+    let leases = c.dir.path.join("cni-ipam/husk-bridge");
+    for ip in [&ip_a, &ip_b] {
+        assert!(!leases.join(ip).exists(), "CNI DEL did not release {ip}");
+    }
+    assert_eq!(
+        c.leftovers_settled(),
+        Vec::<String>::new(),
+        "after the pods were removed; log:\n{}",
+        c.log_tail()
+    );
+}

@@ -277,6 +277,13 @@ async fn run(args: Vec<String>) -> anyhow::Result<i32> {
             let _: UpdateContainerResourcesResponse =
                 client.runtime("UpdateContainerResources", &req).await?;
         }
+        "podip" => {
+            let mut req = PodSandboxStatusRequest::new();
+            req.pod_sandbox_id = rest.first().cloned().unwrap_or_default();
+            let r: PodSandboxStatusResponse = client.runtime("PodSandboxStatus", &req).await?;
+            let s = r.status.into_option().unwrap_or_default();
+            writeln!(out, "{}", s.network.into_option().unwrap_or_default().ip)?;
+        }
         "status" => {
             let mut req = ContainerStatusRequest::new();
             req.container_id = rest.first().cloned().unwrap_or_default();
