@@ -204,8 +204,7 @@ fn husk_run_gets_the_interfaces_of_the_namespace_it_is_given() {
 
     let dir = TestDir::new("net-run");
     let root = dir.state_root();
-    let script = format!(
-        "cd /sys/class/net; echo eth0 $(cat eth0/mtu) $(cat eth0/address); \
+    let script = "cd /sys/class/net; echo eth0 $(cat eth0/mtu) $(cat eth0/address); \
          echo eth1 $(cat eth1/mtu); \
          ip -o addr show dev eth0 | grep -q 'inet 10.213.1.2/24' && echo v4; \
          ip -o addr show dev eth0 | grep -q 'inet6 fd00:213:1::2/64' && echo v6; \
@@ -213,9 +212,8 @@ fn husk_run_gets_the_interfaces_of_the_namespace_it_is_given() {
          ip -6 route | grep -q 'default via fd00:213:1::1' && echo default6; \
          nc -w 5 10.213.1.1 8080 </dev/null; \
          nc -w 5 fd00:213:1::1 8080 </dev/null; \
-         nc -w 5 10.213.2.1 8080 </dev/null"
-    );
-    let mut spec = default_spec(&["sh", "-c", &script]);
+         nc -w 5 10.213.2.1 8080 </dev/null";
+    let mut spec = default_spec(&["sh", "-c", script]);
     spec["linux"]["namespaces"] = serde_json::json!([
         {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
         {"type": "network", "path": format!("/run/netns/{}", client.name)}
