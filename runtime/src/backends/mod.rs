@@ -31,6 +31,8 @@ pub enum BackendError {
     },
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    #[error(transparent)]
+    Event(#[from] crate::event::EventError),
 }
 
 /// How long a backend may take to create its vhost-user socket.
@@ -82,20 +84,27 @@ fn listening(socket: &Path, pid: u32) -> Option<bool> {
     }))
 }
 
-/// Waits for a freshly spawned backend to listen on `socket`.
+/// Waits for a freshly spawned backend to listen on `socket`: woken by the
+/// socket's creation in its directory (inotify) or by the backend's exit
+/// (its pidfd), whichever comes first, then confirmed from /proc/net/unix.
 fn wait_for_socket(
     process: &mut HelperProcess,
     socket: &Path,
     log: &Path,
 ) -> Result<(), BackendError> {
+    use crate::event::{wait_any, DirWatch};
+    use std::os::fd::AsFd;
     use std::os::unix::fs::FileTypeExt;
     let deadline = Instant::now() + SOCKET_TIMEOUT;
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    // Watching before the first look: a socket made in between is seen
+    // by the look or wakes the wait.
+    let watch = DirWatch::new(dir)?;
     loop {
-        if std::fs::metadata(socket)
+        let bound = std::fs::metadata(socket)
             .map(|m| m.file_type().is_socket())
-            .unwrap_or(false)
-            && listening(socket, process.pid()) != Some(false)
-        {
+            .unwrap_or(false);
+        if bound && listening(socket, process.pid()) != Some(false) {
             return Ok(());
         }
         if let Some(status) = process.try_wait() {
@@ -113,7 +122,17 @@ fn wait_for_socket(
                 timeout: SOCKET_TIMEOUT,
             });
         }
-        std::thread::sleep(Duration::from_millis(1));
+        // Bound but not yet listening: listen(2) makes no event, and the
+        // backend calls it right after bind(2); look again in a moment
+        // (still woken at once by the backend's death). Otherwise the next
+        // entry made in the directory, or the death, wakes the wait.
+        let until = if bound {
+            deadline.min(Instant::now() + Duration::from_millis(1))
+        } else {
+            deadline
+        };
+        wait_any(&[watch.as_fd(), process.pidfd().as_fd()], Some(until))?;
+        watch.drain();
     }
 }
 

@@ -9,6 +9,7 @@ use super::state::ContainerState;
 use anyhow::{bail, Context};
 use oci_spec::runtime::{Hook, Spec};
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -62,20 +63,27 @@ fn run_hook(
         .timeout()
         .filter(|t| *t > 0)
         .map(|t| Instant::now() + Duration::from_secs(t as u64));
-    loop {
-        if let Some(status) = child.try_wait()? {
-            if !status.success() {
-                bail!("{what} failed: {}", husk_runtime::child::describe(status));
-            }
-            return Ok(());
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+    // Woken by the hook's exit (its pidfd), or its deadline.
+    let waited = husk_runtime::event::PidFd::open(child.id())
+        .and_then(|pidfd| husk_runtime::event::wait_any(&[pidfd.as_fd()], deadline));
+    let exited = match waited {
+        Ok(woken) => woken.is_some(),
+        Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{what} timed out after {}s", hook.timeout().unwrap_or(0));
+            bail!("{what}: {e}");
         }
-        std::thread::sleep(Duration::from_millis(5));
+    };
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{what} timed out after {}s", hook.timeout().unwrap_or(0));
     }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{what} failed: {}", husk_runtime::child::describe(status));
+    }
+    Ok(())
 }
 
 /// Runs every hook of `kind`; the first failure stops the rest.
