@@ -124,8 +124,8 @@ impl MarkerScan {
         }
         let head = &chunk[..chunk.len().min(m.len().saturating_sub(1))];
         self.tail.extend_from_slice(head);
-        let found = self.tail.windows(m.len()).any(|w| w == m)
-            || chunk.windows(m.len()).any(|w| w == m);
+        let found =
+            self.tail.windows(m.len()).any(|w| w == m) || chunk.windows(m.len()).any(|w| w == m);
         if found {
             self.seen.raise();
             // Seen once is enough: scan no more.

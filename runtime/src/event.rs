@@ -113,7 +113,10 @@ impl Flag {
     }
 
     pub fn is_raised(&self) -> bool {
-        matches!(wait_any(&[self.fd.as_fd()], Some(Instant::now())), Ok(Some(_)))
+        matches!(
+            wait_any(&[self.fd.as_fd()], Some(Instant::now())),
+            Ok(Some(_))
+        )
     }
 
     pub fn try_clone(&self) -> Result<Flag, EventError> {
@@ -143,10 +146,16 @@ fn timeout_until(deadline: Option<Instant>) -> PollTimeout {
 /// Waits until one of `fds` is readable (or hung up, or in error), or
 /// `deadline` passes. The index of the first ready one; None at the
 /// deadline.
-pub fn wait_any(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> Result<Option<usize>, EventError> {
+pub fn wait_any(
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> Result<Option<usize>, EventError> {
     let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
     loop {
-        let mut set: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+        let mut set: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
         match nix::poll::poll(&mut set, timeout_until(deadline)) {
             Ok(0) => {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -233,7 +242,11 @@ mod tests {
         assert!(!pidfd.has_exited().unwrap());
         let t = Instant::now();
         assert!(!pidfd.wait_timeout(Duration::from_millis(100)).unwrap());
-        assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
         drop(child.stdin.take());
         assert!(pidfd.wait_timeout(Duration::from_secs(10)).unwrap());
         // Not reaped by the wait: the status is still the parent's.
@@ -253,7 +266,11 @@ mod tests {
 
     #[test]
     fn wait_any_names_the_ready_fd_and_times_out_otherwise() {
-        let (a, b, c) = (Flag::new().unwrap(), Flag::new().unwrap(), Flag::new().unwrap());
+        let (a, b, c) = (
+            Flag::new().unwrap(),
+            Flag::new().unwrap(),
+            Flag::new().unwrap(),
+        );
         let fds = [a.as_fd(), b.as_fd(), c.as_fd()];
         let t = Instant::now();
         let deadline = Instant::now() + Duration::from_millis(50);
@@ -287,7 +304,10 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let pidfds: Vec<PidFd> = children.iter().map(|c| PidFd::open(c.id()).unwrap()).collect();
+        let pidfds: Vec<PidFd> = children
+            .iter()
+            .map(|c| PidFd::open(c.id()).unwrap())
+            .collect();
         let fds: Vec<BorrowedFd<'_>> = pidfds.iter().map(|p| p.as_fd()).collect();
         assert!(wait_all(&fds, Some(Instant::now() + Duration::from_secs(30))).unwrap());
         for c in &mut children {
@@ -312,7 +332,14 @@ mod tests {
                 std::os::unix::net::UnixListener::bind(path).unwrap()
             })
         };
-        assert_eq!(wait_any(&[watch.as_fd()], Some(Instant::now() + Duration::from_secs(10))).unwrap(), Some(0));
+        assert_eq!(
+            wait_any(
+                &[watch.as_fd()],
+                Some(Instant::now() + Duration::from_secs(10))
+            )
+            .unwrap(),
+            Some(0)
+        );
         let _listener = maker.join().unwrap();
         assert!(path.exists());
         watch.drain();

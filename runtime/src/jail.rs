@@ -1239,7 +1239,9 @@ tried("open-existing", lambda: os.close(os.open("plain", os.O_RDONLY | 0o4000)))
         assert!(!sleeper.has_exited().unwrap(), "the sleeper did not start");
         kill_uid(uid).unwrap();
         assert!(
-            sleeper.wait_timeout(std::time::Duration::from_secs(5)).unwrap(),
+            sleeper
+                .wait_timeout(std::time::Duration::from_secs(5))
+                .unwrap(),
             "process {left} of uid {uid} survived"
         );
         // Nothing of that uid: a second sweep finds none at once.

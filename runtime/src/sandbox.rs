@@ -1161,6 +1161,46 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_death_watch_reports_each_death_once_and_ends_at_teardown() {
+        use crate::event::{Flag, PidFd};
+        let spawn = |script: &str| {
+            std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap()
+        };
+        let (mut quick, mut slow) = (spawn("sleep 0.1"), spawn("sleep 30"));
+        let teardown = Flag::new().unwrap();
+        let watch = DeathWatch {
+            components: vec![
+                ("quick", PidFd::open(quick.id()).unwrap()),
+                ("slow", PidFd::open(slow.id()).unwrap()),
+            ],
+            reported: vec![Default::default(), Default::default()],
+            teardown: teardown.try_clone().unwrap(),
+        };
+        // Sent to another thread, which blocks until the first death.
+        let waiter = std::thread::spawn(move || (watch.wait().unwrap(), watch));
+        let (died, watch) = waiter.join().unwrap();
+        assert_eq!(
+            died,
+            Some(ComponentDeath {
+                name: "quick",
+                pid: quick.id()
+            })
+        );
+        // Reported once: waiting again waits for the other.
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(watch.wait_until(Some(soon)).unwrap(), None);
+        assert!(Instant::now() >= soon);
+        teardown.raise();
+        assert_eq!(watch.wait().unwrap(), None);
+        let _ = slow.kill();
+        let _ = slow.wait();
+        let _ = quick.wait();
+    }
     use super::*;
 
     #[test]

@@ -629,7 +629,12 @@ impl Inner {
     /// ended.
     fn spawn_monitor(self: &Arc<Self>, pod: Arc<Pod>) {
         let inner = Arc::downgrade(self);
-        let watch = match pod.sandbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let watch = match pod
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             Some(sb) => sb.death_watch(),
             None => return,
         };

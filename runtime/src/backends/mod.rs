@@ -138,7 +138,7 @@ fn wait_for_socket(
 
 #[cfg(test)]
 mod tests {
-    use super::{listening, log_tail};
+    use super::*;
 
     #[test]
     fn a_log_tail_reads_only_the_end_and_strips_control_characters() {
@@ -156,6 +156,42 @@ mod tests {
         assert_eq!(log_tail(&path), "last ?[2Jline");
         std::fs::remove_file(&path).unwrap();
         assert_eq!(log_tail(&path), "(no output)");
+    }
+
+    fn spawn(name: &'static str, script: &str, log: &std::path::Path) -> HelperProcess {
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", script]);
+        HelperProcess::spawn(name, cmd, log).unwrap()
+    }
+
+    #[test]
+    fn a_socket_wait_ends_at_the_backends_death_or_its_listen() {
+        let dir = std::env::temp_dir().join(format!("husk-sockwait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (socket, log) = (dir.join("b.sock"), dir.join("b.log"));
+        // Dies after a while without a socket: the wait ends with it, long
+        // before the socket timeout.
+        let mut dying = spawn("dying", "sleep 0.2; echo gone; exit 4", &log);
+        let t = std::time::Instant::now();
+        let e = wait_for_socket(&mut dying, &socket, &log).unwrap_err();
+        assert!(t.elapsed() < SOCKET_TIMEOUT / 2, "{:?}", t.elapsed());
+        assert!(matches!(e, BackendError::Died { .. }), "{e}");
+        assert!(
+            e.to_string().contains("status 4") && e.to_string().contains("gone"),
+            "{e}"
+        );
+        // Binds, waits, then listens: ready only once it listens.
+        let script = format!(
+            "exec python3 -c 'import socket,time; s=socket.socket(socket.AF_UNIX); \
+             s.bind(\"{}\"); time.sleep(0.2); s.listen(1); time.sleep(30)'",
+            socket.display()
+        );
+        let mut backend = spawn("listener", &format!("sleep 0.1; {script}"), &log);
+        wait_for_socket(&mut backend, &socket, &log).unwrap();
+        assert_eq!(listening(&socket, backend.pid()), Some(true));
+        backend.stop(Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
