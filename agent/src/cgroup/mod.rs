@@ -250,6 +250,41 @@ pub fn kill_cgroup(cgroup: &Path, signal: i32) {
     }
 }
 
+/// Waits until `cgroup` holds no process (its `cgroup.events` reads
+/// `populated 0`), woken by the kernel's notification on that file
+/// (POLLPRI on each change) rather than by polling, up to `timeout`. False
+/// at the timeout or when the file cannot be read.
+pub fn wait_empty(cgroup: &Path, timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let Ok(mut events) = std::fs::File::open(cgroup.join("cgroup.events")) else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // Reading the file from its start also re-arms the notification.
+        let mut text = String::new();
+        if events.seek(SeekFrom::Start(0)).is_err() || events.read_to_string(&mut text).is_err() {
+            return false;
+        }
+        if text.lines().any(|l| l.trim() == "populated 0") {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd: events.as_raw_fd(),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: poll of one valid pollfd; EINTR only loops.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+}
+
 pub fn oom_kills(cgroup: &Path) -> u64 {
     std::fs::read_to_string(cgroup.join("memory.events"))
         .unwrap_or_default()
