@@ -295,3 +295,49 @@ pub fn oom_kills(cgroup: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_empty_wakes_when_the_last_process_leaves() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mount = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| std::path::PathBuf::from(f[1]))
+            .expect("this test needs a cgroup2 mount (and root)");
+        let cg = mount.join(format!("husk-agent-wait-empty-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&cg);
+        std::fs::create_dir(&cg).expect("making a test cgroup (root needed)");
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let short = std::time::Duration::from_millis(200);
+        let t = std::time::Instant::now();
+        assert!(
+            !wait_empty(&cg, short),
+            "a cgroup with a process is not empty"
+        );
+        assert!(t.elapsed() >= short);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        });
+        let t = std::time::Instant::now();
+        let emptied = wait_empty(&cg, std::time::Duration::from_secs(20));
+        let took = t.elapsed();
+        killer.join().unwrap();
+        let removed = std::fs::remove_dir(&cg);
+        assert!(emptied, "no notification within 20s");
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+        removed.unwrap();
+        // A cgroup that is not there cannot be waited for.
+        assert!(!wait_empty(&cg, short));
+    }
+}
