@@ -394,7 +394,7 @@ fn wait_exit_or_timeout(pid: libc::pid_t, timeout_secs: u32) -> Waited {
         };
         // SAFETY: clock_gettime into a valid timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000
+        ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
     };
     let deadline = now_ms() + i64::from(timeout_secs) * 1000;
     let exited = loop {

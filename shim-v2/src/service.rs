@@ -658,7 +658,6 @@ impl Inner {
             if let Some(reason) = pod.check() {
                 log::warn!("VM {} died: {reason}", pod.dir.display());
                 inner.vm_gone(&pod);
-                return;
             }
         });
     }
