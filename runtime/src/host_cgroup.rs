@@ -271,11 +271,23 @@ impl HostCgroup {
 
 /// Waits up to `timeout` for a cgroup v2 directory to hold no process
 /// (`populated 0` in its cgroup.events), woken by the kernel's POLLPRI on
-/// that file. Returns at once for a v1 directory (no such file).
-fn wait_empty(dir: &Path, timeout: std::time::Duration) -> bool {
+/// that file. Returns at once for a v1 directory (no such file) and for a
+/// parent of other cgroups (whose processes are not ours to wait for, and
+/// which rmdir refuses anyway).
+pub fn wait_empty(dir: &Path, timeout: std::time::Duration) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::io::{Read, Seek, SeekFrom};
     use std::os::fd::AsFd;
+    let has_children = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        })
+        .unwrap_or(false);
+    if has_children {
+        return false;
+    }
     let Ok(mut events) = std::fs::File::open(dir.join("cgroup.events")) else {
         return false;
     };
@@ -354,6 +366,26 @@ mod tests {
             "{took:?}"
         );
         removed.unwrap();
+        // A parent of another cgroup with a process: no wait.
+        let parent = v2.join(format!("husk-host-wait-parent-{}", std::process::id()));
+        let inner = parent.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        std::fs::write(inner.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let t = std::time::Instant::now();
+        let waited = wait_empty(&parent, std::time::Duration::from_secs(5));
+        let took = t.elapsed();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = std::fs::remove_dir(&inner);
+        let _ = std::fs::remove_dir(&parent);
+        assert!(
+            !waited && took < std::time::Duration::from_secs(1),
+            "{took:?}"
+        );
         // No cgroup.events (a v1 hierarchy's directory, or none): no wait.
         let t = std::time::Instant::now();
         assert!(!wait_empty(
