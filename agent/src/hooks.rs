@@ -270,13 +270,35 @@ unsafe fn run_one(hook: &GuestHook, state_head: &[u8], diag: libc::c_int) -> boo
         libc::close(write_end);
         libc::signal(libc::SIGPIPE, old);
     }
-    // Poll for the exit: the child has no timers or threads to wait with.
-    let step_ms = 5;
-    let mut waited_ms: u64 = 0;
+    // Wait for the exit on the hook's pidfd, up to its timeout: poll(2),
+    // the one wait with a timeout this child (no threads, no timers, raw
+    // syscalls only) has.
     let mut status = 0;
+    let waited = wait_exit_or_timeout(pid, hook.timeout_secs);
+    if waited != Waited::Exited {
+        // SAFETY: kill and reap our own child, then report.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            while libc::waitpid(pid, &mut status, 0) < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
+            if waited == Waited::TimedOut {
+                report(
+                    diag,
+                    hook,
+                    b"killed after its timeout of ",
+                    Some(u64::from(hook.timeout_secs)),
+                    b"s",
+                );
+            } else {
+                report(diag, hook, b"cannot wait for it", None, b"");
+            }
+        }
+        return false;
+    }
     loop {
-        // SAFETY: waitpid of our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        // SAFETY: waitpid of our own child, which has exited.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         if r == pid {
             break;
         }
@@ -285,28 +307,6 @@ unsafe fn run_one(hook: &GuestHook, state_head: &[u8], diag: libc::c_int) -> boo
             unsafe { report(diag, hook, b"cannot wait for it", None, b"") };
             return false;
         }
-        if hook.timeout_secs > 0 && waited_ms >= u64::from(hook.timeout_secs) * 1000 {
-            // SAFETY: kill and reap our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-                report(
-                    diag,
-                    hook,
-                    b"killed after its timeout of ",
-                    Some(u64::from(hook.timeout_secs)),
-                    b"s",
-                );
-            }
-            return false;
-        }
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: step_ms * 1_000_000,
-        };
-        // SAFETY: nanosleep with a valid timespec.
-        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
-        waited_ms += step_ms as u64;
     }
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
         return true;
@@ -368,6 +368,63 @@ unsafe fn run_list(list: &[GuestHook], head: &[u8], diag: libc::c_int) -> std::i
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// Exited, not yet reaped.
+    Exited,
+    TimedOut,
+    /// No pidfd, or poll failed.
+    Failed,
+}
+
+/// Waits for child `pid` to exit, up to `timeout_secs` (0: no timeout).
+/// Async-signal-safe: pidfd_open, poll, clock_gettime and close, no
+/// allocation.
+fn wait_exit_or_timeout(pid: libc::pid_t, timeout_secs: u32) -> Waited {
+    // SAFETY: pidfd_open of our own child, not yet reaped.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if pidfd < 0 {
+        return Waited::Failed;
+    }
+    let pidfd = pidfd as i32;
+    let now_ms = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime into a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
+    };
+    let deadline = now_ms() + i64::from(timeout_secs) * 1000;
+    let exited = loop {
+        let wait_ms = if timeout_secs == 0 {
+            -1
+        } else {
+            (deadline - now_ms()).clamp(0, i64::from(i32::MAX)) as i32
+        };
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll of one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        if r > 0 {
+            break Waited::Exited;
+        }
+        if r == 0 {
+            break Waited::TimedOut;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break Waited::Failed;
+        }
+    };
+    // SAFETY: closing the pidfd opened above.
+    unsafe { libc::close(pidfd) };
+    exited
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +437,30 @@ mod tests {
         });
         v["hooks"] = hooks;
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_hook_wait_ends_at_the_exit_or_the_timeout() {
+        let reap = |c: &mut std::process::Child| c.wait().unwrap();
+        let mut quick = std::process::Command::new("/bin/sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(wait_exit_or_timeout(quick.id() as i32, 30), Waited::Exited);
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        assert_eq!(reap(&mut quick).code(), Some(3));
+        let mut slow = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(wait_exit_or_timeout(slow.id() as i32, 1), Waited::TimedOut);
+        assert!(t.elapsed() >= std::time::Duration::from_secs(1));
+        slow.kill().unwrap();
+        reap(&mut slow);
+        // No such child: no pidfd.
+        assert_eq!(wait_exit_or_timeout(i32::MAX, 1), Waited::Failed);
     }
 
     #[test]

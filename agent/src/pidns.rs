@@ -80,14 +80,25 @@ pub unsafe fn holder_main() -> ! {
     unsafe {
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
         libc::prctl(libc::PR_SET_NAME, c"husk-pidns-init".as_ptr());
+        // Woken by SIGCHLD, kept blocked so that it stays pending (a
+        // namespace's init would otherwise discard it) and is taken with
+        // rt_sigtimedwait; a SIGCHLD that comes while reaping is still
+        // pending at the next wait.
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
         loop {
             let mut status = 0;
             while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
-            let ts = libc::timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            };
-            libc::nanosleep(&ts, std::ptr::null_mut());
+            // The kernel's sigset is 8 bytes (64 signals).
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                &chld as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::siginfo_t>(),
+                std::ptr::null::<libc::timespec>(),
+                8usize,
+            );
         }
     }
 }

@@ -197,17 +197,34 @@ mod tests {
         assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
         let r = Arc::clone(&reaper);
         let reaping = std::thread::spawn(move || r.reap_all());
-        // The child is a zombie before it is tracked: the race.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while proc_state(pid) != Some('Z') {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "child {pid} did not exit: state {:?}",
-                proc_state(pid)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        // The reaper waits for the guard: the zombie is still unreaped.
+        // The child is a zombie before it is tracked: the race. Its pidfd
+        // is readable once it has exited.
+        // SAFETY: pidfd_open of our child, not reaped (the reaper waits for
+        // the guard).
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) } as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll of one valid pollfd, then closing the pidfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        // SAFETY: closing the pidfd opened above.
+        unsafe { libc::close(pidfd) };
+        assert_eq!(
+            ready,
+            1,
+            "child {pid} did not exit: state {:?}",
+            proc_state(pid)
+        );
+        assert_eq!(proc_state(pid), Some('Z'));
+        // The reaper waits for the guard: the zombie is still unreaped. (A
+        // real wait: giving a wrong reaper the time to do wrong.)
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(proc_state(pid), Some('Z'), "reaped under the spawn guard");
         reaper.track(pid);

@@ -282,7 +282,9 @@ impl Agent for AgentService {
     }
 
     fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
-        // Answer first; the VM ends right after.
+        // Answer first; the VM ends right after. The pause is a grace for
+        // the reply to leave (ttrpc sends it after this returns, with no
+        // event to wait on), not a poll.
         std::thread::spawn(|| {
             std::thread::sleep(std::time::Duration::from_millis(20));
             power::power_off();

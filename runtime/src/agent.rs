@@ -287,6 +287,9 @@ impl AgentClient {
                     if Instant::now() >= deadline {
                         return Err(AgentError::NotReady(timeout, e.to_string()));
                     }
+                    // A retry backoff, not a poll: the agent has announced
+                    // itself, and a refused CONNECT gives no event to wait
+                    // for (the VM's death is checked by `alive` each round).
                     std::thread::sleep(Duration::from_millis(3));
                 }
                 Err(e) => return Err(e),

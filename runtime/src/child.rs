@@ -3,13 +3,18 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::event::PidFd;
 
 /// A named child process that is killed when dropped.
 #[derive(Debug)]
 pub struct HelperProcess {
     pub name: &'static str,
     child: Child,
+    /// Readable once the process exits: what waits on it, here and in
+    /// other threads (see `pidfd`), instead of polling.
+    pidfd: PidFd,
     exited: Option<ExitStatus>,
 }
 
@@ -50,15 +55,33 @@ impl HelperProcess {
                 Ok(())
             });
         }
+        let mut child = cmd.spawn()?;
+        // Not yet reaped, so the pid is still this child's.
+        let pidfd = match PidFd::open(child.id()) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::io::Error::other(e));
+            }
+        };
         Ok(HelperProcess {
             name,
-            child: cmd.spawn()?,
+            child,
+            pidfd,
             exited: None,
         })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The process's pidfd (readable once it has exited), to wait on
+    /// together with other events; `PidFd::try_clone` gives another thread
+    /// its own.
+    pub fn pidfd(&self) -> &PidFd {
+        &self.pidfd
     }
 
     /// The exit status if the process has ended.
@@ -71,16 +94,14 @@ impl HelperProcess {
 
     /// Waits up to `timeout` for the process to end on its own.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if let Some(s) = self.try_wait() {
+            return Some(s);
         }
+        // A failed poll counts as "not yet": the caller kills on None.
+        if self.pidfd.wait_timeout(timeout).unwrap_or(false) {
+            return self.try_wait();
+        }
+        None
     }
 
     /// Asks the process to stop (SIGTERM), then kills it after `grace`.

@@ -12,6 +12,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
+use crate::event::Flag;
+
 /// The cap of `console.log` (and of `console.log.1`).
 pub const CONSOLE_CAP: u64 = 1 << 20;
 
@@ -20,6 +22,8 @@ pub struct ConsoleLog {
     fifo: PathBuf,
     stop: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    /// Raised by the thread once the marker it was given passes through.
+    marker_seen: Flag,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +36,14 @@ pub struct ConsoleError {
 impl ConsoleLog {
     /// Makes the FIFO `fifo` (the path to give the VMM as its console) and
     /// starts copying what arrives there into `log`, capped at `cap` bytes.
-    pub fn start(fifo: &Path, log: &Path, cap: u64) -> Result<ConsoleLog, ConsoleError> {
+    /// The copy raises `marker_seen` when `marker` (non-empty) passes
+    /// through: the event the boot waits for, with no rereading of the log.
+    pub fn start(
+        fifo: &Path,
+        log: &Path,
+        cap: u64,
+        marker: &'static str,
+    ) -> Result<ConsoleLog, ConsoleError> {
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ConsoleError { path, source }
@@ -50,16 +61,29 @@ impl ConsoleLog {
         let out = open_log(log).map_err(err(log))?;
         let (stop_r, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| err(fifo)(e.into()))?;
+        let flag_err = |e: crate::event::EventError| err(fifo)(std::io::Error::other(e));
+        let marker_seen = Flag::new().map_err(flag_err)?;
+        let scan = MarkerScan {
+            marker: marker.as_bytes(),
+            tail: Vec::new(),
+            seen: marker_seen.try_clone().map_err(flag_err)?,
+        };
         let log = log.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("console".into())
-            .spawn(move || copy(reader, stop_r, out, &log, cap))
+            .spawn(move || copy(reader, stop_r, out, &log, cap, scan))
             .map_err(err(fifo))?;
         Ok(ConsoleLog {
             fifo: fifo.to_path_buf(),
             stop: Some(stop_w),
             thread: Some(thread),
+            marker_seen,
         })
+    }
+
+    /// Raised (readable) once the marker has passed through the console.
+    pub fn marker_seen(&self) -> &Flag {
+        &self.marker_seen
     }
 
     /// The path the VMM writes the console to.
@@ -83,6 +107,43 @@ impl Drop for ConsoleLog {
     }
 }
 
+/// Looks for a marker in the copied stream, across chunk boundaries, in a
+/// buffer bounded by the marker's length (whatever the guest writes).
+struct MarkerScan {
+    marker: &'static [u8],
+    /// The end of what came before, short enough to hold a split marker.
+    tail: Vec<u8>,
+    seen: Flag,
+}
+
+impl MarkerScan {
+    fn feed(&mut self, chunk: &[u8]) {
+        let m = self.marker;
+        if m.is_empty() {
+            return;
+        }
+        let head = &chunk[..chunk.len().min(m.len().saturating_sub(1))];
+        self.tail.extend_from_slice(head);
+        let found =
+            self.tail.windows(m.len()).any(|w| w == m) || chunk.windows(m.len()).any(|w| w == m);
+        if found {
+            self.seen.raise();
+            // Seen once is enough: scan no more.
+            self.marker = b"";
+            self.tail = Vec::new();
+            return;
+        }
+        let keep = m.len() - 1;
+        if chunk.len() >= keep {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
+        } else {
+            let drop = self.tail.len().saturating_sub(keep);
+            self.tail.drain(..drop);
+        }
+    }
+}
+
 fn open_log(log: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -94,7 +155,14 @@ fn open_log(log: &Path) -> std::io::Result<std::fs::File> {
 /// The thread: poll the FIFO and the stop pipe; copy in fixed chunks;
 /// rotate at the cap. Errors writing the log drop the bytes (the guest must
 /// never block on the host's disk), they never stop the copy.
-fn copy(reader: std::fs::File, stop: OwnedFd, mut out: std::fs::File, log: &Path, cap: u64) {
+fn copy(
+    reader: std::fs::File,
+    stop: OwnedFd,
+    mut out: std::fs::File,
+    log: &Path,
+    cap: u64,
+    mut scan: MarkerScan,
+) {
     use std::io::Read;
     let mut buf = vec![0u8; 64 << 10];
     let mut written = out.metadata().map(|m| m.len()).unwrap_or(0);
@@ -126,6 +194,7 @@ fn copy(reader: std::fs::File, stop: OwnedFd, mut out: std::fs::File, log: &Path
             match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    scan.feed(&buf[..n]);
                     if written >= cap {
                         let _ = std::fs::rename(log, log.with_extension("log.1"));
                         // If the new file cannot be made, go on appending to
@@ -163,7 +232,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (fifo, log) = (dir.join("console.fifo"), dir.join("console.log"));
-        let mut console = ConsoleLog::start(&fifo, &log, 64 << 10).unwrap();
+        let mut console = ConsoleLog::start(&fifo, &log, 64 << 10, "the last").unwrap();
+        assert!(!console.marker_seen().is_raised());
         {
             let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
             let line = [b'x'; 1023];
@@ -174,6 +244,7 @@ mod tests {
             w.write_all(b"the last line\n").unwrap();
         }
         console.stop();
+        assert!(console.marker_seen().is_raised());
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         // 4 MiB written; at most the cap (plus one chunk) in each file.
         assert!(size(&log) <= (64 << 10) + (64 << 10), "{}", size(&log));
@@ -184,6 +255,48 @@ mod tests {
             size(&rotated)
         );
         assert_eq!(crate::backends::log_tail(&log), "the last line");
+        assert!(!fifo.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_marker_is_found_across_chunks_and_only_whole() {
+        let scan = |chunks: &[&[u8]]| {
+            let mut s = MarkerScan {
+                marker: b"husk-agent: ready",
+                tail: Vec::new(),
+                seen: Flag::new().unwrap(),
+            };
+            for c in chunks {
+                s.feed(c);
+                assert!(s.tail.len() < 17);
+            }
+            s.seen.is_raised()
+        };
+        assert!(scan(&[b"boot\nhusk-agent: ready boottime_ns=1\n"]));
+        assert!(scan(&[b"xx husk-ag", b"ent: re", b"ady"]));
+        assert!(scan(&[b"h", b"u", b"s", b"k", b"-agent:", b" ", b"ready"]));
+        assert!(scan(&[&[b'x'; 70000], b"husk-agent: rea", b"dy"]));
+        assert!(!scan(&[b"husk-agent: rea", b"", b"Dy"]));
+        assert!(!scan(&[b"husk-agent: rea", &[b'x'; 100], b"dy"]));
+        assert!(!scan(&[b"husk-agent:", b" not ready"]));
+    }
+
+    #[test]
+    fn no_marker_no_flag() {
+        let dir = std::env::temp_dir().join(format!("husk-console-nm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (fifo, log) = (dir.join("console.fifo"), dir.join("console.log"));
+        let mut console = ConsoleLog::start(&fifo, &log, 64 << 10, "").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .unwrap()
+            .write_all(b"anything\n")
+            .unwrap();
+        console.stop();
+        assert!(!console.marker_seen().is_raised());
         assert!(!fifo.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -255,6 +255,9 @@ impl HostCgroup {
         self.created
             .sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for dir in self.created.drain(..) {
+            // cgroup v2 says when the cgroup empties (cgroup.events); v1
+            // has no such notification, so there a removal is retried.
+            wait_empty(&dir, std::time::Duration::from_secs(1));
             for _ in 0..100 {
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => break,
@@ -263,6 +266,49 @@ impl HostCgroup {
                 }
             }
         }
+    }
+}
+
+/// Waits up to `timeout` for a cgroup v2 directory to hold no process
+/// (`populated 0` in its cgroup.events), woken by the kernel's POLLPRI on
+/// that file. Returns at once for a v1 directory (no such file) and for a
+/// parent of other cgroups (whose processes are not ours to wait for, and
+/// which rmdir refuses anyway).
+pub fn wait_empty(dir: &Path, timeout: std::time::Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsFd;
+    let has_children = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        })
+        .unwrap_or(false);
+    if has_children {
+        return false;
+    }
+    let Ok(mut events) = std::fs::File::open(dir.join("cgroup.events")) else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // Reading from the start also re-arms the notification.
+        let mut text = String::new();
+        if events.seek(SeekFrom::Start(0)).is_err() || events.read_to_string(&mut text).is_err() {
+            return false;
+        }
+        if text.lines().any(|l| l.trim() == "populated 0") {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = PollTimeout::try_from(left.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(events.as_fd(), PollFlags::POLLPRI)];
+        // EINTR or a wake-up: look again.
+        let _ = nix::poll::poll(&mut fds, ms);
     }
 }
 
@@ -279,6 +325,71 @@ pub use husk_protocol::resources::shares_to_weight;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_v2_cgroup_wait_wakes_when_it_empties_and_a_v1_one_returns_at_once() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mount_of = |kind: &str| {
+            mounts
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[2] == kind)
+                .map(|f| PathBuf::from(f[1]))
+        };
+        let v2 = mount_of("cgroup2").expect("this test needs a cgroup2 mount (and root)");
+        let cg = v2.join(format!("husk-host-wait-empty-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&cg);
+        std::fs::create_dir(&cg).expect("making a test cgroup (root needed)");
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let short = std::time::Duration::from_millis(100);
+        assert!(!wait_empty(&cg, short));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        });
+        let t = std::time::Instant::now();
+        let emptied = wait_empty(&cg, std::time::Duration::from_secs(20));
+        let took = t.elapsed();
+        killer.join().unwrap();
+        let removed = std::fs::remove_dir(&cg);
+        assert!(
+            emptied && took < std::time::Duration::from_secs(5),
+            "{took:?}"
+        );
+        removed.unwrap();
+        // A parent of another cgroup with a process: no wait.
+        let parent = v2.join(format!("husk-host-wait-parent-{}", std::process::id()));
+        let inner = parent.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        std::fs::write(inner.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let t = std::time::Instant::now();
+        let waited = wait_empty(&parent, std::time::Duration::from_secs(5));
+        let took = t.elapsed();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = std::fs::remove_dir(&inner);
+        let _ = std::fs::remove_dir(&parent);
+        assert!(
+            !waited && took < std::time::Duration::from_secs(1),
+            "{took:?}"
+        );
+        // No cgroup.events (a v1 hierarchy's directory, or none): no wait.
+        let t = std::time::Instant::now();
+        assert!(!wait_empty(
+            Path::new("/proc"),
+            std::time::Duration::from_secs(5)
+        ));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    }
+
     use super::*;
 
     #[test]

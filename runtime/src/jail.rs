@@ -19,7 +19,9 @@
 //! `jail_uid_count`), one per sandbox, claimed by an exclusive flock on
 //! `<claims>/<uid>` that the sandbox's owner holds (see [`JailId`]).
 
+use crate::event::PidFd;
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -274,7 +276,16 @@ pub fn kill_uid(uid: u32) -> Result<(), JailError> {
                 "still running: {live:?}"
             ))));
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Wait for the exits of the processes found (a pidfd each; one that
+        // is gone already cannot be opened and is not waited for), then
+        // sweep again for any forked meanwhile. A pid reused by another
+        // process in between only delays this to the deadline.
+        let pidfds: Vec<PidFd> = live
+            .iter()
+            .filter_map(|pid| PidFd::open(*pid as u32).ok())
+            .collect();
+        let fds: Vec<_> = pidfds.iter().map(|p| p.as_fd()).collect();
+        crate::event::wait_all(&fds, Some(deadline)).map_err(|e| err(std::io::Error::other(e)))?;
     }
 }
 
@@ -1243,19 +1254,16 @@ tried("open-existing", lambda: os.close(os.open("plain", os.O_RDONLY | 0o4000)))
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "{text}");
         let left: i32 = text.trim().parse().expect("pid");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let alive = |pid: i32| {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .map(|s| !s.contains("State:\tZ"))
-                .unwrap_or(false)
-        };
-        assert!(alive(left), "the sleeper did not start");
+        // Forked before its pid was printed: it exists now.
+        let sleeper = PidFd::open(left as u32).expect("the sleeper did not start");
+        assert!(!sleeper.has_exited().unwrap(), "the sleeper did not start");
         kill_uid(uid).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while alive(left) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(!alive(left), "process {left} of uid {uid} survived");
+        assert!(
+            sleeper
+                .wait_timeout(std::time::Duration::from_secs(5))
+                .unwrap(),
+            "process {left} of uid {uid} survived"
+        );
         // Nothing of that uid: a second sweep finds none at once.
         kill_uid(uid).unwrap();
     }

@@ -11,6 +11,7 @@ pub mod backends;
 pub mod child;
 pub mod config;
 pub mod console;
+pub mod event;
 pub mod host_cgroup;
 pub mod hypervisor;
 pub mod jail;

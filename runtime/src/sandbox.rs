@@ -15,6 +15,7 @@ use crate::backends::{
 use crate::child::{describe, HelperProcess};
 use crate::config::Config;
 use crate::console::ConsoleLog;
+use crate::event::{EventError, Flag, PidFd};
 use crate::hypervisor::{self, HypervisorError, VmConfig};
 use crate::jail::JailRoot;
 use crate::share::{ReadOnly, Share};
@@ -80,6 +81,8 @@ pub enum SandboxError {
     Jail(#[from] crate::jail::JailError),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+    #[error(transparent)]
+    Event(#[from] EventError),
 }
 
 /// The part of starting a sandbox that failed, named in a boot's error.
@@ -145,7 +148,8 @@ impl SandboxError {
             | SandboxError::Cleanup { .. }
             | SandboxError::Share(_)
             | SandboxError::Jail(_)
-            | SandboxError::Console(_) => Code::INTERNAL,
+            | SandboxError::Console(_)
+            | SandboxError::Event(_) => Code::INTERNAL,
         }
     }
 }
@@ -276,7 +280,71 @@ pub struct Sandbox {
     agent: Option<AgentClient>,
     pub timings: Timings,
     console_log: PathBuf,
+    /// Raised when the sandbox is torn down: ends the waits of its
+    /// `DeathWatch`es.
+    teardown: Flag,
     cleaned: bool,
+}
+
+/// Which component of a sandbox died (see `DeathWatch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentDeath {
+    pub name: &'static str,
+    pub pid: u32,
+}
+
+/// Learns of the death of a sandbox's VMM or device backends without the
+/// sandbox: it owns its own pidfds of them, so a thread can block on it
+/// while others hold (or tear down) the sandbox.
+#[derive(Debug)]
+pub struct DeathWatch {
+    components: Vec<(&'static str, PidFd)>,
+    /// Which deaths were reported: each is reported once, so a caller that
+    /// waits again waits for the others (a pidfd stays readable).
+    reported: Vec<std::sync::atomic::AtomicBool>,
+    teardown: Flag,
+}
+
+impl DeathWatch {
+    /// Blocks until a component dies (Some; `Sandbox::check_components`
+    /// then has its status and logs at once) or the sandbox is torn down
+    /// (None: a component that dies then is being stopped). Each death is
+    /// reported once.
+    pub fn wait(&self) -> Result<Option<ComponentDeath>, EventError> {
+        self.wait_until(None)
+    }
+
+    /// As `wait`, but also None once `deadline` passes.
+    pub fn wait_until(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<ComponentDeath>, EventError> {
+        use std::os::fd::AsFd;
+        use std::sync::atomic::Ordering;
+        let mut fds = vec![self.teardown.as_fd()];
+        let mut which = Vec::new();
+        for (i, (_, pidfd)) in self.components.iter().enumerate() {
+            if !self.reported[i].load(Ordering::Relaxed) {
+                fds.push(pidfd.as_fd());
+                which.push(i);
+            }
+        }
+        Ok(match crate::event::wait_any(&fds, deadline)? {
+            Some(f) if f > 0 => {
+                let i = which[f - 1];
+                if self.reported[i].swap(true, Ordering::Relaxed) {
+                    // Another thread reported this one meanwhile.
+                    return self.wait_until(deadline);
+                }
+                let (name, pidfd) = &self.components[i];
+                Some(ComponentDeath {
+                    name,
+                    pid: pidfd.pid(),
+                })
+            }
+            _ => None,
+        })
+    }
 }
 
 /// The longest socket name in a sandbox directory.
@@ -413,6 +481,7 @@ impl Sandbox {
             agent: None,
             timings: Timings::default(),
             console_log: dir.join("console.log"),
+            teardown: Flag::new()?,
             cleaned: false,
         };
         // From here on, dropping `sandbox` cleans up whatever was made.
@@ -462,6 +531,7 @@ impl Sandbox {
             &dir.join("console.fifo"),
             &sandbox.console_log,
             crate::console::CONSOLE_CAP,
+            READY_MARKER,
         )?;
         let console_fifo = console.fifo().to_path_buf();
         sandbox.console = Some(console);
@@ -488,13 +558,7 @@ impl Sandbox {
         // guest driver set up its queues, and then answers no CONNECT again:
         // connect only once the agent has announced itself on the console
         // (it listens on vsock by then, so its driver is up).
-        {
-            let console = sandbox.console_log.clone();
-            let sb = &mut sandbox;
-            wait_for_marker(&console, READY_MARKER, timeout, || {
-                sb.check_components().map_err(|e| e.to_string())
-            })?;
-        }
+        sandbox.wait_for_ready(timeout)?;
         let agent = {
             let sb = &mut sandbox;
             AgentClient::connect(&uds, timeout, || {
@@ -598,14 +662,73 @@ impl Sandbox {
     /// Turns an agent error into the cause the user needs: a dead component
     /// explains a failed RPC better than the RPC error does.
     pub fn explain(&mut self, e: AgentError) -> SandboxError {
-        // A VMM killed mid-call may need a moment to be reapable.
-        for _ in 0..50 {
-            if let Err(dead) = self.check_components() {
-                return dead;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        // A VMM killed mid-call may exit a moment after the call failed:
+        // wait a little for a death (woken by it at once).
+        if let Ok(watch) = self.death_watch() {
+            let _ = watch.wait_until(Some(Instant::now() + Duration::from_millis(100)));
+        }
+        if let Err(dead) = self.check_components() {
+            return dead;
         }
         SandboxError::Agent(e)
+    }
+
+    /// A watch on the death of the VMM and the backends running now, for a
+    /// thread that does not hold the sandbox (see `DeathWatch`).
+    pub fn death_watch(&self) -> Result<DeathWatch, SandboxError> {
+        let mut components = Vec::new();
+        let procs = [
+            self.vm.as_ref(),
+            self.fs.as_ref().map(|f| &f.process),
+            self.vsock.as_ref().map(|v| &v.process),
+        ];
+        for p in procs.into_iter().flatten() {
+            components.push((p.name, p.pidfd().try_clone()?));
+        }
+        Ok(DeathWatch {
+            reported: components.iter().map(|_| Default::default()).collect(),
+            components,
+            teardown: self.teardown.try_clone()?,
+        })
+    }
+
+    /// Waits for the agent's ready line on the console (raised by the
+    /// console's copy) or the death of the VMM or a backend, whichever
+    /// comes first, up to `timeout`.
+    fn wait_for_ready(&mut self, timeout: Duration) -> Result<(), SandboxError> {
+        use std::os::fd::AsFd;
+        let deadline = Instant::now() + timeout;
+        let watch = self.death_watch()?;
+        let Some(console) = self.console.as_ref() else {
+            return Err(SandboxError::AgentNotStarted {
+                timeout,
+                console: "(no console)".into(),
+            });
+        };
+        let ready = console.marker_seen().try_clone()?;
+        let mut fds = vec![ready.as_fd()];
+        fds.extend(watch.components.iter().map(|(_, p)| p.as_fd()));
+        let woken = crate::event::wait_any(&fds, Some(deadline))?;
+        if woken == Some(0) {
+            return Ok(());
+        }
+        self.check_components()
+            .map_err(|e| SandboxError::Agent(AgentError::Aborted(e.to_string())))?;
+        // Woken by a death not yet reapable is not expected (a pidfd is
+        // readable once the process has exited): report what was seen.
+        match woken {
+            Some(i) => {
+                let (name, pidfd) = &watch.components[i - 1];
+                Err(SandboxError::Agent(AgentError::Aborted(format!(
+                    "{name} (pid {}) exited",
+                    pidfd.pid()
+                ))))
+            }
+            None => Err(SandboxError::AgentNotStarted {
+                timeout,
+                console: log_tail(&self.console_log),
+            }),
+        }
     }
 
     /// Claims this sandbox's jail uid and makes the directory its jailed
@@ -801,6 +924,7 @@ impl Sandbox {
     /// long the shutdown took.
     pub fn shutdown(mut self) -> Result<Duration, SandboxError> {
         let t = Instant::now();
+        self.teardown.raise();
         if let Some(agent) = &self.agent {
             // A guest that is already gone is not an error at shutdown.
             let _ = agent.shutdown();
@@ -822,6 +946,7 @@ impl Sandbox {
             return Ok(());
         }
         self.cleaned = true;
+        self.teardown.raise();
         self.agent = None;
         if let Some(mut vm) = self.vm.take() {
             vm.stop(Duration::from_millis(500));
@@ -949,49 +1074,6 @@ fn pump_out(mut stream: UnixStream, mut output: Box<dyn Write + Send>) {
 /// The line the agent writes to the console once it serves (boot marker).
 pub const READY_MARKER: &str = "husk-agent: ready";
 
-/// Waits until `marker` appears in the console log, while `alive` holds.
-fn wait_for_marker(
-    console: &Path,
-    marker: &str,
-    timeout: Duration,
-    mut alive: impl FnMut() -> Result<(), String>,
-) -> Result<(), SandboxError> {
-    use std::io::{Seek, SeekFrom};
-    let deadline = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    let mut offset = 0u64;
-    loop {
-        if let Ok(mut f) = std::fs::File::open(console) {
-            // A console that reached its cap starts a new file.
-            if f.metadata().is_ok_and(|m| m.len() < offset) {
-                offset = 0;
-            }
-            if f.seek(SeekFrom::Start(offset)).is_ok() {
-                let mut chunk = Vec::new();
-                if let Ok(n) = f.read_to_end(&mut chunk) {
-                    offset += n as u64;
-                    seen.extend_from_slice(&chunk);
-                    if seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
-                        return Ok(());
-                    }
-                    // Keep only a tail long enough to hold a split marker.
-                    if seen.len() > 4096 {
-                        seen.drain(..seen.len() - marker.len());
-                    }
-                }
-            }
-        }
-        alive().map_err(|e| SandboxError::Agent(AgentError::Aborted(e)))?;
-        if Instant::now() >= deadline {
-            return Err(SandboxError::AgentNotStarted {
-                timeout,
-                console: log_tail(console),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// Removes what the jail of the sandbox at `dir` left when its owner died
 /// without cleaning up (a crashed monitor or shim): the backend's directory
 /// `<JAIL_ROOT>/<uid>` (named by the `vsock.sock` link) and the uid claim,
@@ -1095,6 +1177,46 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_death_watch_reports_each_death_once_and_ends_at_teardown() {
+        use crate::event::{Flag, PidFd};
+        let spawn = |script: &str| {
+            std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap()
+        };
+        let (mut quick, mut slow) = (spawn("sleep 0.1"), spawn("sleep 30"));
+        let teardown = Flag::new().unwrap();
+        let watch = DeathWatch {
+            components: vec![
+                ("quick", PidFd::open(quick.id()).unwrap()),
+                ("slow", PidFd::open(slow.id()).unwrap()),
+            ],
+            reported: vec![Default::default(), Default::default()],
+            teardown: teardown.try_clone().unwrap(),
+        };
+        // Sent to another thread, which blocks until the first death.
+        let waiter = std::thread::spawn(move || (watch.wait().unwrap(), watch));
+        let (died, watch) = waiter.join().unwrap();
+        assert_eq!(
+            died,
+            Some(ComponentDeath {
+                name: "quick",
+                pid: quick.id()
+            })
+        );
+        // Reported once: waiting again waits for the other.
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(watch.wait_until(Some(soon)).unwrap(), None);
+        assert!(Instant::now() >= soon);
+        teardown.raise();
+        assert_eq!(watch.wait().unwrap(), None);
+        let _ = slow.kill();
+        let _ = slow.wait();
+        let _ = quick.wait();
+    }
     use super::*;
 
     #[test]

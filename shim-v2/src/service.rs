@@ -638,8 +638,23 @@ impl Inner {
     /// ended.
     fn spawn_monitor(self: &Arc<Self>, pod: Arc<Pod>) {
         let inner = Arc::downgrade(self);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(250));
+        let watch = match pod
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(sb) => sb.death_watch(),
+            None => return,
+        };
+        std::thread::spawn(move || {
+            // Blocks until a component dies (then looks once) or the
+            // sandbox is torn down.
+            match watch {
+                Ok(w) if matches!(w.wait(), Ok(Some(_))) => {}
+                Ok(_) => return,
+                Err(e) => return log::error!("VM {}: cannot watch it: {e}", pod.dir.display()),
+            }
             let Some(inner) = inner.upgrade() else { return };
             if pod
                 .sandbox
@@ -652,7 +667,6 @@ impl Inner {
             if let Some(reason) = pod.check() {
                 log::warn!("VM {} died: {reason}", pod.dir.display());
                 inner.vm_gone(&pod);
-                return;
             }
         });
     }

@@ -100,6 +100,8 @@ fn remove_host_cgroup(dirs: &[PathBuf]) {
         .collect();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     for dir in dirs {
+        // Woken when a v2 cgroup empties; v1 has no notification: retried.
+        husk_runtime::host_cgroup::wait_empty(dir, std::time::Duration::from_secs(2));
         for _ in 0..200 {
             match std::fs::remove_dir(dir) {
                 Ok(()) => break,

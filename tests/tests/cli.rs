@@ -1157,6 +1157,60 @@ fn a_crashed_monitor_shows_stopped_and_delete_cleans_up() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
+/// A device backend's death while the guest runs on: no call into the VM
+/// fails (the container only sleeps), so only the monitor's watch on the
+/// helpers' pidfds can see it. The container ends, `husk run` names the
+/// dead helper, and nothing is left.
+#[test]
+fn a_dead_backend_ends_the_container_and_run_names_it() {
+    let dir = TestDir::new("backenddeath");
+    let root = dir.state_root();
+    let b = bundle_with(&dir, "b", default_spec(&["sleep", "600"]));
+    let run = {
+        let (root, b) = (root.clone(), b.clone());
+        std::thread::spawn(move || husk(&root, &["run", "-b", s(&b), "bdeath"]))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let running = || {
+        let out = husk(&root, &["state", "bdeath"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["status"] == "running")
+    };
+    while !running() {
+        assert!(
+            std::time::Instant::now() < deadline && !run.is_finished(),
+            "the container did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let fs = pid_of(&dir.path, "virtiofsd").expect("virtiofsd pid");
+    // SAFETY: kill(2) of the virtiofsd this test's container started.
+    unsafe { libc::kill(fs, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    while !run.is_finished() {
+        if killed.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = husk(&root, &["delete", "-f", "bdeath"]);
+            panic!("husk run did not end within 30s of its backend's death");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!("husk run ended {:?} after virtiofsd died", killed.elapsed());
+    let out = run.join().expect("husk run thread");
+    assert!(
+        !out.status.success(),
+        "husk run succeeded: {}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    eprintln!("husk run: {err}");
+    assert!(
+        err.contains("virtiofsd") && err.contains("killed by signal 9"),
+        "the cause is not named: {err}"
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
 #[test]
 fn the_memory_limit_sizes_the_vm_and_the_container_cgroup() {
     let dir = TestDir::new("sizing");

@@ -249,6 +249,41 @@ pub fn kill_cgroup(cgroup: &Path, signal: i32) {
     }
 }
 
+/// Waits until `cgroup` holds no process (its `cgroup.events` reads
+/// `populated 0`), woken by the kernel's notification on that file
+/// (POLLPRI on each change) rather than by polling, up to `timeout`. False
+/// at the timeout or when the file cannot be read.
+pub fn wait_empty(cgroup: &Path, timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let Ok(mut events) = std::fs::File::open(cgroup.join("cgroup.events")) else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // Reading the file from its start also re-arms the notification.
+        let mut text = String::new();
+        if events.seek(SeekFrom::Start(0)).is_err() || events.read_to_string(&mut text).is_err() {
+            return false;
+        }
+        if text.lines().any(|l| l.trim() == "populated 0") {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd: events.as_raw_fd(),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: poll of one valid pollfd; EINTR only loops.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+}
+
 pub fn oom_kills(cgroup: &Path) -> u64 {
     std::fs::read_to_string(cgroup.join("memory.events"))
         .unwrap_or_default()
@@ -258,4 +293,50 @@ pub fn oom_kills(cgroup: &Path) -> u64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_empty_wakes_when_the_last_process_leaves() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mount = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| std::path::PathBuf::from(f[1]))
+            .expect("this test needs a cgroup2 mount (and root)");
+        let cg = mount.join(format!("husk-agent-wait-empty-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&cg);
+        std::fs::create_dir(&cg).expect("making a test cgroup (root needed)");
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let short = std::time::Duration::from_millis(200);
+        let t = std::time::Instant::now();
+        assert!(
+            !wait_empty(&cg, short),
+            "a cgroup with a process is not empty"
+        );
+        assert!(t.elapsed() >= short);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        });
+        let t = std::time::Instant::now();
+        let emptied = wait_empty(&cg, std::time::Duration::from_secs(20));
+        let took = t.elapsed();
+        killer.join().unwrap();
+        let removed = std::fs::remove_dir(&cg);
+        assert!(emptied, "no notification within 20s");
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+        removed.unwrap();
+        // A cgroup that is not there cannot be waited for.
+        assert!(!wait_empty(&cg, short));
+    }
 }

@@ -459,14 +459,10 @@ impl Containers {
             }
         }
         cgroup::kill_cgroup(&c.cgroup, libc::SIGKILL);
-        // The cgroup empties once the killed processes are reaped.
-        for _ in 0..100 {
-            match std::fs::remove_dir(&c.cgroup) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
+        // The cgroup empties once the killed processes are reaped: wait for
+        // its notification (up to a second, as long as before), then remove.
+        cgroup::wait_empty(&c.cgroup, Duration::from_secs(1));
+        let _ = std::fs::remove_dir(&c.cgroup);
         if let Some(init) = init {
             kill_holder(&init);
             self.reaper.forget(init.pid);

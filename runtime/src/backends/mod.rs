@@ -31,6 +31,8 @@ pub enum BackendError {
     },
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    #[error(transparent)]
+    Event(#[from] crate::event::EventError),
 }
 
 /// How long a backend may take to create its vhost-user socket.
@@ -82,20 +84,27 @@ fn listening(socket: &Path, pid: u32) -> Option<bool> {
     }))
 }
 
-/// Waits for a freshly spawned backend to listen on `socket`.
+/// Waits for a freshly spawned backend to listen on `socket`: woken by the
+/// socket's creation in its directory (inotify) or by the backend's exit
+/// (its pidfd), whichever comes first, then confirmed from /proc/net/unix.
 fn wait_for_socket(
     process: &mut HelperProcess,
     socket: &Path,
     log: &Path,
 ) -> Result<(), BackendError> {
+    use crate::event::{wait_any, DirWatch};
+    use std::os::fd::AsFd;
     use std::os::unix::fs::FileTypeExt;
     let deadline = Instant::now() + SOCKET_TIMEOUT;
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    // Watching before the first look: a socket made in between is seen
+    // by the look or wakes the wait.
+    let watch = DirWatch::new(dir)?;
     loop {
-        if std::fs::metadata(socket)
+        let bound = std::fs::metadata(socket)
             .map(|m| m.file_type().is_socket())
-            .unwrap_or(false)
-            && listening(socket, process.pid()) != Some(false)
-        {
+            .unwrap_or(false);
+        if bound && listening(socket, process.pid()) != Some(false) {
             return Ok(());
         }
         if let Some(status) = process.try_wait() {
@@ -113,13 +122,23 @@ fn wait_for_socket(
                 timeout: SOCKET_TIMEOUT,
             });
         }
-        std::thread::sleep(Duration::from_millis(1));
+        // Bound but not yet listening: listen(2) makes no event, and the
+        // backend calls it right after bind(2); look again in a moment
+        // (still woken at once by the backend's death). Otherwise the next
+        // entry made in the directory, or the death, wakes the wait.
+        let until = if bound {
+            deadline.min(Instant::now() + Duration::from_millis(1))
+        } else {
+            deadline
+        };
+        wait_any(&[watch.as_fd(), process.pidfd().as_fd()], Some(until))?;
+        watch.drain();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{listening, log_tail};
+    use super::*;
 
     #[test]
     fn a_log_tail_reads_only_the_end_and_strips_control_characters() {
@@ -137,6 +156,42 @@ mod tests {
         assert_eq!(log_tail(&path), "last ?[2Jline");
         std::fs::remove_file(&path).unwrap();
         assert_eq!(log_tail(&path), "(no output)");
+    }
+
+    fn spawn(name: &'static str, script: &str, log: &std::path::Path) -> HelperProcess {
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", script]);
+        HelperProcess::spawn(name, cmd, log).unwrap()
+    }
+
+    #[test]
+    fn a_socket_wait_ends_at_the_backends_death_or_its_listen() {
+        let dir = std::env::temp_dir().join(format!("husk-sockwait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (socket, log) = (dir.join("b.sock"), dir.join("b.log"));
+        // Dies after a while without a socket: the wait ends with it, long
+        // before the socket timeout.
+        let mut dying = spawn("dying", "sleep 0.2; echo gone; exit 4", &log);
+        let t = std::time::Instant::now();
+        let e = wait_for_socket(&mut dying, &socket, &log).unwrap_err();
+        assert!(t.elapsed() < SOCKET_TIMEOUT / 2, "{:?}", t.elapsed());
+        assert!(matches!(e, BackendError::Died { .. }), "{e}");
+        assert!(
+            e.to_string().contains("status 4") && e.to_string().contains("gone"),
+            "{e}"
+        );
+        // Binds, waits, then listens: ready only once it listens.
+        let script = format!(
+            "exec python3 -c 'import socket,time; s=socket.socket(socket.AF_UNIX); \
+             s.bind(\"{}\"); time.sleep(0.2); s.listen(1); time.sleep(30)'",
+            socket.display()
+        );
+        let mut backend = spawn("listener", &format!("sleep 0.1; {script}"), &log);
+        wait_for_socket(&mut backend, &socket, &log).unwrap();
+        assert_eq!(listening(&socket, backend.pid()), Some(true));
+        backend.stop(Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -423,8 +423,17 @@ impl Monitor {
     /// Watches the VMM and the device backends: the death of any of them
     /// ends the container, and the cause is recorded for the user.
     fn watch_sandbox(&self) {
+        let Some(watch) = lock(&self.sandbox).as_ref().map(|sb| sb.death_watch()) else {
+            return;
+        };
         loop {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Blocks until a component dies or the sandbox is torn down.
+            match watch.as_ref().map(|w| w.wait()) {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => return log::error!("{}: cannot watch the sandbox: {e}", self.id),
+                Err(e) => return log::error!("{}: cannot watch the sandbox: {e}", self.id),
+            }
             let died = match lock(&self.sandbox).as_mut() {
                 Some(sb) => sb.check_components().err(),
                 None => return,

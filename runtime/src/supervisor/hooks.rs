@@ -8,6 +8,7 @@
 use oci_spec::runtime::{Hook, Hooks};
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,38 +125,46 @@ fn run_hook(
     }
     let seconds = hook.timeout().filter(|t| *t > 0);
     let deadline = seconds.map(|t| Instant::now() + Duration::from_secs(t.unsigned_abs()));
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                return Err(HookError::Failed {
-                    kind,
-                    index,
-                    path,
-                    how: crate::child::describe(status),
-                })
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return Err(HookError::Failed {
-                    kind,
-                    index,
-                    path,
-                    how: e.to_string(),
-                })
-            }
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+    // Woken by the hook's exit (its pidfd) or its deadline.
+    let waited = crate::event::PidFd::open(child.id())
+        .and_then(|pidfd| crate::event::wait_any(&[pidfd.as_fd()], deadline));
+    let exited = match waited {
+        Ok(woken) => woken.is_some(),
+        Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(HookError::TimedOut {
+            return Err(HookError::Failed {
                 kind,
                 index,
                 path,
-                seconds: seconds.unwrap_or(0),
+                how: e.to_string(),
             });
         }
-        std::thread::sleep(Duration::from_millis(5));
+    };
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(HookError::TimedOut {
+            kind,
+            index,
+            path,
+            seconds: seconds.unwrap_or(0),
+        });
+    }
+    match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(HookError::Failed {
+            kind,
+            index,
+            path,
+            how: crate::child::describe(status),
+        }),
+        Err(e) => Err(HookError::Failed {
+            kind,
+            index,
+            path,
+            how: e.to_string(),
+        }),
     }
 }
 
@@ -180,4 +189,53 @@ pub fn run_all(hooks: Option<&Hooks>, state: &serde_json::Value, kind: HookKind)
         .enumerate()
         .filter_map(|(i, hook)| run_hook(hook, state, kind, i).err())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hooks(json: serde_json::Value) -> Hooks {
+        serde_json::from_value(json).expect("hooks")
+    }
+
+    #[test]
+    fn hooks_get_the_state_run_in_order_and_stop_at_a_failure() {
+        let dir = std::env::temp_dir().join(format!("husk-hooks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = dir.join("log");
+        let hook = |name: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {name} $(cat) >> {}", log.display())]});
+        let h = hooks(serde_json::json!({
+            "prestart": [hook("one"), {"path": "/bin/false"}, hook("never")],
+            "poststop": [{"path": "/bin/false"}, hook("after-a-failure")],
+        }));
+        let state = serde_json::json!({"id": "c1"});
+        let e = run(Some(&h), &state, HookKind::Prestart).expect_err("/bin/false passed");
+        assert!(
+            e.to_string()
+                .starts_with("prestart hook 1 (/bin/false) failed"),
+            "{e}"
+        );
+        let failures = run_all(Some(&h), &state, HookKind::Poststop);
+        assert_eq!(failures.len(), 1);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            text,
+            "one {\"id\":\"c1\"}\nafter-a-failure {\"id\":\"c1\"}\n"
+        );
+        assert!(run(None, &state, HookKind::Poststart).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_hook_is_killed_at_its_timeout() {
+        let h = hooks(serde_json::json!({
+            "createRuntime": [{"path": "/bin/sleep", "args": ["sleep", "30"], "timeout": 1}]
+        }));
+        let t = Instant::now();
+        let e = run(Some(&h), &serde_json::json!({}), HookKind::CreateRuntime)
+            .expect_err("sleep 30 passed");
+        assert!(matches!(e, HookError::TimedOut { seconds: 1, .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
 }
