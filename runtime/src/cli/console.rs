@@ -105,6 +105,8 @@ pub fn follow_window_size(
             }
             last = size;
         }
+        // Polled: no event reports a window size change on a pty master
+        // (SIGWINCH goes to the slave's foreground process group).
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

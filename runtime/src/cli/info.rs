@@ -82,6 +82,7 @@ pub fn events(root: &Path, id: &str, stats: bool, interval: &str) -> anyhow::Res
         }
         last_oom = Some(oom);
         println!("{event}");
+        // The user's --interval: a period, not a wait for an event.
         std::thread::sleep(std::time::Duration::from_secs_f64(secs));
     }
 }

@@ -315,15 +315,15 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         }
     };
     if st.monitor_alive() {
+        // Opened while the monitor is known alive (pid and start time), so
+        // it cannot name a process that reused the pid.
+        let monitor_exit = husk_runtime::event::PidFd::open(st.monitor_pid.unsigned_abs());
         // The monitor tears down and runs the poststop hooks.
         let reply = monitor::request(root, id, &MonitorRequest::Delete { force })?;
         monitor::print_warnings(&reply);
         // The monitor exits after answering; wait so nothing of it remains.
-        for _ in 0..500 {
-            if !st.monitor_alive() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+        if let Ok(pidfd) = monitor_exit {
+            let _ = pidfd.wait_timeout(std::time::Duration::from_secs(1));
         }
     } else {
         // A crashed monitor took its VM with it; remove what is left on disk.
