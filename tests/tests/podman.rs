@@ -9,10 +9,26 @@ use std::process::{Command, Output};
 
 struct Podman {
     dir: TestDir,
+    /// The network namespace podman runs in (`nsenter --net`), where its
+    /// CNI bridge goes; None: the host's (these tests then use
+    /// `--network none`).
+    netns: Option<String>,
 }
 
 impl Podman {
     fn new() -> Podman {
+        Podman::setup(None)
+    }
+
+    /// podman inside the network namespace `netns` (made by the test),
+    /// with a CNI network of its own as the default: a bridge `husk-pm0`
+    /// (10.213.10.0/24, gateway .1), portmap for `-p`, IPAM state under the
+    /// test directory.
+    fn in_netns(netns: &str) -> Podman {
+        Podman::setup(Some(netns))
+    }
+
+    fn setup(netns: Option<&str>) -> Podman {
         require_guest();
         let setup = workspace_root().join("scripts/podman-test-setup.sh");
         let out = Command::new(&setup).output().expect("podman setup");
@@ -40,8 +56,9 @@ impl Podman {
         std::fs::write(
             p.join("containers.conf"),
             format!(
-                "[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"husk\"\n[engine.runtimes]\nhusk = [\"{}\"]\n",
-                wrapper.display()
+                "[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"husk\"\n[engine.runtimes]\nhusk = [\"{}\"]\n[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"/usr/lib/cni\"]\nnetwork_config_dir = \"{}\"\ndefault_network = \"husk-test\"\n",
+                wrapper.display(),
+                p.join("cni").display()
             ),
         )
         .expect("containers.conf");
@@ -54,6 +71,20 @@ impl Podman {
             ),
         )
         .expect("storage.conf");
+        std::fs::create_dir_all(p.join("cni")).expect("cni dir");
+        let conflist = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "husk-test",
+            "plugins": [
+                {"type": "bridge", "bridge": "husk-pm0", "isGateway": true, "ipMasq": false,
+                 "hairpinMode": true,
+                 "ipam": {"type": "host-local", "dataDir": p.join("cni-ipam"),
+                          "routes": [{"dst": "0.0.0.0/0"}],
+                          "ranges": [[{"subnet": "10.213.10.0/24", "gateway": "10.213.10.1"}]]}},
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        });
+        std::fs::write(p.join("cni/husk-test.conflist"), conflist.to_string()).expect("CNI config");
         busybox_rootfs(&p.join("rootfs"));
         let tar = p.join("rootfs.tar");
         let out = Command::new("tar")
@@ -65,7 +96,10 @@ impl Podman {
             .output()
             .expect("tar");
         assert!(out.status.success());
-        let podman = Podman { dir };
+        let podman = Podman {
+            dir,
+            netns: netns.map(str::to_string),
+        };
         let out = podman.run(&[
             "import",
             tar.to_str().unwrap_or_default(),
@@ -77,7 +111,13 @@ impl Podman {
 
     fn run(&self, args: &[&str]) -> Output {
         let p = &self.dir.path;
-        Command::new("timeout")
+        let mut command = Command::new("nsenter");
+        match &self.netns {
+            Some(ns) => command.arg(format!("--net=/run/netns/{ns}")),
+            None => command.arg("--"),
+        };
+        command
+            .arg("timeout")
             .arg("120")
             .arg("podman")
             .args(args)
@@ -173,5 +213,114 @@ fn podman_runs_execs_stops_and_removes_husk_containers() {
     );
     assert_eq!(st.trim(), "exited");
     ok(&podman.run(&["rm", "c1"]), "podman rm");
+    no_leftovers(&podman, &podman.husk_root());
+}
+
+/// A network namespace the test makes for podman's bridge; removed when
+/// dropped.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(tag: &str) -> TestNetns {
+        let name = format!("husk-t-{}-{tag}", std::process::id());
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output().expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+        }
+        TestNetns(name)
+    }
+
+    /// `cmd` in the namespace (network only).
+    fn run(&self, cmd: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.0))
+            .args(cmd)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("nsenter")
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Retries `nc` to `addr port` from `netns` until it reads `want` (the
+/// server prints its facts before it listens).
+fn served(netns: &TestNetns, addr: &str, port: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = netns.run(&["busybox", "nc", "-w", "5", addr, port]);
+        if stdout(&out).trim() == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr}:{port} never answered {want:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// podman's bridge network with husk: the container's guest gets the
+/// address CNI gave it, serves HTTP-like traffic to the test's namespace,
+/// and `-p` publishes the port there; after rm, no tap is left.
+#[test]
+fn podman_bridge_network_serves_and_publishes_a_port() {
+    let netns = TestNetns::new("podman");
+    let podman = Podman::in_netns(&netns.0);
+    let img = "localhost/husk-busybox:latest";
+    ok(
+        &podman.run(&[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            "18080:8080",
+            img,
+            "sh",
+            "-c",
+            "ip -o -4 addr show dev eth0; while :; do echo hello-from-podman | nc -l -p 8080; done",
+        ]),
+        "podman run -d -p",
+    );
+    let ip = ok(
+        &podman.run(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            "web",
+        ]),
+        "podman inspect",
+    )
+    .trim()
+    .to_string();
+    assert!(
+        ip.starts_with("10.213.10."),
+        "the container's address: {ip:?}"
+    );
+    let logs = ok(&podman.run(&["logs", "web"]), "podman logs");
+    assert!(
+        logs.contains(&format!("inet {ip}/24")),
+        "the guest's eth0 has CNI's address: {logs}"
+    );
+    served(&netns, &ip, "8080", "hello-from-podman");
+    // Published: the namespace's own address, port 18080 (portmap's DNAT).
+    served(&netns, "10.213.10.1", "18080", "hello-from-podman");
+    ok(&podman.run(&["rm", "-f", "-t", "0", "web"]), "podman rm -f");
+    let links = netns.run(&["ip", "-o", "link"]);
+    assert!(
+        !stdout(&links).contains("_husk"),
+        "a tap was left: {}",
+        stdout(&links)
+    );
     no_leftovers(&podman, &podman.husk_root());
 }
