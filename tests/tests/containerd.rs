@@ -975,15 +975,16 @@ fn ro_volumes_keep_writable_submounts_and_rro_volumes_do_not() {
     std::fs::remove_dir(&sub).expect("the tmpfs mount point is removable");
 }
 
-/// A whole runtime spec for `ctr run --config`: `spec` with its rootfs at
-/// an absolute path (ctr then uses no image and no snapshot).
-fn config_file(c: &Containerd, name: &str, mut spec: serde_json::Value) -> String {
-    let rootfs = c.dir.path.join(format!("{name}-rootfs"));
+/// `ctr run --rm --config` of a whole runtime spec: `spec` with its rootfs
+/// at an absolute path (ctr then uses no image and no snapshot).
+fn ctr_run_spec(c: &Containerd, id: &str, mut spec: serde_json::Value) -> std::process::Output {
+    let rootfs = c.dir.path.join(format!("{id}-rootfs"));
     husk_tests::busybox_rootfs(&rootfs);
     spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
-    let path = c.dir.path.join(format!("{name}.json"));
+    let path = c.dir.path.join(format!("{id}.json"));
     std::fs::write(&path, spec.to_string()).unwrap_or_else(|e| panic!("{e}"));
-    path.display().to_string()
+    let config = path.display().to_string();
+    c.ctr(&["run", "--runtime", RUNTIME, "--rm", "--config", &config, id])
 }
 
 /// The host hooks run under containerd as under the CLI (one supervisor):
@@ -1002,16 +1003,7 @@ fn host_hooks_run_in_order_with_the_state_on_stdin() {
         "poststart": [hook("poststart")],
         "poststop": [hook("poststop")],
     });
-    let config = config_file(&c, "hooked", spec);
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        "--config",
-        &config,
-        "hooked",
-    ]);
+    let out = ctr_run_spec(&c, "hooked", spec);
     assert!(
         out.status.success(),
         "ctr run --config: {}\n{}",
@@ -1049,16 +1041,7 @@ fn host_hooks_run_in_order_with_the_state_on_stdin() {
 
     let mut spec = husk_tests::default_spec(&["true"]);
     spec["hooks"] = serde_json::json!({"createRuntime": [{"path": "/bin/false"}]});
-    let config = config_file(&c, "badhook", spec);
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        "--config",
-        &config,
-        "badhook",
-    ]);
+    let out = ctr_run_spec(&c, "badhook", spec);
     assert!(
         !out.status.success(),
         "a failing createRuntime hook must fail create"
@@ -1087,16 +1070,7 @@ fn cpu_cpus_sizes_the_vm() {
         .expect("mounts")
         .push(serde_json::json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup2"}));
     spec["linux"]["resources"] = serde_json::json!({"cpu": {"cpus": "2-3"}});
-    let config = config_file(&c, "cpuset", spec);
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        "--config",
-        &config,
-        "cpuset",
-    ]);
+    let out = ctr_run_spec(&c, "cpuset", spec);
     assert!(
         out.status.success(),
         "ctr run with cpu.cpus 2-3: {}\n{}",
