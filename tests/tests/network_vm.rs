@@ -244,3 +244,71 @@ fn husk_run_gets_the_interfaces_of_the_namespace_it_is_given() {
     }
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
+
+/// A monitor that crashed took its VM and the taps with it, but left its
+/// filter on the client's interface: `husk delete` removes it, from the
+/// namespace path saved at create, and the client's interface stays.
+#[test]
+fn delete_after_a_crashed_monitor_unwires_the_namespace() {
+    require_guest();
+    let client = TestNs::new("crash-c");
+    let peer = TestNs::new("crash-p");
+    client.ip(&format!(
+        "link add eth0 type veth peer name peer0 netns {}",
+        peer.name
+    ));
+    client.ip("link set eth0 up");
+    client.ip("addr add 10.213.3.2/24 dev eth0");
+    let links_before = client.ip("-o link show");
+    let dir = TestDir::new("net-crash");
+    let root = dir.state_root();
+    let mut spec = default_spec(&["sleep", "600"]);
+    spec["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid"}, {"type": "mount"},
+        {"type": "network", "path": format!("/run/netns/{}", client.name)}
+    ]);
+    let bundle = dir.path.join("b");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    write_bundle(&bundle, &spec);
+    let b = bundle.display().to_string();
+    let out = husk(&root, &["run", "-d", "-b", &b, "crash"]);
+    assert!(out.status.success(), "husk run -d: {}", stderr(&out));
+    let filters = || {
+        let out = Command::new("tc")
+            .args([
+                "-n",
+                &client.name,
+                "filter",
+                "show",
+                "dev",
+                "eth0",
+                "ingress",
+            ])
+            .output()
+            .expect("tc");
+        stdout(&out)
+    };
+    assert!(filters().contains("mirred"), "no redirect while running");
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("containers/crash/state.json")).expect("state.json"),
+    )
+    .expect("state");
+    let monitor = st["monitor_pid"].as_i64().expect("monitor pid") as i32;
+    // SAFETY: kill(2) of the monitor named by the container's state.
+    unsafe { libc::kill(monitor, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{monitor}/exe")).exists()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = husk(&root, &["delete", "crash"]);
+    assert!(
+        out.status.success(),
+        "delete after the crash: {}",
+        stderr(&out)
+    );
+    assert_eq!(filters(), "", "husk's filter outlived the delete");
+    assert_eq!(client.ip("-o link show"), links_before);
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
