@@ -116,6 +116,9 @@ pub struct Prefixed {
 pub struct Interface {
     pub name: String,
     pub mac: Mac,
+    /// The device to use when it is not found by `mac` (a boot-time slot):
+    /// it is given `mac`.
+    pub device_mac: Option<Mac>,
     /// None leaves the device's MTU as it is (0 on the wire).
     pub mtu: Option<u32>,
     pub addresses: Vec<Prefixed>,
@@ -256,9 +259,20 @@ impl NetworkConfig {
                 .enumerate()
                 .map(|(j, a)| parse_address(&format!("{item}.addresses[{j}]"), a))
                 .collect::<Result<_, _>>()?;
+            let device_mac = match wire.device_mac.as_slice() {
+                [] => None,
+                bytes => {
+                    let device = parse_mac(&format!("{item}.device_mac"), bytes)?;
+                    if device != mac && !macs.insert(device) {
+                        return Err(invalid(&item, format!("MAC {device} is given twice")));
+                    }
+                    Some(device).filter(|d| *d != mac)
+                }
+            };
             interfaces.push(Interface {
                 name: wire.name.clone(),
                 mac,
+                device_mac,
                 mtu,
                 addresses,
             });
@@ -443,10 +457,18 @@ fn apply_with(
 ) -> Result<(), NetworkError> {
     for iface in &config.interfaces {
         let item = format!("interface {:?} ({})", iface.name, iface.mac);
-        let index = match to.link_by_mac(&item, iface.mac)? {
+        // A boot-time slot is found by its own MAC and given `mac` below;
+        // a repeated request finds it by `mac` already.
+        let device = iface.device_mac.unwrap_or(iface.mac);
+        let in_target = match to.link_by_mac(&item, iface.mac)? {
+            Some(index) => Some(index),
+            None if device != iface.mac => to.link_by_mac(&item, device)?,
+            None => None,
+        };
+        let index = match in_target {
             Some(index) => index,
             None => {
-                let Some(index) = from.link_by_mac(&item, iface.mac)? else {
+                let Some(index) = from.link_by_mac(&item, device)? else {
                     return Err(NetworkError::NoDevice {
                         name: iface.name.clone(),
                         mac: iface.mac,
@@ -462,7 +484,7 @@ fn apply_with(
                     RouteNetlinkMessage::SetLink(msg),
                     0,
                 )?;
-                to.link_by_mac(&item, iface.mac)?
+                to.link_by_mac(&item, device)?
                     .ok_or_else(|| NetworkError::NoDevice {
                         name: iface.name.clone(),
                         mac: iface.mac,
@@ -478,6 +500,10 @@ fn apply_with(
             .push(LinkAttribute::IfName(iface.name.clone()));
         if let Some(mtu) = iface.mtu {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if iface.device_mac.is_some() {
+            msg.attributes
+                .push(LinkAttribute::Address(iface.mac.0.to_vec()));
         }
         to.request(
             &item,
@@ -874,6 +900,28 @@ mod tests {
                 "{err} lacks {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_slot_device_is_named_by_its_own_mac() {
+        let mut r = request();
+        assert_eq!(
+            NetworkConfig::from_request(&r).expect("valid").interfaces[0].device_mac,
+            None
+        );
+        r.interfaces[0].device_mac = vec![0x02, 0, 0, 0, 0, 0x99];
+        let c = NetworkConfig::from_request(&r).expect("valid");
+        assert_eq!(
+            c.interfaces[0].device_mac,
+            Some(Mac([0x02, 0, 0, 0, 0, 0x99]))
+        );
+        // The interface's own MAC as the device's: no slot.
+        r.interfaces[0].device_mac = r.interfaces[0].mac.clone();
+        let c = NetworkConfig::from_request(&r).expect("valid");
+        assert_eq!(c.interfaces[0].device_mac, None);
+        r.interfaces[0].device_mac = vec![1, 2, 3];
+        let e = NetworkConfig::from_request(&r).expect_err("5-byte MAC taken");
+        assert!(e.to_string().contains("device_mac"), "{e}");
     }
 
     #[test]

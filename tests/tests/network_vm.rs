@@ -312,3 +312,68 @@ fn delete_after_a_crashed_monitor_unwires_the_namespace() {
     assert_eq!(client.ip("-o link show"), links_before);
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
+
+/// Docker's way, as its `libnetwork-setkey` prestart hook does it: the spec
+/// asks for a new network namespace (no path), and a prestart hook reads
+/// the state's pid from stdin and moves a veth into /proc/<pid>/ns/net,
+/// addressed and with a default route, after the VM booted. The VM booted
+/// with a tap slot; the monitor wires the interface to it after the hook,
+/// and the guest gets it (its MAC, address, route) before start.
+#[test]
+fn an_interface_a_prestart_hook_adds_reaches_the_guest() {
+    require_guest();
+    let peer = TestNs::new("hook-p");
+    // The veth waits in the peer namespace until the hook moves one end.
+    peer.ip("link add hookc0 type veth peer name peer0");
+    peer.ip(&format!("link set hookc0 address {GUEST_MAC}"));
+    peer.ip("link set peer0 up");
+    peer.ip("addr add 10.213.4.1/24 dev peer0");
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", &peer.name, "busybox", "nc", "-ll", "-p", "8080",
+        ])
+        .args(["-e", "/bin/echo", "hello-through-the-slot"])
+        .spawn()
+        .expect("busybox nc server in the peer namespace");
+    let hook = format!(
+        "pid=$(sed -n 's/.*\"pid\": *\\([0-9][0-9]*\\).*/\\1/p'); \
+         ip -n {peer} link set hookc0 netns $pid && \
+         nsenter --net=/proc/$pid/ns/net sh -c 'ip link set hookc0 name eth0 && \
+           ip addr add 10.213.4.2/24 dev eth0 && ip link set eth0 up && \
+           ip route add default via 10.213.4.1'",
+        peer = peer.name
+    );
+    let dir = TestDir::new("net-hook");
+    let root = dir.state_root();
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "echo $(cat /sys/class/net/eth0/address); ip -o -4 addr show dev eth0; \
+         ip route | grep default; \
+         for i in 1 2 3 4 5; do nc -w 5 10.213.4.1 8080 </dev/null && break; sleep 0.5; done",
+    ]);
+    spec["hooks"] = serde_json::json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", hook], "timeout": 20}]
+    });
+    let bundle = dir.path.join("b");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    write_bundle(&bundle, &spec);
+    let out = husk(
+        &root,
+        &["run", "-b", &bundle.display().to_string(), "hooked"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "husk run: {}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first().copied(), Some(GUEST_MAC), "{text}");
+    assert!(text.contains("inet 10.213.4.2/24"), "{text}");
+    assert!(text.contains("default via 10.213.4.1"), "{text}");
+    assert_eq!(
+        lines.last().copied(),
+        Some("hello-through-the-slot"),
+        "{text}"
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}

@@ -144,13 +144,21 @@ fn spawn_monitor_and_shadow(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: dup2 and close_range are async-signal-safe.
+    // The container's own network namespace, when a host hook may put its
+    // interfaces there before start (Docker's prestart hook moves the veth
+    // into /proc/<state.pid>/ns/net): the shadow is state.pid, so it lives
+    // in that namespace; the monitor wires what appears there.
+    let own_netns = husk_runtime::supervisor::network::interfaces_may_come_late(&bundle.spec);
+    // SAFETY: dup2, close_range and unshare are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(shadow_fd, FD_SHADOW_LINK) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::syscall(libc::SYS_close_range, FD_SHADOW_LINK + 1, u32::MAX, 0);
+            if own_netns && libc::unshare(libc::CLONE_NEWNET) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }

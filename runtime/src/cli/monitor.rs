@@ -167,6 +167,14 @@ fn setup(
             network::guest_spec_without_network_path(&mut bundle.value);
             Some(network)
         }
+        // Its own namespace, where a hook may put interfaces before start:
+        // the shadow's (husk create made it), with a tap slot the VM boots with.
+        None if network::interfaces_may_come_late(&bundle.spec) => {
+            let path = PathBuf::from(format!("/proc/{}/ns/net", args.shadow_pid));
+            let (network, tap) = SandboxNetwork::reserve_slot(&path)?;
+            sc.network = vec![tap];
+            Some(network)
+        }
         None => {
             log::info!("{}: no network namespace path: loopback only", args.id);
             None
@@ -228,6 +236,18 @@ fn setup(
         HookKind::CreateRuntime,
     )?;
     hooks::run(bundle.spec.hooks().as_ref(), &st.oci(), HookKind::Prestart)?;
+    // An interface a hook put in the container's own namespace: wired to
+    // the slot the VM booted with, and given to the guest before start.
+    let mut network = network;
+    if let Some(slotted) = network.as_mut().filter(|n| n.has_slot()) {
+        slotted.fill_slot()?;
+        if !slotted.is_empty() {
+            agent
+                .update_network(&slotted.request(&args.id))
+                .map_err(|e| sandbox.explain(e))
+                .context("configuring the guest's network")?;
+        }
+    }
     Ok(Monitor {
         root: root.to_path_buf(),
         id: args.id.clone(),

@@ -31,4 +31,6 @@ pub use config::{Interface, IpNet, Neighbour, NetworkConfig, Route};
 pub use discover::{discover, DiscoverError};
 pub use netns::{NetNs, NetnsError};
 pub use tap::VmTap;
-pub use wire::{unwire, unwire_namespace, wire, WireError, WiredTap, Wiring};
+pub use wire::{
+    open_slot, unwire, unwire_namespace, wire, wire_slot, TapSlot, WireError, WiredTap, Wiring,
+};

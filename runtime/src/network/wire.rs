@@ -69,14 +69,69 @@ pub fn wire(netns: &NetNs, interface: &Interface) -> Result<WiredTap, WireError>
     // From here on the tap exists while `tap` is open: an error drops it,
     // and the tap with its qdisc and filter goes away by itself.
     let tap_index = link_index(&mut socket, &name)?.ok_or(WireError::TapVanished(name.clone()))?;
+    let wiring = join(&mut socket, name, tap_index, interface)?;
+    Ok(WiredTap {
+        tap,
+        mac: interface.mac,
+        wiring,
+    })
+}
+
+/// A tap made before the interface it will stand for exists: the VM gets
+/// it at boot (QEMU's microvm has no hotplug), and [`wire_slot`] joins it
+/// to the interface a prestart hook adds later (Docker's). Its guest
+/// device has a MAC of its own until then (locally administered).
+#[derive(Debug)]
+pub struct TapSlot {
+    pub tap: OwnedFd,
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+}
+
+/// Makes the slot's tap in `netns` (named as the tap of interface index 0,
+/// which no interface has, so crash cleanup finds it like the others).
+pub fn open_slot(netns: &NetNs, mac: [u8; 6]) -> Result<TapSlot, WireError> {
+    let name = tap_name(0)?;
+    let (mut socket, tap) =
+        netns.run(|| -> Result<_, WireError> { Ok((RouteSocket::new()?, open_tap(&name)?)) })??;
+    let index = link_index(&mut socket, &name)?.ok_or(WireError::TapVanished(name.clone()))?;
+    Ok(TapSlot {
+        tap,
+        name,
+        index,
+        mac,
+    })
+}
+
+/// Joins a slot's tap (which the VM holds) to `interface`, which appeared
+/// in `netns` since.
+pub fn wire_slot(
+    netns: &NetNs,
+    slot_name: &str,
+    slot_index: u32,
+    interface: &Interface,
+) -> Result<Wiring, WireError> {
+    let mut socket = netns.run(RouteSocket::new)??;
+    join(&mut socket, slot_name.to_string(), slot_index, interface)
+}
+
+/// Gives the tap the interface's MTU, brings it up and adds the qdiscs
+/// and redirects each way; on failure undoes what it added.
+fn join(
+    socket: &mut RouteSocket,
+    name: String,
+    tap_index: u32,
+    interface: &Interface,
+) -> Result<Wiring, WireError> {
     socket.request(
         &format!("setting the MTU of {name} and bringing it up"),
         RouteNetlinkMessage::SetLink(up_with_mtu(tap_index, interface.mtu)),
         0,
     )?;
-    tc::add_ingress_qdisc(&mut socket, tap_index)?;
-    tc::add_redirect(&mut socket, tap_index, interface.index)?;
-    let made_ingress_qdisc = tc::add_ingress_qdisc(&mut socket, interface.index)?;
+    tc::add_ingress_qdisc(socket, tap_index)?;
+    tc::add_redirect(socket, tap_index, interface.index)?;
+    let made_ingress_qdisc = tc::add_ingress_qdisc(socket, interface.index)?;
     let wiring = Wiring {
         interface: interface.name.clone(),
         interface_index: interface.index,
@@ -84,15 +139,11 @@ pub fn wire(netns: &NetNs, interface: &Interface) -> Result<WiredTap, WireError>
         tap_index,
         made_ingress_qdisc,
     };
-    if let Err(e) = tc::add_redirect(&mut socket, interface.index, tap_index) {
-        let _ = unwire_with(&mut socket, &wiring);
+    if let Err(e) = tc::add_redirect(socket, interface.index, tap_index) {
+        let _ = unwire_with(socket, &wiring);
         return Err(e.into());
     }
-    Ok(WiredTap {
-        tap,
-        mac: interface.mac,
-        wiring,
-    })
+    Ok(wiring)
 }
 
 /// Removes what [`wire`] made; what is already gone is no error, so it can

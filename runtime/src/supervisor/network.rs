@@ -33,6 +33,8 @@ pub enum SandboxNetworkError {
         interface: String,
         source: network::WireError,
     },
+    #[error("network namespace {}: {count} interfaces appeared after the VM booted; it has one slot for them", .path.display())]
+    TooLate { path: PathBuf, count: usize },
     #[error("network namespace {}: {source}", .path.display())]
     Io {
         path: PathBuf,
@@ -73,11 +75,43 @@ pub fn guest_spec_without_network_path(spec: &mut serde_json::Value) {
     }
 }
 
+/// Whether interfaces may appear in the container's own new network
+/// namespace (one without a path) before it starts: only a host hook can
+/// put them there, and Docker's `libnetwork-setkey` prestart hook does.
+/// Such a container's namespace is made by husk (its state.pid lives in
+/// it) and its VM boots with a tap slot for the interface to come.
+pub fn interfaces_may_come_late(spec: &Spec) -> bool {
+    let own_namespace = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| {
+            nss.iter().any(|ns| {
+                ns.typ() == LinuxNamespaceType::Network
+                    && ns.path().as_ref().is_none_or(|p| p.as_os_str().is_empty())
+            })
+        });
+    #[allow(deprecated)]
+    let hooked = spec.hooks().as_ref().is_some_and(|h| {
+        h.prestart().as_ref().is_some_and(|v| !v.is_empty())
+            || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
+    });
+    own_namespace && hooked
+}
+
+/// A tap the VM boots with before its interface exists.
+struct Slot {
+    name: String,
+    index: u32,
+    mac: [u8; 6],
+}
+
 /// The client's interfaces joined to the VM's taps, until [`Self::unwire`].
 pub struct SandboxNetwork {
     netns: NetNs,
     config: NetworkConfig,
     wirings: Vec<Wiring>,
+    slot: Option<Slot>,
 }
 
 impl SandboxNetwork {
@@ -97,6 +131,7 @@ impl SandboxNetwork {
             netns,
             config,
             wirings: Vec::new(),
+            slot: None,
         };
         let mut taps = Vec::new();
         for interface in made.config.interfaces.clone() {
@@ -128,10 +163,84 @@ impl SandboxNetwork {
         Ok((made, taps))
     }
 
+    /// A tap slot in the (still empty) namespace at `path`, for the
+    /// interface a host hook will add before start ([`Self::fill_slot`]).
+    pub fn reserve_slot(path: &Path) -> Result<(SandboxNetwork, VmTap), SandboxNetworkError> {
+        let netns = NetNs::open(path).map_err(|source| SandboxNetworkError::Namespace {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let slot = network::open_slot(&netns, local_mac()).map_err(|source| {
+            SandboxNetworkError::Wire {
+                path: path.to_path_buf(),
+                interface: "a slot".into(),
+                source,
+            }
+        })?;
+        let tap = VmTap::new(slot.tap, slot.mac).map_err(|source| SandboxNetworkError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let made = SandboxNetwork {
+            netns,
+            config: NetworkConfig::default(),
+            wirings: Vec::new(),
+            slot: Some(Slot {
+                name: slot.name,
+                index: slot.index,
+                mac: slot.mac,
+            }),
+        };
+        Ok((made, tap))
+    }
+
+    /// After the hooks: joins the interface that appeared in the namespace
+    /// to the slot. A namespace still empty stays so (loopback only); more
+    /// than one interface is refused (the VM has one slot).
+    pub fn fill_slot(&mut self) -> Result<(), SandboxNetworkError> {
+        let Some(slot) = &self.slot else {
+            return Ok(());
+        };
+        let path = self.netns.path().to_path_buf();
+        let config =
+            network::discover(&self.netns).map_err(|source| SandboxNetworkError::Discover {
+                path: path.clone(),
+                source,
+            })?;
+        let interface = match config.interfaces.as_slice() {
+            [] => return Ok(()),
+            [one] => one.clone(),
+            more => {
+                return Err(SandboxNetworkError::TooLate {
+                    path,
+                    count: more.len(),
+                })
+            }
+        };
+        let wiring = network::wire_slot(&self.netns, &slot.name, slot.index, &interface).map_err(
+            |source| SandboxNetworkError::Wire {
+                path,
+                interface: interface.name.clone(),
+                source,
+            },
+        )?;
+        self.wirings.push(wiring);
+        self.config = config;
+        Ok(())
+    }
+
     /// What the guest is told for container `container_id` (the VM's own
     /// container: a pod's sandbox, or a plain container).
     pub fn request(&self, container_id: &str) -> UpdateNetworkRequest {
-        self.config.to_request(container_id)
+        let mut request = self.config.to_request(container_id);
+        if let (Some(slot), Some(first)) = (&self.slot, request.interfaces.first_mut()) {
+            first.device_mac = slot.mac.to_vec();
+        }
+        request
+    }
+
+    pub fn has_slot(&self) -> bool {
+        self.slot.is_some()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -162,6 +271,25 @@ impl Drop for SandboxNetwork {
     fn drop(&mut self) {
         self.unwire();
     }
+}
+
+/// A locally administered unicast MAC for a slot's guest device, until it
+/// gets its interface's.
+fn local_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom(2) writes at most `mac.len()` bytes into `mac`.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != 6 {
+        // Not secret, only distinct: the time and pid will do.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        mac[2..].copy_from_slice(&t.to_be_bytes());
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
 /// After a crash of whoever wired it: removes every tap, qdisc and filter
