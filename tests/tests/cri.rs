@@ -695,7 +695,8 @@ impl Drop for TestNetns {
 /// Pods with real CNI (Debian's bridge and host-local, containerd inside a
 /// namespace the test made): each pod's guest has the address CNI gave it
 /// on eth0, with the veth's MAC (seen on the wire by the test's namespace)
-/// and MTU; pod A's server answers pod B and the test's namespace; pod B
+/// and MTU; pod A's HTTP server (busybox httpd) answers pod B and curl in
+/// the test's namespace; pod B
 /// reaches the bridge's gateway; deleting the pods leaves no tap or filter,
 /// CNI DEL releases the addresses and removes the veths.
 #[test]
@@ -758,7 +759,8 @@ fn pods_get_their_cni_address_and_talk_over_the_bridge() {
         "server",
         "ip -o -4 addr show dev eth0; echo mtu=$(cat /sys/class/net/eth0/mtu) \
          mac=$(cat /sys/class/net/eth0/address); \
-         while :; do echo hello-from-a | nc -l -p 8080; done",
+         mkdir -p /www && echo hello-from-a > /www/index.html && \
+         exec httpd -f -p 8080 -h /www",
     );
     let server_log = logs.join("server.log");
     let text = wait_for_file(&server_log, "mac=", Duration::from_secs(60));
@@ -778,14 +780,14 @@ fn pods_get_their_cni_address_and_talk_over_the_bridge() {
     // the guest's frames come from the MAC the guest has.
     // (The server prints its facts before it listens: retried until it does.)
     let deadline = Instant::now() + Duration::from_secs(20);
+    let url = format!("http://{ip_a}:8080/");
     loop {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns", "exec", &netns.0, "busybox", "nc", "-w", "5", &ip_a, "8080",
-            ])
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", netns.0))
+            .args(["curl", "-s", "--max-time", "5", &url])
             .stdin(std::process::Stdio::null())
             .output()
-            .expect("nc from the test's namespace");
+            .expect("curl from the test's namespace");
         if stdout(&out).trim() == "hello-from-a" {
             break;
         }
@@ -809,14 +811,18 @@ fn pods_get_their_cni_address_and_talk_over_the_bridge() {
         &pod_b,
         "client",
         &format!(
-            "for i in 1 2 3 4 5 6 7 8 9 10; do nc -w 5 {ip_a} 8080 </dev/null && break; \
+            "for i in 1 2 3 4 5 6 7 8 9 10; do \
+               printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip_a} 8080 && break; \
              sleep 0.5; done; nc -w 5 10.213.9.1 9 </dev/null 2>&1; \
              echo client-done; sleep 1000"
         ),
     );
     let client_log = logs.join("client.log");
     let text = wait_for_file(&client_log, "client-done", Duration::from_secs(60));
-    assert!(text.contains("hello-from-a"), "pod B reached pod A: {text}");
+    assert!(
+        text.contains("200 OK") && text.contains("hello-from-a"),
+        "pod B got pod A's page over HTTP: {text}"
+    );
     // Port 9 of the gateway has no listener: "refused" is its kernel's RST.
     assert!(
         text.contains("refused"),

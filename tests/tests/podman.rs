@@ -250,12 +250,13 @@ impl Drop for TestNetns {
     }
 }
 
-/// Retries `nc` to `addr port` from `netns` until it reads `want` (the
-/// server prints its facts before it listens).
+/// Retries an HTTP GET of `addr:port` from `netns` (curl) until it reads
+/// `want` (the server prints its facts before it listens).
 fn served(netns: &TestNetns, addr: &str, port: &str, want: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let url = format!("http://{addr}:{port}/");
     loop {
-        let out = netns.run(&["busybox", "nc", "-w", "5", addr, port]);
+        let out = netns.run(&["curl", "-s", "--max-time", "5", &url]);
         if stdout(&out).trim() == want {
             return;
         }
@@ -270,7 +271,8 @@ fn served(netns: &TestNetns, addr: &str, port: &str, want: &str) {
 }
 
 /// podman's bridge network with husk: the container's guest gets the
-/// address CNI gave it, serves HTTP-like traffic to the test's namespace,
+/// address CNI gave it, serves HTTP (busybox httpd) to curl in the test's
+/// namespace,
 /// and `-p` publishes the port there; after rm, no tap is left.
 #[test]
 fn podman_bridge_network_serves_and_publishes_a_port() {
@@ -288,7 +290,8 @@ fn podman_bridge_network_serves_and_publishes_a_port() {
             img,
             "sh",
             "-c",
-            "ip -o -4 addr show dev eth0; while :; do echo hello-from-podman | nc -l -p 8080; done",
+            "ip -o -4 addr show dev eth0; mkdir -p /www && echo hello-from-podman > /www/index.html \
+             && exec httpd -f -p 8080 -h /www",
         ]),
         "podman run -d -p",
     );
