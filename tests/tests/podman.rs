@@ -37,7 +37,12 @@ impl Podman {
             "installing podman: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let dir = TestDir::new("podman");
+        // One directory per test: the two tests of this file run at once.
+        let dir = TestDir::new(if netns.is_some() {
+            "podman-net"
+        } else {
+            "podman"
+        });
         let p = &dir.path;
         // husk's state for this test lives under the test directory.
         let wrapper = p.join("husk-runtime");
@@ -310,12 +315,13 @@ fn podman_bridge_network_serves_and_publishes_a_port() {
         ip.starts_with("10.213.10."),
         "the container's address: {ip:?}"
     );
+    served(&netns, &ip, "8080", "hello-from-podman");
+    // It printed its address before it served, so the log has it now.
     let logs = ok(&podman.run(&["logs", "web"]), "podman logs");
     assert!(
         logs.contains(&format!("inet {ip}/24")),
         "the guest's eth0 has CNI's address: {logs}"
     );
-    served(&netns, &ip, "8080", "hello-from-podman");
     // Published: the namespace's own address, port 18080 (portmap's DNAT).
     served(&netns, "10.213.10.1", "18080", "hello-from-podman");
     ok(&podman.run(&["rm", "-f", "-t", "0", "web"]), "podman rm -f");
