@@ -127,6 +127,23 @@ pub fn busybox_rootfs(dir: &Path) {
     );
 }
 
+/// A tarball of a busybox rootfs made at `dir/rootfs`, for the engines
+/// that import images from one (podman, Docker).
+pub fn busybox_tarball(dir: &Path) -> PathBuf {
+    busybox_rootfs(&dir.join("rootfs"));
+    let tar = dir.join("rootfs.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir.join("rootfs"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .output()
+        .unwrap_or_else(|e| panic!("tar: {e}"));
+    assert!(out.status.success(), "tar: {}", stderr(&out));
+    tar
+}
+
 /// A runtime spec like `runc spec` writes, running `args`.
 pub fn default_spec(args: &[&str]) -> serde_json::Value {
     serde_json::json!({
@@ -276,6 +293,7 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 pub mod containerd;
+pub mod netns;
 
 /// Makes this process adopt orphaned descendants, as conmon does, so a
 /// container's shadow process (state.pid) can be waited for here.

@@ -3,6 +3,7 @@
 //! namespace and a volume, everything gone after stop and remove.
 
 use husk_tests::containerd::*;
+use husk_tests::netns::TestNetns;
 use husk_tests::{stderr, stdout};
 use std::time::{Duration, Instant};
 
@@ -662,36 +663,6 @@ fn volumes_mount_as_runc_gives_them_and_no_mount_outlives_the_pod() {
     assert_eq!(mounts_under(&c.dir.path), Vec::<String>::new());
 }
 
-/// A network namespace the test makes for containerd's CNI bridge; removed
-/// when dropped.
-struct TestNetns(String);
-
-impl TestNetns {
-    fn new(tag: &str) -> TestNetns {
-        let name = format!("husk-t-{}-{tag}", std::process::id());
-        run_ok(std::process::Command::new("ip").args(["netns", "add", &name]));
-        run_ok(std::process::Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        TestNetns(name)
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .expect("ip");
-        stdout(&out)
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 /// Pods with real CNI (Debian's bridge and host-local, containerd inside a
 /// namespace the test made): each pod's guest has the address CNI gave it
 /// on eth0, with the veth's MAC (seen on the wire by the test's namespace)
@@ -702,7 +673,7 @@ impl Drop for TestNetns {
 #[test]
 fn pods_get_their_cni_address_and_talk_over_the_bridge() {
     let netns = TestNetns::new("cri-net");
-    let c = Containerd::start_with_bridge_cni("cri-net", &netns.0);
+    let c = Containerd::start_with_bridge_cni("cri-net", &netns.name);
     let logs = c.dir.path.join("pod-logs");
     std::fs::create_dir_all(&logs).expect("log dir");
     let log_dir = format!("log-dir={}", logs.display());
@@ -782,12 +753,7 @@ fn pods_get_their_cni_address_and_talk_over_the_bridge() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let url = format!("http://{ip_a}:8080/");
     loop {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", netns.0))
-            .args(["curl", "-s", "--max-time", "5", &url])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("curl from the test's namespace");
+        let out = netns.run(&["curl", "-s", "--max-time", "5", &url]);
         if stdout(&out).trim() == "hello-from-a" {
             break;
         }
@@ -798,7 +764,7 @@ fn pods_get_their_cni_address_and_talk_over_the_bridge() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let neigh = netns.ip(&["neigh", "show", &ip_a]);
+    let neigh = netns.ip(&format!("neigh show {ip_a}"));
     assert!(
         neigh.contains(&mac),
         "pod A's MAC {mac} on the wire: {neigh}"
@@ -837,8 +803,8 @@ fn pods_get_their_cni_address_and_talk_over_the_bridge() {
     }
     // CNI DEL ran: the veths are gone from the bridge and the addresses
     // are released; no tap of husk's is left anywhere in the namespace.
-    assert_eq!(netns.ip(&["-o", "link", "show", "master", "husk-br0"]), "");
-    assert!(!netns.ip(&["-o", "link"]).contains("_husk"));
+    assert_eq!(netns.ip("-o link show master husk-br0"), "");
+    assert!(!netns.ip("-o link").contains("_husk"));
     let leases = c.dir.path.join("cni-ipam/husk-bridge");
     for ip in [&ip_a, &ip_b] {
         assert!(!leases.join(ip).exists(), "CNI DEL did not release {ip}");

@@ -6,6 +6,7 @@
 //! container's veth into /proc/<state.pid>/ns/net after `create` booted
 //! the VM: husk wires it to the tap slot the VM booted with.
 
+use husk_tests::netns::TestNetns;
 use husk_tests::*;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 struct Dockerd {
     dir: TestDir,
-    netns: String,
+    netns: TestNetns,
     child: Child,
     stopped: bool,
 }
@@ -30,14 +31,7 @@ impl Dockerd {
         );
         let dir = TestDir::new("docker");
         let p = dir.path.clone();
-        let netns = format!("husk-t-{}-docker", std::process::id());
-        for args in [
-            vec!["netns", "add", &netns],
-            vec!["-n", &netns, "link", "set", "lo", "up"],
-        ] {
-            let out = Command::new("ip").args(&args).output().expect("ip");
-            assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
-        }
+        let netns = TestNetns::new("docker");
         let wrapper = p.join("husk-runtime");
         std::fs::write(
             &wrapper,
@@ -47,9 +41,8 @@ impl Dockerd {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let log = std::fs::File::create(p.join("dockerd.log")).expect("dockerd.log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg("dockerd")
+        let child = netns
+            .command(&["dockerd"])
             .arg("--data-root")
             .arg(p.join("data"))
             .arg("--exec-root")
@@ -87,17 +80,7 @@ impl Dockerd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        busybox_rootfs(&p.join("rootfs"));
-        let tar = p.join("rootfs.tar");
-        let out = Command::new("tar")
-            .arg("-C")
-            .arg(p.join("rootfs"))
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .output()
-            .expect("tar");
-        assert!(out.status.success(), "tar: {}", stderr(&out));
+        let tar = busybox_tarball(&p);
         let out = d.docker(&["import", &tar.display().to_string(), "husk-busybox"]);
         assert!(out.status.success(), "docker import: {}", stderr(&out));
         d
@@ -120,12 +103,7 @@ impl Dockerd {
 
     /// `cmd` in dockerd's namespace (network only).
     fn in_netns(&self, cmd: &[&str]) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
-            .args(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .expect("nsenter")
+        self.netns.run(cmd)
     }
 
     fn log_tail(&self) -> String {
@@ -164,9 +142,6 @@ impl Drop for Dockerd {
     fn drop(&mut self) {
         let _ = self.docker(&["rm", "-f", "srv", "pub"]);
         self.stop();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 

@@ -16,48 +16,7 @@ use husk_tests::*;
 use std::collections::HashMap;
 use std::process::Command;
 
-struct TestNs {
-    name: String,
-}
-
-impl TestNs {
-    fn new(tag: &str) -> TestNs {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "this test makes network namespaces: run it as root"
-        );
-        let name = format!("husk-t-{}-{tag}", std::process::id());
-        run_ip(&["netns", "add", &name]);
-        TestNs { name }
-    }
-
-    fn ip(&self, args: &str) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend(args.split_whitespace());
-        run_ip(&all)
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run_ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("ip (iproute2) is needed for this test: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use husk_tests::netns::TestNetns as TestNs;
 
 const GUEST_MAC: &str = "02:48:55:53:4b:21";
 const PEER_MAC: &str = "02:48:55:53:4b:31";
@@ -79,7 +38,7 @@ fn the_guest_reaches_the_far_end_of_the_clients_veth_through_the_tap() {
     peer.ip("link set peer0 up");
     let links_before = client.ip("-o link show");
 
-    let netns = NetNs::open(&std::path::Path::new("/run/netns").join(&client.name)).unwrap();
+    let netns = NetNs::open(&client.path()).unwrap();
     let config = network::discover(&netns).expect("discovering the client namespace");
     let [eth0] = config.interfaces.as_slice() else {
         panic!("{config:?}")
@@ -216,7 +175,7 @@ fn husk_run_gets_the_interfaces_of_the_namespace_it_is_given() {
     let mut spec = default_spec(&["sh", "-c", script]);
     spec["linux"]["namespaces"] = serde_json::json!([
         {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-        {"type": "network", "path": format!("/run/netns/{}", client.name)}
+        {"type": "network", "path": client.path()}
     ]);
     let bundle = dir.path.join("b");
     std::fs::create_dir_all(&bundle).expect("bundle dir");
@@ -265,7 +224,7 @@ fn delete_after_a_crashed_monitor_unwires_the_namespace() {
     let mut spec = default_spec(&["sleep", "600"]);
     spec["linux"]["namespaces"] = serde_json::json!([
         {"type": "pid"}, {"type": "mount"},
-        {"type": "network", "path": format!("/run/netns/{}", client.name)}
+        {"type": "network", "path": client.path()}
     ]);
     let bundle = dir.path.join("b");
     std::fs::create_dir_all(&bundle).expect("bundle dir");

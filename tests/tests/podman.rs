@@ -3,6 +3,7 @@
 //! rm, exit codes. The test installs and configures podman itself: a local
 //! busybox image imported from a tarball, no registry, private storage.
 
+use husk_tests::netns::TestNetns;
 use husk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -90,17 +91,7 @@ impl Podman {
             ]
         });
         std::fs::write(p.join("cni/husk-test.conflist"), conflist.to_string()).expect("CNI config");
-        busybox_rootfs(&p.join("rootfs"));
-        let tar = p.join("rootfs.tar");
-        let out = Command::new("tar")
-            .arg("-C")
-            .arg(p.join("rootfs"))
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .output()
-            .expect("tar");
-        assert!(out.status.success());
+        let tar = busybox_tarball(p);
         let podman = Podman {
             dir,
             netns: netns.map(str::to_string),
@@ -221,40 +212,6 @@ fn podman_runs_execs_stops_and_removes_husk_containers() {
     no_leftovers(&podman, &podman.husk_root());
 }
 
-/// A network namespace the test makes for podman's bridge; removed when
-/// dropped.
-struct TestNetns(String);
-
-impl TestNetns {
-    fn new(tag: &str) -> TestNetns {
-        let name = format!("husk-t-{}-{tag}", std::process::id());
-        for args in [
-            vec!["netns", "add", &name],
-            vec!["-n", &name, "link", "set", "lo", "up"],
-        ] {
-            let out = Command::new("ip").args(&args).output().expect("ip");
-            assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
-        }
-        TestNetns(name)
-    }
-
-    /// `cmd` in the namespace (network only).
-    fn run(&self, cmd: &[&str]) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.0))
-            .args(cmd)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("nsenter")
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// Retries an HTTP GET of `addr:port` from `netns` (curl) until it reads
 /// `want` (the server prints its facts before it listens).
 fn served(netns: &TestNetns, addr: &str, port: &str, want: &str) {
@@ -282,7 +239,7 @@ fn served(netns: &TestNetns, addr: &str, port: &str, want: &str) {
 #[test]
 fn podman_bridge_network_serves_and_publishes_a_port() {
     let netns = TestNetns::new("podman");
-    let podman = Podman::in_netns(&netns.0);
+    let podman = Podman::in_netns(&netns.name);
     let img = "localhost/husk-busybox:latest";
     ok(
         &podman.run(&[
