@@ -336,3 +336,34 @@ fn an_interface_a_prestart_hook_adds_reaches_the_guest() {
     );
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
+
+/// A network namespace path that is not one: create fails naming
+/// `linux.namespaces`, and nothing is left (no VM, tap, state).
+#[test]
+fn a_network_path_that_is_not_a_namespace_is_refused() {
+    require_guest();
+    let dir = TestDir::new("net-bad");
+    let root = dir.state_root();
+    let mut spec = default_spec(&["true"]);
+    spec["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid"}, {"type": "mount"},
+        {"type": "network", "path": "/etc/hostname"}
+    ]);
+    let bundle = dir.path.join("b");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    write_bundle(&bundle, &spec);
+    let out = husk(
+        &root,
+        &["create", "-b", &bundle.display().to_string(), "bad"],
+    );
+    assert!(
+        !out.status.success(),
+        "create with /etc/hostname as a netns"
+    );
+    assert!(
+        stderr(&out).contains("linux.namespaces"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}

@@ -263,6 +263,9 @@ fn setup(
     })
 }
 
+/// What `ps` passes on of the guest's process list, in bytes.
+const MAX_PS_BYTES: usize = 512 * 1024;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -670,14 +673,21 @@ impl Monitor {
 
     fn ps(&self) -> anyhow::Result<MonitorReply> {
         self.running_or_paused()?;
+        // The list and its command lines are the guest's to choose: never
+        // raw, and never more than half a reply frame in all, so a guest
+        // that claims huge lists cannot make the reply unsendable.
+        let mut budget = MAX_PS_BYTES;
         let processes = self
             .agent
             .list_processes(&self.id)?
             .into_iter()
-            .map(|p| GuestProcess {
-                pid: p.pid,
-                // The command line is the guest's to choose: never raw.
-                command: husk_runtime::agent::printable(&p.command, 4096),
+            .map_while(|p| {
+                let command = husk_runtime::agent::printable(&p.command, 4096);
+                budget = budget.checked_sub(command.len() + 16)?;
+                Some(GuestProcess {
+                    pid: p.pid,
+                    command,
+                })
             })
             .collect();
         Ok(MonitorReply::Processes { processes })
