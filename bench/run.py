@@ -108,9 +108,10 @@ def tsc_khz():
 
 def bare_boot_ms(initramfs):
     """Spawn of QEMU to the /init marker on the serial console, host clock:
+    the same CPU model as husk under TCG (runtime/src/hypervisor/qemu.rs, TCG_CPU),
     the same machine type, memory and kernel as a husk sandbox, no devices."""
     cmd = ["qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", "tcg,tb-size=16",
-           "-cpu", "max", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+           "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
            "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
            "-append", f"console=ttyS0 reboot=t panic=-1 quiet acpi=off tsc_early_khz={tsc_khz()}"]
     t0 = time.monotonic()

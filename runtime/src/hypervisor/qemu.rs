@@ -58,6 +58,15 @@ pub fn net_device_args(devices: &[super::VmNetDevice]) -> Vec<String> {
     args
 }
 
+/// The emulated CPU under TCG: everything TCG offers, except the "fast
+/// string" flags. With ERMS or FSRM the guest kernel copies and clears
+/// memory with `rep movsb`/`rep stosb`, which TCG runs one byte per
+/// iteration; without them it takes the 8-byte loops, which TCG translates
+/// well: measured here, `dd if=/dev/zero bs=1M | cat` in the guest went
+/// from 129 to 457 MiB/s and 256 MiB from /dev/zero from 0.46 s to 0.07 s.
+/// Nothing is lost for the guest but speed of an emulated instruction.
+pub const TCG_CPU: &str = "max,-erms,-fsrm";
+
 impl Qemu {
     pub fn new(program: PathBuf, kvm: bool) -> Self {
         Qemu { program, kvm }
@@ -82,7 +91,7 @@ impl Qemu {
                 "-accel".into(),
                 "tcg,tb-size=16".into(),
                 "-cpu".into(),
-                "max".into(),
+                TCG_CPU.into(),
             ]);
         }
         args.extend([
