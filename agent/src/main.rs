@@ -13,6 +13,7 @@ mod hooks;
 #[cfg(feature = "hostile-test")]
 mod hostile;
 mod init;
+mod phases;
 mod pidns;
 mod power;
 mod process;
@@ -20,6 +21,7 @@ mod server;
 mod stats;
 mod streams;
 mod userns;
+mod warm;
 
 use std::sync::Arc;
 

@@ -23,6 +23,8 @@ pub struct ExitInfo {
     /// Terminating signal, 0 for a normal exit.
     pub signal: u32,
     pub exited_at_unix_ns: u64,
+    /// CLOCK_MONOTONIC when the reaper collected it (for the wait's steps).
+    pub reaped_ns: u64,
 }
 
 impl ExitInfo {
@@ -38,6 +40,7 @@ impl ExitInfo {
                     exit_code: code,
                     signal: 0,
                     exited_at_unix_ns: now,
+                    reaped_ns: crate::child::now_ns(),
                 },
             )),
             WaitStatus::Signaled(pid, sig, _) => Some((
@@ -46,6 +49,7 @@ impl ExitInfo {
                     exit_code: 128 + sig as i32,
                     signal: sig as u32,
                     exited_at_unix_ns: now,
+                    reaped_ns: crate::child::now_ns(),
                 },
             )),
             _ => None,

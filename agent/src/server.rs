@@ -1,6 +1,7 @@
 //! The agent API served over ttrpc on vsock.
 
 use crate::container::{ContainerError, Containers, ProcessStreams};
+use crate::phases::Laps;
 use crate::process::Reaper;
 use crate::streams::{StreamError, StreamRegistry};
 use crate::{power, stats};
@@ -132,10 +133,15 @@ impl Agent for AgentService {
         &self,
         _: &TtrpcContext,
         req: CreateContainerRequest,
-    ) -> ttrpc::Result<Empty> {
+    ) -> ttrpc::Result<CreateResponse> {
+        let mut laps = Laps::new();
         let streams = self.take_streams(req.stdio.as_ref())?;
-        self.containers.create(&req, streams)?;
-        Ok(Empty::default())
+        laps.lap("stdio streams");
+        self.containers.create(&req, streams, &mut laps)?;
+        Ok(CreateResponse {
+            phases: laps.into_steps(),
+            ..Default::default()
+        })
     }
 
     fn start_container(
@@ -145,9 +151,11 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<StartResponse> {
         #[cfg(feature = "hostile-test")]
         crate::hostile::on_start_container(_ctx);
-        let pid = self.containers.start(&req.container_id)?;
+        let mut laps = Laps::new();
+        let pid = self.containers.start(&req.container_id, &mut laps)?;
         Ok(StartResponse {
             pid,
+            phases: laps.into_steps(),
             ..Default::default()
         })
     }
@@ -230,12 +238,19 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<StartResponse> {
         #[cfg(feature = "hostile-test")]
         crate::hostile::on_exec_process()?;
+        let mut laps = Laps::new();
         let streams = self.take_streams(req.stdio.as_ref())?;
-        let pid =
-            self.containers
-                .exec(&req.container_id, &req.exec_id, &req.process_json, streams)?;
+        laps.lap("stdio streams");
+        let pid = self.containers.exec(
+            &req.container_id,
+            &req.exec_id,
+            &req.process_json,
+            streams,
+            &mut laps,
+        )?;
         Ok(StartResponse {
             pid,
+            phases: laps.into_steps(),
             ..Default::default()
         })
     }
@@ -251,12 +266,16 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        let (info, oom_killed) = self.containers.wait(&req.container_id, &req.exec_id)?;
+        let mut laps = Laps::new();
+        let (info, oom_killed) =
+            self.containers
+                .wait(&req.container_id, &req.exec_id, &mut laps)?;
         let reply = WaitProcessResponse {
             exit_code: info.exit_code,
             signal: info.signal,
             oom_killed,
             exited_at_unix_ns: info.exited_at_unix_ns,
+            phases: laps.into_steps(),
             ..Default::default()
         };
         #[cfg(feature = "hostile-test")]
@@ -281,10 +300,23 @@ impl Agent for AgentService {
         Ok(Empty::default())
     }
 
+    fn warm_up(&self, _: &TtrpcContext, _: WarmUpRequest) -> ttrpc::Result<CreateResponse> {
+        let mut laps = Laps::new();
+        crate::warm::warm_up(&self.containers, &mut laps)?;
+        Ok(CreateResponse {
+            phases: laps.into_steps(),
+            ..Default::default()
+        })
+    }
+
     fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
-        // Answer first; the VM ends right after. The pause is a grace for
-        // the reply to leave (ttrpc sends it after this returns, with no
-        // event to wait on), not a poll.
+        // Synced before the answer: once answered, nothing in the guest
+        // needs the VM any more, and the host ends it without waiting for
+        // the guest's own restart (a hundred milliseconds under TCG).
+        power::sync_if_dirty();
+        // The VM ends right after the answer, if the host has not ended it
+        // first. The pause is a grace for the reply to leave (ttrpc sends
+        // it after this returns, with no event to wait on), not a poll.
         std::thread::spawn(|| {
             std::thread::sleep(std::time::Duration::from_millis(20));
             power::power_off();

@@ -1,6 +1,7 @@
 //! The host's client of the in-guest agent: ttrpc over the hybrid vsock
 //! socket, plus raw stream connections for process stdio.
 
+use crate::phases::Phases;
 use husk_protocol::agent::*;
 use husk_protocol::agent_ttrpc::AgentClient as RpcClient;
 pub use husk_protocol::ErrorKind as GuestErrorKind;
@@ -328,17 +329,32 @@ impl AgentClient {
         Ok(self.rpc.guest_info(ctx(), &GuestInfoRequest::default())?)
     }
 
-    pub fn create_container(&self, req: &CreateContainerRequest) -> Result<(), AgentError> {
-        self.rpc.create_container(ctx(), req)?;
-        Ok(())
+    /// Creates a container; the guest's steps of it, for display.
+    pub fn create_container(&self, req: &CreateContainerRequest) -> Result<Phases, AgentError> {
+        let reply = self.rpc.create_container(ctx(), req)?;
+        Ok(guest_phases("guest: ", &reply.phases))
+    }
+
+    /// Has the guest run one throwaway container of its own, so a sandbox
+    /// booted ahead of its tenant (the pool) meets its container warm.
+    /// Only for a sandbox with no tenant yet. The guest's steps, for display.
+    pub fn warm_up(&self) -> Result<Phases, AgentError> {
+        let reply = self.rpc.warm_up(ctx(), &WarmUpRequest::default())?;
+        Ok(guest_phases("guest warm-up: ", &reply.phases))
     }
 
     pub fn start_container(&self, id: &str) -> Result<u32, AgentError> {
+        Ok(self.start_container_timed(id)?.0)
+    }
+
+    /// Starts a created container: its guest pid and the guest's steps.
+    pub fn start_container_timed(&self, id: &str) -> Result<(u32, Phases), AgentError> {
         let req = ContainerRequest {
             container_id: id.into(),
             ..Default::default()
         };
-        Ok(self.rpc.start_container(ctx(), &req)?.pid)
+        let reply = self.rpc.start_container(ctx(), &req)?;
+        Ok((reply.pid, guest_phases("guest: ", &reply.phases)))
     }
 
     pub fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
@@ -352,7 +368,16 @@ impl AgentClient {
     }
 
     pub fn exec_process(&self, req: &ExecProcessRequest) -> Result<u32, AgentError> {
-        Ok(self.rpc.exec_process(ctx(), req)?.pid)
+        Ok(self.exec_process_timed(req)?.0)
+    }
+
+    /// Starts an exec: its guest pid and the guest's steps.
+    pub fn exec_process_timed(
+        &self,
+        req: &ExecProcessRequest,
+    ) -> Result<(u32, Phases), AgentError> {
+        let reply = self.rpc.exec_process(ctx(), req)?;
+        Ok((reply.pid, guest_phases("guest: ", &reply.phases)))
     }
 
     /// Blocks until the process exits (no timeout: processes live long).
@@ -808,4 +833,11 @@ mod kind_tests {
             assert!(!e.to_string().chars().any(char::is_control), "{e}");
         }
     }
+}
+
+/// The steps a guest reported, bounded and cleaned (see `phases`).
+fn guest_phases(prefix: &str, steps: &[husk_protocol::agent::Phase]) -> Phases {
+    let mut p = Phases::default();
+    p.push_guest(prefix, steps.iter().map(|s| (s.name.as_str(), s.ns)));
+    p
 }

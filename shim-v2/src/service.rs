@@ -989,6 +989,7 @@ impl Inner {
                 ..request
             }
             .into_request();
+            // The guest's steps are only shown by the CLI's --debug.
             agent.create_container(&req)?;
             Ok(pumps)
         });

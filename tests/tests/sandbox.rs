@@ -45,6 +45,44 @@ fn agent_answers_health_and_version_over_vsock() {
     );
 }
 
+/// The pool's warm-up: the guest runs one throwaway container of its own
+/// through every step (the guest's steps say so), twice in a row, and
+/// leaves no container behind (its id is unknown afterwards).
+#[test]
+fn warm_up_runs_a_throwaway_container_and_leaves_none() {
+    let _alone = alone();
+    let dir = TestDir::new("warm-up");
+    let sandbox = start_sandbox(&dir, "warm-up");
+    for round in 0..2 {
+        let phases = sandbox
+            .agent()
+            .warm_up()
+            .unwrap_or_else(|e| panic!("warm-up {round}: {e}"));
+        let names: Vec<&str> = phases.steps.iter().map(|s| s.name.as_str()).collect();
+        for step in [
+            "fork to parked",
+            "release to exec",
+            "reaped to waited",
+            "remove",
+        ] {
+            assert!(
+                names.iter().any(|n| n.contains(step)),
+                "warm-up {round} has no step {step:?}: {names:?}"
+            );
+        }
+        let gone = sandbox.agent().list_processes("husk-warm-up");
+        assert!(
+            gone.is_err(),
+            "the warm-up container is still there: {gone:?}"
+        );
+    }
+    sandbox.shutdown().expect("shutdown");
+    assert_eq!(
+        leftovers_settled(&dir.path, &dir.state_root()),
+        Vec::<String>::new()
+    );
+}
+
 /// A deterministic byte stream per seed (xorshift64*).
 struct Pattern(u64);
 

@@ -273,6 +273,9 @@ unsafe fn apply_in_child(
     console_sock: libc::c_int,
 ) -> std::io::Result<()> {
     let plan = &launch.plan;
+    // The child's clock on its steps, reported when it parks.
+    let mut stamps: ChildStamps = [0; CHILD_STEPS];
+    stamps[0] = now_ns();
     if let Some(procs) = &plan.cgroup_procs {
         // SAFETY: open of a CString path prepared before the fork.
         let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
@@ -384,9 +387,11 @@ unsafe fn apply_in_child(
         check!(diag, &names.userns_root, libc::setresgid(0, 0, 0));
         check!(diag, &names.userns_root, libc::setresuid(0, 0, 0));
     }
+    stamps[1] = now_ns();
     if plan.unshare_flags != 0 {
         check!(diag, &names.unshare, libc::unshare(plan.unshare_flags));
     }
+    stamps[2] = now_ns();
     if let Some(offsets) = &plan.time_offsets {
         // SAFETY: open of a static path.
         let fd = unsafe {
@@ -448,6 +453,7 @@ unsafe fn apply_in_child(
         // SAFETY: forwarded from the caller's contract.
         unsafe { rootfs::setup_rootfs(rootfs, names, diag)? };
     }
+    stamps[3] = now_ns();
     if let Some(d) = &plan.domainname {
         check!(
             diag,
@@ -471,8 +477,9 @@ unsafe fn apply_in_child(
         unsafe { crate::hooks::run_create(hooks, diag)? };
     }
     if let Some(park) = &launch.park {
+        stamps[4] = now_ns();
         // SAFETY: forwarded from the caller's contract.
-        unsafe { wait_for_start(park, names, diag)? };
+        unsafe { wait_for_start(park, &stamps, names, diag)? };
     }
     if let Some(hooks) = &launch.hooks {
         // SAFETY: forwarded from the caller's contract.
@@ -558,19 +565,54 @@ pub struct ParkFds {
 /// The byte `start` sends a parked child; `delete` sends another.
 pub const START: u8 = b'g';
 
+/// How many of its steps a parking child times (see [`CHILD_STEP_NAMES`]).
+pub const CHILD_STEPS: usize = 5;
+/// CLOCK_MONOTONIC at the end of each step: the child's start, joined
+/// namespaces, new namespaces, rootfs (mounts, pivot_root), createContainer
+/// hooks and the rest up to parking.
+pub type ChildStamps = [u64; CHILD_STEPS];
+/// What each step of [`ChildStamps`] did, from the previous stamp.
+pub const CHILD_STEP_NAMES: [&str; CHILD_STEPS] = [
+    "fork to child",
+    "cgroup, limits, join namespaces",
+    "new namespaces",
+    "rootfs: mounts, pivot_root",
+    "sysctl, hostname, hooks",
+];
+/// What a parking child writes: `b'p'`, then its stamps (native endian).
+pub const PARKED_MESSAGE_LEN: usize = 1 + 8 * CHILD_STEPS;
+
+/// CLOCK_MONOTONIC in ns: async-signal-safe (vDSO or a plain syscall).
+pub fn now_ns() -> u64 {
+    // SAFETY: timespec is plain data, filled by clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// Tells the agent the container is created, then waits for `start`.
 ///
 /// # Safety
 /// Only between fork and exec.
 unsafe fn wait_for_start(
     park: &ParkFds,
+    stamps: &ChildStamps,
     names: &StepNames,
     diag: libc::c_int,
 ) -> std::io::Result<()> {
+    // One write, shorter than PIPE_BUF: the agent reads it whole.
+    let mut message = [0u8; PARKED_MESSAGE_LEN];
+    message[0] = b'p';
+    for (chunk, stamp) in message[1..].chunks_exact_mut(8).zip(stamps) {
+        chunk.copy_from_slice(&stamp.to_ne_bytes());
+    }
     check!(
         diag,
         &names.park,
-        libc::write(park.parked_w, b"p".as_ptr().cast(), 1) as libc::c_int
+        libc::write(park.parked_w, message.as_ptr().cast(), message.len()) as libc::c_int
     );
     let mut byte = 0u8;
     loop {

@@ -41,6 +41,9 @@ pub struct Proc {
 pub(super) struct Parked {
     go: OwnedFd,
     forked: Forked,
+    /// The agent's clock just before the fork, and the child's stamps.
+    forked_at: u64,
+    stamps: child::ChildStamps,
 }
 
 /// A forked child on its way to exec: what the agent keeps of it until it
@@ -82,6 +85,7 @@ pub(super) fn park(
     launch: Launch,
     streams: ProcessStreams,
 ) -> Result<Parked, ContainerError> {
+    let forked_at = child::now_ns();
     let (forked, park) = fork_child(reaper, launch, streams, true)?;
     let Some(ParkEnds { parked, go }) = park else {
         // Cannot happen (asked for above); do not leave the child.
@@ -92,10 +96,21 @@ pub(super) fn park(
             "the container process was forked without its start pipe",
         )));
     };
-    let mut byte = [0u8; 1];
-    // EOF (0): the child ended, or exec'd, without parking.
-    if read_retrying(&parked, &mut byte) == 1 {
-        return Ok(Parked { go, forked });
+    let mut message = [0u8; child::PARKED_MESSAGE_LEN];
+    // EOF (short): the child ended, or exec'd, without parking.
+    if read_retrying(&parked, &mut message) == message.len() {
+        let mut stamps: child::ChildStamps = [0; child::CHILD_STEPS];
+        for (stamp, chunk) in stamps.iter_mut().zip(message[1..].chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *stamp = u64::from_ne_bytes(b);
+        }
+        return Ok(Parked {
+            go,
+            forked,
+            forked_at,
+            stamps,
+        });
     }
     drop(go);
     let pid = forked.pid;
@@ -422,6 +437,15 @@ fn fork_child(
 }
 
 impl Parked {
+    /// The child's steps from the fork to parking, in ns.
+    pub(super) fn steps(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        let starts = std::iter::once(self.forked_at).chain(self.stamps);
+        child::CHILD_STEP_NAMES
+            .into_iter()
+            .zip(starts.zip(self.stamps))
+            .map(|(name, (from, to))| (name, to.saturating_sub(from)))
+    }
+
     /// The parked child's pid: it has made (or joined) its namespaces.
     pub(super) fn pid(&self) -> i32 {
         self.forked.pid

@@ -7,6 +7,7 @@ mod launch;
 mod stdio;
 
 pub use crate::error::ContainerError;
+use crate::phases::Laps;
 pub use stdio::ProcessStreams;
 
 use crate::cgroup;
@@ -133,6 +134,7 @@ impl Containers {
         &self,
         req: &CreateContainerRequest,
         streams: ProcessStreams,
+        laps: &mut Laps,
     ) -> Result<(), ContainerError> {
         let CreateContainerRequest {
             container_id: id,
@@ -153,6 +155,32 @@ impl Containers {
             return Err(ContainerError::NoShare);
         }
         let root = plan::join_inside(Path::new(SHARED_DIR), Path::new(rootfs));
+        self.create_at(
+            id,
+            &spec,
+            root,
+            shared_mounts,
+            no_pivot,
+            bundle,
+            streams,
+            laps,
+        )
+    }
+
+    /// Creates container `id` from `spec` with its rootfs at `root` (a
+    /// path in the guest): `create`'s work once the request is read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_at(
+        &self,
+        id: &str,
+        spec: &Spec,
+        root: PathBuf,
+        shared_mounts: &HashMap<String, String>,
+        no_pivot: bool,
+        bundle: &str,
+        streams: ProcessStreams,
+        laps: &mut Laps,
+    ) -> Result<(), ContainerError> {
         let cgroup = match spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
             Some(p) => plan::join_inside(
                 Path::new(CGROUP_ROOT),
@@ -172,13 +200,15 @@ impl Containers {
             no_pivot,
             device_stage: &device_stage,
         };
-        let plan = plan::plan_container(&spec, &request, &LiveFs)?;
+        laps.lap("parse spec");
+        let plan = plan::plan_container(spec, &request, &LiveFs)?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         // Checked before anything exists, like the rest of the spec.
         let device_rules = device_filter::rules_from_spec(
             resources.as_ref().and_then(|r| r.devices().as_deref()),
         )?;
-        let hooks = crate::hooks::plan(&spec, id, bundle)?;
+        let hooks = crate::hooks::plan(spec, id, bundle)?;
+        laps.lap("plan");
         cgroup::ensure_cgroup(&cgroup)?;
         let undo = |e: ContainerError| {
             let _ = std::fs::remove_dir_all(&device_stage);
@@ -197,6 +227,7 @@ impl Containers {
                 .map_err(|e| undo(e.into()))?,
             prog: filter.prog().try_clone().map_err(|e| undo(e.into()))?,
         };
+        laps.lap("cgroup and device filter");
         if let Some(rootfs) = &plan.rootfs {
             stage_devices(&device_stage, &rootfs.staged_devices).map_err(undo)?;
         }
@@ -223,8 +254,13 @@ impl Containers {
             park: None,
             device_filter: Some(filter),
         };
+        laps.lap("stage devices");
         match park(&self.reaper, launch, streams) {
             Ok(parked) => {
+                laps.lap("fork to parked");
+                for (name, ns) in parked.steps() {
+                    laps.push(&format!("  {name}"), u128::from(ns));
+                }
                 *lock(&container.parked) = Some(parked);
                 Ok(())
             }
@@ -235,12 +271,13 @@ impl Containers {
         }
     }
 
-    pub fn start(&self, id: &str) -> Result<u32, ContainerError> {
+    pub fn start(&self, id: &str, laps: &mut Laps) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
         let parked = lock(&c.parked)
             .take()
             .ok_or_else(|| ContainerError::AlreadyStarted(id.to_string()))?;
         let proc = release(&self.reaper, parked, child::START)?;
+        laps.lap("release to exec");
         let pid = proc.pid;
         *lock(&c.init) = Some(proc);
         Ok(pid as u32)
@@ -252,6 +289,7 @@ impl Containers {
         exec_id: &str,
         process_json: &[u8],
         streams: ProcessStreams,
+        laps: &mut Laps,
     ) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
         let init = lock(&c.init)
@@ -279,13 +317,20 @@ impl Containers {
             park: None,
             device_filter: None,
         };
+        laps.lap("plan");
         let proc = spawn(&self.reaper, launch, streams)?;
+        laps.lap("fork to exec");
         let pid = proc.pid;
         lock(&c.execs).insert(exec_id.to_string(), proc);
         Ok(pid as u32)
     }
 
-    pub fn wait(&self, id: &str, exec_id: &str) -> Result<(ExitInfo, bool), ContainerError> {
+    pub fn wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        laps: &mut Laps,
+    ) -> Result<(ExitInfo, bool), ContainerError> {
         let c = self.get(id)?;
         let p = self.process(id, exec_id)?;
         let info = *p.exit.get_or_init(|| {
@@ -297,10 +342,17 @@ impl Containers {
             }
             info
         });
+        let waited = crate::child::now_ns();
         let copiers: Vec<_> = std::mem::take(&mut *lock(&p.copiers));
         for h in copiers {
             let _ = h.join();
         }
+        let drained = crate::child::now_ns();
+        laps.push(
+            "reaped to waited (container killed)",
+            u128::from(waited.saturating_sub(info.reaped_ns)),
+        );
+        laps.push("output drained", u128::from(drained.saturating_sub(waited)));
         let oom = info.signal == libc::SIGKILL as u32 && cgroup::oom_kills(&c.cgroup) > 0;
         Ok((info, oom))
     }

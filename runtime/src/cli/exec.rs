@@ -107,7 +107,12 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<i32> {
         }
     };
     if let Some(mut ready) = ready {
-        proto::write_message(&mut ready, &ReadyMessage::Ready)?;
+        proto::write_message(
+            &mut ready,
+            &ReadyMessage::Ready {
+                phases: Default::default(),
+            },
+        )?;
     } else if let Some(pid_file) = &args.pid_file {
         super::lifecycle::write_pid_file(pid_file, std::process::id() as i32)?;
     }
@@ -175,7 +180,12 @@ fn start_in_monitor(
     let reply = monitor::request_with_fds(root, &args.id, &req, &fds)?;
     drop(pty);
     match reply {
-        MonitorReply::ExecStarted { exec_id, .. } => Ok(exec_id),
+        MonitorReply::ExecStarted {
+            exec_id, phases, ..
+        } => {
+            phases.log("exec");
+            Ok(exec_id)
+        }
         other => bail!("the monitor of {} answered exec with {other:?}", args.id),
     }
 }
@@ -191,7 +201,7 @@ fn detach(args: &ExecArgs) -> anyhow::Result<i32> {
     let child = cmd.spawn().context("starting the detached exec")?;
     drop(ready_w);
     match proto::read_message::<ReadyMessage>(&mut std::fs::File::from(ready_r), None) {
-        Ok(ReadyMessage::Ready) => {}
+        Ok(ReadyMessage::Ready { .. }) => {}
         Ok(ReadyMessage::Failed { message }) => bail!("{message}"),
         Err(e) => bail!("exec in {} failed to start: {e}", args.id),
     }

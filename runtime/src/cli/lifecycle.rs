@@ -228,7 +228,9 @@ fn spawn_monitor_and_shadow(
     drop((stdio, link_m, ready));
 
     let answer = proto::read_message::<ReadyMessage>(&mut std::fs::File::from(ready_r), None);
-    if answer.as_ref().ok() != Some(&ReadyMessage::Ready) {
+    if let Ok(ReadyMessage::Ready { phases }) = &answer {
+        phases.log("create");
+    } else {
         let _ = monitor.wait();
         let _ = shadow.kill();
         let _ = shadow.wait();
@@ -279,19 +281,25 @@ fn shell_status(status: std::process::ExitStatus) -> i32 {
 }
 
 pub fn run(root: &Path, args: RunArgs) -> anyhow::Result<i32> {
+    let mut watch = husk_runtime::phases::Stopwatch::new();
     let mut created = create(root, &args.create)?;
+    watch.lap("create");
     let id = &args.create.id;
     if let Err(e) = start(root, id) {
         let _ = delete(root, id, true);
         let _ = created.shadow.wait();
         return Err(e);
     }
+    watch.lap("start");
     if args.detach {
         return Ok(0);
     }
     let status = created.shadow.wait().context("waiting for the container")?;
+    watch.lap("started to exit seen");
     let error = ContainerState::load(root, id).ok().and_then(|s| s.error);
     delete(root, id, true)?;
+    watch.lap("delete");
+    watch.finish().log("run");
     if let Some(e) = error {
         bail!("container {id}: {e}");
     }

@@ -25,6 +25,7 @@ use husk_protocol::agent::ExecProcessRequest;
 use husk_runtime::agent::AgentClient;
 use husk_runtime::config::Config;
 use husk_runtime::host_cgroup::HostCgroup;
+use husk_runtime::phases::Stopwatch;
 use husk_runtime::sandbox::{HostStdio, NewContainer, Sandbox, SandboxConfig, StdioPumps};
 use husk_runtime::supervisor::network::{self, SandboxNetwork};
 use husk_runtime::supervisor::{self, hooks, Bundle, Event, HookKind};
@@ -107,7 +108,8 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<i32> {
     // SAFETY: FD_LINK is one end of a socketpair made by husk create.
     let link = unsafe { UnixStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(link)) };
     let stdio = [take_fd(FD_STDIN), take_fd(FD_STDOUT), take_fd(FD_STDERR)];
-    let monitor = match setup(root, &args, stdio, link) {
+    let mut watch = Stopwatch::new();
+    let monitor = match setup(root, &args, stdio, link, &mut watch) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             say_failed(&mut ready, super::one_line(&e));
@@ -118,11 +120,13 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<i32> {
         Ok(l) => l,
         Err(e) => {
             say_failed(&mut ready, format!("binding the monitor socket: {e}"));
-            monitor.teardown();
+            monitor.teardown(&mut Stopwatch::new());
             return Ok(1);
         }
     };
-    let _ = proto::write_message(&mut ready, &ReadyMessage::Ready);
+    watch.lap("monitor socket");
+    let phases = watch.finish();
+    let _ = proto::write_message(&mut ready, &ReadyMessage::Ready { phases });
     drop(ready);
     let m = Arc::clone(&monitor);
     std::thread::spawn(move || m.watch_shadow());
@@ -142,10 +146,12 @@ fn setup(
     args: &MonitorArgs,
     stdio: [Option<File>; 3],
     link: UnixStream,
+    watch: &mut Stopwatch,
 ) -> anyhow::Result<Monitor> {
     let mut bundle = Bundle::load(&args.bundle)?;
     let config = Config::load()?;
     let size = bundle.vm_size(&config)?;
+    watch.lap("bundle and config");
     // Into the host cgroup first: the VMM and backends inherit it.
     let host_cgroup = supervisor::sandbox_cgroup(
         &bundle,
@@ -155,6 +161,7 @@ fn setup(
         &[std::process::id(), args.shadow_pid as u32],
     )
     .context("config.json: linux.cgroupsPath: the sandbox's host cgroup")?;
+    watch.lap("host cgroup");
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);
     sc.memory_mib = size.memory_mib;
@@ -180,8 +187,12 @@ fn setup(
             None
         }
     };
+    watch.lap("network wiring");
     let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
+    watch.lap("sandbox start");
+    watch.add(sandbox.timings.phases());
     let shared = supervisor::share_container(&sandbox, &args.id, &bundle)?;
+    watch.lap("share rootfs and mounts");
     let terminal = bundle
         .spec
         .process()
@@ -207,7 +218,8 @@ fn setup(
         }
     };
     let (tokens, pumps) = sandbox.connect_stdio(host_stdio)?;
-    sandbox.create_container(NewContainer {
+    watch.lap("stdio streams");
+    let guest_create = sandbox.create_container(NewContainer {
         id: args.id.clone(),
         spec_json: bundle.spec_json(),
         rootfs_rel: shared.rootfs_rel,
@@ -216,6 +228,8 @@ fn setup(
         no_pivot: args.no_pivot,
         bundle: bundle.dir.clone(),
     })?;
+    watch.lap("CreateContainer RPC");
+    watch.add(guest_create);
     let agent = sandbox.agent_client();
     if let Some(network) = network.as_ref().filter(|n| !n.is_empty()) {
         agent
@@ -229,6 +243,7 @@ fn setup(
         s.monitor_pid = std::process::id() as i32;
         s.monitor_start = state::process_start(std::process::id() as i32).unwrap_or(0);
     })?;
+    watch.lap("network RPC and state");
     // The container exists in the guest, its process not yet started.
     hooks::run(
         bundle.spec.hooks().as_ref(),
@@ -236,6 +251,7 @@ fn setup(
         HookKind::CreateRuntime,
     )?;
     hooks::run(bundle.spec.hooks().as_ref(), &st.oci(), HookKind::Prestart)?;
+    watch.lap("createRuntime and prestart hooks");
     // An interface a hook put in the container's own namespace: wired to
     // the slot the VM booted with, and given to the guest before start.
     let mut network = network;
@@ -387,9 +403,10 @@ impl Monitor {
         st.status
             .next(Event::Start)
             .map_err(|e| refused(e.to_string()))?;
-        let pid = self.agent.start_container(&self.id);
-        let pid = match pid {
-            Ok(pid) => pid,
+        let mut watch = Stopwatch::new();
+        let started = self.agent.start_container_timed(&self.id);
+        let (pid, guest) = match started {
+            Ok(started) => started,
             Err(e) => {
                 let e = match lock(&self.sandbox).as_mut() {
                     Some(sb) => sb.explain(e),
@@ -399,10 +416,13 @@ impl Monitor {
                 return Err(e.into());
             }
         };
+        watch.lap("StartContainer RPC");
+        watch.add(guest);
         let st = state::update(&self.root, &self.id, |s| {
             s.status = Status::Running;
             s.guest_pid = pid;
         })?;
+        watch.lap("state");
         if let Some(master) = lock(&self.host_pty_master).take() {
             let agent = self.agent.clone();
             let id = self.id.clone();
@@ -415,7 +435,12 @@ impl Monitor {
         let m = Arc::clone(self);
         std::thread::spawn(move || m.wait_exit());
         let warnings = super::hooks::run_saved_hooks(&st, HookKind::Poststart);
-        Ok(MonitorReply::Started { pid, warnings })
+        watch.lap("poststart hooks");
+        Ok(MonitorReply::Started {
+            pid,
+            warnings,
+            phases: watch.finish(),
+        })
     }
 
     fn wait_exit(&self) {
@@ -437,10 +462,16 @@ impl Monitor {
             // wait for them.
             lock(&self.pumps).take();
         }
+        let mut watch = Stopwatch::new();
+        watch.add(end.guest_phases);
         if let Some(pumps) = lock(&self.pumps).take() {
             pumps.finish();
         }
+        watch.lap("host output drained");
         self.finish(end.code, end.signal);
+        watch.lap("state and shadow told");
+        // Logged here: the monitor's log is `husk --debug create`'s.
+        watch.finish().log("exit");
     }
 
     /// Watches the VMM and the device backends: the death of any of them
@@ -525,29 +556,48 @@ impl Monitor {
         st.status
             .next(Event::Delete { force })
             .map_err(|e| refused(format!("container {}: {e}", self.id)))?;
+        let mut watch = Stopwatch::new();
         if matches!(st.status, Status::Running | Status::Paused) {
             let _ = self.agent.remove_container(&self.id, true);
+            watch.lap("RemoveContainer RPC");
         }
-        self.teardown();
+        self.teardown(&mut watch);
         let warnings = super::hooks::run_saved_hooks(&st, HookKind::Poststop);
-        Ok(MonitorReply::DoneWithWarnings { warnings })
+        watch.lap("poststop hooks");
+        Ok(MonitorReply::DoneWithWarnings {
+            warnings,
+            phases: watch.finish(),
+        })
     }
 
     /// Ends the VM and removes every trace of the container.
-    fn teardown(&self) {
+    fn teardown(&self, watch: &mut Stopwatch) {
         if let Some(sandbox) = lock(&self.sandbox).take() {
-            if let Err(e) = sandbox.shutdown() {
-                log::warn!("{}: {e}", self.id);
+            match sandbox.shutdown() {
+                Ok(guest) => {
+                    let mut p = husk_runtime::phases::Phases::default();
+                    p.push(
+                        husk_runtime::phases::Clock::Host,
+                        "  of which Shutdown RPC to VMM exit",
+                        guest,
+                    );
+                    watch.lap("sandbox shutdown");
+                    watch.add(p);
+                }
+                Err(e) => log::warn!("{}: {e}", self.id),
             }
         }
         if let Some(mut network) = lock(&self.network).take() {
             network.unwire();
+            watch.lap("network unwiring");
         }
         if let Some(mut cg) = lock(&self.host_cgroup).take() {
             cg.remove(std::process::id());
+            watch.lap("host cgroup");
         }
         let dir = state::container_dir(&self.root, &self.id);
         let _ = std::fs::remove_dir_all(dir);
+        watch.lap("state");
     }
 
     /// Starts a process in the container with the stdio `husk exec` handed
@@ -606,8 +656,10 @@ impl Monitor {
                 (stdio, Some(master))
             }
         };
+        let mut watch = Stopwatch::new();
         let (tokens, pumps) = husk_runtime::sandbox::connect_stdio_via(&self.agent, host_stdio)
             .with_context(|| format!("exec in {}", self.id))?;
+        watch.lap("stdio streams");
         let exec_id = format!("exec-{:016x}", husk_runtime::agent::new_token());
         let req = ExecProcessRequest {
             container_id: self.id.clone(),
@@ -616,8 +668,8 @@ impl Monitor {
             stdio: Some(tokens).into(),
             ..Default::default()
         };
-        let pid = match self.agent.exec_process(&req) {
-            Ok(pid) => pid,
+        let (pid, guest) = match self.agent.exec_process_timed(&req) {
+            Ok(started) => started,
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
                 return Err(anyhow::Error::from(e).context(format!("exec in {}", self.id)));
@@ -635,7 +687,13 @@ impl Monitor {
                 stop_stdin: stop,
             },
         );
-        Ok(MonitorReply::ExecStarted { exec_id, pid })
+        watch.lap("ExecProcess RPC");
+        watch.add(guest);
+        Ok(MonitorReply::ExecStarted {
+            exec_id,
+            pid,
+            phases: watch.finish(),
+        })
     }
 
     /// Waits for an exec to end; its output is all delivered before the
@@ -871,7 +929,14 @@ pub fn request_with_fds(
 /// Prints the warnings an answer carries (host hooks that failed).
 pub fn print_warnings(reply: &MonitorReply) {
     let warnings = match reply {
-        MonitorReply::Started { warnings, .. } | MonitorReply::DoneWithWarnings { warnings } => {
+        MonitorReply::Started {
+            warnings, phases, ..
+        } => {
+            phases.log("start");
+            warnings
+        }
+        MonitorReply::DoneWithWarnings { warnings, phases } => {
+            phases.log("delete");
             warnings
         }
         _ => return,

@@ -16,6 +16,7 @@
 //! message) is already bounded and made printable by the agent client
 //! before it is put into a reply.
 
+use husk_runtime::phases::Phases;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -191,16 +192,23 @@ pub enum MonitorReply {
     /// Done; host hooks that failed (they only warn, as the spec says).
     DoneWithWarnings {
         warnings: Vec<String>,
+        /// Where a delete's time went (`husk --debug`).
+        #[serde(default)]
+        phases: Phases,
     },
     /// The container's process started (guest pid).
     Started {
         pid: u32,
         warnings: Vec<String>,
+        #[serde(default)]
+        phases: Phases,
     },
     /// An exec started: its id for `Wait`, its guest pid.
     ExecStarted {
         exec_id: String,
         pid: u32,
+        #[serde(default)]
+        phases: Phases,
     },
     /// The process ended: its exit code, or the signal that killed it.
     Exited {
@@ -330,8 +338,14 @@ pub enum MonitorResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ReadyMessage {
-    Ready,
-    Failed { message: String },
+    /// Set up; where the set-up's time went (`husk --debug`).
+    Ready {
+        #[serde(default)]
+        phases: Phases,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// From the monitor to the shadow: how the container's process ended,
@@ -538,6 +552,7 @@ mod tests {
         round_trip(MonitorResponse::Ok(MonitorReply::Started {
             pid: 1,
             warnings: vec!["poststart hook 0 failed".into()],
+            phases: Phases::default(),
         }));
         round_trip(MonitorResponse::Ok(MonitorReply::Exited {
             code: 137,

@@ -153,7 +153,7 @@ pub fn sandbox_cgroup(
 }
 
 /// How a process ended, as the host records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessEnd {
     /// The shell's way: the exit code, or 128 + the signal.
     pub code: i32,
@@ -164,6 +164,8 @@ pub struct ProcessEnd {
     pub exited_at_unix_ns: u64,
     /// Why it ended when it was not its own doing (the VM died).
     pub cause: Option<String>,
+    /// The guest's steps from the end to its answer (display only).
+    pub guest_phases: crate::phases::Phases,
 }
 
 impl ProcessEnd {
@@ -175,6 +177,7 @@ impl ProcessEnd {
             oom_killed: false,
             exited_at_unix_ns: 0,
             cause: Some(cause),
+            guest_phases: Default::default(),
         }
     }
 
@@ -186,6 +189,7 @@ impl ProcessEnd {
             oom_killed: false,
             exited_at_unix_ns: 0,
             cause: None,
+            guest_phases: Default::default(),
         }
     }
 }
@@ -210,6 +214,11 @@ pub fn wait_process_end(
                 oom_killed: r.oom_killed,
                 exited_at_unix_ns: r.exited_at_unix_ns,
                 cause: None,
+                guest_phases: {
+                    let mut p = crate::phases::Phases::default();
+                    p.push_guest("guest: ", r.phases.iter().map(|s| (s.name.as_str(), s.ns)));
+                    p
+                },
             }
         }
         Err(e) => ProcessEnd::vm_gone(explain(e)),
