@@ -65,6 +65,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The API server thread.
     Api,
+    /// The data path thread of a virtio-net device.
+    Net,
 }
 
 impl ThreadKind {
@@ -74,6 +76,7 @@ impl ThreadKind {
             Self::Main => "main",
             Self::Vcpu => "vCPU",
             Self::Api => "API",
+            Self::Net => "virtio-net",
         }
     }
 }
@@ -277,6 +280,19 @@ pub fn vcpu_filter(vcpu_fd: RawFd, backend_fds: &[RawFd]) -> Result<BpfProgram, 
             &[(0, SeccompCmpOp::Eq, fd), (1, SeccompCmpOp::Eq, request)],
         )?;
     }
+    list.build()
+}
+
+/// Filter of a virtio-net data path thread waiting on `epoll_fd`: wait
+/// for its tap and eventfds, read and write them (in [`COMMON`]), nothing
+/// else. Guest memory is already mapped; the tap was set up before.
+pub fn net_filter(epoll_fd: RawFd) -> Result<BpfProgram, SeccompError> {
+    let thread = ThreadKind::Net;
+    let mut list = AllowList::new(thread)?;
+    let fd = fd_arg(thread, epoll_fd)?;
+    #[cfg(target_arch = "x86_64")]
+    list.allow_if(libc::SYS_epoll_wait, &[(0, SeccompCmpOp::Eq, fd)])?;
+    list.allow_if(libc::SYS_epoll_pwait, &[(0, SeccompCmpOp::Eq, fd)])?;
     list.build()
 }
 

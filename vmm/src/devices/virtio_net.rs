@@ -1,0 +1,827 @@
+//! virtio-net (device id 1) on a tap, in the VMM (virtio 1.2 §5.1).
+//!
+//! One receive and one transmit queue, no offloads: the device offers
+//! VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC and, when configured,
+//! VIRTIO_NET_F_MTU. Without checksum or segmentation offload every frame is
+//! a complete Ethernet frame behind a 12-byte `virtio_net_hdr_v1`, and the
+//! header carries nothing the device has to act on.
+//!
+//! The data path runs on a thread of its own ([`NetWorker`]), woken by epoll
+//! on the tap (edge triggered), the two queue kick eventfds (KVM ioeventfds)
+//! and a wake eventfd the transport's activation writes. It owns two frame
+//! buffers allocated once, one per direction; no frame allocates:
+//!
+//! * transmit: a chain is gathered into the transmit buffer behind a zeroed
+//!   tap header, then written to the tap in one write. Copying first means
+//!   the tap is handed exactly what was checked, whatever the guest does to
+//!   its memory meanwhile; the guest's own header is never passed on (a
+//!   guest cannot ask the host kernel for segmentation or checksum work);
+//! * receive: a frame is read from the tap into the receive buffer, its
+//!   header replaced by a zeroed one (`num_buffers` 1), then copied into the
+//!   next receive chain. With no receive chain available the frame stays in
+//!   the buffer and the tap is not read again until the driver adds buffers
+//!   and kicks the receive queue (Firecracker's deferred frame): the kernel
+//!   queues or drops what arrives meanwhile, the VMM holds one frame.
+//!
+//! Everything in a chain is the guest's: descriptor directions, lengths,
+//! addresses, chain length and loops (bounded by virtio-queue's per-chain
+//! budget and by the frame buffer's size). A malformed chain is returned
+//! used with length 0 and its frame dropped; nothing panics, the VMM goes
+//! on, and the warning is rate limited.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::{Tap, TapError, VNET_HDR_LEN_V1};
+use super::virtio_mmio::{
+    read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, INT_VRING, VIRTIO_F_VERSION_1,
+};
+use crate::memory::GuestMemoryMmap;
+
+/// virtio device id of a network card.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// The device's maximum MTU is in its configuration space.
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+/// The device has a MAC address in its configuration space.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Size of each of the two queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Largest buffer a frame takes, virtio-net header included.
+pub const FRAME_BUF_LEN: usize = 65562;
+/// Largest Ethernet frame the device moves (headers included, no FCS).
+pub const MAX_FRAME_LEN: usize = FRAME_BUF_LEN - VNET_HDR_LEN_V1;
+/// Shortest frame: an Ethernet header.
+pub const MIN_FRAME_LEN: usize = 14;
+/// Smallest MTU (IPv4's minimum).
+pub const MIN_MTU: u16 = 68;
+/// Largest MTU: a frame of it (Ethernet and VLAN headers included) fits.
+pub const MAX_MTU: u16 = (MAX_FRAME_LEN - 18) as u16;
+/// Chains handled per queue before the other direction gets a turn.
+const BUDGET: usize = QUEUE_SIZE as usize;
+/// Byte offset of `gso_type` in a virtio-net header.
+const HDR_GSO_TYPE: usize = 1;
+/// Byte offset of `num_buffers` in a `virtio_net_hdr_v1`.
+const HDR_NUM_BUFFERS: usize = 10;
+/// Length of the configuration space: mac, status, max_virtqueue_pairs, mtu.
+const CONFIG_LEN: usize = 12;
+
+/// Errors setting up a virtio-net device.
+#[derive(Debug, Error)]
+pub enum NetError {
+    /// A bad `--net` parameter.
+    #[error("invalid --net parameter: {0}")]
+    InvalidParam(String),
+    /// The tap.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// epoll/eventfd/thread plumbing.
+    #[error("virtio-net: {what}: {source}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One network device as configured: the inherited tap, the guest's MAC
+/// and, optionally, the MTU announced to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Inherited tap descriptor.
+    pub tap_fd: RawFd,
+    /// MAC address of the guest's device.
+    pub mac: [u8; 6],
+    /// MTU offered to the guest (VIRTIO_NET_F_MTU).
+    pub mtu: Option<u16>,
+}
+
+impl NetConfig {
+    /// Parse `tap-fd=<N>,mac=<xx:xx:xx:xx:xx:xx>[,mtu=<N>]`.
+    pub fn parse(arg: &str) -> Result<NetConfig, NetError> {
+        let bad = |m: String| NetError::InvalidParam(format!("{arg:?}: {m}"));
+        let (mut tap_fd, mut mac, mut mtu) = (None, None, None);
+        for part in arg.split(',') {
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(bad(format!("{part:?} is not key=value")));
+            };
+            let slot_taken = match key {
+                "tap-fd" => tap_fd
+                    .replace(
+                        value
+                            .parse::<RawFd>()
+                            .ok()
+                            .filter(|fd| *fd > 2)
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "tap-fd {value:?} is not a descriptor number above 2"
+                                ))
+                            })?,
+                    )
+                    .is_some(),
+                "mac" => mac.replace(parse_mac(value).map_err(bad)?).is_some(),
+                "mtu" => mtu
+                    .replace(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|m| (MIN_MTU..=MAX_MTU).contains(m))
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "mtu {value:?} is not between {MIN_MTU} and {MAX_MTU}"
+                                ))
+                            })?,
+                    )
+                    .is_some(),
+                _ => return Err(bad(format!("unknown key {key:?} (tap-fd, mac, mtu)"))),
+            };
+            if slot_taken {
+                return Err(bad(format!("{key} given twice")));
+            }
+        }
+        Ok(NetConfig {
+            tap_fd: tap_fd.ok_or_else(|| bad("tap-fd is required".into()))?,
+            mac: mac.ok_or_else(|| bad("mac is required".into()))?,
+            mtu,
+        })
+    }
+}
+
+/// Six two-digit hex octets separated by colons, unicast.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        *byte = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| format!("mac {s:?} is not six hex octets like 02:00:00:00:00:01"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!(
+            "mac {s:?} is not six hex octets like 02:00:00:00:00:01"
+        ));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac {s:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Why a descriptor chain was dropped (always the guest driver's doing).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ChainError {
+    /// A transmit chain with a device-writable descriptor.
+    #[error("transmit chain has a device-writable descriptor")]
+    WritableInTx,
+    /// A receive chain with a device-readable descriptor.
+    #[error("receive chain has a device-readable descriptor")]
+    ReadableInRx,
+    /// Not even a virtio-net header and an Ethernet header.
+    #[error("transmit chain of {0} bytes is shorter than a virtio-net and an Ethernet header")]
+    TooShort(usize),
+    /// More than the largest frame.
+    #[error("transmit chain holds a frame longer than {MAX_FRAME_LEN} bytes")]
+    TooLong,
+    /// The receive chain is too small for the frame.
+    #[error("receive chain of {have} bytes cannot hold a {need}-byte frame")]
+    NoRoom {
+        /// Bytes the chain could take.
+        have: usize,
+        /// Bytes of the frame with its header.
+        need: usize,
+    },
+    /// A descriptor outside guest memory.
+    #[error("descriptor {addr:#x}+{len:#x} is not in guest memory")]
+    Memory {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: usize,
+    },
+}
+
+/// Counters of the data path.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames written to the tap.
+    pub tx_frames: u64,
+    /// Their bytes (frames only).
+    pub tx_bytes: u64,
+    /// Transmit chains dropped as malformed.
+    pub tx_bad_chains: u64,
+    /// Frames the tap refused.
+    pub tx_tap_errors: u64,
+    /// Frames given to the guest.
+    pub rx_frames: u64,
+    /// Their bytes (frames only).
+    pub rx_bytes: u64,
+    /// Frames dropped (malformed receive chain, or a frame the data path
+    /// does not take from the tap).
+    pub rx_dropped: u64,
+    /// Times receiving stopped for lack of guest buffers.
+    pub rx_deferred: u64,
+}
+
+/// At most one warning a second; the rest are counted.
+#[derive(Debug, Default)]
+struct RateLimitedWarn {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarn {
+    fn warn(&mut self, args: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::warn!(
+                "virtio-net: {args} ({} similar warnings suppressed)",
+                self.suppressed
+            );
+        } else {
+            log::warn!("virtio-net: {args}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// The queues of an activated device.
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    irq_status: Arc<AtomicU32>,
+}
+
+/// The data path: the tap, the two frame buffers and, once the driver set
+/// DRIVER_OK, the queues. Shared by the transport (activation, reset, on a
+/// vCPU thread) and the [`NetWorker`] thread.
+pub struct NetDataPath {
+    tap: Tap,
+    /// `[virtio_net_hdr_v1][frame]`, read from the tap at
+    /// `VNET_HDR_LEN_V1 - tap header length`.
+    rx_buf: Vec<u8>,
+    /// Bytes at the start of `rx_buf` waiting for a receive chain (0: none).
+    rx_pending: usize,
+    /// `[tap header, zero][frame]`.
+    tx_buf: Vec<u8>,
+    active: Option<Active>,
+    irq: EventFd,
+    stats: NetStats,
+    warn: RateLimitedWarn,
+}
+
+impl NetDataPath {
+    fn new(tap: Tap, irq: EventFd) -> Self {
+        let tx_len = tap.vnet_hdr_len() + MAX_FRAME_LEN;
+        NetDataPath {
+            tap,
+            rx_buf: vec![0; FRAME_BUF_LEN],
+            rx_pending: 0,
+            tx_buf: vec![0; tx_len],
+            active: None,
+            irq,
+            stats: NetStats::default(),
+            warn: RateLimitedWarn::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Whether a frame read from the tap waits for a receive buffer.
+    pub fn has_deferred_frame(&self) -> bool {
+        self.rx_pending > 0
+    }
+
+    /// Send every available transmit chain (at most [`BUDGET`]); returns
+    /// whether chains are left for another turn.
+    pub fn process_tx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let hdr = self.tap.vnet_hdr_len();
+        let mut used = 0;
+        while used < BUDGET {
+            let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match gather_tx_frame(&active.mem, chain, &mut self.tx_buf[hdr..]) {
+                Ok(len) => match self.tap.write_frame(&self.tx_buf[..hdr + len]) {
+                    Ok(_) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += len as u64;
+                    }
+                    Err(e) => {
+                        self.stats.tx_tap_errors += 1;
+                        self.warn
+                            .warn(format_args!("tap refused a {len}-byte frame: {e}"));
+                    }
+                },
+                Err(e) => {
+                    self.stats.tx_bad_chains += 1;
+                    self.warn
+                        .warn(format_args!("transmit chain {head} dropped: {e}"));
+                }
+            }
+            // The device writes nothing into a transmit chain.
+            if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
+                self.warn
+                    .warn(format_args!("cannot return transmit chain {head}: {e}"));
+            }
+            used += 1;
+        }
+        if used > 0 {
+            signal_used(active, TX_QUEUE, &self.irq);
+        }
+        used == BUDGET
+    }
+
+    /// Move frames from the tap into receive chains until the tap is empty,
+    /// the guest has no buffer left (the frame is deferred) or the budget is
+    /// spent; returns whether frames may be left for another turn.
+    pub fn process_rx(&mut self) -> bool {
+        if self.active.is_none() {
+            // Frames wait in the tap's queue until the driver is ready.
+            return false;
+        }
+        let mut delivered = 0;
+        let mut budget_spent = true;
+        while delivered < BUDGET {
+            if self.rx_pending == 0 && !self.read_tap_frame() {
+                budget_spent = false;
+                break;
+            }
+            if !self.deliver_pending() {
+                self.stats.rx_deferred += 1;
+                budget_spent = false;
+                break;
+            }
+            delivered += 1;
+        }
+        if delivered > 0 {
+            if let Some(active) = self.active.as_mut() {
+                signal_used(active, RX_QUEUE, &self.irq);
+            }
+        }
+        budget_spent
+    }
+
+    /// Read the next usable frame from the tap into `rx_buf` behind a fresh
+    /// header; false when the tap has nothing (or fails).
+    fn read_tap_frame(&mut self) -> bool {
+        let hdr = self.tap.vnet_hdr_len();
+        let start = VNET_HDR_LEN_V1 - hdr;
+        loop {
+            let n = match self.tap.read_frame(&mut self.rx_buf[start..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.warn.warn(format_args!("reading the tap: {e}"));
+                    return false;
+                }
+            };
+            // Offloads are off: a segmentation request from the kernel is
+            // not something this device can hand on; drop it.
+            if n < hdr + MIN_FRAME_LEN || (hdr > 0 && self.rx_buf[start + HDR_GSO_TYPE] != 0) {
+                self.stats.rx_dropped += 1;
+                self.warn.warn(format_args!(
+                    "dropped a {n}-byte unusable frame from the tap"
+                ));
+                continue;
+            }
+            self.rx_buf[..VNET_HDR_LEN_V1].fill(0);
+            self.rx_buf[HDR_NUM_BUFFERS..VNET_HDR_LEN_V1].copy_from_slice(&1u16.to_le_bytes());
+            self.rx_pending = VNET_HDR_LEN_V1 + n - hdr;
+            return true;
+        }
+    }
+
+    /// Copy the pending frame into the next receive chain; false (frame
+    /// kept) when the guest has none.
+    fn deliver_pending(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(chain) = active.rx.pop_descriptor_chain(&active.mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let frame = &self.rx_buf[..self.rx_pending];
+        let len = match fill_rx_chain(&active.mem, chain, frame) {
+            Ok(len) => {
+                self.stats.rx_frames += 1;
+                self.stats.rx_bytes += (frame.len() - VNET_HDR_LEN_V1) as u64;
+                len
+            }
+            Err(e) => {
+                self.stats.rx_dropped += 1;
+                self.warn
+                    .warn(format_args!("receive chain {head} dropped a frame: {e}"));
+                0
+            }
+        };
+        self.rx_pending = 0;
+        if let Err(e) = active.rx.add_used(&active.mem, head, len) {
+            self.warn
+                .warn(format_args!("cannot return receive chain {head}: {e}"));
+        }
+        true
+    }
+}
+
+/// Raise the interrupt for `queue` unless the driver suppressed it.
+fn signal_used(active: &mut Active, queue: usize, irq: &EventFd) {
+    let q = if queue == RX_QUEUE {
+        &mut active.rx
+    } else {
+        &mut active.tx
+    };
+    if q.needs_notification(&active.mem).unwrap_or(true) {
+        active.irq_status.fetch_or(INT_VRING, Ordering::SeqCst);
+        if let Err(e) = irq.write(1) {
+            log::error!("virtio-net: cannot raise the interrupt: {e}");
+        }
+    }
+}
+
+/// Gather the frame of a transmit chain (after its virtio-net header) into
+/// `buf`; returns the frame's length.
+pub fn gather_tx_frame(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> Result<usize, ChainError> {
+    let mut header_left = VNET_HDR_LEN_V1;
+    let mut len = 0usize;
+    let mut total = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(ChainError::WritableInTx);
+        }
+        let desc_len = desc.len() as usize;
+        total = total.saturating_add(desc_len);
+        let skip = header_left.min(desc_len);
+        header_left -= skip;
+        let data_len = desc_len - skip;
+        if data_len == 0 {
+            continue;
+        }
+        let Some(dst) = buf.get_mut(len..len + data_len) else {
+            return Err(ChainError::TooLong);
+        };
+        let addr = desc.addr().0.checked_add(skip as u64);
+        addr.and_then(|a| mem.read_slice(dst, GuestAddress(a)).ok())
+            .ok_or(ChainError::Memory {
+                addr: desc.addr().0,
+                len: desc_len,
+            })?;
+        len += data_len;
+    }
+    if header_left > 0 || len < MIN_FRAME_LEN {
+        return Err(ChainError::TooShort(total));
+    }
+    Ok(len)
+}
+
+/// Copy `frame` (virtio-net header included) into a receive chain; returns
+/// the bytes written.
+pub fn fill_rx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &[u8],
+) -> Result<u32, ChainError> {
+    let mut written = 0usize;
+    for desc in chain {
+        if written == frame.len() {
+            break;
+        }
+        if !desc.is_write_only() {
+            return Err(ChainError::ReadableInRx);
+        }
+        let n = (desc.len() as usize).min(frame.len() - written);
+        mem.write_slice(&frame[written..written + n], desc.addr())
+            .map_err(|_| ChainError::Memory {
+                addr: desc.addr().0,
+                len: desc.len() as usize,
+            })?;
+        written += n;
+    }
+    if written < frame.len() {
+        return Err(ChainError::NoRoom {
+            have: written,
+            need: frame.len(),
+        });
+    }
+    // `frame` is at most FRAME_BUF_LEN bytes.
+    Ok(written as u32)
+}
+
+/// The virtio-net device as the virtio-mmio transport sees it.
+pub struct NetDevice {
+    config: [u8; CONFIG_LEN],
+    features: u64,
+    data: Arc<Mutex<NetDataPath>>,
+    wake: EventFd,
+}
+
+/// What the data path thread is built from, once the transport exists.
+pub struct NetWorkerParts {
+    data: Arc<Mutex<NetDataPath>>,
+    wake: EventFd,
+}
+
+impl NetDevice {
+    /// A device on `tap` with `mac` (and `mtu` offered, if any); `irq` is
+    /// (a duplicate of) the transport's interrupt eventfd.
+    pub fn new(
+        tap: Tap,
+        mac: [u8; 6],
+        mtu: Option<u16>,
+        irq: EventFd,
+    ) -> Result<(NetDevice, NetWorkerParts), NetError> {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC;
+        if let Some(mtu) = mtu {
+            if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                return Err(NetError::InvalidParam(format!(
+                    "mtu {mtu} is not between {MIN_MTU} and {MAX_MTU}"
+                )));
+            }
+            config[10..12].copy_from_slice(&mtu.to_le_bytes());
+            features |= VIRTIO_NET_F_MTU;
+        }
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| NetError::Os {
+            what: "creating an eventfd",
+            source,
+        })?;
+        let worker_wake = wake.try_clone().map_err(|source| NetError::Os {
+            what: "duplicating an eventfd",
+            source,
+        })?;
+        let data = Arc::new(Mutex::new(NetDataPath::new(tap, irq)));
+        Ok((
+            NetDevice {
+                config,
+                features,
+                data: data.clone(),
+                wake,
+            },
+            NetWorkerParts {
+                data,
+                wake: worker_wake,
+            },
+        ))
+    }
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for a virtio 1 driver.
+        log::warn!(
+            "virtio-net: {}-byte configuration write at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        _acked_features: u64,
+        queues: &[(usize, &Queue)],
+        _kicks: &[EventFd],
+        interrupt: &VirtioInterrupt,
+    ) -> Result<(), ActivateError> {
+        // The data path works on its own copy of each queue's state.
+        let queue = |index: usize| {
+            let (_, q) = queues.iter().find(|(i, _)| *i == index).ok_or_else(|| {
+                ActivateError::BadQueue {
+                    index,
+                    reason: "the receive and the transmit queue must both be ready".into(),
+                }
+            })?;
+            Queue::try_from(q.state()).map_err(|e| ActivateError::BadQueue {
+                index,
+                reason: e.to_string(),
+            })
+        };
+        let (rx, tx) = (queue(RX_QUEUE)?, queue(TX_QUEUE)?);
+        let mut data = self
+            .data
+            .lock()
+            .map_err(|_| ActivateError::Backend("the data path is poisoned".into()))?;
+        data.active = Some(Active {
+            mem: mem.clone(),
+            rx,
+            tx,
+            irq_status: interrupt.status.clone(),
+        });
+        drop(data);
+        // The worker looks at both queues (the driver may have filled them
+        // before DRIVER_OK) and drains what waited in the tap.
+        self.wake
+            .write(1)
+            .map_err(|e| ActivateError::Backend(format!("cannot wake the data path: {e}")))
+    }
+
+    fn reset(&mut self) -> bool {
+        match self.data.lock() {
+            Ok(mut data) => {
+                data.active = None;
+                data.rx_pending = 0;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// epoll tokens of the worker.
+const TOKEN_TAP: u64 = 0;
+const TOKEN_RX_KICK: u64 = 1;
+const TOKEN_TX_KICK: u64 = 2;
+const TOKEN_WAKE: u64 = 3;
+const TOKEN_STOP: u64 = 4;
+
+/// The data path thread of one device.
+pub struct NetWorker {
+    epoll: Epoll,
+    data: Arc<Mutex<NetDataPath>>,
+    wake: EventFd,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    stop: EventFd,
+}
+
+impl NetWorker {
+    /// Build the worker from the device's parts and the transport's kick
+    /// eventfds (duplicated here, before any seccomp filter).
+    pub fn new(parts: NetWorkerParts, kicks: &[EventFd]) -> Result<NetWorker, NetError> {
+        let os = |what: &'static str| move |source| NetError::Os { what, source };
+        let (Some(rx), Some(tx)) = (kicks.get(RX_QUEUE), kicks.get(TX_QUEUE)) else {
+            return Err(NetError::InvalidParam(
+                "the transport has no receive and transmit kicks".into(),
+            ));
+        };
+        let rx_kick = rx.try_clone().map_err(os("duplicating a kick eventfd"))?;
+        let tx_kick = tx.try_clone().map_err(os("duplicating a kick eventfd"))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating an eventfd"))?;
+        let epoll = Epoll::new().map_err(os("epoll_create"))?;
+        let tap_fd = parts
+            .data
+            .lock()
+            .map_err(|_| NetError::InvalidParam("the data path is poisoned".into()))?
+            .tap
+            .as_raw_fd();
+        let sources = [
+            (tap_fd, TOKEN_TAP, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (rx_kick.as_raw_fd(), TOKEN_RX_KICK, EventSet::IN),
+            (tx_kick.as_raw_fd(), TOKEN_TX_KICK, EventSet::IN),
+            (parts.wake.as_raw_fd(), TOKEN_WAKE, EventSet::IN),
+            (stop.as_raw_fd(), TOKEN_STOP, EventSet::IN),
+        ];
+        for (fd, token, events) in sources {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+                .map_err(os("epoll_ctl"))?;
+        }
+        Ok(NetWorker {
+            epoll,
+            data: parts.data,
+            wake: parts.wake,
+            rx_kick,
+            tx_kick,
+            stop,
+        })
+    }
+
+    /// The epoll descriptor (the only one the thread's filter lets it wait on).
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// An eventfd that ends [`NetWorker::run`] when written.
+    pub fn stopper(&self) -> Result<EventFd, NetError> {
+        self.stop.try_clone().map_err(|source| NetError::Os {
+            what: "duplicating an eventfd",
+            source,
+        })
+    }
+
+    /// The data path (tests and diagnostics).
+    pub fn data_path(&self) -> Arc<Mutex<NetDataPath>> {
+        self.data.clone()
+    }
+
+    /// Serve the device until the stop eventfd is written.
+    pub fn run(self) {
+        let mut events = [EpollEvent::default(); 8];
+        let (mut rx_more, mut tx_more) = (false, false);
+        loop {
+            let timeout = if rx_more || tx_more { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio-net: epoll_wait failed, the device stops: {e}");
+                    return;
+                }
+            };
+            let (mut rx, mut tx) = (rx_more, tx_more);
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_TAP => rx = true,
+                    TOKEN_RX_KICK => {
+                        let _ = self.rx_kick.read();
+                        rx = true;
+                    }
+                    TOKEN_TX_KICK => {
+                        let _ = self.tx_kick.read();
+                        tx = true;
+                    }
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                        rx = true;
+                        tx = true;
+                    }
+                    TOKEN_STOP => return,
+                    _ => {}
+                }
+            }
+            let Ok(mut data) = self.data.lock() else {
+                log::error!("virtio-net: the data path is poisoned, the device stops");
+                return;
+            };
+            tx_more = tx && data.process_tx();
+            rx_more = rx && data.process_rx();
+        }
+    }
+
+    /// Run on a thread named `net<index>`, under `filter` when given
+    /// (installed first thing on the new thread).
+    pub fn spawn(
+        self,
+        index: usize,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<JoinHandle<()>, NetError> {
+        std::thread::Builder::new()
+            .name(format!("net{index}"))
+            .spawn(move || {
+                if let Some(f) = filter {
+                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Net, &f) {
+                        log::error!("{e}; virtio-net device {index} disabled");
+                        return;
+                    }
+                }
+                self.run();
+            })
+            .map_err(|source| NetError::Os {
+                what: "spawning the device thread",
+                source,
+            })
+    }
+}
