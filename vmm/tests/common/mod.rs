@@ -3,6 +3,8 @@
 //! lays out in guest memory with vm-memory, exactly like a guest kernel would.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
