@@ -130,6 +130,9 @@ pub enum VmEvent {
     VcpuExited(u8, Result<VcpuExitReason, String>),
     /// The API asked for shutdown.
     ApiShutdown,
+    /// A device's own thread stopped working (the VM fails: a guest with a
+    /// dead device is not what was asked for).
+    DeviceFailed(String),
 }
 
 /// How the VM ended.
@@ -522,7 +525,10 @@ impl Vm {
             } else {
                 None
             };
-            worker.spawn(index, filter)?;
+            let events = tx.clone();
+            worker.spawn(index, filter, move |e| {
+                let _ = events.send(VmEvent::DeviceFailed(e));
+            })?;
         }
         let gate = Arc::new(StartGate::default());
         let handles = self.spawn_vcpus(tx, &gate)?;
@@ -554,6 +560,11 @@ impl Vm {
                     };
                     if outcome.is_none() {
                         outcome = o;
+                    }
+                }
+                VmEvent::DeviceFailed(e) => {
+                    if outcome.is_none() {
+                        outcome = Some(VmOutcome::Failed(e));
                     }
                 }
                 VmEvent::ApiShutdown => {

@@ -69,7 +69,9 @@ impl Bench {
         let worker = NetWorker::new(parts, guest.transport.lock().unwrap().queue_evts()).unwrap();
         let stop = worker.stopper().unwrap();
         let filter = net_filter(worker.epoll_fd()).unwrap();
-        let worker = worker.spawn(0, Some(filter)).unwrap();
+        let worker = worker
+            .spawn(0, Some(filter), |e| panic!("the data path failed: {e}"))
+            .unwrap();
 
         let acked = guest.negotiate(VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU);
         assert_eq!(

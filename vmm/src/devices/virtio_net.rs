@@ -771,8 +771,9 @@ impl NetWorker {
         self.data.clone()
     }
 
-    /// Serve the device until the stop eventfd is written.
-    pub fn run(self) {
+    /// Serve the device until the stop eventfd is written (Ok) or the
+    /// data path cannot go on (Err, why).
+    pub fn run(self) -> Result<(), String> {
         let mut events = [EpollEvent::default(); 8];
         let (mut rx_more, mut tx_more) = (false, false);
         loop {
@@ -780,10 +781,7 @@ impl NetWorker {
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("virtio-net: epoll_wait failed, the device stops: {e}");
-                    return;
-                }
+                Err(e) => return Err(format!("epoll_wait failed: {e}")),
             };
             let (mut rx, mut tx) = (rx_more, tx_more);
             for ev in &events[..n] {
@@ -802,13 +800,12 @@ impl NetWorker {
                         rx = true;
                         tx = true;
                     }
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return Ok(()),
                     _ => {}
                 }
             }
             let Ok(mut data) = self.data.lock() else {
-                log::error!("virtio-net: the data path is poisoned, the device stops");
-                return;
+                return Err("the data path is poisoned".into());
             };
             tx_more = tx && data.process_tx();
             rx_more = rx && data.process_rx();
@@ -816,22 +813,25 @@ impl NetWorker {
     }
 
     /// Run on a thread named `net<index>`, under `filter` when given
-    /// (installed first thing on the new thread).
+    /// (installed first thing on the new thread); `on_failure` gets the
+    /// reason if the filter cannot be installed or the data path stops.
     pub fn spawn(
         self,
         index: usize,
         filter: Option<seccompiler::BpfProgram>,
+        on_failure: impl FnOnce(String) + Send + 'static,
     ) -> Result<JoinHandle<()>, NetError> {
         std::thread::Builder::new()
             .name(format!("net{index}"))
             .spawn(move || {
-                if let Some(f) = filter {
-                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Net, &f) {
-                        log::error!("{e}; virtio-net device {index} disabled");
-                        return;
-                    }
+                let filtered = match filter {
+                    Some(f) => crate::seccomp::apply(crate::seccomp::ThreadKind::Net, &f)
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                if let Err(e) = filtered.and_then(|()| self.run()) {
+                    on_failure(format!("virtio-net device {index}: {e}"));
                 }
-                self.run();
             })
             .map_err(|source| NetError::Os {
                 what: "spawning the device thread",
