@@ -256,7 +256,6 @@ impl Vm {
             source,
         })?;
         // And on a bad tap: each descriptor is taken over once.
-        let mut taps = Vec::new();
         for (i, net) in cfg.net.iter().enumerate() {
             if cfg.net[..i].iter().any(|n| n.tap_fd == net.tap_fd) {
                 return Err(VmError::Config(format!(
@@ -264,6 +263,9 @@ impl Vm {
                     net.tap_fd
                 )));
             }
+        }
+        let mut taps = Vec::new();
+        for net in &cfg.net {
             taps.push((
                 Tap::from_inherited(net.tap_fd).map_err(NetError::from)?,
                 net,

@@ -226,6 +226,45 @@ fn bad_flags() {
 }
 
 #[test]
+fn bad_taps() {
+    use std::os::fd::AsRawFd;
+    let d = scratch("taps");
+    let k = write_kernel(&d, TAIL_RESET);
+    let api = d.join("api.sock");
+    let kernel = k.to_str().unwrap();
+    let l = expect_one_line_failure(
+        &[
+            "--kernel",
+            kernel,
+            "--net",
+            "tap-fd=987,mac=02:00:00:00:00:01",
+        ],
+        &api,
+    );
+    assert!(l.contains("tap descriptor 987 is not open"), "{l}");
+    // An inherited descriptor that is no tap.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: F_SETFD on a descriptor we own.
+    let r = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(r, 0);
+    let net = format!("tap-fd={},mac=02:00:00:00:00:01", null.as_raw_fd());
+    let l = expect_one_line_failure(&["--kernel", kernel, "--net", &net], &api);
+    assert!(l.contains("not an attached tun/tap device"), "{l}");
+    let l = expect_one_line_failure(&["--kernel", kernel, "--net", &net, "--net", &net], &api);
+    assert!(l.contains("named by two --net devices"), "{l}");
+    let l = expect_one_line_failure(
+        &[
+            "--kernel",
+            kernel,
+            "--net",
+            "tap-fd=5,mac=ff:ff:ff:ff:ff:ff",
+        ],
+        &api,
+    );
+    assert!(l.contains("--net") && l.contains("multicast"), "{l}");
+}
+
+#[test]
 fn unusable_dev_kvm() {
     // Hide /dev/kvm in a private mount namespace (we run as root).
     let d = scratch("nokvm");
