@@ -9,7 +9,7 @@ TEST_THREADS ?= 2
 BENCH ?=
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := stream_header agent_reply mmio_transport agent_plan seccomp_compile
+FUZZ_TARGETS := stream_header agent_reply mmio_transport agent_plan seccomp_compile virtio_net
 
 .PHONY: all deps tools kernel agent initramfs initramfs-hostile binaries build demo test bench conformance fuzz lint install clean
 

@@ -2,6 +2,8 @@
 """Writes the seed corpus (fuzz/corpus/<target>/seed-*): inputs that reach
 the deep paths a random start rarely finds -- a driver that negotiates,
 sets up a queue in RAM, offers descriptor chains and activates the device;
+virtio-net transmit and receive queues with good, wrong-direction and
+looping chains;
 well-formed stream headers; well-formed agent replies; the planner's spec
 fixtures (agent/tests/fixtures/plan); seccomp profiles with conditions on
 both 32-bit words of an argument."""
@@ -83,6 +85,29 @@ write("mmio_transport", "activate", struct.pack("<H", len(ops)) + b"".join(ops) 
 loop = bytearray(ram_with_chains(0x8000, 0x1000, 0x2000, [[(0x4000, 8, False), (0x4000, 8, False)]]))
 struct.pack_into("<QIHH", loop, 0x1000 + 16, 0x4000, 8, 1, 0)
 write("mmio_transport", "loop", struct.pack("<H", len(ops)) + b"".join(ops) + bytes(loop))
+
+# virtio_net: queue size log2, receive frame length (u16), a spare byte, then
+# RAM with a transmit queue (desc 0x1000, avail 0x2000) and a receive queue
+# (desc 0x4000, avail 0x5000), see fuzz_targets/virtio_net.rs.
+def net_ram(tx_chains, rx_chains):
+    ram = bytearray(ram_with_chains(0x10000, 0x1000, 0x2000, tx_chains))
+    rx = ram_with_chains(0x10000, 0x4000, 0x5000, rx_chains)
+    ram[0x4000:0x6000] = rx[0x4000:0x6000]
+    return ram
+
+
+net_head = struct.pack("<BHB", 4, 114, 0)
+write("virtio_net", "good", net_head + bytes(net_ram(
+    [[(0x8000, 12, False), (0x8100, 60, False)], [(0x8000, 200, False)]],
+    [[(0x9000, 20, True), (0xA000, 2048, True)]])))
+write("virtio_net", "bad-directions", net_head + bytes(net_ram(
+    [[(0x8000, 12, False), (0x8100, 60, True)], [(0xFFFFFFFFFFFF0000, 64, False)]],
+    [[(0x9000, 2048, False)], [(0x9000, 8, True)]])))
+net_loop = net_ram([[(0x8000, 12, False), (0x8100, 60, False)]],
+                   [[(0x9000, 8, True), (0x9100, 8, True)]])
+struct.pack_into("<QIHH", net_loop, 0x1000 + 16, 0x8100, 60, 1, 0)
+struct.pack_into("<QIHH", net_loop, 0x4000 + 16, 0x9100, 8, 3, 0)
+write("virtio_net", "loops", net_head + bytes(net_loop))
 
 # stream headers: magic, version, kind, 2 reserved, token
 write("stream_header", "process", b"HUSK" + bytes([1, 1, 0, 0]) + struct.pack("<Q", 7))

@@ -11,7 +11,8 @@ use husk_vmm::vm::{Vm, VmConfig, VmOutcome};
 
 const USAGE: &str = "usage: husk-vmm --kernel <vmlinux> [--initrd <file>] [--cmdline <str>] \
 [--memory-mib <N>] [--vcpus <N>] [--fs-socket <path> --fs-tag <tag>] \
-[--vsock-socket <path> --vsock-cid <N>] [--console <file>] [--api-socket <path>] [--no-seccomp]";
+[--vsock-socket <path> --vsock-cid <N>] [--net tap-fd=<N>,mac=<xx:xx:xx:xx:xx:xx>[,mtu=<N>]]... \
+[--console <file>] [--api-socket <path>] [--no-seccomp]";
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 
@@ -76,6 +77,10 @@ fn parse_args(argv: &[String]) -> Result<Command, String> {
             "--fs-tag" => fs_tag = Some(value()?),
             "--vsock-socket" => vsock_socket = Some(PathBuf::from(value()?)),
             "--vsock-cid" => vsock_cid = Some(number(value()?, "--vsock-cid")?),
+            "--net" => a.vm.net.push(
+                husk_vmm::devices::virtio_net::NetConfig::parse(&value()?)
+                    .map_err(|e| e.to_string())?,
+            ),
             "--console" => a.vm.console = Some(PathBuf::from(value()?)),
             "--api-socket" => a.api_socket = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument {other:?} ({USAGE})")),
@@ -215,6 +220,9 @@ mod tests {
             "/v.sock",
             "--vsock-cid",
             "3",
+            "--net",
+            "tap-fd=7,mac=02:00:00:00:00:01",
+            "--net=tap-fd=9,mac=02:00:00:00:00:02,mtu=9000",
             "--console",
             "/c.log",
             "--api-socket",
@@ -227,6 +235,14 @@ mod tests {
         assert_eq!((a.vm.memory_mib, a.vm.vcpus), (256, 2));
         assert_eq!(a.vm.fs, Some((PathBuf::from("/fs.sock"), "rootfs".into())));
         assert_eq!(a.vm.vsock, Some((PathBuf::from("/v.sock"), 3)));
+        let nets: Vec<_> = a.vm.net.iter().map(|n| (n.tap_fd, n.mac, n.mtu)).collect();
+        assert_eq!(
+            nets,
+            [
+                (7, [2, 0, 0, 0, 0, 1], None),
+                (9, [2, 0, 0, 0, 0, 2], Some(9000))
+            ]
+        );
         assert_eq!(a.vm.console, Some(PathBuf::from("/c.log")));
         assert_eq!(a.api_socket, Some(PathBuf::from("/api.sock")));
         assert!(a.vm.seccomp);
@@ -244,5 +260,24 @@ mod tests {
         assert!(p(&["--kernel", "k", "--fs-socket", "s"]).is_err());
         assert!(p(&["--kernel", "k", "--vsock-cid", "3"]).is_err());
         assert!(p(&["--kernel", "k", "--bogus"]).is_err());
+        for (net, why) in [
+            ("mac=02:00:00:00:00:01", "tap-fd is required"),
+            ("tap-fd=7", "mac is required"),
+            ("tap-fd=2,mac=02:00:00:00:00:01", "above 2"),
+            ("tap-fd=x,mac=02:00:00:00:00:01", "above 2"),
+            ("tap-fd=7,mac=02:00:00:00:01", "six hex octets"),
+            ("tap-fd=7,mac=02:00:00:00:00:01:02", "six hex octets"),
+            ("tap-fd=7,mac=02:00:00:00:00:zz", "six hex octets"),
+            ("tap-fd=7,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap-fd=7,mac=02:00:00:00:00:01,mtu=67", "mtu"),
+            ("tap-fd=7,mac=02:00:00:00:00:01,mtu=65533", "mtu"),
+            ("tap-fd=7,tap-fd=8,mac=02:00:00:00:00:01", "given twice"),
+            ("tap-fd=7,mac=02:00:00:00:00:01,queues=2", "unknown key"),
+            ("tap-fd=7,mac", "key=value"),
+        ] {
+            let err = p(&["--kernel", "k", "--net", net]).unwrap_err();
+            assert!(err.contains(why), "{net}: {err}");
+            assert!(err.contains("--net"), "{net}: {err}");
+        }
     }
 }

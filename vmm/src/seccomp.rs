@@ -65,6 +65,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The API server thread.
     Api,
+    /// The data path thread of a virtio-net device.
+    Net,
 }
 
 impl ThreadKind {
@@ -74,6 +76,7 @@ impl ThreadKind {
             Self::Main => "main",
             Self::Vcpu => "vCPU",
             Self::Api => "API",
+            Self::Net => "virtio-net",
         }
     }
 }
@@ -277,6 +280,19 @@ pub fn vcpu_filter(vcpu_fd: RawFd, backend_fds: &[RawFd]) -> Result<BpfProgram, 
             &[(0, SeccompCmpOp::Eq, fd), (1, SeccompCmpOp::Eq, request)],
         )?;
     }
+    list.build()
+}
+
+/// Filter of a virtio-net data path thread waiting on `epoll_fd`: wait
+/// for its tap and eventfds, read and write them (in [`COMMON`]), nothing
+/// else. Guest memory is already mapped; the tap was set up before.
+pub fn net_filter(epoll_fd: RawFd) -> Result<BpfProgram, SeccompError> {
+    let thread = ThreadKind::Net;
+    let mut list = AllowList::new(thread)?;
+    let fd = fd_arg(thread, epoll_fd)?;
+    #[cfg(target_arch = "x86_64")]
+    list.allow_if(libc::SYS_epoll_wait, &[(0, SeccompCmpOp::Eq, fd)])?;
+    list.allow_if(libc::SYS_epoll_pwait, &[(0, SeccompCmpOp::Eq, fd)])?;
     list.build()
 }
 
@@ -512,6 +528,9 @@ mod tests {
         assert!(!vcpu_filter(7, &[]).unwrap().is_empty());
         assert!(!vcpu_filter(7, &[8, 9]).unwrap().is_empty());
         assert!(!api_filter(3).unwrap().is_empty());
+        assert!(!net_filter(5).unwrap().is_empty());
+        let e = net_filter(-1).unwrap_err().to_string();
+        assert!(e.contains("virtio-net") && e.contains("-1"), "{e}");
         let e = vcpu_filter(-1, &[]).unwrap_err().to_string();
         assert!(e.contains("vCPU") && e.contains("-1"), "{e}");
         let e = vcpu_filter(7, &[-1]).unwrap_err().to_string();
@@ -848,6 +867,65 @@ mod tests {
         });
         assert_eq!(end, KILLED_BY_SIGSYS, "ioctl");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn net_filter_waits_only_on_its_epoll_and_opens_nothing() {
+        use vmm_sys_util::epoll::Epoll;
+        let epoll = Epoll::new().unwrap();
+        let other = Epoll::new().unwrap();
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let filter = net_filter(epoll.as_raw_fd()).unwrap();
+        let end = in_child(|| {
+            filtered(ThreadKind::Net, &filter, || {
+                let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 2];
+                // Reads and writes of its descriptors are what the data path does.
+                let ok = epoll.wait(0, &mut events).is_ok()
+                    && evt.write(1).is_ok()
+                    && evt.read().is_ok();
+                if ok {
+                    0
+                } else {
+                    4
+                }
+            })
+        });
+        assert_eq!(end, ChildEnd::Exited(0), "epoll_wait on its own epoll");
+        let end = in_child(|| {
+            filtered(ThreadKind::Net, &filter, || {
+                let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 2];
+                let _ = other.wait(0, &mut events);
+                0
+            })
+        });
+        assert_eq!(end, KILLED_BY_SIGSYS, "epoll_wait on another epoll");
+        let end = in_child(|| {
+            filtered(ThreadKind::Net, &filter, || {
+                let _ = std::fs::File::open("/dev/null");
+                0
+            })
+        });
+        assert_eq!(end, KILLED_BY_SIGSYS, "open");
+        let end = in_child(|| {
+            filtered(ThreadKind::Net, &filter, || {
+                let _ = epoll.ctl(
+                    vmm_sys_util::epoll::ControlOperation::Add,
+                    evt.as_raw_fd(),
+                    vmm_sys_util::epoll::EpollEvent::default(),
+                );
+                0
+            })
+        });
+        assert_eq!(end, KILLED_BY_SIGSYS, "epoll_ctl");
+        let end = in_child(|| {
+            filtered(ThreadKind::Net, &filter, || {
+                let mut on: libc::c_int = 1;
+                // SAFETY: FIONBIO with a valid int pointer.
+                unsafe { libc::ioctl(evt.as_raw_fd(), libc::FIONBIO, &mut on) };
+                0
+            })
+        });
+        assert_eq!(end, KILLED_BY_SIGSYS, "ioctl");
     }
 
     /// The SIGSYS contract in a process shaped like husk-vmm: a trapped call

@@ -17,8 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::boot_marker::{BootMarker, BOOT_MARKER_PORT};
 use crate::devices::serial::{Serial, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::tap::Tap;
 use crate::devices::vhost_user::{VhostUserDevice, VhostUserError, VhostUserKind};
-use crate::devices::virtio_mmio::{regs, MmioTransport, TransportError, MMIO_LEN};
+use crate::devices::virtio_mmio::{regs, MmioTransport, TransportError, VirtioDevice, MMIO_LEN};
+use crate::devices::virtio_net::{NetConfig, NetDevice, NetError, NetWorker};
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, BootInfo, LoaderError, MmioDeviceInfo};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
@@ -51,6 +53,8 @@ pub struct VmConfig {
     pub fs: Option<(PathBuf, String)>,
     /// virtio-vsock: (vhost-user socket, guest CID).
     pub vsock: Option<(PathBuf, u64)>,
+    /// virtio-net devices on inherited taps, in the guest's order.
+    pub net: Vec<NetConfig>,
     /// Console output file (None = stdout).
     pub console: Option<PathBuf>,
     /// Put every VMM thread under its seccomp filter (see [`crate::seccomp`]).
@@ -84,6 +88,9 @@ pub enum VmError {
     /// vhost-user.
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
+    /// virtio-net.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// Transport.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -123,6 +130,9 @@ pub enum VmEvent {
     VcpuExited(u8, Result<VcpuExitReason, String>),
     /// The API asked for shutdown.
     ApiShutdown,
+    /// A device's own thread stopped working (the VM fails: a guest with a
+    /// dead device is not what was asked for).
+    DeviceFailed(String),
 }
 
 /// How the VM ended.
@@ -215,7 +225,15 @@ pub struct Vm {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// vhost-user backend sockets (the only ones vCPU threads may message).
     backend_fds: Vec<RawFd>,
+    /// Data path threads of the virtio-net devices, started by [`Vm::run`].
+    net_workers: Vec<NetWorker>,
     seccomp: bool,
+}
+
+/// A virtio device before its transport exists.
+enum PendingDevice {
+    VhostUser(VhostUserDevice),
+    Net(Tap, NetConfig),
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
@@ -237,6 +255,22 @@ impl Vm {
             path: cfg.kernel.clone(),
             source,
         })?;
+        // And on a bad tap: each descriptor is taken over once.
+        for (i, net) in cfg.net.iter().enumerate() {
+            if cfg.net[..i].iter().any(|n| n.tap_fd == net.tap_fd) {
+                return Err(VmError::Config(format!(
+                    "tap descriptor {} is named by two --net devices",
+                    net.tap_fd
+                )));
+            }
+        }
+        let mut taps = Vec::new();
+        for net in &cfg.net {
+            taps.push((
+                Tap::from_inherited(net.tap_fd).map_err(NetError::from)?,
+                net,
+            ));
+        }
         let (kvm, vm) = create_kvm_vm()?;
         let mem = memory::create_guest_memory(mem_bytes)?;
         register_memory(&vm, &mem)?;
@@ -290,9 +324,16 @@ impl Vm {
             )?);
         }
         let backend_fds: Vec<RawFd> = devices.iter().map(VhostUserDevice::socket_fd).collect();
+        let mut pending: Vec<PendingDevice> =
+            devices.into_iter().map(PendingDevice::VhostUser).collect();
+        pending.extend(
+            taps.into_iter()
+                .map(|(tap, net)| PendingDevice::Net(tap, net.clone())),
+        );
         let mut infos = Vec::new();
         let mut transports = Vec::new();
-        for (i, dev) in devices.into_iter().enumerate() {
+        let mut net_workers = Vec::new();
+        for (i, dev) in pending.into_iter().enumerate() {
             let addr = VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN;
             let irq = VIRTIO_IRQ_BASE + i as u32;
             let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating an eventfd"))?;
@@ -301,8 +342,19 @@ impl Vm {
                     op: "KVM_IRQFD (virtio)",
                     source,
                 })?;
-            let t = MmioTransport::new(mem.clone(), Box::new(dev), irq_evt)?;
+            let (device, net_parts): (Box<dyn VirtioDevice>, _) = match dev {
+                PendingDevice::VhostUser(d) => (Box::new(d), None),
+                PendingDevice::Net(tap, net) => {
+                    let irq_dup = irq_evt.try_clone().map_err(os("duplicating an eventfd"))?;
+                    let (d, parts) = NetDevice::new(tap, net.mac, net.mtu, irq_dup)?;
+                    (Box::new(d), Some(parts))
+                }
+            };
+            let t = MmioTransport::new(mem.clone(), device, irq_evt)?;
             register_queue_notifiers(&vm, &t, addr)?;
+            if let Some(parts) = net_parts {
+                net_workers.push(NetWorker::new(parts, t.queue_evts())?);
+            }
             let t = Arc::new(Mutex::new(t));
             mmio.insert(t.clone(), addr, MMIO_LEN)?;
             transports.push(t);
@@ -343,6 +395,7 @@ impl Vm {
             boot,
             transports,
             backend_fds,
+            net_workers,
             seccomp: cfg.seccomp,
         })
     }
@@ -460,6 +513,25 @@ impl Vm {
         } else {
             None
         };
+        // The device threads start before the main thread's filter (a
+        // thread inherits its creator's) and each installs its own first.
+        for (index, worker) in std::mem::take(&mut self.net_workers)
+            .into_iter()
+            .enumerate()
+        {
+            let filter = if self.seccomp {
+                Some(
+                    seccomp::net_filter(worker.epoll_fd())
+                        .map_err(|e| VmError::Seccomp(e.to_string()))?,
+                )
+            } else {
+                None
+            };
+            let events = tx.clone();
+            worker.spawn(index, filter, move |e| {
+                let _ = events.send(VmEvent::DeviceFailed(e));
+            })?;
+        }
         let gate = Arc::new(StartGate::default());
         let handles = self.spawn_vcpus(tx, &gate)?;
         if let Some(f) = main_filter {
@@ -490,6 +562,11 @@ impl Vm {
                     };
                     if outcome.is_none() {
                         outcome = o;
+                    }
+                }
+                VmEvent::DeviceFailed(e) => {
+                    if outcome.is_none() {
+                        outcome = Some(VmOutcome::Failed(e));
                     }
                 }
                 VmEvent::ApiShutdown => {

@@ -226,6 +226,45 @@ fn bad_flags() {
 }
 
 #[test]
+fn bad_taps() {
+    use std::os::fd::AsRawFd;
+    let d = scratch("taps");
+    let k = write_kernel(&d, TAIL_RESET);
+    let api = d.join("api.sock");
+    let kernel = k.to_str().unwrap();
+    let l = expect_one_line_failure(
+        &[
+            "--kernel",
+            kernel,
+            "--net",
+            "tap-fd=987,mac=02:00:00:00:00:01",
+        ],
+        &api,
+    );
+    assert!(l.contains("tap descriptor 987 is not open"), "{l}");
+    // An inherited descriptor that is no tap.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: F_SETFD on a descriptor we own.
+    let r = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(r, 0);
+    let net = format!("tap-fd={},mac=02:00:00:00:00:01", null.as_raw_fd());
+    let l = expect_one_line_failure(&["--kernel", kernel, "--net", &net], &api);
+    assert!(l.contains("not an attached tun/tap device"), "{l}");
+    let l = expect_one_line_failure(&["--kernel", kernel, "--net", &net, "--net", &net], &api);
+    assert!(l.contains("named by two --net devices"), "{l}");
+    let l = expect_one_line_failure(
+        &[
+            "--kernel",
+            kernel,
+            "--net",
+            "tap-fd=5,mac=ff:ff:ff:ff:ff:ff",
+        ],
+        &api,
+    );
+    assert!(l.contains("--net") && l.contains("multicast"), "{l}");
+}
+
+#[test]
 fn unusable_dev_kvm() {
     // Hide /dev/kvm in a private mount namespace (we run as root).
     let d = scratch("nokvm");
@@ -631,4 +670,220 @@ fn guest_activates_a_vhost_user_device_under_every_filter() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!api.exists(), "API socket removed on exit");
+}
+
+/// `movzx eax, word [addr]; test eax, eax; jz <back to the movzx>`: spin
+/// until the 16-bit value at `addr` is not 0.
+fn spin_while_zero_u16(code: &mut Vec<u8>, addr: u32) {
+    code.extend_from_slice(&[0x0f, 0xb7, 0x05]);
+    code.extend_from_slice(&addr.to_le_bytes());
+    code.extend_from_slice(&[0x85, 0xc0, 0x74, 0xf5]);
+}
+
+/// Copy `bytes` to guest address `addr`, a dword at a time.
+fn store_bytes(code: &mut Vec<u8>, addr: u32, bytes: &[u8]) {
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut dword = [0u8; 4];
+        dword[..chunk.len()].copy_from_slice(chunk);
+        mov_dword(code, addr + 4 * i as u32, u32::from_le_bytes(dword));
+    }
+}
+
+const NET_GUEST_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x00, 0x00, 0x12];
+const NET_TAP_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x00, 0x00, 0x11];
+const NET_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+const NET_TX_PAYLOAD: &[u8] = b"frame from the crafted guest";
+const NET_RX_BUF: u32 = 0x31_0000;
+
+/// The frame the crafted guest sends.
+fn net_guest_frame() -> Vec<u8> {
+    let mut f = NET_TAP_MAC.to_vec();
+    f.extend_from_slice(&NET_GUEST_MAC);
+    f.extend_from_slice(&NET_ETHERTYPE);
+    f.extend_from_slice(NET_TX_PAYLOAD);
+    f
+}
+
+/// A guest driving husk-vmm's virtio-net device as Linux's driver would,
+/// with the queues in its own memory: negotiate VERSION_1 and MAC, set up
+/// the receive and transmit queues, DRIVER_OK; then one frame on the
+/// transmit queue (kicked through the notify register, a KVM ioeventfd),
+/// one receive buffer (kicked too), wait for the receive queue's used index
+/// to move, and print the first payload byte of the frame received.
+fn net_program() -> Vec<u8> {
+    use husk_vmm::devices::virtio_mmio::{regs, status};
+    const BASE: u32 = 0xd000_0000;
+    let reg = |r: u64| BASE + r as u32;
+    let (rxq, txq) = (0x20_0000u32, 0x21_0000u32);
+    let tx_frame = 0x30_0000u32;
+    let mut t = Vec::new();
+    let ack_driver = status::ACKNOWLEDGE | status::DRIVER;
+    for s in [0, status::ACKNOWLEDGE, ack_driver] {
+        mov_dword(&mut t, reg(regs::STATUS), s);
+    }
+    // VIRTIO_NET_F_MAC is bit 5, VERSION_1 bit 32.
+    for (sel, bits) in [(0, 1 << 5), (1, 1)] {
+        mov_dword(&mut t, reg(regs::DRIVER_FEATURES_SEL), sel);
+        mov_dword(&mut t, reg(regs::DRIVER_FEATURES), bits);
+    }
+    mov_dword(&mut t, reg(regs::STATUS), ack_driver | status::FEATURES_OK);
+    for (q, base) in [(0u32, rxq), (1, txq)] {
+        for (r, v) in [
+            (regs::QUEUE_SEL, q),
+            (regs::QUEUE_NUM, 64),
+            (regs::QUEUE_DESC_LOW, base),
+            (regs::QUEUE_DESC_HIGH, 0),
+            (regs::QUEUE_DRIVER_LOW, base + 0x400),
+            (regs::QUEUE_DRIVER_HIGH, 0),
+            (regs::QUEUE_DEVICE_LOW, base + 0x1000),
+            (regs::QUEUE_DEVICE_HIGH, 0),
+            (regs::QUEUE_READY, 1),
+        ] {
+            mov_dword(&mut t, reg(r), v);
+        }
+    }
+    mov_dword(
+        &mut t,
+        reg(regs::STATUS),
+        ack_driver | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    // Transmit: a zeroed 12-byte header, then the frame; descriptor 0.
+    let frame = net_guest_frame();
+    store_bytes(&mut t, tx_frame + 12, &frame);
+    for (off, v) in [(0, tx_frame), (4, 0), (8, 12 + frame.len() as u32), (12, 0)] {
+        mov_dword(&mut t, txq + off, v);
+    }
+    mov_dword(&mut t, txq + 0x400, 1 << 16); // avail idx 1, ring[0] = 0
+    mov_dword(&mut t, reg(regs::QUEUE_NOTIFY), 1);
+    // Receive: one 2 KiB device-writable buffer (VIRTQ_DESC_F_WRITE = 2).
+    for (off, v) in [(0, NET_RX_BUF), (4, 0), (8, 2048), (12, 2)] {
+        mov_dword(&mut t, rxq + off, v);
+    }
+    mov_dword(&mut t, rxq + 0x400, 1 << 16);
+    mov_dword(&mut t, reg(regs::QUEUE_NOTIFY), 0);
+    spin_while_zero_u16(&mut t, rxq + 0x1000 + 2);
+    // mov al, [first payload byte]: after the 12-byte header and 14-byte Ethernet header.
+    t.push(0xa0);
+    t.extend_from_slice(&(NET_RX_BUF + 12 + 14).to_le_bytes());
+    t.extend_from_slice(&[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al
+        0xb0, b'\n', 0xee, // "\n"
+    ]);
+    t.extend_from_slice(TAIL_SPIN);
+    t
+}
+
+/// End to end with a real tap (in a network namespace of the test's own):
+/// husk-vmm takes the inherited tap descriptor, the guest's frame leaves
+/// through it, a frame sent to the guest's MAC lands in the guest's buffer,
+/// and every thread, the virtio-net one included, runs under its filter.
+#[test]
+fn guest_moves_frames_through_an_inherited_tap_under_every_filter() {
+    use common::net::{ip, open_tap, packet_socket, recv_frame, send_frame, NetNs, TAP};
+    use std::os::fd::AsRawFd;
+    let ns = NetNs::new("bin");
+    // Nothing of the namespace's own (IPv6 router solicitations, MLD) may
+    // take the guest's one receive buffer.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
+        .args([
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sysctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tap = ns.run(|| open_tap(true));
+    let tap_mac = NET_TAP_MAC.map(|b| format!("{b:02x}")).join(":");
+    ip(&["-n", &ns.0, "link", "set", TAP, "address", &tap_mac]);
+    ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
+    let packet = ns.run(packet_socket);
+
+    let d = scratch("net");
+    let k = write_kernel(&d, &net_program());
+    let console = d.join("console.log");
+    let api = d.join("api.sock");
+    // Inherited across exec, as the runtime's jail keeps it.
+    // SAFETY: F_SETFD on a descriptor we own.
+    assert_eq!(unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    let guest_mac = NET_GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+    let mut child = Command::new(BIN)
+        .args(["--kernel", k.to_str().unwrap(), "--memory-mib", "64"])
+        .arg("--net")
+        .arg(format!("tap-fd={},mac={guest_mac}", tap.as_raw_fd()))
+        .arg("--console")
+        .arg(&console)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(tap);
+    let child = KillOnDrop(&mut child);
+
+    let sent = net_guest_frame();
+    let got = recv_frame(&packet, Duration::from_secs(20), |f| {
+        f[12..14] == NET_ETHERTYPE
+    });
+    assert_eq!(
+        got.as_deref(),
+        Some(&sent[..]),
+        "the guest's frame on the tap"
+    );
+
+    let mut to_guest = NET_GUEST_MAC.to_vec();
+    to_guest.extend_from_slice(&NET_TAP_MAC);
+    to_guest.extend_from_slice(&NET_ETHERTYPE);
+    to_guest.extend_from_slice(b"Z and the rest of the frame");
+    send_frame(&packet, &to_guest);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&console).unwrap_or_default() != "OK\nZ\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not receive the frame: console {:?}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check_every_thread_filtered(child.0.id(), &["api", "husk-vmm", "net0", "vcpu0"]);
+    let mut stream = UnixStream::connect(&api).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    assert_eq!(
+        api_call(&mut stream, &mut reader, r#"{"action":"shutdown"}"#),
+        r#"{"ok":true,"state":"stopping"}"#
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "husk-vmm did not exit after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = child.0.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert_eq!(child.0.wait().unwrap().code(), Some(0), "{stderr}");
+}
+
+/// Kills husk-vmm if the test fails while it runs.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

@@ -1,5 +1,12 @@
 //! husk-vmm, our own KVM VMM (vmm/ in this repository). It announces its
 //! virtio-mmio devices on the kernel command line itself.
+//!
+//! Its virtio-net devices sit on taps husk opened in the client's network
+//! namespace: each descriptor is inherited across the jail's exec (see
+//! [`crate::jail::Jail::keep_fds`]) and named with `--net tap-fd=N,mac=..`;
+//! husk-vmm checks it is a tap, turns its offloads off and moves frames
+//! through it from a thread of its own, so it needs no network namespace,
+//! no /dev/net/tun and no privilege either.
 
 use super::{Hypervisor, HypervisorError, VmConfig};
 use crate::child::HelperProcess;
@@ -16,7 +23,7 @@ impl HuskVmm {
     }
 
     pub fn args(&self, vm: &VmConfig) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "--kernel".into(),
             vm.kernel.display().to_string(),
             "--initrd".into(),
@@ -39,8 +46,26 @@ impl HuskVmm {
             vm.console_log.display().to_string(),
             // No --api-socket: the host never drives a running VM, and a
             // control socket nobody uses is only something to attack.
-        ]
+        ];
+        args.extend(net_device_args(&vm.net_devices));
+        args
     }
+}
+
+/// One `--net tap-fd=<N>,mac=<mac>` per tap, in the guest's order.
+pub fn net_device_args(devices: &[super::VmNetDevice]) -> Vec<String> {
+    let mut args = Vec::new();
+    for device in devices {
+        let mac = device
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        args.push("--net".into());
+        args.push(format!("tap-fd={},mac={mac}", device.tap_fd));
+    }
+    args
 }
 
 impl Hypervisor for HuskVmm {
@@ -61,7 +86,7 @@ impl Hypervisor for HuskVmm {
     }
 
     fn has_virtio_net(&self) -> bool {
-        false
+        true
     }
 
     fn launch(
@@ -69,9 +94,6 @@ impl Hypervisor for HuskVmm {
         vm: &VmConfig,
         jail: crate::jail::Jail,
     ) -> Result<HelperProcess, HypervisorError> {
-        if !vm.net_devices.is_empty() {
-            return Err(HypervisorError::NoVirtioNet("husk-vmm"));
-        }
         let mut cmd = Command::new(&self.program);
         cmd.args(self.args(vm));
         jail.apply(&mut cmd);
@@ -90,9 +112,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tap_is_refused_clearly_before_anything_starts() {
+    fn each_tap_becomes_a_net_device_with_its_descriptor_and_mac() {
         let p = |s: &str| PathBuf::from(format!("/s/{s}"));
-        let vm = VmConfig {
+        let mut vm = VmConfig {
             kernel: p("vmlinux"),
             initramfs: p("initramfs.img"),
             cmdline: "console=ttyS0".into(),
@@ -104,19 +126,35 @@ mod tests {
             guest_cid: 3,
             console_log: p("console.log"),
             vmm_log: p("vmm.log"),
-            net_devices: vec![crate::hypervisor::VmNetDevice {
-                tap_fd: 7,
-                mac: [2, 0, 0, 0, 0, 1],
-            }],
+            net_devices: vec![
+                crate::hypervisor::VmNetDevice {
+                    tap_fd: 7,
+                    mac: [2, 0, 0, 0, 0, 1],
+                },
+                crate::hypervisor::VmNetDevice {
+                    tap_fd: 9,
+                    mac: [0x0a, 0xbc, 0xde, 0xf0, 0x12, 0x34],
+                },
+            ],
         };
         let vmm = HuskVmm::new(PathBuf::from("/nonexistent/husk-vmm"));
-        assert!(!vmm.has_virtio_net());
-        let jail = crate::jail::Jail::for_backend(1_999_999).expect("jail");
-        let err = vmm.launch(&vm, jail).expect_err("a tap with husk-vmm");
-        assert!(
-            matches!(err, HypervisorError::NoVirtioNet("husk-vmm")),
-            "{err}"
+        assert!(vmm.has_virtio_net());
+        let args = vmm.args(&vm);
+        let nets: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--net")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                "tap-fd=7,mac=02:00:00:00:00:01",
+                "tap-fd=9,mac=0a:bc:de:f0:12:34"
+            ]
         );
-        assert!(err.to_string().contains("no virtio-net yet"), "{err}");
+        // The devices come after everything else, in the guest's order.
+        assert_eq!(args[args.len() - 4], "--net");
+        vm.net_devices.clear();
+        assert!(!vmm.args(&vm).iter().any(|a| a == "--net"));
     }
 }

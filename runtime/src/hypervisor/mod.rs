@@ -22,7 +22,7 @@ pub enum HypervisorError {
     KvmUnusable(String),
     #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
-    #[error("hypervisor {0} has no virtio-net yet: a sandbox with network devices needs QEMU")]
+    #[error("hypervisor {0} cannot give the guest virtio-net devices: a sandbox with network devices needs one that can")]
     NoVirtioNet(&'static str),
 }
 

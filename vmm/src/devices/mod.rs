@@ -2,8 +2,10 @@
 
 pub mod boot_marker;
 pub mod serial;
+pub mod tap;
 pub mod vhost_user;
 pub mod virtio_mmio;
+pub mod virtio_net;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,8 @@
 //! lays out in guest memory with vm-memory, exactly like a guest kernel would.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
@@ -209,8 +211,16 @@ pub struct FakeGuest {
 
 impl FakeGuest {
     pub fn new(device: Box<dyn husk_vmm::devices::virtio_mmio::VirtioDevice>) -> Self {
+        Self::with_irq(device, EventFd::new(libc::EFD_NONBLOCK).unwrap())
+    }
+
+    /// Like [`FakeGuest::new`] with the interrupt eventfd `irq` (for a
+    /// device that raises it itself and was given a duplicate).
+    pub fn with_irq(
+        device: Box<dyn husk_vmm::devices::virtio_mmio::VirtioDevice>,
+        irq: EventFd,
+    ) -> Self {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(mem.clone(), device, irq.try_clone().unwrap()).unwrap();
         let transport = Arc::new(Mutex::new(t));
         let mut bus = Bus::new();
