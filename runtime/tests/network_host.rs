@@ -441,3 +441,33 @@ fn a_path_that_is_no_network_namespace_is_refused() {
     let err = NetNs::open(std::path::Path::new("/run/netns/husk-no-such-ns")).unwrap_err();
     assert!(err.to_string().contains("husk-no-such-ns"), "{err}");
 }
+
+/// husk's tap names are its own, and what a client named so is not taken:
+/// a tap that exists under the name husk would give its tap (a client's
+/// persistent one) makes the wiring fail naming it, is not attached to,
+/// and survives the cleanup after a crash, which removes only husk's
+/// (non-persistent) taps.
+#[test]
+fn a_clients_interface_under_a_husk_tap_name_is_neither_taken_nor_removed() {
+    let (client, _peer) = client_and_peer();
+    let netns = client.open();
+    let config = network::discover(&netns).unwrap();
+    let eth0 = &config.interfaces[0];
+    let name = network::tap_name(eth0.index).unwrap();
+    client.ip(&format!("tuntap add dev {name} mode tap"));
+    let links_before = links(&client);
+    let err = network::wire(&netns, eth0).unwrap_err();
+    assert!(
+        err.to_string().contains(&name) && err.to_string().contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(
+        links(&client),
+        links_before,
+        "the failed wiring left something"
+    );
+    assert!(!has_ingress_qdisc(&client, "eth0"));
+    network::unwire_namespace(&netns).unwrap();
+    assert_eq!(links(&client), links_before, "the client's tap was removed");
+    client.ip(&format!("tuntap del dev {name} mode tap"));
+}

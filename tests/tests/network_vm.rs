@@ -367,3 +367,182 @@ fn a_network_path_that_is_not_a_namespace_is_refused() {
     );
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
+
+/// husk's filters on `dev` in `ns`: the u32 filters of its ingress qdisc.
+fn ingress_filters(ns: &TestNs, dev: &str) -> String {
+    let out = Command::new("tc")
+        .args(["-n", &ns.name, "filter", "show", "dev", dev, "ingress"])
+        .output()
+        .expect("tc");
+    stdout(&out)
+}
+
+/// A client namespace with one veth (eth0, addressed) to a peer namespace.
+fn client_with_veth(role: &str, subnet: u8) -> (TestNs, TestNs) {
+    let client = TestNs::new(&format!("{role}-c"));
+    let peer = TestNs::new(&format!("{role}-p"));
+    client.ip(&format!(
+        "link add eth0 type veth peer name peer0 netns {}",
+        peer.name
+    ));
+    client.ip("link set eth0 up");
+    client.ip(&format!("addr add 10.213.{subnet}.2/24 dev eth0"));
+    peer.ip("link set peer0 up");
+    peer.ip(&format!("addr add 10.213.{subnet}.1/24 dev peer0"));
+    (client, peer)
+}
+
+fn bundle_in(dir: &TestDir, client: &TestNs, args: &[&str]) -> String {
+    let mut spec = default_spec(args);
+    spec["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid"}, {"type": "mount"},
+        {"type": "network", "path": client.path()}
+    ]);
+    let bundle = dir.path.join("b");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    write_bundle(&bundle, &spec);
+    bundle.display().to_string()
+}
+
+/// The client removes its interface while the container runs (a CNI DEL
+/// before the runtime's delete, a `docker network disconnect`): the
+/// container goes on running (exec works), and delete succeeds and leaves
+/// no tap, filter or qdisc of husk's.
+#[test]
+fn an_interface_removed_while_running_is_no_error_and_leaves_nothing() {
+    require_guest();
+    let (client, _peer) = client_with_veth("gone", 5);
+    let dir = TestDir::new("net-gone");
+    let root = dir.state_root();
+    let b = bundle_in(&dir, &client, &["sleep", "600"]);
+    let out = husk(&root, &["run", "-d", "-b", &b, "gone"]);
+    assert!(out.status.success(), "husk run -d: {}", stderr(&out));
+    assert!(ingress_filters(&client, "eth0").contains("mirred"));
+    client.ip("link del eth0");
+    let out = husk(&root, &["exec", "gone", "cat", "/proc/self/comm"]);
+    assert!(out.status.success(), "exec after the interface went: {}", stderr(&out));
+    assert_eq!(stdout(&out), "cat\n");
+    let out = husk(&root, &["delete", "-f", "gone"]);
+    assert!(out.status.success(), "delete: {}", stderr(&out));
+    let links = client.ip("-o link show");
+    assert!(
+        links.lines().all(|l| l.contains(": lo:")),
+        "links left: {links}"
+    );
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// Two interfaces with one MAC: the guest finds its devices by MAC, so
+/// create fails naming the MAC, and leaves no VM, tap, filter or state.
+#[test]
+fn interfaces_sharing_a_mac_are_refused_and_leave_nothing() {
+    require_guest();
+    let (client, peer) = client_with_veth("dupmac", 6);
+    client.ip(&format!(
+        "link add eth1 type veth peer name peer1 netns {}",
+        peer.name
+    ));
+    client.ip("link set eth0 address 02:48:55:53:4b:61");
+    client.ip("link set eth1 address 02:48:55:53:4b:61 up");
+    let links_before = client.ip("-o link show");
+    let dir = TestDir::new("net-dupmac");
+    let root = dir.state_root();
+    let b = bundle_in(&dir, &client, &["true"]);
+    let out = husk(&root, &["create", "-b", &b, "dupmac"]);
+    assert!(!out.status.success(), "create with a MAC given twice");
+    assert!(
+        stderr(&out).contains("02:48:55:53:4b:61") && stderr(&out).contains("twice"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(client.ip("-o link show"), links_before, "a tap was left");
+    for dev in ["eth0", "eth1"] {
+        assert_eq!(ingress_filters(&client, dev), "", "a filter was left on {dev}");
+    }
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// husk killed mid-create: the monitor (which wired the namespace before
+/// booting) is SIGKILLed as soon as its tap exists. `husk create` fails
+/// saying so, and removes husk's filter from the client's interface (the
+/// tap went with the VMM); nothing of the container is left.
+#[test]
+fn a_monitor_killed_mid_create_leaves_no_tap_or_filter() {
+    require_guest();
+    let (client, _peer) = client_with_veth("midc", 7);
+    let links_before = client.ip("-o link show");
+    let dir = TestDir::new("net-midc");
+    let root = dir.state_root();
+    let b = bundle_in(&dir, &client, &["true"]);
+    // Output to a file: the shadow keeps what it was given.
+    let err_path = dir.path.join("create.err");
+    let err = std::fs::File::create(&err_path).expect("create.err");
+    let mut create = Command::new(husk_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "-b", &b, "midc"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("husk create");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !client.ip("-o link show").contains("_husk") {
+        assert!(std::time::Instant::now() < deadline, "no tap appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let root_text = root.display().to_string();
+    let monitor: Vec<i32> = processes_naming("__monitor")
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains(&root_text) && cmdline.ends_with(" midc "))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(monitor.len(), 1, "the monitor of midc: {monitor:?}");
+    // SAFETY: kill(2) of the monitor process found above.
+    unsafe { libc::kill(monitor[0], libc::SIGKILL) };
+    let status = create.wait().expect("husk create");
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(!status.success(), "create survived its monitor");
+    assert!(err.contains("died"), "{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while client.ip("-o link show") != links_before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(client.ip("-o link show"), links_before, "a tap was left");
+    assert_eq!(ingress_filters(&client, "eth0"), "", "a filter was left");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// 200 create/delete cycles of a container with a network namespace
+/// leave the namespace as it was (links, qdiscs, filters) and nothing of
+/// husk's behind (processes, mounts, cgroups, state).
+#[test]
+fn two_hundred_create_delete_cycles_with_networking_leak_nothing() {
+    require_guest();
+    let (client, _peer) = client_with_veth("cycles", 8);
+    let links_before = client.ip("-o link show");
+    let qdiscs_before = Command::new("tc")
+        .args(["-n", &client.name, "qdisc", "show"])
+        .output()
+        .expect("tc");
+    let dir = TestDir::new("net-cycles");
+    let root = dir.state_root();
+    let b = bundle_in(&dir, &client, &["true"]);
+    for i in 0..200 {
+        let id = format!("cycle{i}");
+        let out = husk(&root, &["create", "-b", &b, &id]);
+        assert!(out.status.success(), "create {i}: {}", stderr(&out));
+        let out = husk(&root, &["delete", "-f", &id]);
+        assert!(out.status.success(), "delete {i}: {}", stderr(&out));
+        if i % 50 == 49 {
+            assert_eq!(client.ip("-o link show"), links_before, "after {} cycles", i + 1);
+            assert_eq!(ingress_filters(&client, "eth0"), "", "after {} cycles", i + 1);
+        }
+    }
+    let qdiscs = Command::new("tc")
+        .args(["-n", &client.name, "qdisc", "show"])
+        .output()
+        .expect("tc");
+    assert_eq!(stdout(&qdiscs), stdout(&qdiscs_before));
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}

@@ -91,15 +91,12 @@ pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
     }
     let result = spawn_monitor_and_shadow(root, args, &bundle, annotations);
     if result.is_err() {
-        // The monitor removes what it made; a monitor that died early cannot.
-        let _ = husk_runtime::sandbox::unmount_below(&husk_runtime::sandbox::sandbox_dir(
-            &state::sandbox_root(root),
-            &args.id,
-        ));
-        let _ = husk_runtime::sandbox::remove_tree_same_fs(&husk_runtime::sandbox::sandbox_dir(
-            &state::sandbox_root(root),
-            &args.id,
-        ));
+        // The monitor removes what it made; a monitor that died early
+        // cannot: what `delete` removes after a crashed monitor.
+        let sandbox = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(root), &args.id);
+        husk_runtime::sandbox::remove_jail_of(&sandbox);
+        let _ = husk_runtime::sandbox::unmount_below(&sandbox);
+        let _ = husk_runtime::sandbox::remove_tree_same_fs(&sandbox);
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
@@ -237,6 +234,13 @@ fn spawn_monitor_and_shadow(
         match answer {
             Ok(ReadyMessage::Failed { message }) => bail!("{message}"),
             _ => {
+                // A monitor that died cannot unwire what it wired (a
+                // failing one did): husk's taps and filters in the
+                // client's namespace go as after a crash.
+                if let Some(netns) = husk_runtime::supervisor::network::namespace_path(&bundle.spec)
+                {
+                    husk_runtime::supervisor::network::unwire_after_crash(&netns);
+                }
                 let log = state::container_dir(root, &args.id).join("monitor.log");
                 bail!(
                     "the monitor of {} died while creating it: {}",

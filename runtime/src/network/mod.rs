@@ -30,7 +30,7 @@ pub mod wire;
 pub use config::{Interface, IpNet, Neighbour, NetworkConfig, Route};
 pub use discover::{discover, DiscoverError};
 pub use netns::{NetNs, NetnsError};
-pub use tap::VmTap;
+pub use tap::{tap_name, VmTap};
 pub use wire::{
     open_slot, unwire, unwire_namespace, wire, wire_slot, TapSlot, WireError, WiredTap, Wiring,
 };

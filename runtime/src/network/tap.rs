@@ -24,6 +24,8 @@ pub enum TapError {
         name: String,
         source: std::io::Error,
     },
+    #[error("tap {name}: an interface of that name already exists in the network namespace (husk names its taps tap<index>_husk and never takes over another's)")]
+    Exists { name: String },
     #[error("tap {name}: TUNSETIFF: {source}")]
     SetIff {
         name: String,
@@ -92,16 +94,27 @@ pub fn open_tap(name: &str) -> Result<OwnedFd, TapError> {
         })?;
     let mut request = TunIfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        // IFF_TUN_EXCL: a tap of that name that exists (a client's
+        // persistent one) is refused, not attached to: husk would take it
+        // over and remove it at delete.
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short,
         _pad: [0; 22],
     };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads a `struct ifreq` (a NUL-terminated name and
     // the flags, laid out as TunIfReq) from memory that lives across the
     // call, on a descriptor of /dev/net/tun we own.
-    unsafe { tun_set_iff(file.as_raw_fd(), &request) }.map_err(|e| TapError::SetIff {
-        name: name.to_string(),
-        source: std::io::Error::from(e),
+    unsafe { tun_set_iff(file.as_raw_fd(), &request) }.map_err(|e| match e {
+        // EBUSY under IFF_TUN_EXCL; EINVAL when the name is another kind
+        // of interface.
+        nix::errno::Errno::EBUSY | nix::errno::Errno::EEXIST => TapError::Exists {
+            name: name.to_string(),
+        },
+        e => TapError::SetIff {
+            name: name.to_string(),
+            source: std::io::Error::from(e),
+        },
     })?;
     Ok(OwnedFd::from(file))
 }

@@ -193,8 +193,12 @@ fn remove_filter_of(
 pub fn unwire_namespace(netns: &NetNs) -> Result<(), WireError> {
     let mut socket = netns.run(RouteSocket::new)??;
     let links = list_links(&mut socket)?;
+    // Only taps that are husk's in every way: the name, and a tap that
+    // lives only as long as its descriptors (husk's never persist). A
+    // client's interface of that name, or its persistent tap, stays.
+    let taps = husk_taps(&mut socket)?;
     for (index, name) in &links {
-        if parse_tap_name(name).is_some() {
+        if parse_tap_name(name).is_some() && taps.contains(index) {
             delete_link(&mut socket, *index)?;
         }
     }
@@ -248,6 +252,45 @@ fn list_links(socket: &mut RouteSocket) -> Result<Vec<(u32, String)>, WireError>
             }),
             _ => None,
         })
+        .collect())
+}
+
+/// The indexes of the namespace's non-persistent tun/tap devices.
+fn husk_taps(socket: &mut RouteSocket) -> Result<Vec<u32>, WireError> {
+    use netlink_packet_core::Nla;
+    use netlink_packet_route::link::{InfoData, InfoKind, LinkInfo};
+    // IFLA_TUN_PERSIST, a u8 (linux/if_link.h).
+    const IFLA_TUN_PERSIST: u16 = 6;
+    Ok(socket
+        .dump(
+            "listing interfaces",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => Some(link),
+            _ => None,
+        })
+        .filter(|link| {
+            let infos = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => Some(infos),
+                _ => None,
+            });
+            let Some(infos) = infos else { return false };
+            let tun = infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Tun)));
+            let persistent = infos.iter().any(|i| match i {
+                LinkInfo::Data(InfoData::Tun(nlas)) => nlas.iter().any(|nla| {
+                    let mut value = vec![0u8; nla.value_len()];
+                    nla.emit_value(&mut value);
+                    nla.kind() == IFLA_TUN_PERSIST && value.first().is_some_and(|v| *v != 0)
+                }),
+                _ => false,
+            });
+            tun && !persistent
+        })
+        .map(|link| link.header.index)
         .collect())
 }
 
