@@ -514,7 +514,8 @@ impl Sandbox {
             sandbox.share = Some(Share::create(&dir)?);
         }
         let tb = Instant::now();
-        sandbox.fs = Some(VirtioFsBackend::spawn(
+        // Both backends start before either is waited for.
+        sandbox.fs = Some(VirtioFsBackend::start(
             &virtiofsd,
             &shared_dir,
             &dir.join("vhost-fs.sock"),
@@ -528,7 +529,7 @@ impl Sandbox {
                 .writable(&vsock_dir),
             &sandbox.jail_root_dir("vsock")?,
         )?;
-        sandbox.vsock = Some(VsockBackend::spawn(
+        sandbox.vsock = Some(VsockBackend::start(
             &vsock_backend,
             GUEST_CID,
             &vsock_dir.join("vhost-vsock.sock"),
@@ -536,6 +537,12 @@ impl Sandbox {
             &dir.join("vsock.log"),
             Some(vsock_jail),
         )?);
+        if let Some(fs) = sandbox.fs.as_mut() {
+            fs.wait_ready(&dir.join("virtiofsd.log"))?;
+        }
+        if let Some(vsock) = sandbox.vsock.as_mut() {
+            vsock.wait_ready(&dir.join("vsock.log"))?;
+        }
         sandbox.lock_jail_dir(&vsock_dir)?;
         sandbox.timings.backends_ms = ms(tb.elapsed());
 

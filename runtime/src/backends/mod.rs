@@ -87,7 +87,7 @@ fn listening(socket: &Path, pid: u32) -> Option<bool> {
 /// Waits for a freshly spawned backend to listen on `socket`: woken by the
 /// socket's creation in its directory (inotify) or by the backend's exit
 /// (its pidfd), whichever comes first, then confirmed from /proc/net/unix.
-fn wait_for_socket(
+pub(crate) fn wait_for_socket(
     process: &mut HelperProcess,
     socket: &Path,
     log: &Path,

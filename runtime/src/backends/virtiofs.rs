@@ -1,7 +1,7 @@
 //! virtio-fs through virtiofsd: one daemon per sandbox, sharing the
 //! sandbox's shared directory. It exits by itself when the VM disconnects.
 
-use super::{wait_for_socket, BackendError};
+use super::BackendError;
 use crate::child::HelperProcess;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +15,9 @@ pub struct VirtioFsBackend {
 }
 
 impl VirtioFsBackend {
-    pub fn spawn(
+    /// Starts the backend; [`Self::wait_ready`] waits for its socket, so
+    /// that several backends can start at once.
+    pub fn start(
         program: &Path,
         shared_dir: &Path,
         socket: &Path,
@@ -42,16 +44,20 @@ impl VirtioFsBackend {
             .arg("--log-level=error");
         // Nor make one: no mode with S_ISUID or S_ISGID is set through it.
         crate::jail::apply_filters(&mut cmd, crate::jail::no_set_id_bits_filters()?);
-        let mut process =
+        let process =
             HelperProcess::spawn("virtiofsd", cmd, log).map_err(|source| BackendError::Spawn {
                 name: "virtiofsd",
                 program: program.to_path_buf(),
                 source,
             })?;
-        wait_for_socket(&mut process, socket, log)?;
         Ok(VirtioFsBackend {
             process,
             socket: socket.to_path_buf(),
         })
+    }
+
+    /// Waits until the backend listens on its socket (or died).
+    pub fn wait_ready(&mut self, log: &Path) -> Result<(), BackendError> {
+        super::wait_for_socket(&mut self.process, &self.socket, log)
     }
 }

@@ -3,7 +3,7 @@
 //! Unix socket; the host connects and sends `CONNECT <port>\n`, answered by
 //! `OK <n>\n`. It does not exit when the VM goes away: the sandbox ends it.
 
-use super::{wait_for_socket, BackendError};
+use super::BackendError;
 use crate::child::HelperProcess;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +17,9 @@ pub struct VsockBackend {
 }
 
 impl VsockBackend {
-    pub fn spawn(
+    /// Starts the backend; [`Self::wait_ready`] waits for its socket, so
+    /// that several backends can start at once.
+    pub fn start(
         program: &Path,
         guest_cid: u32,
         vhost_socket: &Path,
@@ -34,7 +36,7 @@ impl VsockBackend {
         if let Some(jail) = jail {
             jail.apply(&mut cmd);
         }
-        let mut process =
+        let process =
             HelperProcess::spawn("vhost-device-vsock", cmd, log).map_err(|source| {
                 BackendError::Spawn {
                     name: "vhost-device-vsock",
@@ -42,11 +44,15 @@ impl VsockBackend {
                     source,
                 }
             })?;
-        wait_for_socket(&mut process, vhost_socket, log)?;
         Ok(VsockBackend {
             process,
             vhost_socket: vhost_socket.to_path_buf(),
             uds: uds.to_path_buf(),
         })
+    }
+
+    /// Waits until the backend listens on its vhost-user socket (or died).
+    pub fn wait_ready(&mut self, log: &Path) -> Result<(), BackendError> {
+        super::wait_for_socket(&mut self.process, &self.vhost_socket, log)
     }
 }
