@@ -552,14 +552,7 @@ impl Sandbox {
         // 8254 timer not connected to IO-APIC" and stalls in fallbacks. The
         // VMM's timer is known to work, so the check only costs (Kata passes
         // the same).
-        // tsc=reliable: the guest's clocksource watchdog compares the TSC
-        // with jiffies, and a vCPU starved by a busy host (TCG) makes the
-        // two drift: the TSC is then marked unstable and the guest falls
-        // back to jiffies, 4 ms per tick, for every clock read (the agent's
-        // timings, timeouts). The VMM's TSC is the host's, which is stable
-        // (Kata passes the same).
-        let mut cmdline =
-            String::from("console=ttyS0 reboot=t panic=-1 quiet no_timer_check tsc=reliable");
+        let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet no_timer_check");
         if !config.kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&config.kernel_params);

@@ -420,7 +420,11 @@ fn an_interface_removed_while_running_is_no_error_and_leaves_nothing() {
     assert!(ingress_filters(&client, "eth0").contains("mirred"));
     client.ip("link del eth0");
     let out = husk(&root, &["exec", "gone", "cat", "/proc/self/comm"]);
-    assert!(out.status.success(), "exec after the interface went: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "exec after the interface went: {}",
+        stderr(&out)
+    );
     assert_eq!(stdout(&out), "cat\n");
     let out = husk(&root, &["delete", "-f", "gone"]);
     assert!(out.status.success(), "delete: {}", stderr(&out));
@@ -457,7 +461,11 @@ fn interfaces_sharing_a_mac_are_refused_and_leave_nothing() {
     );
     assert_eq!(client.ip("-o link show"), links_before, "a tap was left");
     for dev in ["eth0", "eth1"] {
-        assert_eq!(ingress_filters(&client, dev), "", "a filter was left on {dev}");
+        assert_eq!(
+            ingress_filters(&client, dev),
+            "",
+            "a filter was left on {dev}"
+        );
     }
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
@@ -535,8 +543,18 @@ fn two_hundred_create_delete_cycles_with_networking_leak_nothing() {
         let out = husk(&root, &["delete", "-f", &id]);
         assert!(out.status.success(), "delete {i}: {}", stderr(&out));
         if i % 50 == 49 {
-            assert_eq!(client.ip("-o link show"), links_before, "after {} cycles", i + 1);
-            assert_eq!(ingress_filters(&client, "eth0"), "", "after {} cycles", i + 1);
+            assert_eq!(
+                client.ip("-o link show"),
+                links_before,
+                "after {} cycles",
+                i + 1
+            );
+            assert_eq!(
+                ingress_filters(&client, "eth0"),
+                "",
+                "after {} cycles",
+                i + 1
+            );
         }
     }
     let qdiscs = Command::new("tc")

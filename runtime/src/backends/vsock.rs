@@ -36,14 +36,13 @@ impl VsockBackend {
         if let Some(jail) = jail {
             jail.apply(&mut cmd);
         }
-        let process =
-            HelperProcess::spawn("vhost-device-vsock", cmd, log).map_err(|source| {
-                BackendError::Spawn {
-                    name: "vhost-device-vsock",
-                    program: program.to_path_buf(),
-                    source,
-                }
-            })?;
+        let process = HelperProcess::spawn("vhost-device-vsock", cmd, log).map_err(|source| {
+            BackendError::Spawn {
+                name: "vhost-device-vsock",
+                program: program.to_path_buf(),
+                source,
+            }
+        })?;
         Ok(VsockBackend {
             process,
             vhost_socket: vhost_socket.to_path_buf(),
