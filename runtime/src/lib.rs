@@ -20,4 +20,5 @@ pub mod network;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;
+pub mod stream_pump;
 pub mod supervisor;
