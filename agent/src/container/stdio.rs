@@ -3,6 +3,7 @@
 //! child sends back.
 
 use super::lock;
+use husk_protocol::STDIN_ACK_EVERY;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -58,13 +59,25 @@ pub(super) fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce())
 
 /// Feeds a stream into the process's stdin (a pipe or the terminal) until
 /// EOF, then closes stdin. The lock (CloseStdin takes the pipe away) is held
-/// only once bytes wait, never while waiting for them.
+/// only once bytes wait, never while waiting for them. What it has taken it
+/// acknowledges to the host (see `husk_protocol::STDIN_WINDOW`) before
+/// writing it on, so that the next bytes cross while the process reads.
 pub(super) fn pump_stdin(mut from: VsockStream, stdin: Arc<Mutex<Option<File>>>) {
     let mut buf = vec![0u8; COPY_CHUNK];
+    let mut taken: u64 = 0;
+    let mut acknowledged: u64 = 0;
+    let mut acking = true;
     loop {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                taken = taken.saturating_add(n as u64);
+                if acking && taken - acknowledged >= STDIN_ACK_EVERY {
+                    // A host that closed its end early (its stdin ended)
+                    // needs no more counts; the bytes still come.
+                    acking = from.write_all(&taken.to_le_bytes()).is_ok();
+                    acknowledged = taken;
+                }
                 let mut guard = lock(&stdin);
                 let Some(pipe) = guard.as_mut() else { return };
                 if pipe.write_all(&buf[..n]).is_err() {
