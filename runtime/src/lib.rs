@@ -21,4 +21,5 @@ pub mod phases;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;
+pub mod stream_pump;
 pub mod supervisor;

@@ -19,11 +19,11 @@ use crate::event::{EventError, Flag, PidFd};
 use crate::hypervisor::{self, HypervisorError, VmConfig};
 use crate::jail::JailRoot;
 use crate::share::{ReadOnly, Share};
+use crate::stream_pump;
 use husk_protocol::agent::{CreateContainerRequest, Stdio as StdioTokens, WaitProcessResponse};
 use husk_protocol::{StreamKind, GUEST_CID};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1062,7 +1062,7 @@ pub fn connect_stdio_via(
         let token = new_token();
         let stream = agent.open_stream(StreamKind::Process, token)?;
         tokens.stdin = token;
-        std::thread::spawn(move || pump_in(input, stream));
+        std::thread::spawn(move || stream_pump::pump_in(input, stream));
     }
     for (output, slot) in [
         (stdio.stdout, &mut tokens.stdout),
@@ -1072,51 +1072,12 @@ pub fn connect_stdio_via(
             let token = new_token();
             let stream = agent.open_stream(StreamKind::Process, token)?;
             *slot = token;
-            outputs.push(std::thread::spawn(move || pump_out(stream, output)));
+            outputs.push(std::thread::spawn(move || {
+                stream_pump::pump_out(stream, output)
+            }));
         }
     }
     Ok((tokens, StdioPumps { outputs }))
-}
-
-/// The host pumps' buffer: one bounded buffer per stream, whatever the
-/// guest sends; a slow reader stops the pump, and the vsock backend's credit
-/// then stops the guest.
-const PUMP_BUFFER: usize = 1 << 20;
-
-fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
-    let mut buf = vec![0u8; PUMP_BUFFER];
-    loop {
-        match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if stream.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    // A whole close, not a half-close: the vsock backend drops a half-closed
-    // connection's pending data, and this stream only carries one direction.
-    drop(stream);
-}
-
-fn pump_out(mut stream: UnixStream, mut output: Box<dyn Write + Send>) {
-    let mut buf = vec![0u8; PUMP_BUFFER];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if output.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    let _ = output.flush();
 }
 
 /// The line the agent writes to the console once it serves (boot marker).

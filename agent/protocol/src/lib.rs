@@ -25,7 +25,7 @@ pub mod resources;
 pub mod stream;
 
 pub use error::ErrorKind;
-pub use stream::{StreamHeader, StreamKind};
+pub use stream::{StreamHeader, StreamKind, STDIN_ACK_EVERY, STDIN_ACK_LEN, STDIN_WINDOW};
 
 /// vsock port on which the agent serves ttrpc.
 pub const AGENT_PORT: u32 = 1024;

@@ -10,6 +10,25 @@ pub const HEADER_LEN: usize = 16;
 const MAGIC: &[u8; 4] = b"HUSK";
 const VERSION: u8 = 1;
 
+/// Flow control on a process's stdin stream, host to guest. The agent
+/// writes back, on the same connection, the running count of bytes it has
+/// taken out of it (a u64, little endian) each time [`STDIN_ACK_EVERY`] more
+/// have been taken; the host keeps at most [`STDIN_WINDOW`] bytes sent and
+/// not yet counted. Why: the guest socket's receive buffer (256 KiB, the
+/// AF_VSOCK default) then never fills while the process is slower than the
+/// sender; a full one has the vsock backend ask the guest for credit, and
+/// the guest answer that it has none, back to back until the process reads,
+/// on the guest's one CPU. The count is a hint the host checks (never more
+/// than it sent, never backwards); a guest that does not send it only stalls
+/// its own stdin.
+pub const STDIN_WINDOW: u64 = 192 * 1024;
+/// How many taken bytes the agent acknowledges at once (see
+/// [`STDIN_WINDOW`]; less than it, so a full window is always acknowledged).
+pub const STDIN_ACK_EVERY: u64 = STDIN_WINDOW / 4;
+/// Size of one stdin acknowledgement.
+pub const STDIN_ACK_LEN: usize = 8;
+const _: () = assert!(STDIN_ACK_EVERY > 0 && STDIN_ACK_EVERY < STDIN_WINDOW);
+
 /// What a stream connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {

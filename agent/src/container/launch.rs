@@ -6,7 +6,7 @@
 //! fork itself and the registration of its pid are under the reaper's
 //! spawn guard.
 
-use super::stdio::{pump, pump_stdin, receive_fd, splice_pump, splice_stdin, ProcessStreams};
+use super::stdio::{pump, pump_stdin, receive_fd, ProcessStreams};
 use super::{lock, ContainerError};
 use crate::child::{self, ChildFds, Launch, ParkFds, StepNames};
 use crate::pidns;
@@ -513,8 +513,7 @@ impl Forked {
         let [stdin_pipe_fd, stdout_pipe, stderr_pipe] = pipes;
         let mut copiers = Vec::new();
         let stdin_pipe: Arc<Mutex<Option<File>>> = Arc::new(Mutex::new(None));
-        // A pipe is spliced into its stream; a terminal master cannot be.
-        let copy_out = |from: File, output: vsock::VsockStream, is_pipe: bool| {
+        let copy_out = |from: File, output: vsock::VsockStream| {
             std::thread::spawn(move || {
                 let out = output.try_clone();
                 let done = move || {
@@ -522,11 +521,7 @@ impl Forked {
                         let _ = o.shutdown(Shutdown::Write);
                     }
                 };
-                if is_pipe {
-                    splice_pump(from, output, done)
-                } else {
-                    pump(from, output, done)
-                }
+                pump(from, output, done)
             })
         };
         if let Some(master) = &pty_master {
@@ -536,19 +531,19 @@ impl Forked {
                 std::thread::spawn(move || pump_stdin(input, pipe));
             }
             if let Some(output) = streams.stdout {
-                copiers.push(copy_out(File::from(master.try_clone()?), output, false));
+                copiers.push(copy_out(File::from(master.try_clone()?), output));
             }
         } else {
             if let (Some(input), Some(pipe)) = (streams.stdin, stdin_pipe_fd) {
                 *lock(&stdin_pipe) = Some(File::from(pipe));
                 let pipe = Arc::clone(&stdin_pipe);
-                std::thread::spawn(move || splice_stdin(input, pipe));
+                std::thread::spawn(move || pump_stdin(input, pipe));
             }
             if let (Some(output), Some(pipe)) = (streams.stdout, stdout_pipe) {
-                copiers.push(copy_out(File::from(pipe), output, true));
+                copiers.push(copy_out(File::from(pipe), output));
             }
             if let (Some(output), Some(pipe)) = (streams.stderr, stderr_pipe) {
-                copiers.push(copy_out(File::from(pipe), output, true));
+                copiers.push(copy_out(File::from(pipe), output));
             }
         }
         Ok(Arc::new(Proc {
