@@ -678,8 +678,9 @@ def net_figure(cmd, what):
 def bare_net_initramfs(addr):
     """busybox and husk-net-bench; /init gives eth0 the bare client's address
     and runs each measure against the peer twice: as /init's child (the
-    floor), then from a cgroup with every controller the kernel has enabled,
-    as husk's agent places a container (agent/src/init.rs, cgroup/mod.rs).
+    floor), then from a cgroup two levels down with every controller the
+    kernel has enabled, as husk's agent places a container (`/husk/<id>`;
+    agent/src/init.rs, agent/src/cgroup/mod.rs).
     It prints `NETBENCH <where> <mode> <figure>` on the console and powers off."""
     stage = os.path.join(WORK, "bare-net-initramfs")
     for d in ("bin", "dev", "proc", "sys"):
@@ -696,8 +697,10 @@ def bare_net_initramfs(addr):
                 f"ip link set lo up\nip link set eth0 up\nip addr add {addr}/24 dev eth0\n"
                 f"{runs('plain')}"
                 "mount -t cgroup2 cgroup2 /sys/fs/cgroup\n"
-                "for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo +$c > /sys/fs/cgroup/cgroup.subtree_control; done\n"
-                "mkdir /sys/fs/cgroup/bench\necho $$ > /sys/fs/cgroup/bench/cgroup.procs\n"
+                "mkdir -p /sys/fs/cgroup/husk/bench\n"
+                "for d in /sys/fs/cgroup /sys/fs/cgroup/husk; do\n"
+                "  for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo +$c > $d/cgroup.subtree_control; done\n"
+                "done\necho $$ > /sys/fs/cgroup/husk/bench/cgroup.procs\n"
                 f"{runs('cgroup')}echo NETBENCH-DONE\nreboot -f\n")
     os.chmod(os.path.join(stage, "init"), 0o755)
     os.mknod(os.path.join(stage, "dev/console"), 0o600 | 0o020000, os.makedev(5, 1))
