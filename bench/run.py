@@ -560,8 +560,9 @@ NET_RR_COUNT = 2000
 NET_PEER_ADDR = "10.77.0.1"
 NET_CLIENTS = {"runc": "10.77.0.2", "husk": "10.77.0.3", "bare": "10.77.0.4", "create": "10.77.0.5"}
 NET_MEASURES = (("stream-send", NET_STREAM_BYTES), ("stream-recv", NET_STREAM_BYTES), ("rr", NET_RR_COUNT))
-NET_LABELS = {"stream-send": "TCP guest->peer 256 MiB", "stream-recv": "TCP peer->guest 256 MiB",
-              "rr": "TCP 1-byte req/resp x2000"}
+NET_LABELS = {"stream-send": f"TCP guest->peer {NET_STREAM_BYTES >> 20} MiB",
+              "stream-recv": f"TCP peer->guest {NET_STREAM_BYTES >> 20} MiB",
+              "rr": f"TCP 1-byte req/resp x{NET_RR_COUNT}"}
 NET_UNITS = {"stream-send": "MiB/s", "stream-recv": "MiB/s", "rr": "us"}
 # The bare guest's tap (not `tap*_husk`: husk's own clean-up never takes it).
 BARE_TAP = "tapbare0"
