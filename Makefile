@@ -11,7 +11,7 @@ BENCH ?=
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := stream_header agent_reply mmio_transport agent_plan seccomp_compile virtio_net
 
-.PHONY: all deps tools kernel agent initramfs initramfs-hostile binaries build demo test bench conformance fuzz lint install clean
+.PHONY: all deps tools kernel agent initramfs initramfs-hostile binaries net-bench build demo test bench conformance fuzz lint install clean
 
 all: build
 
@@ -47,7 +47,12 @@ initramfs-hostile: deps
 binaries:
 	$(CARGO) build --release --workspace --bins
 
-build: tools kernel initramfs initramfs-hostile binaries
+# The network benchmark's tool runs in a busybox rootfs and in a bare
+# initramfs with no libc: static, as the agent.
+net-bench:
+	RUSTFLAGS="$(AGENT_RUSTFLAGS)" $(CARGO) build --release -p husk-tests --bin husk-net-bench --target $(AGENT_TARGET)
+
+build: tools kernel initramfs initramfs-hostile binaries net-bench
 
 demo: build
 	scripts/demo.sh

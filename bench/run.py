@@ -14,9 +14,15 @@ Prints medians over N runs (default 10, HUSK_BENCH_RUNS) and ratios:
   5. containerd (issue 5), on a private containerd set up as the tests set it
      up: `ctr run --rm ... true` with the husk shim vs the runc shim, a CRI pod
      start to a running container with the `husk` vs the `runc` handler, and
-     the PSS of one idle pod's host processes (the RuntimeClass overhead).
+     the PSS of one idle pod's host processes (the RuntimeClass overhead);
+  6. networking (issue 14), in namespaces the bench makes and removes: TCP
+     throughput both ways and 1-byte request/response latency from a
+     container to a peer namespace (husk-net-bench, the same static tool
+     everywhere), runc vs husk vs a bare QEMU of the same kernel on a tap
+     joined with the same tc redirects; and husk create with vs without a
+     network namespace path.
 
-Sections: `python3 bench/run.py [boot] [run] [exec] [vmm] [containerd]`
+Sections: `python3 bench/run.py [boot] [run] [exec] [vmm] [containerd] [network]`
 (`make bench BENCH=containerd`); none named runs them all.
 """
 import hashlib
@@ -567,8 +573,320 @@ def section_containerd():
     finally:
         c.stop()
 
+NET_BENCH = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/husk-net-bench")
+NET_PORT = 5201
+NET_STREAM_BYTES = 256 << 20
+NET_RR_COUNT = 2000
+# The peer namespace's bridge, and each client's address on it.
+NET_PEER_ADDR = "10.77.0.1"
+NET_CLIENTS = {"runc": "10.77.0.2", "husk": "10.77.0.3", "bare": "10.77.0.4", "create": "10.77.0.5"}
+NET_MEASURES = (("stream-send", NET_STREAM_BYTES), ("stream-recv", NET_STREAM_BYTES), ("rr", NET_RR_COUNT))
+NET_LABELS = {"stream-send": f"TCP guest->peer {NET_STREAM_BYTES >> 20} MiB",
+              "stream-recv": f"TCP peer->guest {NET_STREAM_BYTES >> 20} MiB",
+              "rr": f"TCP 1-byte req/resp x{NET_RR_COUNT}"}
+NET_UNITS = {"stream-send": "MiB/s", "stream-recv": "MiB/s", "rr": "us"}
+# The bare guest's tap (not `tap*_husk`: husk's own clean-up never takes it).
+BARE_TAP = "tapbare0"
+# Opens a tap in the current network namespace as runtime/src/network/tap.rs
+# opens husk's (TUNSETIFF, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), keeps it
+# across exec and execs the command with "{TAPFD}" replaced by its number:
+# QEMU gets `-netdev tap,fd=` as husk's does.
+TAP_EXEC = r"""
+import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))
+os.set_inheritable(fd, True)
+args = [a.replace("{TAPFD}", str(fd)) for a in sys.argv[2:]]
+os.execvp(args[0], args)
+"""
 
-SECTIONS = ("boot", "run", "exec", "vmm", "containerd")
+
+class NetTopology:
+    """Namespaces the bench makes and removes: a peer namespace with a bridge
+    (NET_PEER_ADDR/24) and the server, and one client namespace per runtime
+    with an `eth0` veth whose other end is on the bridge. Nothing is routed
+    anywhere else; `close` removes every namespace (and so every veth, tap
+    and filter in them) and ends the server."""
+
+    def __init__(self):
+        self.prefix = f"husk-bench-net-{os.getpid()}"
+        self.peer = f"{self.prefix}-peer"
+        self.made = []
+        self.server = None
+        try:
+            self._netns_add(self.peer)
+            self.ip(self.peer, "link add br0 type bridge")
+            self.ip(self.peer, f"addr add {NET_PEER_ADDR}/24 dev br0")
+            self.ip(self.peer, "link set br0 up")
+            for n, (name, addr) in enumerate(NET_CLIENTS.items()):
+                ns = self.client(name)
+                self._netns_add(ns)
+                self.ip(ns, f"link add eth0 type veth peer name v{name} netns {self.peer}")
+                self.ip(ns, f"link set eth0 address 02:48:55:53:4e:{n + 2:02x}")
+                self.ip(ns, f"addr add {addr}/24 dev eth0")
+                self.ip(ns, "link set eth0 up")
+                self.ip(self.peer, f"link set v{name} master br0 up")
+            self.server = subprocess.Popen(["nsenter", f"--net={self.path(self.peer)}", NET_BENCH, "server",
+                                            str(NET_PORT)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            # Host side first: runc's namespace reaches the server.
+            deadline = time.monotonic() + 10
+            while subprocess.run(["nsenter", f"--net={self.path(self.client('runc'))}", NET_BENCH, "rr",
+                                  f"{NET_PEER_ADDR}:{NET_PORT}", "1"], capture_output=True).returncode != 0:
+                if time.monotonic() > deadline or self.server.poll() is not None:
+                    raise RuntimeError("the peer's husk-net-bench server is not reachable from the client namespace")
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+
+    def client(self, name):
+        return f"{self.prefix}-{name}"
+
+    @staticmethod
+    def path(ns):
+        return f"/run/netns/{ns}"
+
+    def _netns_add(self, ns):
+        sh(["ip", "netns", "add", ns])
+        self.made.append(ns)
+        self.ip(ns, "link set lo up")
+
+    @staticmethod
+    def ip(ns, args):
+        p = subprocess.run(["ip", "-n", ns, *args.split()], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"ip -n {ns} {args}: {p.stderr.strip()}")
+        return p.stdout
+
+    @staticmethod
+    def tc(ns, args):
+        p = subprocess.run(["tc", "-n", ns, *args.split()], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"tc -n {ns} {args}: {p.stderr.strip()}")
+
+    def close(self):
+        if self.server is not None and self.server.poll() is None:
+            self.server.kill()
+            self.server.wait()
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made = []
+
+
+def net_bundle(name, netns_path):
+    """The busybox sleeper with husk-net-bench at /, in the network namespace
+    at `netns_path` (None: a new one, loopback only)."""
+    b = busybox_bundle(name, ["sleep", "3600"])
+    shutil.copy(NET_BENCH, os.path.join(b, "rootfs/husk-net-bench"))
+    cfg = os.path.join(b, "config.json")
+    with open(cfg) as f:
+        spec = json.load(f)
+    if netns_path:
+        for ns in spec["linux"]["namespaces"]:
+            if ns["type"] == "network":
+                ns["path"] = netns_path
+    with open(cfg, "w") as f:
+        json.dump(spec, f)
+    return b
+
+
+def net_figure(cmd, what):
+    p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"{what}: exit {p.returncode}: {p.stderr.strip()}")
+    return float(p.stdout.strip())
+
+
+def bare_net_initramfs(addr):
+    """busybox and husk-net-bench; /init gives eth0 the bare client's address
+    and runs each measure against the peer twice: as /init's child (the
+    floor), then from a cgroup two levels down with every controller the
+    kernel has enabled, as husk's agent places a container (`/husk/<id>`;
+    agent/src/init.rs, agent/src/cgroup/mod.rs).
+    It prints `NETBENCH <where> <mode> <figure>` on the console and powers off."""
+    stage = os.path.join(WORK, "bare-net-initramfs")
+    for d in ("bin", "dev", "proc", "sys"):
+        os.makedirs(os.path.join(stage, d))
+    shutil.copy("/bin/busybox", os.path.join(stage, "bin/busybox"))
+    shutil.copy(NET_BENCH, os.path.join(stage, "husk-net-bench"))
+
+    def runs(where):
+        return "".join(f"echo \"NETBENCH {where} {mode} $(/husk-net-bench {mode} {NET_PEER_ADDR}:{NET_PORT} {count})\"\n"
+                       for mode, count in NET_MEASURES)
+    with open(os.path.join(stage, "init"), "w") as f:
+        f.write("#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n"
+                "mount -t proc proc /proc\nmount -t sysfs sysfs /sys\n"
+                f"ip link set lo up\nip link set eth0 up\nip addr add {addr}/24 dev eth0\n"
+                f"{runs('plain')}"
+                "mount -t cgroup2 cgroup2 /sys/fs/cgroup\n"
+                "mkdir -p /sys/fs/cgroup/husk/bench\n"
+                "for d in /sys/fs/cgroup /sys/fs/cgroup/husk; do\n"
+                "  for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo +$c > $d/cgroup.subtree_control; done\n"
+                "done\necho $$ > /sys/fs/cgroup/husk/bench/cgroup.procs\n"
+                f"{runs('cgroup')}echo NETBENCH-DONE\nreboot -f\n")
+    os.chmod(os.path.join(stage, "init"), 0o755)
+    os.mknod(os.path.join(stage, "dev/console"), 0o600 | 0o020000, os.makedev(5, 1))
+    out = os.path.join(WORK, "bare-net-initramfs.img")
+    sh(["sh", "-c", f"cd {stage} && find . | cpio -o -H newc --quiet | gzip -1 > {out}"])
+    return out
+
+
+def wire_bare_tap(topo, ns):
+    """The bare guest's tap in `ns`, joined to eth0 as runtime/src/network/
+    wire.rs joins husk's (eth0's MTU, up; an ingress qdisc on each and a
+    match-all u32 filter at husk's priority 0xc0de redirecting to the other's
+    egress with mirred), here with ip and tc. Persistent until the namespace
+    goes, so the filters exist before QEMU opens it."""
+    mtu = json.loads(topo.ip(ns, "-j link show eth0"))[0]["mtu"]
+    topo.ip(ns, f"tuntap add dev {BARE_TAP} mode tap vnet_hdr")
+    topo.ip(ns, f"link set {BARE_TAP} mtu {mtu} up")
+    for dev, to in (("eth0", BARE_TAP), (BARE_TAP, "eth0")):
+        topo.tc(ns, f"qdisc add dev {dev} ingress")
+        topo.tc(ns, f"filter add dev {dev} parent ffff: protocol all prio {0xc0de} u32 match u32 0 0 "
+                    f"action mirred egress redirect dev {to}")
+
+
+def bare_net_run(topo, ns, initramfs, mac):
+    """One boot of the bare QEMU (bare_boot_ms's CPU, machine, memory,
+    kernel and cmdline; husk's modern virtio-mmio and its `-netdev tap,fd=,
+    vhost=off` + `virtio-net-device`): {(where, mode): figure} from its
+    console."""
+    cmd = ["nsenter", f"--net={topo.path(ns)}", "python3", "-c", TAP_EXEC, BARE_TAP,
+           "qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", "tcg,tb-size=16",
+           "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+           "-no-reboot", "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
+           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check tsc=reliable acpi=off tsc_early_khz={tsc_khz()}",
+           "-global", "virtio-mmio.force-legacy=false",
+           "-netdev", "tap,id=net0,fd={TAPFD},vhost=off", "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise RuntimeError("the bare network guest did not finish in 600 s")
+    console = out.decode(errors="replace")
+    figures = {}
+    for line in console.splitlines():
+        parts = line.strip().split()
+        if len(parts) == 4 and parts[0] == "NETBENCH":
+            try:
+                figures[(parts[1], parts[2])] = float(parts[3])
+            except ValueError:
+                pass
+    if "NETBENCH-DONE" not in console or len(figures) != 2 * len(NET_MEASURES):
+        raise RuntimeError(f"the bare network guest did not report every figure; console:\n{console[-3000:]}")
+    return figures
+
+
+def section_network():
+    print("\n== 6. networking (issue 14): a container to a peer namespace over a veth and a bridge, "
+          "runc vs husk vs a bare QEMU on a tc-redirected tap (goal: husk within 10% of the bare QEMU)")
+    print(f"  husk-net-bench in each; medians of {max(5, RUNS // 2)} interleaved rounds; "
+          "MiB/s: more is better, us: less is better")
+    for tool in ("nsenter", "tc", "ip"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is needed for the network section")
+    topo = NetTopology()
+    hroot = os.path.join(WORK, "net-root")
+    rroot = os.path.join(WORK, "runc-net-root")
+    croot = os.path.join(WORK, "net-create-root")
+    started = []
+    try:
+        peer = f"{NET_PEER_ADDR}:{NET_PORT}"
+        rb = net_bundle("net-runc", topo.path(topo.client("runc")))
+        hb = net_bundle("net-husk", topo.path(topo.client("husk")))
+        subprocess.run(["runc", "--root", rroot, "run", "-d", "-b", rb, "rnet"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(["runc", "--root", rroot, "delete", "-f", "rnet"])
+        started.append([HUSK, "--root", hroot, "delete", "-f", "hnet"])
+        subprocess.run([HUSK, "--root", hroot, "run", "-d", "-b", hb, "hnet"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        bare_ns = topo.client("bare")
+        wire_bare_tap(topo, bare_ns)
+        bare_mac = json.loads(topo.ip(bare_ns, "-j link show eth0"))[0]["address"]
+        initramfs = bare_net_initramfs(NET_CLIENTS["bare"])
+        figures = {impl: {mode: [] for mode, _ in NET_MEASURES} for impl in ("runc", "husk", "plain", "cgroup")}
+        # Rounds interleave the three, so a busy host weighs on each alike;
+        # at least 5: a shared host makes single transfers vary by 2x.
+        for _ in range(max(5, RUNS // 2)):
+            for mode, count in NET_MEASURES:
+                figures["runc"][mode].append(net_figure(
+                    ["runc", "--root", rroot, "exec", "rnet", "/husk-net-bench", mode, peer, str(count)], f"runc {mode}"))
+                figures["husk"][mode].append(net_figure(
+                    [HUSK, "--root", hroot, "exec", "hnet", "/husk-net-bench", mode, peer, str(count)], f"husk {mode}"))
+            for (where, mode), v in bare_net_run(topo, bare_ns, initramfs, bare_mac).items():
+                figures[where][mode].append(v)
+        for cmd in reversed(started):
+            subprocess.run(cmd, capture_output=True)
+        started = []
+        for mode, _ in NET_MEASURES:
+            label, unit = NET_LABELS[mode], NET_UNITS[mode]
+            r = report(f"runc: {label}", unit, figures["runc"][mode])
+            b = report(f"bare QEMU: {label}", unit, figures["plain"][mode], r, "runc")
+            c = report(f"bare QEMU+cgroup: {label}", unit, figures["cgroup"][mode], r, "runc")
+            h = report(f"husk: {label}", unit, figures["husk"][mode], r, "runc")
+            # Throughput: husk / bare; latency: bare / husk: in both, below
+            # 1 is slower than the bare QEMU's figure. "+cgroup" is the bare
+            # guest's tool in a cgroup with every controller, as the agent
+            # runs a container: what that alone costs under TCG.
+            for name, v, goal in (("husk", h, " (goal >= 0.90)"), ("bare QEMU+cgroup", c, "")):
+                share = v / b if unit == "MiB/s" else b / v
+                print(f"  {name + ' vs bare QEMU' + goal:<44} {share:.2f} of the bare QEMU's figure", flush=True)
+                RESULTS[f"{name} share of bare QEMU: {label}"] = share
+
+        print("  husk create + delete -f of the busybox sleeper, alternately without and with a network "
+              "namespace path (goal: create <= 1.05x):", flush=True)
+        with_net = net_bundle("net-create-with", topo.path(topo.client("create")))
+        without = net_bundle("net-create-without", None)
+        times = {"with": [], "without": [], "with-delete": [], "without-delete": []}
+        phases = {"with": [], "without": []}
+        for i in range(RUNS):
+            for kind, b in (("without", without), ("with", with_net)):
+                cid = f"c{kind}{i}"
+                log = os.path.join(WORK, f"net-create-{kind}-{i}.log")
+                started.append([HUSK, "--root", croot, "delete", "-f", cid])
+                # --debug logs the phases (both kinds alike).
+                times[kind].append(net_timed([HUSK, "--root", croot, "--debug", "--log", log, "create", "-b", b, cid]))
+                times[f"{kind}-delete"].append(net_timed([HUSK, "--root", croot, "delete", "-f", cid]))
+                started.pop()
+                phases[kind].append(read_phases(log))
+        w = report("husk create, no network namespace path", "ms", times["without"])
+        report("husk create, a namespace with a veth", "ms", times["with"], w, "no network")
+        w = report("husk delete -f, no network namespace path", "ms", times["without-delete"])
+        report("husk delete -f, a namespace with a veth", "ms", times["with-delete"], w, "no network")
+        # Where the difference is: the steps of create whose medians differ.
+        steps = {k for runs in phases.values() for r in runs for k in r}
+        diffs = []
+        for key in steps:
+            med = {kind: median([r.get(key, 0.0) for r in phases[kind]]) for kind in phases}
+            diffs.append((med["with"] - med["without"], key, med))
+        print("  create steps, median with network less without (|difference| >= 1 ms):")
+        for d, (op, clock, name), med in sorted(diffs, key=lambda x: -abs(x[0])):
+            if abs(d) >= 1.0:
+                print(f"    {op:<7}{clock:<6}{name:<48}{d:+9.1f} ms  ({med['without']:.1f} -> {med['with']:.1f})",
+                      flush=True)
+                RESULTS[f"create with network less without: {op} {clock} {name.strip()}"] = d
+    finally:
+        for cmd in reversed(started):
+            subprocess.run(cmd, capture_output=True)
+        topo.close()
+
+
+def net_timed(cmd):
+    """`timed`, with the command's stdio off pipes: `husk create` leaves a
+    monitor behind that would hold a pipe open."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err).returncode
+        ms = (time.monotonic() - t0) * 1000
+        if rc != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)}: exit {rc}: {err.read().decode(errors='replace').strip()}")
+    return ms
+
+
+SECTIONS = ("boot", "run", "exec", "vmm", "containerd", "network")
 
 
 def main():
@@ -576,7 +894,7 @@ def main():
     unknown = [w for w in wanted if w not in SECTIONS]
     if unknown:
         sys.exit(f"bench: unknown section {' '.join(unknown)}; sections: {' '.join(SECTIONS)}")
-    for f in (HUSK, KERNEL) + ((VSOCK_BENCH,) if "exec" in wanted else ()):
+    for f in (HUSK, KERNEL) + ((VSOCK_BENCH,) if "exec" in wanted else ()) + ((NET_BENCH,) if "network" in wanted else ()):
         if not os.path.exists(f):
             sys.exit(f"bench: {f} is missing: run make build")
     ensure_packages()
@@ -591,6 +909,8 @@ def main():
             section_vmm()
         if "containerd" in wanted:
             section_containerd()
+        if "network" in wanted:
+            section_network()
     finally:
         subprocess.run(["sh", "-c", f"grep -o '{WORK}[^ ]*' /proc/self/mountinfo | sort -r | xargs -r umount -l"],
                        capture_output=True)
