@@ -1,17 +1,26 @@
 //! Helper processes of a sandbox (VMM, device backends): spawned so that they
 //! die with the process that owns the sandbox, and ended with a deadline.
+//!
+//! A helper may also be adopted (a pooled sandbox claimed by a container's
+//! owner, see `pool`): then this process is not its parent, holds only a
+//! pidfd of it, signals it through that pidfd and learns of its end by it;
+//! the exit status stays with the parent (the pool's keeper), so an adopted
+//! helper's end is reported as "exited" without a status.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use crate::event::PidFd;
+use std::os::fd::AsFd;
 
 /// A named child process that is killed when dropped.
 #[derive(Debug)]
 pub struct HelperProcess {
     pub name: &'static str,
-    child: Child,
+    /// None for an adopted helper (not our child).
+    child: Option<Child>,
+    pid: u32,
     /// Readable once the process exits: what waits on it, here and in
     /// other threads (see `pidfd`), instead of polling.
     pidfd: PidFd,
@@ -44,9 +53,14 @@ impl HelperProcess {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // SAFETY: prctl and setpgid are async-signal-safe.
+        // SAFETY: prctl, setpgid and sigprocmask are async-signal-safe.
+        // No signal blocked: a spawner that reads its signals from a
+        // signalfd (the pool's keeper) blocks them, and a helper must still
+        // stop on SIGTERM.
         unsafe {
             cmd.pre_exec(|| {
+                let empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0
                     || libc::setpgid(0, 0) < 0
                 {
@@ -67,14 +81,32 @@ impl HelperProcess {
         };
         Ok(HelperProcess {
             name,
-            child,
+            pid: child.id(),
+            child: Some(child),
             pidfd,
             exited: None,
         })
     }
 
+    /// A helper another process spawned and still parents, known by a
+    /// pidfd (received from that parent, so it names the right process).
+    pub fn adopt(name: &'static str, pidfd: PidFd) -> Self {
+        HelperProcess {
+            name,
+            pid: pidfd.pid(),
+            child: None,
+            pidfd,
+            exited: None,
+        }
+    }
+
+    /// Whether this process spawned the helper (false: adopted).
+    pub fn is_child(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// The process's pidfd (readable once it has exited), to wait on
@@ -84,12 +116,45 @@ impl HelperProcess {
         &self.pidfd
     }
 
-    /// The exit status if the process has ended.
+    /// The exit status if the process has ended. An adopted helper's
+    /// status is its parent's: its end reads as a plain exit 0 here (see
+    /// `ended` for the words a user reads).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
+            self.exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => self
+                    .pidfd
+                    .has_exited()
+                    .unwrap_or(false)
+                    .then(|| std::os::unix::process::ExitStatusExt::from_raw(0)),
+            };
         }
         self.exited
+    }
+
+    /// How the process ended, in a user's words, if it has.
+    pub fn ended(&mut self) -> Option<String> {
+        let status = self.try_wait()?;
+        Some(if self.is_child() {
+            describe(status)
+        } else {
+            "exited".into()
+        })
+    }
+
+    /// Sends `signal` through the pidfd (never to a reused pid).
+    fn signal(&self, signal: i32) {
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, with no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&self.pidfd.as_fd()),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
     }
 
     /// Waits up to `timeout` for the process to end on its own.
@@ -109,14 +174,28 @@ impl HelperProcess {
         if let Some(s) = self.try_wait() {
             return s;
         }
-        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         if let Some(s) = self.wait_timeout(grace) {
             return s;
         }
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        let status = status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9));
+        self.kill_now()
+    }
+
+    /// SIGKILL, then the end: reaped when ours, awaited on the pidfd (its
+    /// parent reaps it) when adopted.
+    fn kill_now(&mut self) -> ExitStatus {
+        let killed = std::os::unix::process::ExitStatusExt::from_raw(9);
+        let status = match self.child.as_mut() {
+            Some(child) => {
+                let _ = child.kill();
+                child.wait().unwrap_or(killed)
+            }
+            None => {
+                self.signal(libc::SIGKILL);
+                let _ = self.pidfd.wait_timeout(Duration::from_secs(5));
+                killed
+            }
+        };
         self.exited = Some(status);
         status
     }
@@ -125,8 +204,7 @@ impl HelperProcess {
 impl Drop for HelperProcess {
     fn drop(&mut self) {
         if self.try_wait().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill_now();
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod hypervisor;
 pub mod jail;
 pub mod lockfile;
 pub mod network;
+pub mod pool;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;
