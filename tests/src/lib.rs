@@ -294,6 +294,7 @@ pub fn stderr(o: &Output) -> String {
 }
 pub mod containerd;
 pub mod netns;
+pub mod pool;
 
 /// Makes this process adopt orphaned descendants, as conmon does, so a
 /// container's shadow process (state.pid) can be waited for here.
