@@ -146,3 +146,35 @@ impl Drop for TestPool {
         self.stop();
     }
 }
+
+/// What names the pool's unclaimed sandboxes under `marker` (booting or
+/// idle: their keeper is alive and their socket is not in `claimed/`):
+/// their directories, and the directories of the jails claimed for them.
+pub fn unclaimed_markers(marker: &Path) -> Vec<String> {
+    let pool_dir = marker.join("pool");
+    let Ok(classes) = std::fs::read_dir(&pool_dir) else {
+        return Vec::new();
+    };
+    let mut dirs = Vec::new();
+    for class in classes.flatten().filter(|c| c.path().is_dir()) {
+        let dirs_of = husk_runtime::pool::ClassDirs { root: class.path() };
+        let claimed = husk_runtime::pool::ClassDirs::ids_in(&dirs_of.claimed());
+        for id in dirs_of.live_keepers() {
+            if !claimed.contains(&id) {
+                dirs.push(dirs_of.vms().join(&id).display().to_string());
+            }
+        }
+    }
+    let mut markers = dirs.clone();
+    let jail = Path::new(husk_runtime::jail::JAIL_ROOT);
+    if let Ok(claims) = std::fs::read_dir(jail.join("uids")) {
+        for claim in claims.flatten() {
+            let owner = std::fs::read_to_string(claim.path()).unwrap_or_default();
+            if dirs.iter().any(|d| owner == *d) {
+                let uid = claim.file_name().to_string_lossy().into_owned();
+                markers.push(format!("{}/", jail.join(uid).display()));
+            }
+        }
+    }
+    markers
+}
