@@ -21,6 +21,9 @@ pub struct HelperProcess {
     /// None for an adopted helper (not our child).
     child: Option<Child>,
     pid: u32,
+    /// Where an adopted helper's parent records how it ended (see
+    /// `exit_record`).
+    exit_record: Option<std::path::PathBuf>,
     /// Readable once the process exits: what waits on it, here and in
     /// other threads (see `pidfd`), instead of polling.
     pidfd: PidFd,
@@ -85,19 +88,44 @@ impl HelperProcess {
             child: Some(child),
             pidfd,
             exited: None,
+            exit_record: None,
         })
     }
 
     /// A helper another process spawned and still parents, known by a
     /// pidfd (received from that parent, so it names the right process).
-    pub fn adopt(name: &'static str, pidfd: PidFd) -> Self {
+    /// That parent writes how the helper ended to `exit_record` once it
+    /// reaps it (see `record_exit`).
+    pub fn adopt(name: &'static str, pidfd: PidFd, exit_record: std::path::PathBuf) -> Self {
         HelperProcess {
             name,
             pid: pidfd.pid(),
             child: None,
             pidfd,
             exited: None,
+            exit_record: Some(exit_record),
         }
+    }
+
+    /// The file in `dir` where the parent of helper `pid` records its end
+    /// for the owner that adopted it.
+    pub fn exit_record(dir: &std::path::Path, pid: u32) -> std::path::PathBuf {
+        dir.join(format!("exit-{pid}"))
+    }
+
+    /// Reaps the helper if it has ended, and records how in `dir` for the
+    /// owner that adopted it (the pool's keeper does this).
+    pub fn record_exit(&mut self, dir: &std::path::Path) -> Option<ExitStatus> {
+        let status = self.try_wait()?;
+        if self.is_child() {
+            // Whole or not at all: written aside, then renamed in.
+            let record = Self::exit_record(dir, self.pid);
+            let partial = record.with_extension("partial");
+            if std::fs::write(&partial, describe(status)).is_ok() {
+                let _ = std::fs::rename(&partial, &record);
+            }
+        }
+        Some(status)
     }
 
     /// Whether this process spawned the helper (false: adopted).
@@ -136,11 +164,31 @@ impl HelperProcess {
     /// How the process ended, in a user's words, if it has.
     pub fn ended(&mut self) -> Option<String> {
         let status = self.try_wait()?;
-        Some(if self.is_child() {
-            describe(status)
-        } else {
-            "exited".into()
-        })
+        if self.is_child() {
+            return Some(describe(status));
+        }
+        // The parent records it once it reaps the helper, a moment after
+        // the pidfd said so: wait for that a little, else say "exited".
+        let record = self.exit_record.as_ref()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let watch = record
+            .parent()
+            .and_then(|d| crate::event::DirWatch::new(d).ok());
+        loop {
+            if let Ok(text) = std::fs::read(record) {
+                let text = String::from_utf8_lossy(&text[..text.len().min(64)]).into_owned();
+                if !text.is_empty() && text.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+                    return Some(text);
+                }
+            }
+            let Some(watch) = watch.as_ref() else {
+                return Some("exited".into());
+            };
+            match crate::event::wait_any(&[watch.as_fd()], Some(deadline)) {
+                Ok(Some(_)) => watch.drain(),
+                _ => return Some("exited".into()),
+            }
+        }
     }
 
     /// Sends `signal` through the pidfd (never to a reused pid).

@@ -1126,7 +1126,8 @@ impl Sandbox {
                     "helper {name:?} where {want} was expected"
                 )));
             }
-            helpers.push(HelperProcess::adopt(want, pidfd));
+            let record = HelperProcess::exit_record(&record.dir, *pid);
+            helpers.push(HelperProcess::adopt(want, pidfd, record));
         }
         let Some(claim) = fds.next() else {
             return Err(refused("the jail claim is missing".into()));
@@ -1170,18 +1171,30 @@ impl Sandbox {
             // Until adopted whole, the keeper cleans up.
             cleaned: true,
         };
-        sandbox.check_components()?;
-        let timeout = Duration::from_secs(config.boot_timeout_secs.min(10));
-        let agent = {
-            let sb = &mut sandbox;
-            AgentClient::connect(&dir.join("vsock.sock"), timeout, || {
-                sb.check_components().map_err(|e| e.to_string())
-            })
-        }?;
-        let tr = Instant::now();
-        agent.health()?;
-        sandbox.timings.first_rpc_ms = ms(tr.elapsed());
-        sandbox.agent = Some(agent);
+        let answered = (|| {
+            sandbox.check_components()?;
+            let timeout = Duration::from_secs(config.boot_timeout_secs.min(10));
+            let agent = {
+                let sb = &mut sandbox;
+                AgentClient::connect(&dir.join("vsock.sock"), timeout, || {
+                    sb.check_components().map_err(|e| e.to_string())
+                })
+            }?;
+            let tr = Instant::now();
+            agent.health()?;
+            sandbox.timings.first_rpc_ms = ms(tr.elapsed());
+            sandbox.agent = Some(agent);
+            Ok::<(), SandboxError>(())
+        })();
+        if let Err(e) = answered {
+            // The jail's claim stays the keeper's: dropping it here would
+            // unlock the keeper's too (one open file) before its teardown
+            // released the uid.
+            if let Some((id, _)) = sandbox.jail.take() {
+                std::mem::forget(id);
+            }
+            return Err(e);
+        }
         sandbox.timings.total_start_ms = ms(t0.elapsed());
         sandbox.cleaned = false;
         Ok(sandbox)

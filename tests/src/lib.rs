@@ -397,13 +397,19 @@ pub fn receive_console_fd(listener: &std::os::unix::net::UnixListener) -> std::o
 
 /// The pid of a live process whose command line contains both `name` and
 /// `marker` (a test's directory).
+/// A warm pool's unclaimed sandboxes (`HUSK_TEST_POOL=1`) are not the
+/// test's: they are left out.
 pub fn pid_of(marker: &Path, name: &str) -> Option<i32> {
     let markers = markers_of(marker);
+    let unclaimed = pool::unclaimed_markers(marker);
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
         let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
             .replace('\0', " ");
-        (cmd.contains(name) && markers.iter().any(|m| cmd.contains(m))).then_some(pid)
+        (cmd.contains(name)
+            && markers.iter().any(|m| cmd.contains(m))
+            && !unclaimed.iter().any(|u| cmd.contains(u.as_str())))
+        .then_some(pid)
     })
 }
 

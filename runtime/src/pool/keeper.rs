@@ -286,7 +286,8 @@ fn owned(mut handed: HandedOver, owner: &PidFd) {
             }
             Ok(Some(i)) => {
                 let mut h = handed.helpers.remove(i - 1);
-                let _ = h.try_wait();
+                // For the owner, which can only see that it ended.
+                let _ = h.record_exit(&handed.dir);
             }
             Ok(None) => {}
         }
