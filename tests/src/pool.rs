@@ -170,7 +170,7 @@ pub fn unclaimed_markers(marker: &Path) -> Vec<String> {
     if let Ok(claims) = std::fs::read_dir(jail.join("uids")) {
         for claim in claims.flatten() {
             let owner = std::fs::read_to_string(claim.path()).unwrap_or_default();
-            if dirs.iter().any(|d| owner == *d) {
+            if dirs.contains(&owner) {
                 let uid = claim.file_name().to_string_lossy().into_owned();
                 markers.push(format!("{}/", jail.join(uid).display()));
             }
