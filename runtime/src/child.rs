@@ -256,3 +256,45 @@ impl Drop for HelperProcess {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopted_helper_is_signalled_and_watched_through_its_pidfd() {
+        // A process that is not our child: the shell's background job,
+        // reparented when the shell exits.
+        let out = Command::new("/bin/sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let dir = std::env::temp_dir().join(format!("husk-adopt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = HelperProcess::exit_record(&dir, pid);
+        let mut helper = HelperProcess::adopt("sleeper", PidFd::open(pid).unwrap(), record.clone());
+        assert!(!helper.is_child());
+        assert_eq!(helper.pid(), pid);
+        assert!(helper.try_wait().is_none() && helper.ended().is_none());
+        // Its parent records the end for us, as a pool keeper does.
+        std::fs::write(&record, "killed by signal 15").unwrap();
+        helper.stop(Duration::from_secs(5));
+        assert!(helper.pidfd().has_exited().unwrap());
+        assert_eq!(helper.ended().as_deref(), Some("killed by signal 15"));
+        // Without a record, its end is known but not its status.
+        let out = Command::new("/bin/sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let mut unrecorded = HelperProcess::adopt(
+            "sleeper",
+            PidFd::open(pid).unwrap(),
+            HelperProcess::exit_record(&dir, pid),
+        );
+        unrecorded.stop(Duration::from_millis(0));
+        assert_eq!(unrecorded.ended().as_deref(), Some("exited"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
