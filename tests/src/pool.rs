@@ -151,6 +151,16 @@ impl Drop for TestPool {
 /// idle: their keeper is alive and their socket is not in `claimed/`):
 /// their directories, and the directories of the jails claimed for them.
 pub fn unclaimed_markers(marker: &Path) -> Vec<String> {
+    sandbox_markers(marker, false)
+}
+
+/// What names the pool's claimed sandboxes under `marker` (their keeper
+/// alive, their socket in `claimed/`): the VMs of the test's containers.
+pub fn claimed_markers(marker: &Path) -> Vec<String> {
+    sandbox_markers(marker, true)
+}
+
+fn sandbox_markers(marker: &Path, claimed_ones: bool) -> Vec<String> {
     let pool_dir = marker.join("pool");
     let Ok(classes) = std::fs::read_dir(&pool_dir) else {
         return Vec::new();
@@ -160,7 +170,7 @@ pub fn unclaimed_markers(marker: &Path) -> Vec<String> {
         let dirs_of = husk_runtime::pool::ClassDirs { root: class.path() };
         let claimed = husk_runtime::pool::ClassDirs::ids_in(&dirs_of.claimed());
         for id in dirs_of.live_keepers() {
-            if !claimed.contains(&id) {
+            if claimed.contains(&id) == claimed_ones {
                 dirs.push(dirs_of.vms().join(&id).display().to_string());
             }
         }
