@@ -774,6 +774,13 @@ pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
         .filter(|(p, _, _)| *p == pid)
         .map(|(p, _, c)| (*p, c.clone()))
         .collect();
+    // A sandbox claimed from a warm pool (HUSK_TEST_POOL=1): its helpers
+    // are its keeper's children; the keeper holds a pidfd of its owner.
+    tree.extend(
+        all.iter()
+            .filter(|(p, _, c)| c.contains(" pool keep ") && holds_pidfd_of(*p, pid))
+            .map(|(p, _, c)| (*p, c.clone())),
+    );
     let mut i = 0;
     while i < tree.len() {
         let parent = tree[i].0;
@@ -785,6 +792,18 @@ pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
         i += 1;
     }
     tree
+}
+
+/// Whether process `holder` holds a pidfd of process `pid` (its fdinfo).
+fn holds_pidfd_of(holder: i32, pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{holder}/fdinfo")) else {
+        return false;
+    };
+    let wanted = format!("Pid:\t{pid}");
+    fds.flatten().any(|fd| {
+        std::fs::read_to_string(fd.path())
+            .is_ok_and(|info| info.lines().any(|l| l.trim_end() == wanted))
+    })
 }
 
 /// Boots a sandbox named `name` under the test's state root, with the
