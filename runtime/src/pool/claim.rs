@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::event::PidFd;
 use crate::host_cgroup::{HostCgroup, HostCgroupError};
 use crate::sandbox::{Sandbox, SandboxConfig};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,7 @@ fn take(
     wire::send(
         &conn,
         &ClaimRequest { pid: me },
-        &[my_pidfd.as_raw_fd_for_wire()],
+        &[my_pidfd.as_fd().as_raw_fd()],
     )?;
     let (offer, fds) = wire::recv::<Offer>(&conn, OFFER_TIMEOUT)?;
     let record = match offer {
@@ -126,15 +126,5 @@ fn take(
             let _ = wire::send(&conn, &Ack::Failed(e.to_string()), &[]);
             Err(e.into())
         }
-    }
-}
-
-trait WireFd {
-    fn as_raw_fd_for_wire(&self) -> std::os::fd::RawFd;
-}
-
-impl WireFd for PidFd {
-    fn as_raw_fd_for_wire(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsFd::as_fd(self).as_raw_fd()
     }
 }
