@@ -4,8 +4,8 @@
 //! A helper may also be adopted (a pooled sandbox claimed by a container's
 //! owner, see `pool`): then this process is not its parent, holds only a
 //! pidfd of it, signals it through that pidfd and learns of its end by it;
-//! the exit status stays with the parent (the pool's keeper), so an adopted
-//! helper's end is reported as "exited" without a status.
+//! the exit status is the parent's (the pool's keeper), which records it in
+//! a file for the owner (`record_exit`, `ended`).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
