@@ -57,8 +57,13 @@ build: tools kernel initramfs initramfs-hostile binaries net-bench
 demo: build
 	scripts/demo.sh
 
+# Then the client tests a second time, each test served by a warm pool of
+# its own (HUSK_TEST_POOL=1, tests/src/pool.rs): one test at a time, since
+# the pool's configuration is named in the test process's environment.
+POOL_CLIENT_TESTS = --test cli --test podman --test containerd --test cri
 test: build
 	$(CARGO) test --release --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
+	HUSK_TEST_POOL=1 $(CARGO) test --release -p husk-tests --no-fail-fast $(POOL_CLIENT_TESTS) -- --test-threads=1
 
 # `make bench BENCH=containerd` runs only the named sections (see bench/run.py).
 bench: build

@@ -20,9 +20,13 @@ Prints medians over N runs (default 10, HUSK_BENCH_RUNS) and ratios:
      container to a peer namespace (husk-net-bench, the same static tool
      everywhere), runc vs husk vs a bare QEMU of the same kernel on a tap
      joined with the same tc redirects; and husk create with vs without a
-     network namespace path.
+     network namespace path;
+  7. the warm pool (issue 10): `husk run true`, `ctr run --rm true` and a CRI
+     pod start with a sandbox claimed from `husk pool serve`, beside cold
+     boots and runc in the same run, and the time from a claim to the pool
+     full again (the refill).
 
-Sections: `python3 bench/run.py [boot] [run] [exec] [vmm] [containerd] [network]`
+Sections: `python3 bench/run.py [boot] [run] [exec] [vmm] [containerd] [network] [pool]`
 (`make bench BENCH=containerd`); none named runs them all.
 """
 import hashlib
@@ -886,7 +890,126 @@ def net_timed(cmd):
     return ms
 
 
-SECTIONS = ("boot", "run", "exec", "vmm", "containerd", "network")
+class Pool:
+    """A warm pool (docs/pool.md) for the bench: `husk pool serve` on a
+    configuration of its own (HUSK_CONFIG), one class, the size of a spec
+    without limits (1 vCPU, 128 MiB). Clients claim from it when their own
+    configuration lists the class (`client_env(True)`), and cold-boot
+    otherwise: both in the same run."""
+
+    def __init__(self, size):
+        self.dir = os.path.join(WORK, "pool")
+        os.makedirs(self.dir)
+        self.size = size
+        self.pool_dir = os.path.join(self.dir, "pool")
+        self.config = os.path.join(self.dir, "serve.toml")
+        self.with_pool = os.path.join(self.dir, "with-pool.toml")
+        self.without = os.path.join(self.dir, "without-pool.toml")
+        for path, classes in ((self.config, True), (self.with_pool, True), (self.without, False)):
+            with open(path, "w") as f:
+                f.write(f'pool_dir = "{self.pool_dir}"\n')
+                if classes:
+                    f.write(f"[[pool]]\nvcpus = 1\nmemory_mib = 128\npool_size = {size}\n")
+        # What the containerd shims read: switched between the two above.
+        self.client = os.path.join(self.dir, "client.toml")
+        self.use(True)
+        self.log = open(os.path.join(self.dir, "serve.log"), "w")
+        self.proc = subprocess.Popen([HUSK, "pool", "serve"], stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, "HUSK_CONFIG": self.config})
+        status = json.loads(sh([HUSK, "pool", "status", "--format", "json"],
+                               env={**os.environ, "HUSK_CONFIG": self.config}).stdout)
+        self.idle_dir = os.path.join(self.pool_dir, status["classes"][0]["class"], "idle")
+        self.wait_full()
+
+    def use(self, pool):
+        shutil.copy(self.with_pool if pool else self.without, self.client)
+
+    def env(self, pool):
+        return {**os.environ, "HUSK_CONFIG": self.with_pool if pool else self.without}
+
+    def idle(self):
+        try:
+            return len(os.listdir(self.idle_dir))
+        except OSError:
+            return 0
+
+    def wait_full(self, timeout=120):
+        """Waits until every pooled sandbox is idle; returns when (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while self.idle() < self.size:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                sys.exit(f"bench: the pool did not fill; see {self.log.name}")
+            time.sleep(0.005)
+        return time.monotonic()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def section_pool(bare):
+    print("\n== 6. the warm pool (issue 10): claimed sandboxes vs cold boots vs runc, and the refill")
+    pool = Pool(int(os.environ.get("HUSK_BENCH_POOL_SIZE", "1")))
+    try:
+        b = busybox_bundle("pool-true", ["true"])
+        root = os.path.join(WORK, "pool-root")
+        warm, cold, runc_t, refill = [], [], [], []
+        for i in range(RUNS):
+            pool.wait_full()
+            t0 = time.monotonic()
+            warm.append(timed([HUSK, "--root", root, "run", "-b", b, f"w{i}"], env=pool.env(True)))
+            refill.append((pool.wait_full() - t0) * 1000)
+            cold.append(timed([HUSK, "--root", root, "run", "-b", b, f"c{i}"], env=pool.env(False)))
+            runc_t.append(timed(["runc", "--root", os.path.join(WORK, "runc-root"), "run", "-b", b, f"r{i}"]))
+        r = report("runc run true", "ms", runc_t)
+        c = report("husk run true: cold boot", "ms", cold, r, "runc")
+        w = report("husk run true: from the pool", "ms", warm, r, "runc")
+        print(f"  {'husk run true from the pool vs cold':<44} ratio {w / c:.2f}x"
+              + (f";  vs the bare boot: {w / bare:.2f}x" if bare else ""))
+        report("refill: claim to a replacement idle", "ms", refill)
+
+        os.environ["HUSK_CONFIG"] = pool.client
+        ctrd = Containerd()
+        try:
+            warm, cold, runc_t = [], [], []
+            for i in range(RUNS):
+                pool.use(True)
+                pool.wait_full()
+                warm.append(timed(ctrd.ctr("run", "--rm", "--runtime", "io.containerd.husk.v2", CTR_IMAGE, f"w{i}", "true"),
+                                  stdin=subprocess.DEVNULL))
+                pool.use(False)
+                cold.append(timed(ctrd.ctr("run", "--rm", "--runtime", "io.containerd.husk.v2", CTR_IMAGE, f"c{i}", "true"),
+                                  stdin=subprocess.DEVNULL))
+                runc_t.append(timed(ctrd.ctr("run", "--rm", "--runtime", "io.containerd.runc.v2", CTR_IMAGE, f"r{i}", "true"),
+                                    stdin=subprocess.DEVNULL))
+            r = report("ctr run --rm true: runc shim", "ms", runc_t)
+            c = report("ctr run --rm true: husk shim, cold", "ms", cold, r, "runc")
+            w = report("ctr run --rm true: husk shim, pool", "ms", warm, r, "runc")
+            print(f"  {'ctr run --rm true from the pool vs cold':<44} ratio {w / c:.2f}x")
+
+            warm, cold, runc_t = [], [], []
+            for i in range(RUNS):
+                for handler, ts, name, use in (("husk", warm, f"w-{i}", True), ("husk", cold, f"c-{i}", False),
+                                               ("runc", runc_t, f"r-{i}", None)):
+                    if use is not None:
+                        pool.use(use)
+                    if use:
+                        pool.wait_full()
+                    ms, pod = cri_pod(ctrd, handler, name, ["sleep", "3600"])
+                    ts.append(ms)
+                    remove_pod(ctrd, pod)
+            r = report("CRI pod start to running: runc", "ms", runc_t)
+            c = report("CRI pod start to running: husk, cold", "ms", cold, r, "runc")
+            w = report("CRI pod start to running: husk, pool", "ms", warm, r, "runc")
+            print(f"  {'CRI pod start from the pool vs cold':<44} ratio {w / c:.2f}x")
+        finally:
+            ctrd.stop()
+            del os.environ["HUSK_CONFIG"]
+    finally:
+        pool.stop()
+
+
+SECTIONS = ("boot", "run", "exec", "vmm", "containerd", "network", "pool")
 
 
 def main():
@@ -911,6 +1034,8 @@ def main():
             section_containerd()
         if "network" in wanted:
             section_network()
+        if "pool" in wanted:
+            section_pool(bare)
     finally:
         subprocess.run(["sh", "-c", f"grep -o '{WORK}[^ ]*' /proc/self/mountinfo | sort -r | xargs -r umount -l"],
                        capture_output=True)

@@ -1,17 +1,29 @@
 //! Helper processes of a sandbox (VMM, device backends): spawned so that they
 //! die with the process that owns the sandbox, and ended with a deadline.
+//!
+//! A helper may also be adopted (a pooled sandbox claimed by a container's
+//! owner, see `pool`): then this process is not its parent, holds only a
+//! pidfd of it, signals it through that pidfd and learns of its end by it;
+//! the exit status is the parent's (the pool's keeper), which records it in
+//! a file for the owner (`record_exit`, `ended`).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use crate::event::PidFd;
+use std::os::fd::AsFd;
 
 /// A named child process that is killed when dropped.
 #[derive(Debug)]
 pub struct HelperProcess {
     pub name: &'static str,
-    child: Child,
+    /// None for an adopted helper (not our child).
+    child: Option<Child>,
+    pid: u32,
+    /// Where an adopted helper's parent records how it ended (see
+    /// `exit_record`).
+    exit_record: Option<std::path::PathBuf>,
     /// Readable once the process exits: what waits on it, here and in
     /// other threads (see `pidfd`), instead of polling.
     pidfd: PidFd,
@@ -44,9 +56,14 @@ impl HelperProcess {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // SAFETY: prctl and setpgid are async-signal-safe.
+        // SAFETY: prctl, setpgid and sigprocmask are async-signal-safe.
+        // No signal blocked: a spawner that reads its signals from a
+        // signalfd (the pool's keeper) blocks them, and a helper must still
+        // stop on SIGTERM.
         unsafe {
             cmd.pre_exec(|| {
+                let empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0
                     || libc::setpgid(0, 0) < 0
                 {
@@ -67,14 +84,57 @@ impl HelperProcess {
         };
         Ok(HelperProcess {
             name,
-            child,
+            pid: child.id(),
+            child: Some(child),
             pidfd,
             exited: None,
+            exit_record: None,
         })
     }
 
+    /// A helper another process spawned and still parents, known by a
+    /// pidfd (received from that parent, so it names the right process).
+    /// That parent writes how the helper ended to `exit_record` once it
+    /// reaps it (see `record_exit`).
+    pub fn adopt(name: &'static str, pidfd: PidFd, exit_record: std::path::PathBuf) -> Self {
+        HelperProcess {
+            name,
+            pid: pidfd.pid(),
+            child: None,
+            pidfd,
+            exited: None,
+            exit_record: Some(exit_record),
+        }
+    }
+
+    /// The file in `dir` where the parent of helper `pid` records its end
+    /// for the owner that adopted it.
+    pub fn exit_record(dir: &std::path::Path, pid: u32) -> std::path::PathBuf {
+        dir.join(format!("exit-{pid}"))
+    }
+
+    /// Reaps the helper if it has ended, and records how in `dir` for the
+    /// owner that adopted it (the pool's keeper does this).
+    pub fn record_exit(&mut self, dir: &std::path::Path) -> Option<ExitStatus> {
+        let status = self.try_wait()?;
+        if self.is_child() {
+            // Whole or not at all: written aside, then renamed in.
+            let record = Self::exit_record(dir, self.pid);
+            let partial = record.with_extension("partial");
+            if std::fs::write(&partial, describe(status)).is_ok() {
+                let _ = std::fs::rename(&partial, &record);
+            }
+        }
+        Some(status)
+    }
+
+    /// Whether this process spawned the helper (false: adopted).
+    pub fn is_child(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// The process's pidfd (readable once it has exited), to wait on
@@ -84,12 +144,65 @@ impl HelperProcess {
         &self.pidfd
     }
 
-    /// The exit status if the process has ended.
+    /// The exit status if the process has ended. An adopted helper's
+    /// status is its parent's: its end reads as a plain exit 0 here (see
+    /// `ended` for the words a user reads).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
+            self.exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => self
+                    .pidfd
+                    .has_exited()
+                    .unwrap_or(false)
+                    .then(|| std::os::unix::process::ExitStatusExt::from_raw(0)),
+            };
         }
         self.exited
+    }
+
+    /// How the process ended, in a user's words, if it has.
+    pub fn ended(&mut self) -> Option<String> {
+        let status = self.try_wait()?;
+        if self.is_child() {
+            return Some(describe(status));
+        }
+        // The parent records it once it reaps the helper, a moment after
+        // the pidfd said so: wait for that a little, else say "exited".
+        let record = self.exit_record.as_ref()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let watch = record
+            .parent()
+            .and_then(|d| crate::event::DirWatch::new(d).ok());
+        loop {
+            if let Ok(text) = std::fs::read(record) {
+                let text = String::from_utf8_lossy(&text[..text.len().min(64)]).into_owned();
+                if !text.is_empty() && text.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+                    return Some(text);
+                }
+            }
+            let Some(watch) = watch.as_ref() else {
+                return Some("exited".into());
+            };
+            match crate::event::wait_any(&[watch.as_fd()], Some(deadline)) {
+                Ok(Some(_)) => watch.drain(),
+                _ => return Some("exited".into()),
+            }
+        }
+    }
+
+    /// Sends `signal` through the pidfd (never to a reused pid).
+    fn signal(&self, signal: i32) {
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, with no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&self.pidfd.as_fd()),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
     }
 
     /// Waits up to `timeout` for the process to end on its own.
@@ -109,14 +222,28 @@ impl HelperProcess {
         if let Some(s) = self.try_wait() {
             return s;
         }
-        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         if let Some(s) = self.wait_timeout(grace) {
             return s;
         }
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        let status = status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9));
+        self.kill_now()
+    }
+
+    /// SIGKILL, then the end: reaped when ours, awaited on the pidfd (its
+    /// parent reaps it) when adopted.
+    fn kill_now(&mut self) -> ExitStatus {
+        let killed = std::os::unix::process::ExitStatusExt::from_raw(9);
+        let status = match self.child.as_mut() {
+            Some(child) => {
+                let _ = child.kill();
+                child.wait().unwrap_or(killed)
+            }
+            None => {
+                self.signal(libc::SIGKILL);
+                let _ = self.pidfd.wait_timeout(Duration::from_secs(5));
+                killed
+            }
+        };
         self.exited = Some(status);
         status
     }
@@ -125,8 +252,49 @@ impl HelperProcess {
 impl Drop for HelperProcess {
     fn drop(&mut self) {
         if self.try_wait().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill_now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopted_helper_is_signalled_and_watched_through_its_pidfd() {
+        // A process that is not our child: the shell's background job,
+        // reparented when the shell exits.
+        let out = Command::new("/bin/sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let dir = std::env::temp_dir().join(format!("husk-adopt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = HelperProcess::exit_record(&dir, pid);
+        let mut helper = HelperProcess::adopt("sleeper", PidFd::open(pid).unwrap(), record.clone());
+        assert!(!helper.is_child());
+        assert_eq!(helper.pid(), pid);
+        assert!(helper.try_wait().is_none() && helper.ended().is_none());
+        // Its parent records the end for us, as a pool keeper does.
+        std::fs::write(&record, "killed by signal 15").unwrap();
+        helper.stop(Duration::from_secs(5));
+        assert!(helper.pidfd().has_exited().unwrap());
+        assert_eq!(helper.ended().as_deref(), Some("killed by signal 15"));
+        // Without a record, its end is known but not its status.
+        let out = Command::new("/bin/sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let mut unrecorded = HelperProcess::adopt(
+            "sleeper",
+            PidFd::open(pid).unwrap(),
+            HelperProcess::exit_record(&dir, pid),
+        );
+        unrecorded.stop(Duration::from_millis(0));
+        assert_eq!(unrecorded.ended().as_deref(), Some("exited"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/husk/config.toml";
 
+/// Default `pool_dir`.
+pub const DEFAULT_POOL_DIR: &str = "/run/husk/pool";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -18,6 +21,12 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("hypervisor {0:?} is not one of auto, qemu, husk-vmm")]
     UnknownHypervisor(String),
+    #[error("{path}: [[pool]] entry {index}: {message}")]
+    Pool {
+        path: PathBuf,
+        index: usize,
+        message: String,
+    },
 }
 
 /// Which hypervisor backend runs sandboxes.
@@ -80,6 +89,20 @@ pub struct Config {
     pub virtiofs_cache: String,
     /// Extra words for the guest kernel command line.
     pub kernel_params: String,
+    /// The warm pool's size classes (`[[pool]]` entries; none: no pool).
+    pub pool: Vec<PoolClass>,
+    /// Where the pool service keeps its sandboxes and keepers' sockets.
+    pub pool_dir: PathBuf,
+}
+
+/// One size class of the warm pool (see `pool`): `pool_size` sandboxes of
+/// exactly `vcpus` and `memory_mib` kept booted for specs that size to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolClass {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub pool_size: u32,
 }
 
 impl Default for Config {
@@ -102,6 +125,8 @@ impl Default for Config {
             vsock_backend: None,
             virtiofs_cache: "auto".into(),
             kernel_params: String::new(),
+            pool: Vec::new(),
+            pool_dir: PathBuf::from(DEFAULT_POOL_DIR),
         }
     }
 }
@@ -132,11 +157,106 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.message().to_string(),
-        })
+        })?;
+        config.check_pool(path, host_cpus(), host_memory_mib())?;
+        Ok(config)
     }
+
+    /// Each `[[pool]]` class must be one a sandbox can have on this host:
+    /// at least one sandbox, at least one vCPU and 64 MiB, no more vCPUs or
+    /// memory than the host has, each class once, and an absolute pool_dir.
+    fn check_pool(
+        &self,
+        path: &Path,
+        host_cpus: u32,
+        host_memory_mib: u64,
+    ) -> Result<(), ConfigError> {
+        let bad = |index: usize, message: String| ConfigError::Pool {
+            path: path.to_path_buf(),
+            index,
+            message,
+        };
+        if !self.pool.is_empty() && !self.pool_dir.is_absolute() {
+            return Err(bad(
+                0,
+                format!(
+                    "pool_dir {} is not an absolute path",
+                    self.pool_dir.display()
+                ),
+            ));
+        }
+        for (i, class) in self.pool.iter().enumerate() {
+            if class.pool_size == 0 {
+                return Err(bad(
+                    i,
+                    "pool_size 0: remove the entry to keep no sandboxes of this size".into(),
+                ));
+            }
+            if class.pool_size > MAX_POOL_SIZE {
+                return Err(bad(
+                    i,
+                    format!("pool_size {} is more than {MAX_POOL_SIZE}", class.pool_size),
+                ));
+            }
+            if class.vcpus == 0 || class.vcpus > host_cpus {
+                return Err(bad(
+                    i,
+                    format!(
+                        "vcpus {}: this host has {host_cpus} CPUs (1 to {host_cpus})",
+                        class.vcpus
+                    ),
+                ));
+            }
+            if class.memory_mib < 64 || u64::from(class.memory_mib) > host_memory_mib {
+                return Err(bad(
+                    i,
+                    format!(
+                        "memory_mib {}: this host has {host_memory_mib} MiB (64 to {host_memory_mib})",
+                        class.memory_mib
+                    ),
+                ));
+            }
+            if self.pool[..i]
+                .iter()
+                .any(|c| (c.vcpus, c.memory_mib) == (class.vcpus, class.memory_mib))
+            {
+                return Err(bad(
+                    i,
+                    format!(
+                        "the class of {} vCPUs and {} MiB is listed twice",
+                        class.vcpus, class.memory_mib
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most sandboxes one class may keep booted.
+pub const MAX_POOL_SIZE: u32 = 64;
+
+/// The CPUs this process may run on.
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+/// The host's memory (MemTotal), in MiB; unknown reads as no limit.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -152,5 +272,32 @@ mod tests {
         assert_eq!(c.default_vcpus, 1);
         assert!(toml::from_str::<Config>("hypervisr = \"qemu\"").is_err());
         assert!(toml::from_str::<Config>("hypervisor = \"xen\"").is_err());
+    }
+
+    #[test]
+    fn pool_classes_are_checked_against_the_host() {
+        let check = |text: &str| {
+            let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+            c.check_pool(Path::new("/c.toml"), 4, 8192)
+                .map_err(|e| e.to_string())
+        };
+        let good = "[[pool]]\nvcpus = 1\nmemory_mib = 192\npool_size = 2\n";
+        assert_eq!(check(good), Ok(()));
+        assert!(check("").is_ok(), "no pool is the default");
+        let c: Config = toml::from_str(good).unwrap();
+        assert_eq!(c.pool_dir, Path::new(DEFAULT_POOL_DIR));
+        for (text, words) in [
+            ("[[pool]]\nvcpus = 1\nmemory_mib = 192\npool_size = 0\n", "pool_size 0"),
+            ("[[pool]]\nvcpus = 8\nmemory_mib = 192\npool_size = 1\n", "vcpus 8: this host has 4 CPUs"),
+            ("[[pool]]\nvcpus = 1\nmemory_mib = 9000\npool_size = 1\n", "memory_mib 9000: this host has 8192 MiB"),
+            ("[[pool]]\nvcpus = 1\nmemory_mib = 192\npool_size = 1\n[[pool]]\nvcpus = 1\nmemory_mib = 192\npool_size = 2\n", "entry 1: the class of 1 vCPUs and 192 MiB is listed twice"),
+            ("pool_dir = \"rel\"\n[[pool]]\nvcpus = 1\nmemory_mib = 192\npool_size = 1\n", "not an absolute path"),
+        ] {
+            let e = check(text).unwrap_err();
+            assert!(e.contains(words), "{text:?}: {e}");
+        }
+        let e =
+            check("[[pool]]\nvcpus = 1\nmemory_mib = 192\npool_size = 1\nsize = 3\n").unwrap_err();
+        assert!(e.contains("unknown field `size`"), "{e}");
     }
 }

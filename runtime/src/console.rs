@@ -24,6 +24,8 @@ pub struct ConsoleLog {
     thread: Option<JoinHandle<()>>,
     /// Raised by the thread once the marker it was given passes through.
     marker_seen: Flag,
+    /// Set by `detach`: the FIFO is another copy's now.
+    detached: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,23 @@ impl ConsoleLog {
         };
         nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .map_err(|e| err(fifo)(e.into()))?;
+        Self::attach(fifo, log, cap, marker)
+    }
+
+    /// Starts copying from the existing FIFO `fifo` (another process's copy
+    /// may still be reading it: a claimed pooled sandbox's keeper, which
+    /// stops its own once this one runs; the guest's bytes go to one or the
+    /// other, never lost, since both append to the same `log`).
+    pub fn attach(
+        fifo: &Path,
+        log: &Path,
+        cap: u64,
+        marker: &'static str,
+    ) -> Result<ConsoleLog, ConsoleError> {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ConsoleError { path, source }
+        };
         // Read-write: opening never waits for the VMM, and the copy never
         // sees an end of file while the VMM reopens or restarts.
         let reader = std::fs::OpenOptions::new()
@@ -78,6 +97,7 @@ impl ConsoleLog {
             stop: Some(stop_w),
             thread: Some(thread),
             marker_seen,
+            detached: false,
         })
     }
 
@@ -93,11 +113,21 @@ impl ConsoleLog {
 
     /// Copies what is left, then stops the thread and removes the FIFO.
     pub fn stop(&mut self) {
+        let handed_on = self.detached;
+        self.detach();
+        if !handed_on {
+            let _ = std::fs::remove_file(&self.fifo);
+        }
+    }
+
+    /// Copies what is left and stops the thread, leaving the FIFO to the
+    /// copy that took over (`attach`).
+    pub fn detach(&mut self) {
+        self.detached = true;
         self.stop.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.fifo);
     }
 }
 

@@ -61,6 +61,12 @@ impl PidFd {
         Ok(PidFd { fd, pid })
     }
 
+    /// A pidfd received from another process (SCM_RIGHTS) that named it
+    /// `pid`.
+    pub fn from_owned(fd: OwnedFd, pid: u32) -> PidFd {
+        PidFd { fd, pid }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }

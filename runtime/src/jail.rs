@@ -113,6 +113,42 @@ impl JailId {
         })
     }
 
+    /// Takes over the claim of `uid` from the process that made it, by the
+    /// claim file's open description it passed on (a flock belongs to the
+    /// open file description, so it stays held while either holds it). The
+    /// description must be the one holding the lock on the current claim
+    /// file: anything else is refused.
+    pub fn adopt(claims: &Path, uid: u32, file: std::fs::File) -> Result<JailId, JailError> {
+        use std::os::unix::fs::MetadataExt;
+        let claim = claims.join(uid.to_string());
+        let refused = || JailError::Io {
+            what: "taking over",
+            path: claim.clone(),
+            source: std::io::Error::other("the descriptor given is not this claim's held lock"),
+        };
+        let current = std::fs::metadata(&claim).map_err(io("taking over", &claim))?;
+        let given = file.metadata().map_err(io("taking over", &claim))?;
+        if (current.dev(), current.ino()) != (given.dev(), given.ino()) {
+            return Err(refused());
+        }
+        // Locking again through the description that holds the lock
+        // succeeds at once; any other description would be refused here
+        // (non-blocking) while the true holder lives.
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| refused())?;
+        Ok(JailId {
+            uid,
+            claim,
+            _lock: lock,
+        })
+    }
+
+    /// The open claim file holding the lock, to pass to the owner that
+    /// takes the sandbox over (see `adopt`).
+    pub fn lock_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self._lock.as_fd()
+    }
+
     /// Gives the id back (removes the claim while still holding it).
     pub fn release(self) {
         let _ = std::fs::remove_file(&self.claim);

@@ -18,6 +18,7 @@ pub mod jail;
 pub mod lockfile;
 pub mod network;
 pub mod phases;
+pub mod pool;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;

@@ -12,7 +12,7 @@ use crate::agent::{new_token, AgentClient, AgentError};
 use crate::backends::{
     log_tail, virtiofs, virtiofs::VirtioFsBackend, vsock::VsockBackend, BackendError,
 };
-use crate::child::{describe, HelperProcess};
+use crate::child::HelperProcess;
 use crate::config::Config;
 use crate::console::ConsoleLog;
 use crate::event::{EventError, Flag, PidFd};
@@ -675,7 +675,7 @@ impl Sandbox {
             parts.push((&mut v.process, dir.join("vsock.log")));
         }
         for (p, log) in parts {
-            if let Some(status) = p.try_wait() {
+            if let Some(status) = p.ended() {
                 let mut detail = format!("; its log: {}", log_tail(&log));
                 if p.name == "qemu" || p.name == "husk-vmm" {
                     detail.push_str(&format!("; console: {}", log_tail(&console)));
@@ -683,7 +683,7 @@ impl Sandbox {
                 return Err(SandboxError::ComponentDied {
                     name: p.name,
                     pid: p.pid(),
-                    status: describe(status),
+                    status,
                     detail,
                 });
             }
@@ -1036,6 +1036,216 @@ impl Sandbox {
         share?;
         unmounted?;
         remove_tree_same_fs(&self.dir)
+    }
+}
+
+/// What the keeper of a pooled sandbox (see `pool`) hands to the owner that
+/// claims it, beside the descriptors sent with it: the pidfds of
+/// `helpers`, in order, then the open claim file of the jail uid.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Handover {
+    /// The sandbox's directory (it stays where the pool booted it).
+    pub dir: PathBuf,
+    pub jail_uid: u32,
+    /// Names and pids of the VMM and the backends.
+    pub helpers: Vec<(String, u32)>,
+}
+
+/// What a keeper keeps of a sandbox it handed over: the helpers it spawned
+/// (it stays their parent: they are killed when their spawner dies), to
+/// reap them, or end them if the new owner dies first.
+pub struct HandedOver {
+    pub helpers: Vec<HelperProcess>,
+    pub dir: PathBuf,
+    /// The jail's claim, still held through the owner's descriptor: the
+    /// keeper releases it only if the owner died without doing so, and
+    /// otherwise must forget it (dropping it would unlock the owner's).
+    pub jail: Option<crate::jail::JailId>,
+}
+
+// The pool's two ends: a keeper hands a booted sandbox over, a claimant
+// adopts it. Kept apart from `start` on purpose.
+impl Sandbox {
+    /// The record and descriptors an adopting owner needs (see `Handover`).
+    /// The sandbox stays whole here until `hand_over`.
+    pub fn handover(&self) -> Result<(Handover, Vec<std::os::fd::OwnedFd>), SandboxError> {
+        use std::os::fd::AsFd;
+        let procs = [
+            self.vm.as_ref(),
+            self.fs.as_ref().map(|f| &f.process),
+            self.vsock.as_ref().map(|v| &v.process),
+        ];
+        let mut helpers = Vec::new();
+        let mut fds = Vec::new();
+        for p in procs.into_iter().flatten() {
+            helpers.push((p.name.to_string(), p.pid()));
+            fds.push(
+                p.pidfd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| SandboxError::Event(EventError::Dup(e)))?,
+            );
+        }
+        let (jail, _) = self.jail.as_ref().ok_or(SandboxError::NoShare)?;
+        fds.push(
+            jail.lock_fd()
+                .try_clone_to_owned()
+                .map_err(|e| SandboxError::Event(EventError::Dup(e)))?,
+        );
+        Ok((
+            Handover {
+                dir: self.dir.clone(),
+                jail_uid: jail.uid,
+                helpers,
+            },
+            fds,
+        ))
+    }
+
+    /// Gives the sandbox up to the owner that adopted it: stops this
+    /// process's console copy (the owner runs its own), leaves the jail's
+    /// claim held (through the owner's descriptor), and cleans nothing.
+    /// The helpers come back, still this process's children.
+    pub fn hand_over(mut self) -> HandedOver {
+        self.cleaned = true;
+        self.agent = None;
+        if let Some(mut console) = self.console.take() {
+            console.detach();
+        }
+        let jail = self.jail.take().map(|(id, _)| id);
+        self.share = None;
+        let helpers = [
+            self.vm.take(),
+            self.fs.take().map(|f| f.process),
+            self.vsock.take().map(|v| v.process),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        HandedOver {
+            helpers,
+            dir: self.dir.clone(),
+            jail,
+        }
+    }
+
+    /// A sandbox booted by another process (a pool keeper), taken over from
+    /// what it handed over: its helpers by their pidfds, its jail claim,
+    /// its console copy and a connection to its agent, which must answer.
+    /// The result behaves as one `start` made (teardown, death watch,
+    /// shares); nothing here cleans up on error: the keeper does.
+    pub fn adopt(
+        config: &Config,
+        id: &str,
+        record: Handover,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Sandbox, SandboxError> {
+        let t0 = Instant::now();
+        let refused = |why: String| SandboxError::Io {
+            what: "adopting the pooled sandbox at",
+            path: record.dir.clone(),
+            source: std::io::Error::other(why),
+        };
+        if !valid_id(id) {
+            return Err(SandboxError::InvalidId(id.to_string()));
+        }
+        if record.helpers.len() != 3 || fds.len() != 4 {
+            return Err(refused(format!(
+                "{} helpers and {} descriptors handed over (3 and 4 expected)",
+                record.helpers.len(),
+                fds.len()
+            )));
+        }
+        let selection = hypervisor::select(config.hypervisor, config)?;
+        let expected = [
+            selection.hypervisor.name(),
+            "virtiofsd",
+            "vhost-device-vsock",
+        ];
+        let mut fds = fds.into_iter();
+        let mut helpers = Vec::new();
+        for ((name, pid), want) in record.helpers.iter().zip(expected) {
+            let Some(fd) = fds.next() else {
+                return Err(refused("a pidfd is missing".into()));
+            };
+            let pidfd = PidFd::from_owned(fd, *pid);
+            if name != want {
+                return Err(refused(format!(
+                    "helper {name:?} where {want} was expected"
+                )));
+            }
+            let record = HelperProcess::exit_record(&record.dir, *pid);
+            helpers.push(HelperProcess::adopt(want, pidfd, record));
+        }
+        let Some(claim) = fds.next() else {
+            return Err(refused("the jail claim is missing".into()));
+        };
+        let claims = Path::new(crate::jail::JAIL_ROOT).join("uids");
+        let jail_id = crate::jail::JailId::adopt(&claims, record.jail_uid, claim.into())?;
+        let jail_dir = Path::new(crate::jail::JAIL_ROOT).join(record.jail_uid.to_string());
+        let dir = record.dir.clone();
+        let console = ConsoleLog::attach(
+            &dir.join("console.fifo"),
+            &dir.join("console.log"),
+            crate::console::CONSOLE_CAP,
+            "",
+        )?;
+        let mut helpers = helpers.into_iter();
+        let (vm, fs, vsock) = (helpers.next(), helpers.next(), helpers.next());
+        let mut sandbox = Sandbox {
+            id: id.to_string(),
+            dir: dir.clone(),
+            shared_dir: Share::at(&dir).guest_view().to_path_buf(),
+            console: Some(console),
+            jail: Some((jail_id, jail_dir.clone())),
+            share: Some(Share::at(&dir)),
+            hypervisor: selection.hypervisor.name(),
+            acceleration: selection.hypervisor.acceleration(),
+            hypervisor_reason: selection.reason.clone(),
+            vm,
+            fs: fs.map(|process| VirtioFsBackend {
+                process,
+                socket: dir.join("vhost-fs.sock"),
+            }),
+            vsock: vsock.map(|process| VsockBackend {
+                process,
+                vhost_socket: jail_dir.join("vhost-vsock.sock"),
+                uds: jail_dir.join("vsock.sock"),
+            }),
+            agent: None,
+            timings: Timings::default(),
+            console_log: dir.join("console.log"),
+            teardown: Flag::new()?,
+            // Until adopted whole, the keeper cleans up.
+            cleaned: true,
+        };
+        let answered = (|| {
+            sandbox.check_components()?;
+            let timeout = Duration::from_secs(config.boot_timeout_secs.min(10));
+            let agent = {
+                let sb = &mut sandbox;
+                AgentClient::connect(&dir.join("vsock.sock"), timeout, || {
+                    sb.check_components().map_err(|e| e.to_string())
+                })
+            }?;
+            let tr = Instant::now();
+            agent.health()?;
+            sandbox.timings.first_rpc_ms = ms(tr.elapsed());
+            sandbox.agent = Some(agent);
+            Ok::<(), SandboxError>(())
+        })();
+        if let Err(e) = answered {
+            // The jail's claim stays the keeper's: dropping it here would
+            // unlock the keeper's too (one open file) before its teardown
+            // released the uid.
+            if let Some((id, _)) = sandbox.jail.take() {
+                std::mem::forget(id);
+            }
+            return Err(e);
+        }
+        sandbox.timings.total_start_ms = ms(t0.elapsed());
+        sandbox.cleaned = false;
+        Ok(sandbox)
     }
 }
 

@@ -175,7 +175,12 @@ struct Pod {
 impl Pod {
     /// Boots a VM on a thread of its own that lives as long as the VM: the
     /// VM's helper processes die with the thread that spawned them.
-    fn boot(config: Config, sc: SandboxConfig, id: String) -> anyhow::Result<Arc<Pod>> {
+    fn boot(
+        config: Config,
+        sc: SandboxConfig,
+        id: String,
+        host_cgroup: Option<&HostCgroup>,
+    ) -> anyhow::Result<Arc<Pod>> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<bool>();
         let slot: Arc<Mutex<Option<Sandbox>>> = Arc::new(Mutex::new(None));
@@ -188,7 +193,22 @@ impl Pod {
                 // flake under load): by the error's phase, logged, and
                 // counted in the error if the second boot fails too.
                 let mut attempts = 1;
-                let mut started = Sandbox::start(&config, &sc);
+                // A warm sandbox from the pool when the pod's size fits a
+                // class of it; its keeper stays the helpers' parent.
+                let mut keeper = None;
+                let mut started = match husk_runtime::pool::claim(&config, &sc) {
+                    Some(claimed) => {
+                        log::info!(
+                            "VM {}: pooled sandbox {} claimed in {:.1} ms",
+                            sc.id,
+                            claimed.pooled_id,
+                            claimed.claim_ms
+                        );
+                        keeper = Some(claimed.keeper_pid);
+                        Ok(claimed.sandbox)
+                    }
+                    None => Sandbox::start(&config, &sc),
+                };
                 if let Err(e) = &started {
                     if e.boot_phase() == BootPhase::AgentNotReady {
                         log::warn!(
@@ -210,7 +230,7 @@ impl Pod {
                             .unwrap_or_else(|| sb.shared_dir())
                             .to_path_buf();
                         *owner_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(sb);
-                        let _ = ready_tx.send(Ok((dir, shared)));
+                        let _ = ready_tx.send(Ok((dir, shared, keeper)));
                     }
                     Err(source) => {
                         let _ = ready_tx.send(Err(TaskError::Boot {
@@ -235,7 +255,7 @@ impl Pod {
                     None => {}
                 }
             })?;
-        let (dir, shared_dir) = match ready_rx.recv() {
+        let (dir, shared_dir, keeper) = match ready_rx.recv() {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let _ = owner.join();
@@ -246,6 +266,18 @@ impl Pod {
                 anyhow::bail!("the VM thread died while starting");
             }
         };
+        // A claimed sandbox's host processes (its keeper and everything
+        // under it) join the pod's host cgroup, as if spawned there.
+        if let (Some(keeper), Some(cg)) = (keeper, host_cgroup) {
+            let moved = husk_runtime::pool::process_tree(keeper)
+                .into_iter()
+                .try_for_each(|pid| cg.add(pid));
+            if let Err(e) = moved {
+                drop(stop_tx);
+                let _ = owner.join();
+                return Err(anyhow::Error::new(e).context("moving the pooled sandbox"));
+            }
+        }
         let waiter =
             match AgentClient::connect(&dir.join("vsock.sock"), Duration::from_secs(10), || Ok(()))
             {
@@ -795,7 +827,7 @@ impl Inner {
                     },
                     None => None,
                 };
-                match Pod::boot(config.clone(), sc, vm_id.clone()) {
+                match Pod::boot(config.clone(), sc, vm_id.clone(), host_cgroup.as_ref()) {
                     Ok(pod) => {
                         *pod.host_cgroup.lock().unwrap_or_else(|p| p.into_inner()) = host_cgroup;
                         *pod.network.lock().unwrap_or_else(|p| p.into_inner()) = network;

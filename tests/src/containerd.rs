@@ -283,11 +283,17 @@ impl Containerd {
     /// than containerd), mounts of the shim's VMs and bundles, VM directories.
     pub fn leftovers(&self) -> Vec<String> {
         let marker = self.dir.path.display().to_string();
+        // A warm pool's unclaimed sandboxes (HUSK_TEST_POOL=1) are the pool's.
+        let unclaimed = crate::pool::unclaimed_markers(&self.dir.path);
         let mut found = Vec::new();
         for pid in pids_with(&marker) {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let pooled = {
+                let text = String::from_utf8_lossy(&cmdline);
+                unclaimed.iter().any(|u| text.contains(u.as_str()))
+            };
             // containerd itself and the test's own ctr clients are not husk's.
-            if pid != self.pid() && !cmdline.starts_with(b"ctr\0") {
+            if pid != self.pid() && !cmdline.starts_with(b"ctr\0") && !pooled {
                 found.push(format!(
                     "process {pid}: {}",
                     String::from_utf8_lossy(&cmdline).replace('\0', " ")
@@ -337,11 +343,17 @@ impl Containerd {
             .unwrap_or_else(|e| panic!("running husk-cri: {e}"))
     }
 
-    /// Pids of QEMU (VM) processes started for this containerd.
+    /// Pids of QEMU (VM) processes started for this containerd: booted by
+    /// its shims, or claimed by them from the test's warm pool.
     pub fn vm_pids(&self) -> Vec<u32> {
         let husk = self.husk_root.display().to_string();
-        pids_with(&husk)
-            .into_iter()
+        let mut pids = pids_with(&husk);
+        for claimed in crate::pool::claimed_markers(&self.dir.path) {
+            pids.extend(pids_with(&claimed));
+        }
+        pids.sort();
+        pids.dedup();
+        pids.into_iter()
             .filter(|pid| {
                 let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
                 let name = exe

@@ -40,8 +40,21 @@ pub fn require_guest() {
 }
 
 /// A directory for one test, removed (mounts first) when dropped.
+///
+/// With `HUSK_TEST_POOL=1` in the environment, each test directory also
+/// gets a warm pool (`pool::TestPool`, the default size class, in
+/// `<dir>/pool`), and `HUSK_CONFIG` in this process's environment names its
+/// configuration, so every husk, shim, containerd or podman the test starts
+/// claims its sandboxes from it. Such runs need `--test-threads=1` (the
+/// environment is the process's).
 pub struct TestDir {
     pub path: PathBuf,
+    pool: Option<pool::TestPool>,
+}
+
+/// Whether the client tests run with a warm pool (`HUSK_TEST_POOL=1`).
+pub fn test_pool_on() -> bool {
+    std::env::var("HUSK_TEST_POOL").is_ok_and(|v| v == "1")
 }
 
 impl TestDir {
@@ -53,7 +66,17 @@ impl TestDir {
         }
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TestDir { path }
+        let pool = test_pool_on().then(|| {
+            let pool = pool::TestPool::start(&path, &[pool::DEFAULT_CLASS]);
+            std::env::set_var("HUSK_CONFIG", &pool.config);
+            pool
+        });
+        TestDir { path, pool }
+    }
+
+    /// The warm pool of this test (`HUSK_TEST_POOL=1`).
+    pub fn pool(&self) -> Option<&pool::TestPool> {
+        self.pool.as_ref()
     }
 
     /// The state root to pass as `--root` (sandboxes under `<root>/sandbox`).
@@ -68,6 +91,17 @@ impl Drop for TestDir {
         // them (their helpers die with their monitor), so one failure does
         // not load the machine for every test after it. A passing test has
         // nothing left here (its leftovers check says so).
+        if let Some(mut pool) = self.pool.take() {
+            pool.stop();
+            // What the pool served, for the run's log (--nocapture).
+            let log = std::fs::read_to_string(&pool.log).unwrap_or_default();
+            eprintln!(
+                "husk-test-pool: {}: {} sandbox(es) claimed from the pool",
+                self.path.display(),
+                log.matches(" claimed by pid ").count()
+            );
+            std::env::remove_var("HUSK_CONFIG");
+        }
         kill_processes_naming(&self.path);
         let _ = husk_runtime::sandbox::unmount_below(&self.path);
         let _ = husk_runtime::sandbox::remove_tree_same_fs(&self.path);
@@ -224,7 +258,19 @@ pub fn husk_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Everything a sandbox could leave behind that mentions `marker` (a test's
 /// directory): live processes, mounts, and files under `state_root`.
+///
+/// A warm pool's own sandboxes under `marker` (`HUSK_TEST_POOL=1`: booting
+/// or idle, not claimed) are the pool's, not left behind: they are not
+/// counted. A claimed one is, until its container is deleted.
 pub fn leftovers(marker: &Path, state_root: &Path) -> Vec<String> {
+    let unclaimed = pool::unclaimed_markers(marker);
+    leftovers_all(marker, state_root)
+        .into_iter()
+        .filter(|l| !unclaimed.iter().any(|u| l.contains(u.as_str())))
+        .collect()
+}
+
+fn leftovers_all(marker: &Path, state_root: &Path) -> Vec<String> {
     let marker_s = marker.display().to_string();
     let markers = markers_of(marker);
     let mut found: Vec<String> = markers
@@ -294,6 +340,7 @@ pub fn stderr(o: &Output) -> String {
 }
 pub mod containerd;
 pub mod netns;
+pub mod pool;
 
 /// Makes this process adopt orphaned descendants, as conmon does, so a
 /// container's shadow process (state.pid) can be waited for here.
@@ -350,13 +397,19 @@ pub fn receive_console_fd(listener: &std::os::unix::net::UnixListener) -> std::o
 
 /// The pid of a live process whose command line contains both `name` and
 /// `marker` (a test's directory).
+/// A warm pool's unclaimed sandboxes (`HUSK_TEST_POOL=1`) are not the
+/// test's: they are left out.
 pub fn pid_of(marker: &Path, name: &str) -> Option<i32> {
     let markers = markers_of(marker);
+    let unclaimed = pool::unclaimed_markers(marker);
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
         let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
             .replace('\0', " ");
-        (cmd.contains(name) && markers.iter().any(|m| cmd.contains(m))).then_some(pid)
+        (cmd.contains(name)
+            && markers.iter().any(|m| cmd.contains(m))
+            && !unclaimed.iter().any(|u| cmd.contains(u.as_str())))
+        .then_some(pid)
     })
 }
 
@@ -721,6 +774,13 @@ pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
         .filter(|(p, _, _)| *p == pid)
         .map(|(p, _, c)| (*p, c.clone()))
         .collect();
+    // A sandbox claimed from a warm pool (HUSK_TEST_POOL=1): its helpers
+    // are its keeper's children; the keeper holds a pidfd of its owner.
+    tree.extend(
+        all.iter()
+            .filter(|(p, _, c)| c.contains(" pool keep ") && holds_pidfd_of(*p, pid))
+            .map(|(p, _, c)| (*p, c.clone())),
+    );
     let mut i = 0;
     while i < tree.len() {
         let parent = tree[i].0;
@@ -732,6 +792,18 @@ pub fn process_tree(pid: i32) -> Vec<(i32, String)> {
         i += 1;
     }
     tree
+}
+
+/// Whether process `holder` holds a pidfd of process `pid` (its fdinfo).
+fn holds_pidfd_of(holder: i32, pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{holder}/fdinfo")) else {
+        return false;
+    };
+    let wanted = format!("Pid:\t{pid}");
+    fds.flatten().any(|fd| {
+        std::fs::read_to_string(fd.path())
+            .is_ok_and(|info| info.lines().any(|l| l.trim_end() == wanted))
+    })
 }
 
 /// Boots a sandbox named `name` under the test's state root, with the

@@ -523,13 +523,16 @@ fn run_ok(cmd: &mut std::process::Command) {
 }
 
 /// The mount points in /proc/self/mountinfo at or below `dir`.
+/// (A warm pool's sandboxes there, HUSK_TEST_POOL=1, come and go: left out.)
 fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let pool = format!("{}/", dir.join("pool").display());
     let dir = dir.display().to_string();
     let mut found: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .filter(|m| !m.starts_with(&pool))
         .map(str::to_string)
         .collect();
     found.sort();

@@ -47,10 +47,15 @@ impl Podman {
         let p = &dir.path;
         // husk's state for this test lives under the test directory.
         let wrapper = p.join("husk-runtime");
+        // conmon passes husk no environment of ours: the configuration (a
+        // warm pool's, HUSK_TEST_POOL=1) is named here.
+        let config = std::env::var("HUSK_CONFIG")
+            .map(|c| format!("export HUSK_CONFIG='{c}'\n"))
+            .unwrap_or_default();
         std::fs::write(
             &wrapper,
             format!(
-                "#!/bin/sh\nexec {} --root {} \"$@\"\n",
+                "#!/bin/sh\n{config}exec {} --root {} \"$@\"\n",
                 husk_bin().display(),
                 p.join("husk-root").display()
             ),

@@ -49,6 +49,10 @@ struct Report {
     error: Option<String>,
     /// Where KVM runs guests: every backend probed, side by side.
     backends: Vec<Probe>,
+    /// The warm pool's state (None: no pool configured).
+    pool: Option<husk_runtime::pool::PoolStatus>,
+    /// Why the pool's state could not be read.
+    pool_error: Option<String>,
 }
 
 fn version_of(program: &Path, arg: &str) -> String {
@@ -230,6 +234,11 @@ fn print_text(r: &Report) {
             }
         }
     }
+    match (&r.pool, &r.pool_error) {
+        (Some(p), _) => print!("{}", super::pool::status_text(p)),
+        (None, Some(e)) => println!("pool: {e}"),
+        (None, None) => println!("pool: off (no [[pool]] entry in the configuration)"),
+    }
     match &r.error {
         None => println!("ok"),
         Some(e) => println!("FAILED: {e}"),
@@ -272,6 +281,12 @@ pub fn check(root: &Path, args: CheckArgs) -> anyhow::Result<i32> {
                 .as_ref()
                 .map(|e| format!("{} probe: {e}", b.hypervisor))
         });
+    }
+    if !config.pool.is_empty() {
+        match husk_runtime::pool::status(&config) {
+            Ok(p) => report.pool = Some(p),
+            Err(e) => report.pool_error = Some(e.to_string()),
+        }
     }
     report.ok = report.error.is_none();
     if args.format == "json" {

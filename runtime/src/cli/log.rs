@@ -75,7 +75,14 @@ pub struct Logger {
 /// Installs the logger for this process. Without `--log` and `--debug`
 /// nothing is logged: the command's error is printed on stderr by `main`
 /// (as runc prints it), and a second copy there would only be noise.
-pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) -> Result<(), LogError> {
+/// With `service`, informational messages go to stderr even without a log
+/// file (a long-running service's journal: `husk pool`).
+pub fn init(
+    path: Option<&Path>,
+    format: LogFormat,
+    debug: bool,
+    service: bool,
+) -> Result<(), LogError> {
     let _ = SETTINGS.set((path.map(Path::to_path_buf), format, debug));
     let sink = match path {
         Some(p) => Sink::File(Mutex::new(
@@ -93,6 +100,7 @@ pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) -> Result<(), L
     let level = match (path.is_some(), debug) {
         (_, true) => log::LevelFilter::Debug,
         (true, false) => log::LevelFilter::Info,
+        (false, false) if service => log::LevelFilter::Info,
         (false, false) => log::LevelFilter::Off,
     };
     let logger = Logger {

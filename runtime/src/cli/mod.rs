@@ -9,6 +9,7 @@ mod lifecycle;
 pub mod log;
 mod monitor;
 mod monitor_protocol;
+mod pool;
 mod shadow;
 mod signals;
 mod state;
@@ -109,6 +110,9 @@ pub enum Command {
     Update(info::UpdateArgs),
     /// Print the OCI features document.
     Features,
+    /// The warm pool of sandboxes: serve it, or show its state.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
     #[command(name = "__monitor", hide = true)]
     Monitor(monitor::MonitorArgs),
     #[command(name = "__shadow", hide = true)]
@@ -138,6 +142,7 @@ impl Command {
             | Command::Events { id, .. } => Some(id),
             Command::Shadow { .. }
             | Command::Check(_)
+            | Command::Pool(_)
             | Command::List { .. }
             | Command::Spec { .. }
             | Command::Features => None,
@@ -155,7 +160,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         );
     }
     let format = log::LogFormat::parse(&cli.log_format)?;
-    log::init(cli.log.as_deref(), format, cli.debug)?;
+    let service = matches!(cli.command, Command::Pool(ref p) if p.is_service());
+    log::init(cli.log.as_deref(), format, cli.debug, service)?;
     ::log::debug!("husk {:?}", std::env::args().skip(1).collect::<Vec<_>>());
     if let Some(id) = cli.command.container_id() {
         state::check_id(id)?;
@@ -182,6 +188,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         } => info::events(root, &id, stats, &interval).map(|_| 0),
         Command::Update(args) => info::update(root, args).map(|_| 0),
         Command::Features => info::features().map(|_| 0),
+        Command::Pool(command) => pool::pool(command),
         Command::Monitor(args) => monitor::monitor(root, args),
         Command::Shadow { .. } => shadow::shadow(),
     }

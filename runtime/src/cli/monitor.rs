@@ -188,9 +188,12 @@ fn setup(
         }
     };
     watch.lap("network wiring");
-    let mut sandbox = Sandbox::start(&config, &sc).context("starting the sandbox")?;
-    watch.lap("sandbox start");
-    watch.add(sandbox.timings.phases());
+    let mut sandbox = start_or_claim(&config, &sc, host_cgroup.as_ref())?;
+    watch.lap("sandbox start or claim");
+    // A claimed sandbox was booted by the pool: no boot steps here.
+    if sandbox.timings.total_start_ms > 0.0 {
+        watch.add(sandbox.timings.phases());
+    }
     let shared = supervisor::share_container(&sandbox, &args.id, &bundle)?;
     watch.lap("share rootfs and mounts");
     let terminal = bundle
@@ -277,6 +280,57 @@ fn setup(
         execs: Mutex::new(HashMap::new()),
         lifecycle: Mutex::new(()),
     })
+}
+
+/// A sandbox from the warm pool when the spec fits one of its classes,
+/// else one booted here. A claimed sandbox's host processes (its keeper,
+/// the VMM, the backends) move into the container's host cgroup, and its
+/// directory (the pool's) is bound where this container's would be, so
+/// its sockets and logs are found where every command looks for them.
+fn start_or_claim(
+    config: &Config,
+    sc: &SandboxConfig,
+    host_cgroup: Option<&HostCgroup>,
+) -> anyhow::Result<Sandbox> {
+    if let Some(claimed) = husk_runtime::pool::claim(config, sc) {
+        let here = husk_runtime::sandbox::sandbox_dir(&sc.state_root, &sc.id);
+        let taken = (|| -> anyhow::Result<()> {
+            if let Some(cg) = host_cgroup {
+                claimed
+                    .move_into(cg)
+                    .context("moving the pooled sandbox into the host cgroup")?;
+            }
+            husk_runtime::sandbox::private_dir_all(&sc.state_root)?;
+            std::fs::create_dir(&here).with_context(|| format!("creating {}", here.display()))?;
+            nix::mount::mount(
+                Some(claimed.sandbox.dir.as_path()),
+                &here,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("binding the pooled sandbox at {}", here.display()))?;
+            Ok(())
+        })();
+        match taken {
+            Ok(()) => {
+                log::info!(
+                    "{}: pooled sandbox {} claimed in {:.1} ms",
+                    sc.id,
+                    claimed.pooled_id,
+                    claimed.claim_ms
+                );
+                return Ok(claimed.sandbox);
+            }
+            Err(e) => {
+                log::warn!("{}: {e:#}: booting a sandbox of its own", sc.id);
+                drop(claimed);
+                let _ = husk_runtime::sandbox::unmount_below(&here);
+                let _ = husk_runtime::sandbox::remove_tree_same_fs(&here);
+            }
+        }
+    }
+    Sandbox::start(config, sc).context("starting the sandbox")
 }
 
 /// What `ps` passes on of the guest's process list, in bytes.
@@ -587,6 +641,11 @@ impl Monitor {
                 Err(e) => log::warn!("{}: {e}", self.id),
             }
         }
+        // A pooled sandbox's directory was bound here (`start_or_claim`);
+        // a sandbox booted here has removed its own already.
+        let here = husk_runtime::sandbox::sandbox_dir(&state::sandbox_root(&self.root), &self.id);
+        let _ = husk_runtime::sandbox::unmount_below(&here);
+        let _ = husk_runtime::sandbox::remove_tree_same_fs(&here);
         if let Some(mut network) = lock(&self.network).take() {
             network.unwire();
             watch.lap("network unwiring");
