@@ -50,7 +50,7 @@ binaries:
 # The network benchmark's tool runs in a busybox rootfs and in a bare
 # initramfs with no libc: static, as the agent.
 net-bench:
-	RUSTFLAGS="$(AGENT_RUSTFLAGS)" $(CARGO) build --release -p husk-tests --bin husk-net-bench --target $(AGENT_TARGET)
+	RUSTFLAGS="$(AGENT_RUSTFLAGS)" $(CARGO) build --release -p husk-net-bench --target $(AGENT_TARGET)
 
 build: tools kernel initramfs initramfs-hostile binaries net-bench
 

@@ -129,6 +129,12 @@ fn keep_locked(
     sc.vcpus = args.vcpus;
     sc.memory_mib = args.memory_mib;
     let mut sandbox = Sandbox::start(config, &sc)?;
+    // Before it is offered: the guest runs one throwaway container of its
+    // own, so that the tenant's create meets code already run (under TCG,
+    // translated) instead of paying for it. No tenant data is involved; a
+    // guest that fails it is not offered.
+    let warm = sandbox.agent().warm_up().map_err(|e| sandbox.explain(e))?;
+    warm.log("pool warm-up");
     let died = Flag::new()?;
     {
         let watch = sandbox.death_watch()?;
