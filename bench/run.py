@@ -125,7 +125,7 @@ def bare_boot_ms(initramfs):
            "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
            "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
            # The kernel parameters husk's guests boot with (runtime/src/sandbox.rs).
-           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check acpi=off tsc_early_khz={tsc_khz()}"]
+           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check rcupdate.rcu_expedited=1 acpi=off tsc_early_khz={tsc_khz()}"]
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     ready = None
@@ -953,13 +953,19 @@ def section_pool(bare):
     try:
         b = busybox_bundle("pool-true", ["true"])
         root = os.path.join(WORK, "pool-root")
-        warm, cold, runc_t, refill = [], [], [], []
+        warm, cold, runc_t, refill, warm_phases, cold_phases = [], [], [], [], [], []
         for i in range(RUNS):
             pool.wait_full()
             t0 = time.monotonic()
-            warm.append(timed([HUSK, "--root", root, "run", "-b", b, f"w{i}"], env=pool.env(True)))
+            log = os.path.join(WORK, f"pool-w{i}.log")
+            warm.append(timed([HUSK, "--root", root, "--debug", "--log", log, "run", "-b", b, f"w{i}"],
+                              env=pool.env(True)))
+            warm_phases.append(read_phases(log))
             refill.append((pool.wait_full() - t0) * 1000)
-            cold.append(timed([HUSK, "--root", root, "run", "-b", b, f"c{i}"], env=pool.env(False)))
+            log = os.path.join(WORK, f"pool-c{i}.log")
+            cold.append(timed([HUSK, "--root", root, "--debug", "--log", log, "run", "-b", b, f"c{i}"],
+                              env=pool.env(False)))
+            cold_phases.append(read_phases(log))
             runc_t.append(timed(["runc", "--root", os.path.join(WORK, "runc-root"), "run", "-b", b, f"r{i}"]))
         r = report("runc run true", "ms", runc_t)
         c = report("husk run true: cold boot", "ms", cold, r, "runc")
@@ -967,6 +973,8 @@ def section_pool(bare):
         print(f"  {'husk run true from the pool vs cold':<44} ratio {w / c:.2f}x"
               + (f";  vs the bare boot: {w / bare:.2f}x" if bare else ""))
         report("refill: claim to a replacement idle", "ms", refill)
+        phase_table("husk run true from the pool (warm create)", warm_phases)
+        phase_table("husk run true, cold, same run", cold_phases)
 
         os.environ["HUSK_CONFIG"] = pool.client
         ctrd = Containerd()

@@ -552,7 +552,16 @@ impl Sandbox {
         // 8254 timer not connected to IO-APIC" and stalls in fallbacks. The
         // VMM's timer is known to work, so the check only costs (Kata passes
         // the same).
-        let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet no_timer_check");
+        // rcupdate.rcu_expedited=1: the guest kernel waits for RCU grace
+        // periods in what containers are made of (namespaces made and
+        // left, mounts and pivot_root's unmount, cgroup moves, a network
+        // device moved between namespaces); expedited, a grace period on
+        // the guest's few vCPUs is a short IPI round instead of timer ticks.
+        // Measured under TCG: create, exit and delete each a few tens of
+        // ms shorter (Kata passes the same).
+        let mut cmdline = String::from(
+            "console=ttyS0 reboot=t panic=-1 quiet no_timer_check rcupdate.rcu_expedited=1",
+        );
         if !config.kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&config.kernel_params);
@@ -1295,38 +1304,36 @@ pub const READY_MARKER: &str = "husk-agent: ready";
 
 /// Removes what the jail of the sandbox at `dir` left when its owner died
 /// without cleaning up (a crashed monitor or shim): the backend's directory
-/// `<JAIL_ROOT>/<uid>` (named by the `vsock.sock` link) and the uid claim,
-/// if the claim is still this sandbox's.
+/// `<JAIL_ROOT>/<uid>` and the uid claim, for every claim that is still
+/// this sandbox's (its file names `dir`) and that nobody holds. Found by
+/// the claims, not by the `vsock.sock` link: an owner killed between its
+/// claim and that link leaves the claim too.
 pub fn remove_jail_of(dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(target) = std::fs::read_link(dir.join("vsock.sock")) else {
-        return;
-    };
     let root = Path::new(crate::jail::JAIL_ROOT);
-    let Some(jail_dir) = target.parent() else {
-        return;
-    };
-    let Some(uid) = jail_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    else {
-        return;
-    };
-    if jail_dir.parent() != Some(root) {
-        return;
-    }
     let claims = root.join("uids");
-    let claim = claims.join(uid);
-    // Only a claim nobody holds any more (its owner died), and that this
-    // sandbox made: otherwise the uid is another live sandbox's now.
-    let held = uid
-        .parse()
-        .map(|uid| crate::jail::JailId::is_held(&claims, uid))
-        .unwrap_or(true);
-    if !held && std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
-        let _ = std::fs::remove_dir_all(jail_dir);
-        let _ = std::fs::remove_file(&claim);
+    let Ok(entries) = std::fs::read_dir(&claims) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(uid) = name
+            .to_str()
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let claim = claims.join(&name);
+        // Only a claim nobody holds any more (its owner died), and that this
+        // sandbox made: otherwise the uid is another live sandbox's now.
+        if crate::jail::JailId::is_held(&claims, uid) {
+            continue;
+        }
+        if std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
+            let _ = std::fs::remove_dir_all(root.join(uid.to_string()));
+            let _ = std::fs::remove_file(&claim);
+        }
     }
 }
 
