@@ -237,30 +237,8 @@ fn delete_link(socket: &mut RouteSocket, index: u32) -> Result<(), WireError> {
     }
 }
 
-/// Every interface of the socket's namespace: (index, name).
-fn list_links(socket: &mut RouteSocket) -> Result<Vec<(u32, String)>, WireError> {
-    Ok(socket
-        .dump(
-            "listing interfaces",
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        )?
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(link) => link.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some((link.header.index, n.clone())),
-                _ => None,
-            }),
-            _ => None,
-        })
-        .collect())
-}
-
-/// The indexes of the namespace's non-persistent tun/tap devices.
-fn husk_taps(socket: &mut RouteSocket) -> Result<Vec<u32>, WireError> {
-    use netlink_packet_core::Nla;
-    use netlink_packet_route::link::{InfoData, InfoKind, LinkInfo};
-    // IFLA_TUN_PERSIST, a u8 (linux/if_link.h).
-    const IFLA_TUN_PERSIST: u16 = 6;
+/// Every interface of the socket's namespace, as the kernel describes it.
+fn dump_links(socket: &mut RouteSocket) -> Result<Vec<LinkMessage>, WireError> {
     Ok(socket
         .dump(
             "listing interfaces",
@@ -271,6 +249,30 @@ fn husk_taps(socket: &mut RouteSocket) -> Result<Vec<u32>, WireError> {
             RouteNetlinkMessage::NewLink(link) => Some(link),
             _ => None,
         })
+        .collect())
+}
+
+/// Every interface of the socket's namespace: (index, name).
+fn list_links(socket: &mut RouteSocket) -> Result<Vec<(u32, String)>, WireError> {
+    Ok(dump_links(socket)?
+        .into_iter()
+        .filter_map(|link| {
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some((link.header.index, n.clone())),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// The indexes of the namespace's non-persistent tun/tap devices.
+fn husk_taps(socket: &mut RouteSocket) -> Result<Vec<u32>, WireError> {
+    use netlink_packet_core::Nla;
+    use netlink_packet_route::link::{InfoData, InfoKind, LinkInfo};
+    // IFLA_TUN_PERSIST, a u8 (linux/if_link.h).
+    const IFLA_TUN_PERSIST: u16 = 6;
+    Ok(dump_links(socket)?
+        .into_iter()
         .filter(|link| {
             let infos = link.attributes.iter().find_map(|a| match a {
                 LinkAttribute::LinkInfo(infos) => Some(infos),
