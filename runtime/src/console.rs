@@ -35,6 +35,12 @@ pub struct ConsoleError {
     source: std::io::Error,
 }
 
+/// The error of an operation on `path`.
+fn err(path: &Path) -> impl FnOnce(std::io::Error) -> ConsoleError {
+    let path = path.to_path_buf();
+    move |source| ConsoleError { path, source }
+}
+
 impl ConsoleLog {
     /// Makes the FIFO `fifo` (the path to give the VMM as its console) and
     /// starts copying what arrives there into `log`, capped at `cap` bytes.
@@ -46,10 +52,6 @@ impl ConsoleLog {
         cap: u64,
         marker: &'static str,
     ) -> Result<ConsoleLog, ConsoleError> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ConsoleError { path, source }
-        };
         nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .map_err(|e| err(fifo)(e.into()))?;
         Self::attach(fifo, log, cap, marker)
@@ -65,10 +67,6 @@ impl ConsoleLog {
         cap: u64,
         marker: &'static str,
     ) -> Result<ConsoleLog, ConsoleError> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ConsoleError { path, source }
-        };
         // Read-write: opening never waits for the VMM, and the copy never
         // sees an end of file while the VMM reopens or restarts.
         let reader = std::fs::OpenOptions::new()
