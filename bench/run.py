@@ -43,6 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUSK = os.path.join(ROOT, "target/release/husk")
 VMM = os.path.join(ROOT, "target/release/husk-vmm")
 KERNEL = os.path.join(ROOT, "target/guest/vmlinux")
+# husk's TCG settings (runtime/src/hypervisor/qemu.rs, TCG_ACCEL), which
+# every bare QEMU reference here runs with too.
+TCG_ACCEL = "tcg,tb-size=64"
 SHIM = os.path.join(ROOT, "target/release/containerd-shim-husk-v2")
 CRI = os.path.join(ROOT, "target/release/husk-cri")
 VSOCK_BENCH = os.path.join(ROOT, "target/release/husk-vsock-bench")
@@ -121,7 +124,7 @@ def bare_boot_ms(initramfs):
     """Spawn of QEMU to the /init marker on the serial console, host clock:
     the same CPU model as husk under TCG (runtime/src/hypervisor/qemu.rs, TCG_CPU),
     the same machine type, memory and kernel as a husk sandbox, no devices."""
-    cmd = ["qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", "tcg,tb-size=16",
+    cmd = ["qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", TCG_ACCEL,
            "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
            "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
            # The kernel parameters husk's guests boot with (runtime/src/sandbox.rs).
@@ -756,7 +759,7 @@ def bare_net_run(topo, ns, initramfs, mac):
     vhost=off` + `virtio-net-device`): {(where, mode): figure} from its
     console."""
     cmd = ["nsenter", f"--net={topo.path(ns)}", "python3", "-c", TAP_EXEC, BARE_TAP,
-           "qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", "tcg,tb-size=16",
+           "qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", TCG_ACCEL,
            "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
            "-no-reboot", "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
            "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check tsc=reliable acpi=off tsc_early_khz={tsc_khz()}",

@@ -136,6 +136,11 @@ pub fn setup_guest() -> Result<(), InitError> {
     }
     enable_cgroup_controllers();
     mount_shared_dir();
+    // The guest's own loopback, up as a new namespace's is made: the
+    // sandbox's network owner may take this namespace as its own.
+    if let Err(e) = husk_agent::network::loopback_up_here() {
+        eprintln!("husk-agent: warning: bringing up lo: {e}");
+    }
     Ok(())
 }
 

@@ -431,6 +431,19 @@ pub fn apply(
             which: "target",
             source,
         })?;
+    // The guest's own namespace (the sandbox's network owner took it, see
+    // `guest_network_namespace`) when the calling thread is in it too: the
+    // devices are there already; no thread, no namespace switch, no move.
+    let own = std::fs::File::open("/proc/thread-self/ns/net").map_err(|source| {
+        NetworkError::Namespace {
+            which: "caller's",
+            source,
+        }
+    })?;
+    if same_namespace(&source, &target)? && same_namespace(&target, &own.into())? {
+        let here = Rtnl::open_here("target")?;
+        return apply_with(config, &here, &here, &target);
+    }
     let config = config.clone();
     // A thread of its own, ended after: setns(CLONE_NEWNET) changes only
     // the calling thread, which must not be a serving one.
@@ -561,6 +574,29 @@ fn family(ip: &IpAddr) -> AddressFamily {
     }
 }
 
+/// Whether two namespace descriptors name the same namespace (the same
+/// nsfs inode).
+fn same_namespace(a: &OwnedFd, b: &OwnedFd) -> Result<bool, NetworkError> {
+    let stat = |fd: &OwnedFd, which| {
+        nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| NetworkError::Namespace {
+            which,
+            source: e.into(),
+        })
+    };
+    let (a, b) = (stat(a, "source")?, stat(b, "target")?);
+    Ok(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+}
+
+/// Brings up the loopback of the calling thread's network namespace: the
+/// guest's own, which the sandbox's network owner may take as its own.
+pub fn loopback_up_here() -> Result<(), NetworkError> {
+    let rtnl = Rtnl::open_here("guest's root")?;
+    let lo = rtnl
+        .link_by_name("lo", "lo")?
+        .ok_or_else(|| invalid("lo", "the namespace has no loopback"))?;
+    rtnl.set_up("lo", lo, true)
+}
+
 impl Rtnl {
     /// Enters `ns` (this thread only) and opens a socket there.
     fn open_in(ns: &OwnedFd, which: &'static str) -> Result<Self, NetworkError> {
@@ -570,6 +606,11 @@ impl Rtnl {
                 source: e.into(),
             }
         })?;
+        Self::open_here(which)
+    }
+
+    /// Opens a socket in the calling thread's namespace.
+    fn open_here(which: &'static str) -> Result<Self, NetworkError> {
         let fail = |source| NetworkError::Namespace { which, source };
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(fail)?;
         socket.bind_auto().map_err(fail)?;

@@ -88,6 +88,9 @@ fn run(containers: &Containers, laps: &mut Laps) -> Result<(), ContainerError> {
         Path::new(WARM_DIR).join("rootfs"),
         &HashMap::new(),
         false,
+        // A throwaway: the guest's own network namespace stays for the
+        // tenant's container.
+        false,
         "",
         ProcessStreams::default(),
         laps,

@@ -259,6 +259,31 @@ fn configures_the_device_where_it_already_is() {
 }
 
 #[test]
+fn configures_the_device_in_the_callers_own_namespace() {
+    // The agent's case when the sandbox's network owner took the guest's
+    // namespace: the calling thread is in it (here a thread of the test's
+    // own, moved into the stand-in root), so nothing is moved or switched.
+    require_root();
+    let root = guest_root();
+    let config = NetworkConfig::from_request(&pod_request()).expect("a valid request");
+    let inside = root.try_clone().expect("dup");
+    std::thread::spawn(move || {
+        nix::sched::setns(&inside, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        apply(&config, inside.as_fd(), inside.as_fd())
+    })
+    .join()
+    .expect("the thread")
+    .expect("apply");
+    let links = ip_json(&root, &["link", "show", "eth0"]);
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0]["address"], "02:48:55:53:4b:01");
+    assert_eq!(links[0]["mtu"], 1400);
+    let routes = ip_json(&root, &["route", "show", "default"]);
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0]["gateway"], "10.200.0.1");
+}
+
+#[test]
 fn a_mac_no_device_has_fails_and_changes_nothing() {
     require_root();
     let root = guest_root();

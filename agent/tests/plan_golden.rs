@@ -88,6 +88,7 @@ fn render(fixture: &Value, name: &str) -> String {
             cgroup_procs: &cgroup_procs,
             no_pivot: c["no_pivot"].as_bool().unwrap_or(false),
             device_stage: &device_stage,
+            guest_network_namespace: c["guest_network_namespace"].as_bool().unwrap_or(false),
         };
         plan::plan_container(&spec, &request, &fs)
     } else if let Some(e) = fixture.get("exec") {

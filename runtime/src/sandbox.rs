@@ -168,6 +168,12 @@ pub struct NewContainer {
     pub no_pivot: bool,
     /// The bundle's host path (for the state the in-guest hooks read).
     pub bundle: PathBuf,
+    /// The container owns the sandbox's network: where its spec asks for a
+    /// new network namespace it takes the guest's own, where the VM's
+    /// virtio-net devices already are (no namespace made, no device
+    /// moved). For the sandbox's first container only (the agent grants
+    /// it once).
+    pub guest_network_namespace: bool,
 }
 
 impl NewContainer {
@@ -176,6 +182,7 @@ impl NewContainer {
     pub fn into_request(self) -> CreateContainerRequest {
         CreateContainerRequest {
             no_pivot: self.no_pivot,
+            guest_network_namespace: self.guest_network_namespace,
             bundle: self.bundle.display().to_string(),
             container_id: self.id,
             oci_spec_json: self.spec_json,

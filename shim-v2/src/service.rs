@@ -1013,6 +1013,10 @@ impl Inner {
             stdio: Default::default(),
             no_pivot: false,
             bundle: bundle.dir.clone(),
+            // The VM's first container (a pod's sandbox container, or a
+            // container with a VM of its own) owns its network; a pod's
+            // other containers join the sandbox container's namespaces.
+            guest_network_namespace: !matches!(role, Role::PodMember { .. }),
         };
         let result = pod.try_call(move |agent| {
             let (tokens, pumps) = connect_stdio_via(agent, stdio).map_err(stdio_error)?;

@@ -337,6 +337,7 @@ fn new_container(
         stdio: StdioTokens::default(),
         no_pivot: false,
         bundle: dir.path.join(id),
+        guest_network_namespace: false,
     }
 }
 
@@ -412,7 +413,24 @@ fn update_request(mac: &[u8]) -> UpdateNetworkRequest {
 /// with iproute2, what it finds (each exit code names the failed check).
 #[test]
 fn update_network_configures_a_created_containers_namespace() {
-    let dir = TestDir::new("guest-update-network");
+    update_network_case(false);
+}
+
+/// As above, with the container taking the guest's own network namespace
+/// (`guest_network_namespace`, as the CLI's and the shim's first container
+/// of a sandbox do): the device is configured where it is, not moved; a
+/// later container asking the same gets a new namespace (granted once).
+#[test]
+fn update_network_configures_the_guest_namespace_a_container_took() {
+    update_network_case(true);
+}
+
+fn update_network_case(guest_network_namespace: bool) {
+    let dir = TestDir::new(if guest_network_namespace {
+        "guest-update-network-own"
+    } else {
+        "guest-update-network"
+    });
     let mut sandbox = start_sandbox(&dir, "netupdate");
 
     let mut dev =
@@ -437,7 +455,10 @@ fn update_network_configures_a_created_containers_namespace() {
         $ip neigh | grep -q '^10.200.0.1 dev eth0 lladdr 02:48:55:53:4b:fe PERMANENT' || exit 17; \
         $ip link show lo | grep -q '[<,]UP[,>]' || exit 18; \
         exit 0";
-    let pod = new_container(&sandbox, &dir, "pod", &privileged_spec(checks));
+    let pod = NewContainer {
+        guest_network_namespace,
+        ..new_container(&sandbox, &dir, "pod", &privileged_spec(checks))
+    };
     sandbox
         .create_container(pod)
         .unwrap_or_else(|e| panic!("creating pod: {e}"));
@@ -485,4 +506,29 @@ fn update_network_configures_a_created_containers_namespace() {
          address, 14 v6 address usable, 15 v4 default route, 16 v6 default route, 17 \
          neighbour, 18 lo up): {exit:?}"
     );
+    if guest_network_namespace {
+        // The grant is spent: this one gets a new namespace, without eth0.
+        let later = privileged_spec(
+            "/usr/local/sbin/ip link show eth0 && exit 20; \
+             /usr/local/sbin/ip link show lo | grep -q '[<,]UP[,>]' || exit 21; exit 0",
+        );
+        let c = NewContainer {
+            guest_network_namespace: true,
+            ..new_container(&sandbox, &dir, "later", &later)
+        };
+        sandbox
+            .create_container(c)
+            .unwrap_or_else(|e| panic!("creating later: {e}"));
+        sandbox
+            .start_container("later")
+            .unwrap_or_else(|e| panic!("starting later: {e}"));
+        let exit = sandbox
+            .wait_process("later", "")
+            .unwrap_or_else(|e| panic!("waiting for later: {e}"));
+        assert_eq!(
+            exit.exit_code, 0,
+            "a second container asking for the guest's namespace (20: it sees eth0, the \
+             guest's; 21: its lo is down): {exit:?}"
+        );
+    }
 }

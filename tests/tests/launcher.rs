@@ -51,6 +51,7 @@ fn new_container(
         shared_mounts: HashMap::new(),
         stdio: StdioTokens::default(),
         no_pivot: false,
+        guest_network_namespace: false,
         bundle: dir.path.join(id),
     }
 }

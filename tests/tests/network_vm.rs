@@ -95,6 +95,8 @@ fn the_guest_reaches_the_far_end_of_the_clients_veth_through_the_tap() {
             stdio: StdioTokens::default(),
             no_pivot: false,
             bundle: dir.path.join("c"),
+            // As the CLI's monitor creates its container.
+            guest_network_namespace: true,
         })
         .expect("creating the container");
     sandbox

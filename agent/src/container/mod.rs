@@ -23,7 +23,7 @@ use oci_spec::runtime::{LinuxResources, Spec};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,10 @@ pub struct Container {
 pub struct Containers {
     reaper: Arc<Reaper>,
     table: Mutex<HashMap<String, Arc<Container>>>,
+    /// The guest's own network namespace was granted to a container
+    /// (`guest_network_namespace`): at most one per guest, even if its
+    /// create failed after (its sandbox is then torn down).
+    guest_netns_granted: AtomicBool,
 }
 
 /// A poisoned lock still guards consistent data here (no panics while
@@ -107,6 +111,7 @@ impl Containers {
         Containers {
             reaper,
             table: Mutex::new(HashMap::new()),
+            guest_netns_granted: AtomicBool::new(false),
         }
     }
 
@@ -143,6 +148,7 @@ impl Containers {
             shared_mounts,
             no_pivot,
             bundle,
+            guest_network_namespace,
             ..
         } = req;
         let (id, no_pivot) = (id.as_str(), *no_pivot);
@@ -161,6 +167,7 @@ impl Containers {
             root,
             shared_mounts,
             no_pivot,
+            *guest_network_namespace,
             bundle,
             streams,
             laps,
@@ -177,6 +184,7 @@ impl Containers {
         root: PathBuf,
         shared_mounts: &HashMap<String, String>,
         no_pivot: bool,
+        guest_network_namespace: bool,
         bundle: &str,
         streams: ProcessStreams,
         laps: &mut Laps,
@@ -199,6 +207,8 @@ impl Containers {
             cgroup_procs: &cgroup_procs,
             no_pivot,
             device_stage: &device_stage,
+            guest_network_namespace: guest_network_namespace
+                && !self.guest_netns_granted.swap(true, Ordering::AcqRel),
         };
         laps.lap("parse spec");
         let plan = plan::plan_container(spec, &request, &LiveFs)?;

@@ -206,6 +206,10 @@ pub struct ContainerRequest<'a> {
     pub no_pivot: bool,
     /// Where linux.devices nodes are staged for a user namespace.
     pub device_stage: &'a Path,
+    /// The container may take the guest's own network namespace where the
+    /// spec asks for a new one (`CreateContainerRequest`'s
+    /// `guest_network_namespace`, not yet granted in this guest).
+    pub guest_network_namespace: bool,
 }
 
 #[derive(Debug)]
@@ -248,6 +252,7 @@ pub fn plan_container(
         cgroup_procs,
         no_pivot,
         device_stage,
+        guest_network_namespace,
     } = *req;
     let process = spec
         .process()
@@ -330,6 +335,15 @@ pub fn plan_container(
             }
         }
     }
+    // The sandbox's network owner stays in the guest's own network
+    // namespace, where the VM's virtio-net devices and a loopback already
+    // up are: nothing to make now and no device to move later. Not with a
+    // new user namespace: that one must own the container's network
+    // namespace, or the container's root could not configure it.
+    let net_owned = unshare_flags & libc::CLONE_NEWNET != 0;
+    if guest_network_namespace && net_owned && user_decl.is_none() {
+        unshare_flags &= !libc::CLONE_NEWNET;
+    }
     let user_ns = match spec.linux() {
         Some(linux) => userns::plan(linux, user_decl, process, fs)?,
         None => UserNs::Inherit,
@@ -341,7 +355,9 @@ pub fn plan_container(
     }
     let (uid, gid, additional_gids, umask) = user_plan(process);
     let extras = process_extras(process)?;
-    let linux_extras = linux_extras(spec, unshare_flags, fs)?;
+    // Sysctls of the network namespace are the container's either way.
+    let owned_flags = unshare_flags | if net_owned { libc::CLONE_NEWNET } else { 0 };
+    let linux_extras = linux_extras(spec, owned_flags, fs)?;
     let mut mounts = Vec::new();
     let mut dev_is_tmpfs = false;
     for (i, m) in spec.mounts().as_deref().unwrap_or(&[]).iter().enumerate() {

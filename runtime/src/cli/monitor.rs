@@ -230,6 +230,10 @@ fn setup(
         stdio: tokens,
         no_pivot: args.no_pivot,
         bundle: bundle.dir.clone(),
+        // The container is its sandbox's only one. Not with a tap slot: the
+        // interface a hook may add later is moved into a new namespace then,
+        // so a slot that stays empty is never seen by the container.
+        guest_network_namespace: !network.as_ref().is_some_and(|n| n.has_slot()),
     })?;
     watch.lap("CreateContainer RPC");
     watch.add(guest_create);
