@@ -983,11 +983,7 @@ impl Sandbox {
         // does not answer gets the same end after the RPC's timeout.
         let synced = match &self.agent {
             // A guest that is already gone is not an error at shutdown.
-            Some(agent) => {
-                let r = agent.shutdown().is_ok();
-                log::debug!("XXX shutdown rpc {:?}", t.elapsed());
-                r
-            }
+            Some(agent) => agent.shutdown().is_ok(),
             None => false,
         };
         self.agent = None;

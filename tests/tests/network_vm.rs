@@ -502,10 +502,25 @@ fn a_monitor_killed_mid_create_leaves_no_tap_or_filter() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let root_text = root.display().to_string();
-    let monitor: Vec<i32> = processes_naming("__monitor")
+    let named: Vec<i32> = processes_naming("__monitor")
         .into_iter()
         .filter(|(_, cmdline)| cmdline.contains(&root_text) && cmdline.ends_with(" midc "))
         .map(|(pid, _)| pid)
+        .collect();
+    // The monitor's own children carry its command line between fork and
+    // exec (the jail's spawns): the monitor is the one whose parent is not.
+    let parent = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+            })
+    };
+    let monitor: Vec<i32> = named
+        .iter()
+        .copied()
+        .filter(|pid| parent(*pid).is_some_and(|pp| !named.contains(&pp)))
         .collect();
     assert_eq!(monitor.len(), 1, "the monitor of midc: {monitor:?}");
     // SAFETY: kill(2) of the monitor process found above.
