@@ -346,6 +346,11 @@ fn run_to_end(sandbox: &mut Sandbox, dir: &TestDir, id: &str, spec: &serde_json:
     sandbox
         .create_container(c)
         .unwrap_or_else(|e| panic!("creating {id}: {e}"));
+    start_to_end(sandbox, id)
+}
+
+/// Starts a created container and waits for its exit code.
+fn start_to_end(sandbox: &mut Sandbox, id: &str) -> i32 {
     sandbox
         .start_container(id)
         .unwrap_or_else(|e| panic!("starting {id}: {e}"));
@@ -494,17 +499,12 @@ fn update_network_case(guest_network_namespace: bool) {
         .update_network(ctx(), &update_request(&DEVICE_MAC))
         .unwrap_or_else(|e| panic!("UpdateNetwork: {e:?}"));
 
-    sandbox
-        .start_container("pod")
-        .unwrap_or_else(|e| panic!("starting pod: {e}"));
-    let exit = sandbox
-        .wait_process("pod", "")
-        .unwrap_or_else(|e| panic!("waiting for pod: {e}"));
     assert_eq!(
-        exit.exit_code, 0,
+        start_to_end(&mut sandbox, "pod"),
+        0,
         "the pod's namespace lacks what UpdateNetwork asked (10 mtu, 11 mac, 12 up, 13 v4 \
          address, 14 v6 address usable, 15 v4 default route, 16 v6 default route, 17 \
-         neighbour, 18 lo up): {exit:?}"
+         neighbour, 18 lo up)"
     );
     if guest_network_namespace {
         // The grant is spent: this one gets a new namespace, without eth0.
@@ -519,16 +519,11 @@ fn update_network_case(guest_network_namespace: bool) {
         sandbox
             .create_container(c)
             .unwrap_or_else(|e| panic!("creating later: {e}"));
-        sandbox
-            .start_container("later")
-            .unwrap_or_else(|e| panic!("starting later: {e}"));
-        let exit = sandbox
-            .wait_process("later", "")
-            .unwrap_or_else(|e| panic!("waiting for later: {e}"));
         assert_eq!(
-            exit.exit_code, 0,
+            start_to_end(&mut sandbox, "later"),
+            0,
             "a second container asking for the guest's namespace (20: it sees eth0, the \
-             guest's; 21: its lo is down): {exit:?}"
+             guest's; 21: its lo is down)"
         );
     }
 }
