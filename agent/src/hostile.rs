@@ -53,6 +53,11 @@ pub enum Attack {
     WaitSignal(u32),
     /// ExecProcess: an error whose message carries escape sequences.
     ExecEscapes,
+    /// stdin: the first acknowledgement claims every byte there is
+    /// (u64::MAX), more than the host ever sent.
+    StdinAckBeyond,
+    /// stdin: bytes are taken and never acknowledged.
+    StdinAckNever,
 }
 
 impl std::str::FromStr for Attack {
@@ -66,6 +71,8 @@ impl std::str::FromStr for Attack {
             "start-oversized" => Attack::StartOversized,
             "start-hang" => Attack::StartHang,
             "exec-escapes" => Attack::ExecEscapes,
+            "stdin-ack-beyond" => Attack::StdinAckBeyond,
+            "stdin-ack-never" => Attack::StdinAckNever,
             other => match other.strip_prefix("wait-signal-").map(str::parse) {
                 Some(Ok(n)) => Attack::WaitSignal(n),
                 _ => return Err(HostileError::Unknown(other.to_string())),
@@ -169,7 +176,13 @@ pub fn on_start_container(ctx: &TtrpcContext) {
             send_frame(ctx, header, Vec::new());
         }
         Some(Attack::StartHang) => {}
-        Some(Attack::WaitSignal(_) | Attack::ExecEscapes) | None => return,
+        Some(
+            Attack::WaitSignal(_)
+            | Attack::ExecEscapes
+            | Attack::StdinAckBeyond
+            | Attack::StdinAckNever,
+        )
+        | None => return,
     }
     loop {
         std::thread::park();
@@ -193,6 +206,15 @@ pub fn on_exec_process() -> Result<(), ttrpc::Error> {
             format!("exec refused {ESCAPES}end"),
         ))),
         _ => Ok(()),
+    }
+}
+
+/// The acknowledgement a stdin pump sends for `taken` bytes, if any.
+pub fn stdin_ack(taken: u64) -> Option<u64> {
+    match attack() {
+        Some(Attack::StdinAckBeyond) => Some(u64::MAX),
+        Some(Attack::StdinAckNever) => None,
+        _ => Some(taken),
     }
 }
 

@@ -258,6 +258,11 @@ pub fn new_token() -> u64 {
 }
 
 impl AgentClient {
+    /// The hybrid vsock socket this client reaches the agent through.
+    pub fn uds(&self) -> &std::path::Path {
+        &self.uds
+    }
+
     /// Connects, retrying while the guest boots (connections are refused
     /// until the agent listens) and `alive` says the VM is still there.
     pub fn connect(

@@ -281,12 +281,21 @@ pub struct HostStdio {
 /// process wrote has been delivered.
 pub struct StdioPumps {
     outputs: Vec<JoinHandle<()>>,
+    /// The stdin stream (a second handle on the pump's socket), shut down
+    /// once the process's output has ended: the stdin pump may be blocked
+    /// on it for good (a guest that never acknowledges what it took, or
+    /// never reads), and nothing it would send can reach a process that is
+    /// gone. The pump then ends and lets go of the caller's stdin.
+    stdin: Option<stream_pump::StdinStop>,
 }
 
 impl StdioPumps {
     pub fn finish(self) {
         for h in self.outputs {
             let _ = h.join();
+        }
+        if let Some(stdin) = self.stdin {
+            stdin.stop();
         }
     }
 }
@@ -1280,11 +1289,18 @@ pub fn connect_stdio_via(
         ..Default::default()
     };
     let mut outputs = Vec::new();
+    let mut stdin = None;
     if let Some(input) = stdio.stdin {
         let token = new_token();
         let stream = agent.open_stream(StreamKind::Process, token)?;
         tokens.stdin = token;
-        std::thread::spawn(move || stream_pump::pump_in(input, stream));
+        let stop = stream_pump::StdinStop::new(&stream).map_err(|source| SandboxError::Io {
+            what: "keeping a handle on the stdin stream of",
+            path: agent.uds().to_path_buf(),
+            source,
+        })?;
+        stdin = Some(stop.clone());
+        std::thread::spawn(move || stream_pump::pump_in(input, stream, stop));
     }
     for (output, slot) in [
         (stdio.stdout, &mut tokens.stdout),
@@ -1299,7 +1315,7 @@ pub fn connect_stdio_via(
             }));
         }
     }
-    Ok((tokens, StdioPumps { outputs }))
+    Ok((tokens, StdioPumps { outputs, stdin }))
 }
 
 /// The line the agent writes to the console once it serves (boot marker).

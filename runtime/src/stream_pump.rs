@@ -7,6 +7,7 @@
 use husk_protocol::{STDIN_ACK_LEN, STDIN_WINDOW};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
 /// Bytes one read or write moves at most. 1 MiB: as much as the agent's
 /// stdio pipes hold, so a burst crosses in one wake-up, and far above the
@@ -16,7 +17,43 @@ pub const PUMP_BUFFER: usize = 1 << 20;
 /// Copies the caller's stdin into the stream until EOF or an error on
 /// either side, then closes the stream. At most `STDIN_WINDOW` bytes are
 /// in flight, not yet acknowledged by the agent (see `husk_protocol`).
-pub fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
+pub fn pump_in(input: Box<dyn Read + Send>, stream: UnixStream, stop: StdinStop) {
+    copy_in(input, &stream);
+    // A whole close, not a half-close: the vsock backend drops a
+    // half-closed connection's pending data, and this stream only carries
+    // one direction. The owner's handle goes first, so this is the close.
+    stop.release();
+    drop(stream);
+}
+
+/// A second handle on a stdin stream, for its owner to end a pump that
+/// would wait for good (a guest that never acknowledges what it took, or
+/// never reads): `stop` shuts the socket down while the pump still has
+/// it, which ends the pump's wait; the pump lets go of the handle before
+/// it closes the socket itself, so a pump that ends on its own still ends
+/// with a whole close.
+#[derive(Clone, Default)]
+pub struct StdinStop(Arc<Mutex<Option<UnixStream>>>);
+
+impl StdinStop {
+    pub fn new(stream: &UnixStream) -> std::io::Result<Self> {
+        Ok(StdinStop(Arc::new(Mutex::new(Some(stream.try_clone()?)))))
+    }
+
+    /// Ends the pump's stream now, if the pump is still running.
+    pub fn stop(&self) {
+        let held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stream) = held.as_ref() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn release(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn copy_in(mut input: Box<dyn Read + Send>, mut stream: &UnixStream) {
     let mut buf = vec![0u8; PUMP_BUFFER];
     let mut window = StdinWindow::default();
     loop {
@@ -44,9 +81,6 @@ pub fn pump_in(mut input: Box<dyn Read + Send>, mut stream: UnixStream) {
             chunk = later;
         }
     }
-    // A whole close, not a half-close: the vsock backend drops a half-closed
-    // connection's pending data, and this stream only carries one direction.
-    drop(stream);
 }
 
 /// What went wrong with the agent's acknowledgements on a stdin stream.
@@ -226,7 +260,11 @@ mod tests {
         let (guest, host) = UnixStream::pair().unwrap();
         let data = pattern(2 * PUMP_BUFFER + 999);
         let reader = std::thread::spawn(move || acking_guest(guest));
-        pump_in(Box::new(std::io::Cursor::new(data.clone())), host);
+        pump_in(
+            Box::new(std::io::Cursor::new(data.clone())),
+            host,
+            StdinStop::default(),
+        );
         assert_eq!(reader.join().unwrap(), data);
     }
 
@@ -234,7 +272,13 @@ mod tests {
     fn pump_in_sends_no_more_than_the_window_unacknowledged() {
         let (mut guest, host) = UnixStream::pair().unwrap();
         let data = pattern(PUMP_BUFFER);
-        let pump = std::thread::spawn(move || pump_in(Box::new(std::io::Cursor::new(data)), host));
+        let pump = std::thread::spawn(move || {
+            pump_in(
+                Box::new(std::io::Cursor::new(data)),
+                host,
+                StdinStop::default(),
+            )
+        });
         // A guest that takes bytes but never acknowledges them gets one
         // window, and then the pump waits (here until the guest closes).
         let mut got = vec![0u8; STDIN_WINDOW as usize];
@@ -247,6 +291,32 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
         drop(guest);
         pump.join().unwrap();
+    }
+
+    #[test]
+    fn stop_ends_a_pump_whose_guest_never_acknowledges() {
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let stop = StdinStop::new(&host).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let data = pattern(PUMP_BUFFER);
+        let pump_stop = stop.clone();
+        std::thread::spawn(move || {
+            pump_in(Box::new(std::io::Cursor::new(data)), host, pump_stop);
+            let _ = done_tx.send(());
+        });
+        let mut got = vec![0u8; STDIN_WINDOW as usize];
+        guest.read_exact(&mut got).unwrap();
+        // The guest keeps its end open and says nothing: the pump waits.
+        let wait = std::time::Duration::from_millis(300);
+        assert!(done_rx.recv_timeout(wait).is_err(), "the pump ended early");
+        stop.stop();
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the pump ended once stopped");
+        // And the guest sees the stream end.
+        let mut rest = Vec::new();
+        guest.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
     }
 
     #[test]

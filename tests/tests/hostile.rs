@@ -916,13 +916,7 @@ fn escape_sequences_in_an_agent_error_never_reach_the_terminal() {
     require_guest();
     let dir = TestDir::new("hostile-exec");
     let root = dir.state_root();
-    let config = hostile_config(&dir, "exec-escapes");
-    let bundle = dir.path.join("bundle");
-    std::fs::create_dir_all(&bundle).expect("mkdir bundle");
-    write_bundle(&bundle, &default_spec(&["sleep", "600"]));
-    let env = [("HUSK_CONFIG", s(&config))];
-    let out = husk_env(&root, &["run", "-d", "-b", s(&bundle), "ex"], &env);
-    assert!(out.status.success(), "run: {}", stderr(&out));
+    run_sleeper_under(&dir, "exec-escapes", "ex");
     let out = husk(&root, &["exec", "ex", "true"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "exec: {err}");
@@ -933,4 +927,123 @@ fn escape_sequences_in_an_agent_error_never_reach_the_terminal() {
     assert_clean_error_line(&err);
     assert!(husk(&root, &["delete", "--force", "ex"]).status.success());
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
+/// `husk run -d` of a busybox sleeper `id` in `dir`'s state root, its
+/// guest's agent making `attack`.
+fn run_sleeper_under(dir: &TestDir, attack: &str, id: &str) {
+    let config = hostile_config(dir, attack);
+    let bundle = dir.path.join("bundle");
+    std::fs::create_dir_all(&bundle).expect("mkdir bundle");
+    write_bundle(&bundle, &default_spec(&["sleep", "600"]));
+    let env = [("HUSK_CONFIG", s(&config))];
+    let out = husk_env(
+        &dir.state_root(),
+        &["run", "-d", "-b", s(&bundle), id],
+        &env,
+    );
+    assert!(out.status.success(), "{attack}: run: {}", stderr(&out));
+}
+
+/// `husk exec` of `script` with `bytes` bytes on its stdin, from a thread
+/// that stops when husk stops taking them: its output and exit status,
+/// with how long it took.
+fn exec_with_stdin(
+    root: &Path,
+    id: &str,
+    script: &str,
+    bytes: usize,
+) -> (std::process::Output, Duration) {
+    use std::io::Write;
+    let t0 = Instant::now();
+    let mut exec = std::process::Command::new(husk_bin())
+        .arg("--root")
+        .arg(root)
+        .args(["exec", id, "sh", "-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning husk exec");
+    let mut stdin = exec.stdin.take().expect("stdin");
+    // Ends with an error when husk closes its end: that is the point.
+    let feeder = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if stdin.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            left -= n;
+        }
+    });
+    let deadline = t0 + Duration::from_secs(60) + MARGIN;
+    loop {
+        if exec.try_wait().expect("waiting for husk exec").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = exec.kill();
+            let _ = exec.wait();
+            panic!("husk exec still runs after {:?}", t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = exec.wait_with_output().expect("husk exec output");
+    let _ = feeder.join();
+    (out, t0.elapsed())
+}
+
+/// A guest that lies in its stdin acknowledgements gains nothing: one that
+/// acknowledges more than was ever sent has its stdin closed by the host
+/// (the process sees EOF after at most one window), and one that never
+/// acknowledges gets one window (192 KiB) and no more, while the exec it
+/// belongs to still ends when its process does. Either way husk exec
+/// returns the process's status, the host stays bounded, and delete leaves
+/// nothing.
+#[test]
+fn lying_stdin_acknowledgements_stop_stdin_and_nothing_else() {
+    require_guest();
+    let sent = 4 << 20;
+    let window = husk_protocol::STDIN_WINDOW as usize;
+    for attack in ["stdin-ack-beyond", "stdin-ack-never"] {
+        let dir = TestDir::new(&format!("hostile-{attack}"));
+        let root = dir.state_root();
+        run_sleeper_under(&dir, attack, "acks");
+        // The guest acknowledges (or would) every 48 KiB; the host sends
+        // at most a window ahead of the last acknowledgement it believes.
+        let script = match attack {
+            // Counts what arrives until the host closes stdin.
+            "stdin-ack-beyond" => "wc -c",
+            // Takes less than one window and ends: the exec must end too,
+            // though the host's stdin pump still waits for a count.
+            _ => "head -c 100000 | wc -c",
+        };
+        let (out, took) = exec_with_stdin(&root, "acks", script, sent);
+        assert!(
+            out.status.success(),
+            "{attack}: exec after {took:?}: {:?} {}",
+            out.status,
+            stderr(&out)
+        );
+        let got: usize = stdout(&out)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{attack}: wc said {:?}", stdout(&out)));
+        match attack {
+            "stdin-ack-beyond" => assert!(
+                got > 0 && got <= window,
+                "{attack}: the process got {got} of {sent} bytes: the host went on after a \
+                 count beyond what it sent (at most one window, {window}, may cross)"
+            ),
+            _ => assert_eq!(got, 100_000, "{attack}"),
+        }
+        // The sandbox still serves: a plain exec answers.
+        let out = husk(&root, &["exec", "acks", "echo", "still"]);
+        assert_eq!(stdout(&out).trim(), "still", "{attack}: {}", stderr(&out));
+        let out = husk(&root, &["delete", "-f", "acks"]);
+        assert!(out.status.success(), "{attack}: delete: {}", stderr(&out));
+        assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+    }
 }

@@ -73,9 +73,15 @@ pub(super) fn pump_stdin(mut from: VsockStream, stdin: Arc<Mutex<Option<File>>>)
             Ok(n) => {
                 taken = taken.saturating_add(n as u64);
                 if acking && taken - acknowledged >= STDIN_ACK_EVERY {
+                    #[cfg(feature = "hostile-test")]
+                    let ack = crate::hostile::stdin_ack(taken);
+                    #[cfg(not(feature = "hostile-test"))]
+                    let ack = Some(taken);
                     // A host that closed its end early (its stdin ended)
                     // needs no more counts; the bytes still come.
-                    acking = from.write_all(&taken.to_le_bytes()).is_ok();
+                    if let Some(ack) = ack {
+                        acking = from.write_all(&ack.to_le_bytes()).is_ok();
+                    }
                     acknowledged = taken;
                 }
                 let mut guard = lock(&stdin);
