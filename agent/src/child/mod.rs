@@ -431,8 +431,12 @@ unsafe fn apply_in_child(
         unsafe { libc::close(fd) };
     }
     if plan.unshare_flags & libc::CLONE_NEWNET != 0 {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { loopback_up(names, diag)? };
+        // lo up in the fresh namespace, as runc does: containers of a pod
+        // talk over it. No allocation or lock in it: safe after fork.
+        if let Err(e) = husk_agent::network::loopback_up_here() {
+            let _ = fail(diag, &names.loopback);
+            return Err(e);
+        }
     }
     for (path, value) in &plan.sysctls {
         // SAFETY: open of a prepared path; the agent's /proc shows the
@@ -712,39 +716,6 @@ unsafe fn load_seccomp(
         &names.seccomp,
         libc::syscall(libc::SYS_seccomp, 1, s.flags, &prog) as libc::c_int
     );
-    Ok(())
-}
-
-/// Brings up `lo` in a fresh network namespace, as runc does: containers
-/// of a pod talk over it.
-///
-/// # Safety
-/// Only between fork and exec.
-unsafe fn loopback_up(names: &StepNames, diag: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: a datagram socket only to issue interface ioctls.
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return Err(fail(diag, &names.loopback));
-    }
-    // SAFETY: ifreq is plain data; zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    check!(
-        diag,
-        &names.loopback,
-        libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req)
-    );
-    // SAFETY: the union field written by SIOCGIFFLAGS.
-    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    check!(
-        diag,
-        &names.loopback,
-        libc::ioctl(sock, libc::SIOCSIFFLAGS, &req)
-    );
-    // SAFETY: closing the socket opened above.
-    unsafe { libc::close(sock) };
     Ok(())
 }
 
