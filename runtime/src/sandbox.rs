@@ -1398,23 +1398,43 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
             })
         }
     };
+    // Another cleaner may remove the same tree at the same time (a pooled
+    // sandbox's keeper and `shim delete` both clean up after a dead shim):
+    // what is already gone is not an error.
+    fn gone_is_ok(result: std::io::Result<()>) -> std::io::Result<()> {
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
     fn walk(path: &Path, dev: u64) -> Result<(), SandboxError> {
-        let cleanup = |reason: String| SandboxError::Cleanup {
+        let cleanup = |e: std::io::Error| SandboxError::Cleanup {
             path: path.to_path_buf(),
-            reason,
+            reason: e.to_string(),
         };
-        let meta = std::fs::symlink_metadata(path).map_err(|e| cleanup(e.to_string()))?;
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(cleanup(e)),
+        };
         if meta.is_dir() {
             if meta.dev() != dev {
-                return Err(cleanup("still a mount point".into()));
+                return Err(SandboxError::Cleanup {
+                    path: path.to_path_buf(),
+                    reason: "still a mount point".into(),
+                });
             }
-            for entry in std::fs::read_dir(path).map_err(|e| cleanup(e.to_string()))? {
-                let entry = entry.map_err(|e| cleanup(e.to_string()))?;
-                walk(&entry.path(), dev)?;
+            let entries = match std::fs::read_dir(path) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(cleanup(e)),
+            };
+            for entry in entries {
+                walk(&entry.map_err(cleanup)?.path(), dev)?;
             }
-            std::fs::remove_dir(path).map_err(|e| cleanup(e.to_string()))
+            gone_is_ok(std::fs::remove_dir(path)).map_err(cleanup)
         } else {
-            std::fs::remove_file(path).map_err(|e| cleanup(e.to_string()))
+            gone_is_ok(std::fs::remove_file(path)).map_err(cleanup)
         }
     }
     walk(dir, meta.dev())
@@ -1422,6 +1442,36 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Two cleaners removing one tree at once (a pooled sandbox's keeper
+    /// and `shim delete`) both succeed: what the other removed first is not
+    /// an error.
+    #[test]
+    fn two_cleaners_of_one_tree_both_succeed() {
+        let base = std::env::temp_dir().join(format!("husk-two-cleaners-{}", std::process::id()));
+        for round in 0..5 {
+            let root = base.join(round.to_string());
+            for d in 0..100 {
+                let dir = root.join(d.to_string()).join("inner");
+                std::fs::create_dir_all(&dir).unwrap();
+                for f in 0..5 {
+                    std::fs::write(dir.join(f.to_string()), b"x").unwrap();
+                }
+            }
+            let cleaners: Vec<_> = (0..2)
+                .map(|_| {
+                    let root = root.clone();
+                    std::thread::spawn(move || super::remove_tree_same_fs(&root))
+                })
+                .collect();
+            for cleaner in cleaners {
+                let result = cleaner.join().unwrap();
+                assert!(result.is_ok(), "round {round}: {result:?}");
+            }
+            assert!(!root.exists(), "round {round}: the tree is gone");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn a_death_watch_reports_each_death_once_and_ends_at_teardown() {

@@ -58,20 +58,29 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    // Every step is tried even when an earlier one failed: a directory that
+    // will not go must not keep the host cgroup or the network wiring.
+    let mut first_error: Option<anyhow::Error> = None;
+    let mut note = |result: Result<(), husk_runtime::sandbox::SandboxError>| {
+        if let Err(e) = result {
+            first_error.get_or_insert(e.into());
+        }
+    };
     let container_dir = record.shared_dir.join(id);
     if container_dir.exists() {
-        unmount_below(&container_dir)?;
-        remove_tree_same_fs(&container_dir)?;
+        note(unmount_below(&container_dir).and_then(|()| remove_tree_same_fs(&container_dir)));
     }
     if record.owns_vm && record.sandbox_dir.exists() {
         // Give the VM's helpers a moment to die of their parent's death.
         std::thread::sleep(std::time::Duration::from_millis(200));
         husk_runtime::sandbox::remove_jail_of(&record.sandbox_dir);
-        unmount_below(&record.sandbox_dir)?;
-        remove_tree_same_fs(&record.sandbox_dir)?;
+        note(
+            unmount_below(&record.sandbox_dir)
+                .and_then(|()| remove_tree_same_fs(&record.sandbox_dir)),
+        );
     }
     if let Some(rootfs) = &record.rootfs_mount {
-        unmount_below(rootfs)?;
+        note(unmount_below(rootfs));
     }
     if record.owns_vm {
         remove_host_cgroup(&record.host_cgroup);
@@ -79,8 +88,14 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
             husk_runtime::supervisor::network::unwire_after_crash(netns);
         }
     }
-    remove_record(bundle);
-    Ok(())
+    match first_error {
+        // The record stays for a retry while a mount is still there.
+        Some(e) => Err(e),
+        None => {
+            remove_record(bundle);
+            Ok(())
+        }
+    }
 }
 
 /// Removes the cgroup directories a dead shim created, deepest first. Only
@@ -117,5 +132,57 @@ fn remove_host_cgroup(dirs: &[PathBuf]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A container directory that cannot be removed (an immutable file in
+    /// it) must not keep the dead shim's host cgroup: every step runs, the
+    /// error is still reported, and the record stays for a retry.
+    #[test]
+    fn a_directory_that_will_not_go_does_not_keep_the_host_cgroup() {
+        let Some(hierarchy) = husk_runtime::host_cgroup::hierarchies().into_iter().next() else {
+            panic!("no cgroup hierarchy is mounted on this host");
+        };
+        let base = std::env::temp_dir().join(format!("husk-shim-state-{}", std::process::id()));
+        let bundle = base.join("bundle");
+        let shared = base.join("shared");
+        let stuck = shared.join("victim").join("stuck");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::create_dir_all(&stuck).unwrap();
+        std::fs::write(stuck.join("file"), b"x").unwrap();
+        let chattr = |flag: &str| {
+            let ok = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(stuck.join("file"))
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chattr {flag} failed (needs root and e2fsprogs)");
+        };
+        chattr("+i");
+        let cgroup = hierarchy.join(format!("husk-shim-state-test-{}", std::process::id()));
+        std::fs::create_dir(&cgroup).unwrap();
+        let record = Record {
+            sandbox_dir: base.join("sandbox-that-is-gone"),
+            shared_dir: shared.clone(),
+            owns_vm: true,
+            rootfs_mount: None,
+            host_cgroup: vec![cgroup.clone()],
+            network_namespace: None,
+        };
+        write_record(&bundle, &record).unwrap();
+        let result = cleanup_after_dead_shim(&bundle, "ns", "victim");
+        let cgroup_left = cgroup.exists();
+        let record_left = bundle.join(RECORD).exists();
+        chattr("-i");
+        let _ = std::fs::remove_dir(&cgroup);
+        std::fs::remove_dir_all(&base).unwrap();
+        let err = result.expect_err("the stuck directory is reported");
+        assert!(err.to_string().contains("stuck"), "{err:#}");
+        assert!(!cgroup_left, "the host cgroup was left behind");
+        assert!(record_left, "the record is kept for a retry");
     }
 }
