@@ -141,6 +141,9 @@ pub fn setup_guest() -> Result<(), InitError> {
     if let Err(e) = husk_agent::network::loopback_up_here() {
         eprintln!("husk-agent: warning: bringing up lo: {e}");
     }
+    if let Err(e) = crate::tcp_buffers::raise_here() {
+        eprintln!("husk-agent: warning: raising the TCP buffer ceilings: {e}");
+    }
     Ok(())
 }
 

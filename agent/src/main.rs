@@ -20,6 +20,7 @@ mod process;
 mod server;
 mod stats;
 mod streams;
+mod tcp_buffers;
 mod userns;
 mod warm;
 

@@ -459,6 +459,8 @@ fn update_network_case(guest_network_namespace: bool) {
         $ip -6 route | grep -q '^default via fd00:200::1 dev eth0' || exit 16; \
         $ip neigh | grep -q '^10.200.0.1 dev eth0 lladdr 02:48:55:53:4b:fe PERMANENT' || exit 17; \
         $ip link show lo | grep -q '[<,]UP[,>]' || exit 18; \
+        set -- $(cat /proc/sys/net/ipv4/tcp_rmem); [ \"$3\" = 6291456 ] || exit 19; \
+        set -- $(cat /proc/sys/net/ipv4/tcp_wmem); [ \"$3\" = 4194304 ] || exit 19; \
         exit 0";
     let pod = NewContainer {
         guest_network_namespace,
@@ -504,7 +506,7 @@ fn update_network_case(guest_network_namespace: bool) {
         0,
         "the pod's namespace lacks what UpdateNetwork asked (10 mtu, 11 mac, 12 up, 13 v4 \
          address, 14 v6 address usable, 15 v4 default route, 16 v6 default route, 17 \
-         neighbour, 18 lo up)"
+         neighbour, 18 lo up, 19 the agent's TCP buffer ceilings)"
     );
     if guest_network_namespace {
         // The grant is spent: this one gets a new namespace, without eth0.
