@@ -269,6 +269,44 @@ impl HostCgroup {
     }
 }
 
+/// Removes the cgroup directories an owner that died (a killed monitor or
+/// shim) had created, deepest first. Only directories inside a mounted
+/// cgroup hierarchy are touched, and only with rmdir(2), which removes
+/// nothing but an empty cgroup: a parent another sandbox still uses stays.
+/// The VM's processes die with their owner but may take a moment to leave
+/// the cgroup, so the removal waits and retries for a while.
+pub fn remove_after_owner_died(dirs: &[PathBuf]) {
+    let hierarchies = hierarchies();
+    let mut dirs: Vec<&PathBuf> = dirs
+        .iter()
+        .filter(|d| {
+            hierarchies
+                .iter()
+                .any(|h| d.starts_with(h) && d.as_path() != h.as_path())
+        })
+        .collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in dirs {
+        // Woken when a v2 cgroup empties; v1 has no notification: retried.
+        wait_empty(dir, std::time::Duration::from_secs(2));
+        for _ in 0..200 {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // A parent still holding another sandbox's cgroup.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => {
+                    log::warn!("removing the host cgroup {}: {e}", dir.display());
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Waits up to `timeout` for a cgroup v2 directory to hold no process
 /// (`populated 0` in its cgroup.events), woken by the kernel's POLLPRI on
 /// that file. Returns at once for a v1 directory (no such file) and for a

@@ -83,7 +83,7 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
         note(unmount_below(rootfs));
     }
     if record.owns_vm {
-        remove_host_cgroup(&record.host_cgroup);
+        husk_runtime::host_cgroup::remove_after_owner_died(&record.host_cgroup);
         if let Some(netns) = &record.network_namespace {
             husk_runtime::supervisor::network::unwire_after_crash(netns);
         }
@@ -94,43 +94,6 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
         None => {
             remove_record(bundle);
             Ok(())
-        }
-    }
-}
-
-/// Removes the cgroup directories a dead shim created, deepest first. Only
-/// directories inside a mounted cgroup hierarchy are touched, and only with
-/// rmdir(2), which removes nothing but an empty cgroup: a parent another
-/// pod still uses stays. The VM's processes die with the shim but may take
-/// a moment to leave their cgroup, so the removal is retried for a while.
-fn remove_host_cgroup(dirs: &[PathBuf]) {
-    let hierarchies = husk_runtime::host_cgroup::hierarchies();
-    let mut dirs: Vec<&PathBuf> = dirs
-        .iter()
-        .filter(|d| {
-            hierarchies
-                .iter()
-                .any(|h| d.starts_with(h) && d.as_path() != h.as_path())
-        })
-        .collect();
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-    for dir in dirs {
-        // Woken when a v2 cgroup empties; v1 has no notification: retried.
-        husk_runtime::host_cgroup::wait_empty(dir, std::time::Duration::from_secs(2));
-        for _ in 0..200 {
-            match std::fs::remove_dir(dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                // A parent still holding another pod's cgroup.
-                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(e) => {
-                    log::warn!("removing the host cgroup {}: {e}", dir.display());
-                    break;
-                }
-            }
         }
     }
 }

@@ -1157,6 +1157,46 @@ fn a_crashed_monitor_shows_stopped_and_delete_cleans_up() {
     assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
 }
 
+/// A crashed monitor's host cgroup (the one `linux.cgroupsPath` names, as
+/// podman and containerd give it) goes with the `delete` after the crash,
+/// and the parent it made too; nothing of it waits for a monitor that is gone.
+#[test]
+fn a_crashed_monitors_host_cgroup_goes_with_delete() {
+    let dir = TestDir::new("crash-cgroup");
+    let root = dir.state_root();
+    let parent = format!("husk-test-crash-{}", std::process::id());
+    let mut spec = default_spec(&["sleep", "600"]);
+    spec["linux"]["cgroupsPath"] = serde_json::json!(format!("/{parent}/crash"));
+    let b = bundle_with(&dir, "b", spec);
+    ok(
+        &husk(&root, &["run", "-d", "-b", s(&b), "crashcg"]),
+        "run -d",
+    );
+    let hierarchies = husk_runtime::host_cgroup::hierarchies();
+    let made: Vec<_> = hierarchies
+        .iter()
+        .map(|h| h.join(&parent))
+        .filter(|d| d.join("crash").is_dir())
+        .collect();
+    assert!(!made.is_empty(), "no host cgroup /{parent}/crash was made");
+    let monitor = pid_of(&dir.path, "__monitor").expect("monitor pid");
+    // SAFETY: kill(2) of the monitor process found above.
+    unsafe { libc::kill(monitor, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while process_lives(monitor) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(state(&root, "crashcg")["status"], "stopped");
+    ok(&husk(&root, &["delete", "crashcg"]), "delete after a crash");
+    let left: Vec<_> = made.iter().filter(|d| d.exists()).collect();
+    for d in &left {
+        let _ = std::fs::remove_dir(d.join("crash"));
+        let _ = std::fs::remove_dir(d);
+    }
+    assert!(left.is_empty(), "host cgroups left after delete: {left:?}");
+    assert_eq!(leftovers_settled(&dir.path, &root), Vec::<String>::new());
+}
+
 /// A device backend's death while the guest runs on: no call into the VM
 /// fails (the container only sleeps), so only the monitor's watch on the
 /// helpers' pidfds can see it. The container ends, `husk run` names the

@@ -97,6 +97,9 @@ pub fn create(root: &Path, args: &CreateArgs) -> anyhow::Result<Created> {
         husk_runtime::sandbox::remove_jail_of(&sandbox);
         let _ = husk_runtime::sandbox::unmount_below(&sandbox);
         let _ = husk_runtime::sandbox::remove_tree_same_fs(&sandbox);
+        if let Ok(st) = ContainerState::load(root, &args.id) {
+            husk_runtime::host_cgroup::remove_after_owner_died(&st.host_cgroup);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
@@ -122,6 +125,7 @@ fn spawn_monitor_and_shadow(
         error: None,
         hooks: bundle.spec.hooks().clone(),
         network_namespace: husk_runtime::supervisor::network::namespace_path(&bundle.spec),
+        host_cgroup: Vec::new(),
     }
     // The one state write of the CLI: the record the monitor takes over.
     .save(root)?;
@@ -352,6 +356,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         if let Some(netns) = &st.network_namespace {
             husk_runtime::supervisor::network::unwire_after_crash(netns);
         }
+        // The VM's processes died with the monitor; their cgroup goes once
+        // they left it, before anything that may fail.
+        husk_runtime::host_cgroup::remove_after_owner_died(&st.host_cgroup);
         husk_runtime::sandbox::unmount_below(&sandbox)?;
         husk_runtime::sandbox::remove_tree_same_fs(&sandbox)?;
         let _ = std::fs::remove_dir_all(state::container_dir(root, id));

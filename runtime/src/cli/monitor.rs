@@ -161,6 +161,11 @@ fn setup(
         &[std::process::id(), args.shadow_pid as u32],
     )
     .context("config.json: linux.cgroupsPath: the sandbox's host cgroup")?;
+    // Saved before anything can go wrong, for a `delete` after this
+    // monitor died (the directories go with it otherwise).
+    if let Some(cg) = host_cgroup.as_ref().filter(|cg| !cg.created().is_empty()) {
+        state::update(root, &args.id, |s| s.host_cgroup = cg.created().to_vec())?;
+    }
     watch.lap("host cgroup");
     let mut sc = SandboxConfig::new(&args.id, &config);
     sc.state_root = state::sandbox_root(root);

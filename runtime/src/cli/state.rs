@@ -46,6 +46,11 @@ pub struct ContainerState {
     /// removes husk's taps and filters from it.
     #[serde(default)]
     pub network_namespace: Option<PathBuf>,
+    /// The host cgroup directories the monitor created for the sandbox
+    /// (from `linux.cgroupsPath`), saved as soon as they exist: a `delete`
+    /// after a crashed monitor removes them once the VM's processes left.
+    #[serde(default)]
+    pub host_cgroup: Vec<PathBuf>,
 }
 
 /// Refuses an id that is not a plain name, as runc does ("invalid id
