@@ -1383,20 +1383,47 @@ pub fn unmount_below(dir: &Path) -> Result<(), SandboxError> {
     Ok(crate::share::unmount_below(dir)?)
 }
 
-/// Removes `dir` recursively without ever crossing into another file system,
-/// so a mount that failed to detach keeps its contents (a user's rootfs is
-/// never deleted through a bind mount).
+/// The id of the mount `path` is on (for a mount point: the mount's own),
+/// without following a final symlink. Unlike `st_dev` it tells a bind
+/// mount from the file system it was made from.
+fn mount_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statx buffer, both valid for the
+    // call; the kernel writes only into `stx`.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(std::io::Error::other("the kernel gave no mount id"));
+    }
+    Ok(stx.stx_mnt_id)
+}
+
+/// Removes `dir` recursively without ever crossing into another mount, so
+/// a mount that failed to detach keeps its contents (a user's rootfs is
+/// never deleted through a bind mount, even one from the same file system).
 pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = match std::fs::symlink_metadata(dir) {
-        Ok(m) => m,
+    let meta_err = |e: std::io::Error| SandboxError::Cleanup {
+        path: dir.into(),
+        reason: e.to_string(),
+    };
+    let mount = match mount_id(dir) {
+        Ok(id) => id,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(SandboxError::Cleanup {
-                path: dir.into(),
-                reason: e.to_string(),
-            })
-        }
+        Err(e) => return Err(meta_err(e)),
     };
     // Another cleaner may remove the same tree at the same time (a pooled
     // sandbox's keeper and `shim delete` both clean up after a dead shim):
@@ -1407,7 +1434,7 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
             other => other,
         }
     }
-    fn walk(path: &Path, dev: u64) -> Result<(), SandboxError> {
+    fn walk(path: &Path, mount: u64) -> Result<(), SandboxError> {
         let cleanup = |e: std::io::Error| SandboxError::Cleanup {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -1418,7 +1445,12 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
             Err(e) => return Err(cleanup(e)),
         };
         if meta.is_dir() {
-            if meta.dev() != dev {
+            let here = match mount_id(path) {
+                Ok(id) => id,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(cleanup(e)),
+            };
+            if here != mount {
                 return Err(SandboxError::Cleanup {
                     path: path.to_path_buf(),
                     reason: "still a mount point".into(),
@@ -1430,18 +1462,47 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
                 Err(e) => return Err(cleanup(e)),
             };
             for entry in entries {
-                walk(&entry.map_err(cleanup)?.path(), dev)?;
+                walk(&entry.map_err(cleanup)?.path(), mount)?;
             }
             gone_is_ok(std::fs::remove_dir(path)).map_err(cleanup)
         } else {
             gone_is_ok(std::fs::remove_file(path)).map_err(cleanup)
         }
     }
-    walk(dir, meta.dev())
+    walk(dir, mount)
 }
 
 #[cfg(test)]
 mod tests {
+
+    /// A bind mount from the same file system (same `st_dev`) left in the
+    /// tree stops the removal before anything of the bind's source goes.
+    #[test]
+    fn a_bind_from_the_same_file_system_is_not_walked_into() {
+        let base = std::env::temp_dir().join(format!("husk-same-fs-bind-{}", std::process::id()));
+        let source = base.join("rootfs");
+        let tree = base.join("sandbox");
+        let point = tree.join("inner").join("rootfs");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::create_dir_all(&point).unwrap();
+        std::fs::write(source.join("precious"), b"x").unwrap();
+        std::fs::write(tree.join("inner").join("log"), b"x").unwrap();
+        nix::mount::mount(
+            Some(&source),
+            &point,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind mount (needs root)");
+        let result = super::remove_tree_same_fs(&tree);
+        let kept = source.join("precious").exists();
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        std::fs::remove_dir_all(&base).unwrap();
+        assert!(kept, "the bind's source lost its file");
+        let err = result.expect_err("a mount point in the tree is reported");
+        assert!(err.to_string().contains("still a mount point"), "{err}");
+    }
 
     /// Two cleaners removing one tree at once (a pooled sandbox's keeper
     /// and `shim delete`) both succeed: what the other removed first is not
