@@ -56,18 +56,24 @@ impl HelperProcess {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // SAFETY: prctl, setpgid and sigprocmask are async-signal-safe.
-        // No signal blocked: a spawner that reads its signals from a
-        // signalfd (the pool's keeper) blocks them, and a helper must still
-        // stop on SIGTERM.
+        let spawner = std::process::id() as libc::pid_t;
+        // SAFETY: prctl, getppid, setpgid and sigprocmask are
+        // async-signal-safe. No signal blocked: a spawner that reads its
+        // signals from a signalfd (the pool's keeper) blocks them, and a
+        // helper must still stop on SIGTERM.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 let empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0
                     || libc::setpgid(0, 0) < 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // A spawner that died before the line above left nothing to
+                // send the signal: the helper would outlive it for good.
+                if libc::getppid() != spawner {
+                    return Err(std::io::Error::other("the spawner died"));
                 }
                 Ok(())
             });

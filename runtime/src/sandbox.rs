@@ -1322,11 +1322,13 @@ pub fn connect_stdio_via(
 pub const READY_MARKER: &str = "husk-agent: ready";
 
 /// Removes what the jail of the sandbox at `dir` left when its owner died
-/// without cleaning up (a crashed monitor or shim): the backend's directory
-/// `<JAIL_ROOT>/<uid>` and the uid claim, for every claim that is still
-/// this sandbox's (its file names `dir`) and that nobody holds. Found by
-/// the claims, not by the `vsock.sock` link: an owner killed between its
-/// claim and that link leaves the claim too.
+/// without cleaning up (a crashed monitor or shim): any process still
+/// running as the jail's uid, the backend's directory `<JAIL_ROOT>/<uid>`
+/// and the uid claim, for every claim that is still this sandbox's (its
+/// file names `dir`) and that nobody holds. Found by the claims, not by the
+/// `vsock.sock` link: an owner killed between its claim and that link
+/// leaves the claim too. The helpers die with their owner (PDEATHSIG), but
+/// not one whose owner died while spawning it, before that was armed.
 pub fn remove_jail_of(dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let root = Path::new(crate::jail::JAIL_ROOT);
@@ -1350,6 +1352,9 @@ pub fn remove_jail_of(dir: &Path) {
             continue;
         }
         if std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
+            if let Err(e) = crate::jail::kill_uid(uid) {
+                log::warn!("{}: {e}", dir.display());
+            }
             let _ = std::fs::remove_dir_all(root.join(uid.to_string()));
             let _ = std::fs::remove_file(&claim);
         }
@@ -1502,6 +1507,38 @@ mod tests {
         assert!(kept, "the bind's source lost its file");
         let err = result.expect_err("a mount point in the tree is reported");
         assert!(err.to_string().contains("still a mount point"), "{err}");
+    }
+
+    /// A helper still running as a dead owner's jail uid (one that missed
+    /// its PDEATHSIG) goes with the crash cleanup of its sandbox.
+    #[test]
+    fn the_crash_cleanup_ends_what_still_runs_as_the_jail_uid() {
+        use std::os::unix::process::CommandExt;
+        // Outside the default jail range: no live sandbox has this uid.
+        let uid = 1_700_000_000 + std::process::id() % 100_000;
+        let claims = std::path::Path::new(crate::jail::JAIL_ROOT).join("uids");
+        std::fs::create_dir_all(&claims).unwrap();
+        let dir = std::env::temp_dir().join(format!("husk-crashed-owner-{}", std::process::id()));
+        std::fs::write(
+            claims.join(uid.to_string()),
+            dir.as_os_str().as_encoded_bytes(),
+        )
+        .unwrap();
+        let mut leftover = std::process::Command::new("sleep")
+            .arg("60")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap();
+        super::remove_jail_of(&dir);
+        let pidfd = crate::event::PidFd::open(leftover.id()).unwrap();
+        let ended = pidfd.wait_timeout(Duration::from_secs(5)).unwrap();
+        let _ = leftover.kill();
+        let _ = leftover.wait();
+        let claim_left = claims.join(uid.to_string()).exists();
+        let _ = std::fs::remove_file(claims.join(uid.to_string()));
+        assert!(ended, "the process of the jail uid still runs");
+        assert!(!claim_left, "the claim is left");
     }
 
     /// Two cleaners removing one tree at once (a pooled sandbox's keeper
