@@ -128,7 +128,7 @@ def bare_boot_ms(initramfs):
            "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
            "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
            # The kernel parameters husk's guests boot with (runtime/src/sandbox.rs).
-           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check rcupdate.rcu_expedited=1 acpi=off tsc_early_khz={tsc_khz()}"]
+           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check rcupdate.rcu_expedited=1 acpi=off tsc_early_khz={tsc_khz()} noapictimer"]
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     ready = None
@@ -766,7 +766,7 @@ def bare_net_run(topo, ns, initramfs, mac):
            "qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off", "-accel", TCG_ACCEL,
            "-cpu", "max,-erms,-fsrm", "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
            "-no-reboot", "-serial", "stdio", "-kernel", KERNEL, "-initrd", initramfs,
-           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check tsc=reliable acpi=off tsc_early_khz={tsc_khz()}",
+           "-append", f"console=ttyS0 reboot=t panic=-1 quiet no_timer_check tsc=reliable acpi=off tsc_early_khz={tsc_khz()} noapictimer",
            "-global", "virtio-mmio.force-legacy=false",
            "-netdev", "tap,id=net0,fd={TAPFD},vhost=off", "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
