@@ -529,10 +529,25 @@ fn apply_with(
         }
         to.set_up(&item, index, true)?;
     }
-    let lo = to
-        .link_by_name("lo", "lo")?
-        .ok_or_else(|| invalid("lo", "the namespace has no loopback"))?;
-    to.set_up("lo", lo, true)?;
+    // lo is up already (the agent's boot, or the container child, made it
+    // so); made sure of with the two interface ioctls rather than a
+    // netlink lookup, whose reply the guest would parse whole (under TCG a
+    // few ms of the create). The calling thread is in the target namespace
+    // here: the one it was in (own namespace) or the one `to` was opened
+    // in, last.
+    loopback_up_here().map_err(|source| NetworkError::Namespace {
+        which: "target's lo",
+        source,
+    })?;
+    // One dump for every route and neighbour that names a device: a
+    // lookup each would dump and parse every link again.
+    let mut names: Option<std::collections::HashMap<String, u32>> = None;
+    let mut index_of = |item: &str, name: &str| -> Result<Option<u32>, NetworkError> {
+        if names.is_none() {
+            names = Some(to.link_names(item)?);
+        }
+        Ok(names.as_ref().and_then(|m| m.get(name).copied()))
+    };
     for (i, r) in config.routes.iter().enumerate() {
         let item = format!(
             "routes[{i}] ({}/{})",
@@ -540,7 +555,7 @@ fn apply_with(
         );
         let oif =
             match &r.device {
-                Some(d) => Some(to.link_by_name(&item, d)?.ok_or_else(|| {
+                Some(d) => Some(index_of(&item, d)?.ok_or_else(|| {
                     invalid(&item, format!("device {d:?} is not in the namespace"))
                 })?),
                 None => None,
@@ -549,7 +564,7 @@ fn apply_with(
     }
     for (i, n) in config.neighbours.iter().enumerate() {
         let item = format!("neighbours[{i}] ({} at {})", n.address, n.mac);
-        let index = to.link_by_name(&item, &n.device)?.ok_or_else(|| {
+        let index = index_of(&item, &n.device)?.ok_or_else(|| {
             invalid(
                 &item,
                 format!("device {:?} is not in the namespace", n.device),
@@ -720,13 +735,21 @@ impl Rtnl {
         }))
     }
 
-    fn link_by_name(&self, item: &str, name: &str) -> Result<Option<u32>, NetworkError> {
-        Ok(self.links(item)?.into_iter().find_map(|l| {
-            l.attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
-                .then_some(l.header.index)
-        }))
+    /// Every link's name and index.
+    fn link_names(
+        &self,
+        item: &str,
+    ) -> Result<std::collections::HashMap<String, u32>, NetworkError> {
+        Ok(self
+            .links(item)?
+            .into_iter()
+            .filter_map(|l| {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some((n.clone(), l.header.index)),
+                    _ => None,
+                })
+            })
+            .collect())
     }
 
     fn set_up(&self, item: &str, index: u32, up: bool) -> Result<(), NetworkError> {
