@@ -73,7 +73,8 @@ impl HelperProcess {
                 // A spawner that died before the line above left nothing to
                 // send the signal: the helper would outlive it for good.
                 if libc::getppid() != spawner {
-                    return Err(std::io::Error::other("the spawner died"));
+                    // ESRCH: no allocation between fork and exec.
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });

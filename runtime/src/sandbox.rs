@@ -1348,16 +1348,26 @@ pub fn remove_jail_of(dir: &Path) {
         let claim = claims.join(&name);
         // Only a claim nobody holds any more (its owner died), and that this
         // sandbox made: otherwise the uid is another live sandbox's now.
-        if crate::jail::JailId::is_held(&claims, uid) {
+        // Taken, not just tested: while this holds it nobody can claim the
+        // uid, so nothing of a new sandbox of that uid is killed or removed.
+        let Ok(Some(held)) = crate::lockfile::lock_exclusive(&claim, false) else {
             continue;
-        }
-        if std::fs::read(&claim).is_ok_and(|owner| owner == dir.as_os_str().as_bytes()) {
-            if let Err(e) = crate::jail::kill_uid(uid) {
-                log::warn!("{}: {e}", dir.display());
+        };
+        match std::fs::read(&claim) {
+            Ok(owner) if owner == dir.as_os_str().as_bytes() => {
+                if let Err(e) = crate::jail::kill_uid(uid) {
+                    log::warn!("{}: {e}", dir.display());
+                }
+                let _ = std::fs::remove_dir_all(root.join(uid.to_string()));
+                let _ = std::fs::remove_file(&claim);
             }
-            let _ = std::fs::remove_dir_all(root.join(uid.to_string()));
-            let _ = std::fs::remove_file(&claim);
+            // Made empty by the lock just taken (a claim removed meanwhile).
+            Ok(owner) if owner.is_empty() => {
+                let _ = std::fs::remove_file(&claim);
+            }
+            _ => {}
         }
+        drop(held);
     }
 }
 
@@ -1403,7 +1413,7 @@ fn mount_id(path: &Path) -> std::io::Result<u64> {
         libc::statx(
             libc::AT_FDCWD,
             c_path.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
             libc::STATX_MNT_ID,
             &mut stx,
         )

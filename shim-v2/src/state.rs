@@ -89,7 +89,8 @@ pub fn cleanup_after_dead_shim(bundle: &Path, _namespace: &str, id: &str) -> any
         }
     }
     match first_error {
-        // The record stays for a retry while a mount is still there.
+        // The record stays: a second `shim delete` of this bundle (if
+        // containerd has not removed it) tries every step again.
         Some(e) => Err(e),
         None => {
             remove_record(bundle);
