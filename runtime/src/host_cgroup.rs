@@ -252,20 +252,9 @@ impl HostCgroup {
         for (mount, _) in &self.dirs {
             let _ = std::fs::write(mount.join("cgroup.procs"), pid.to_string());
         }
-        self.created
-            .sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for dir in self.created.drain(..) {
-            // cgroup v2 says when the cgroup empties (cgroup.events); v1
-            // has no such notification, so there a removal is retried.
-            wait_empty(&dir, std::time::Duration::from_secs(1));
-            for _ in 0..100 {
-                match std::fs::remove_dir(&dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                }
-            }
-        }
+        // The same removal as after a dead owner: deepest first, once
+        // each cgroup emptied.
+        remove_after_owner_died(&std::mem::take(&mut self.created));
     }
 }
 
