@@ -1346,11 +1346,18 @@ pub fn remove_jail_of(dir: &Path) {
             continue;
         };
         let claim = claims.join(&name);
-        // Only a claim nobody holds any more (its owner died), and that this
-        // sandbox made: otherwise the uid is another live sandbox's now.
-        // Taken, not just tested: while this holds it nobody can claim the
-        // uid, so nothing of a new sandbox of that uid is killed or removed.
-        let Ok(Some(held)) = crate::lockfile::lock_exclusive(&claim, false) else {
+        // Only a claim this sandbox made (read again under the lock below):
+        // another's is left alone without waiting.
+        if std::fs::read(&claim).ok().as_deref() != Some(dir.as_os_str().as_bytes()) {
+            continue;
+        }
+        // Only once nobody holds it any more (its owner died). Waited for,
+        // briefly: a killed owner is gone from /proc (its memory released)
+        // a moment before the kernel closes its files and with them the
+        // flock, and a caller that saw it gone may already be here. Taken,
+        // not just tested: while this holds it nobody can claim the uid, so
+        // nothing of a new sandbox of that uid is killed or removed.
+        let Some(held) = lock_claim_of_dead_owner(&claim) else {
             continue;
         };
         match std::fs::read(&claim) {
@@ -1370,6 +1377,26 @@ pub fn remove_jail_of(dir: &Path) {
         drop(held);
     }
 }
+
+/// The claim's lock, taken once its holder let go, waiting up to
+/// [`DEAD_OWNER_LOCK_WAIT`] for that; None when it is still held then (a
+/// live owner: the uid is not the caller's to clean up).
+fn lock_claim_of_dead_owner(claim: &Path) -> Option<crate::lockfile::HeldLock> {
+    let deadline = std::time::Instant::now() + DEAD_OWNER_LOCK_WAIT;
+    loop {
+        match crate::lockfile::lock_exclusive(claim, false) {
+            Ok(Some(held)) => return Some(held),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// How long a crash cleanup waits for a dead owner's claim to be released
+/// by the kernel: far more than the exit of a process takes.
+const DEAD_OWNER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The size of a sandbox's own file system: its logs (the console's two
 /// capped files, the VMM's and the backends' own), its sockets, the jailed
@@ -1549,6 +1576,44 @@ mod tests {
         let _ = std::fs::remove_file(claims.join(uid.to_string()));
         assert!(ended, "the process of the jail uid still runs");
         assert!(!claim_left, "the claim is left");
+    }
+
+    /// A claim whose dead owner's flock the kernel has not yet dropped when
+    /// the cleanup starts (the owner is gone from /proc a moment before its
+    /// files are closed) is still removed: the cleanup waits for the lock.
+    /// Another sandbox's claim, held, is left without a wait.
+    #[test]
+    fn the_crash_cleanup_waits_for_the_dead_owners_lock() {
+        let uid = 1_710_000_000 + std::process::id() % 100_000;
+        let claims = std::path::Path::new(crate::jail::JAIL_ROOT).join("uids");
+        std::fs::create_dir_all(&claims).unwrap();
+        let claim = claims.join(uid.to_string());
+        let other = claims.join((uid + 1).to_string());
+        let dir = std::env::temp_dir().join(format!("husk-slow-owner-{}", std::process::id()));
+        std::fs::write(&claim, dir.as_os_str().as_encoded_bytes()).unwrap();
+        std::fs::write(&other, b"/run/another-sandbox").unwrap();
+        let held = crate::lockfile::lock_exclusive(&claim, false)
+            .unwrap()
+            .expect("free");
+        let other_held = crate::lockfile::lock_exclusive(&other, false)
+            .unwrap()
+            .expect("free");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        super::remove_jail_of(&dir);
+        let took = started.elapsed();
+        release.join().unwrap();
+        let claim_left = claim.exists();
+        let other_left = other.exists();
+        let _ = std::fs::remove_file(&claim);
+        drop(other_held);
+        let _ = std::fs::remove_file(&other);
+        assert!(!claim_left, "the claim released late is left");
+        assert!(other_left, "another sandbox's claim was removed");
+        assert!(took < Duration::from_secs(1), "waited {took:?}");
     }
 
     /// Two cleaners removing one tree at once (a pooled sandbox's keeper
