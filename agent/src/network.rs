@@ -23,11 +23,11 @@ use husk_protocol::agent::{
     IpAddress as WireAddress, Neighbour as WireNeighbour, Route as WireRoute, UpdateNetworkRequest,
 };
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_REPLACE, NLM_F_REQUEST,
+    ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
+    NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkHeader, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -43,6 +43,13 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// The longest interface name the kernel takes (IFNAMSIZ less its NUL).
 const IFNAME_MAX: usize = 15;
+/// The netlink message type of a link in a dump (RTM_NEWLINK).
+const RTM_NEWLINK: u16 = 16;
+/// The link attributes a dump is read for (IFLA_ADDRESS, IFLA_IFNAME).
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
+/// The size of a link message's header (struct ifinfomsg).
+const IFINFOMSG_LEN: usize = 16;
 /// The main routing table (RT_TABLE_MAIN).
 const MAIN_TABLE: u8 = 254;
 /// Sizes the kernel accepts for a link's MTU: IPv4's minimum (RFC 791) to
@@ -468,27 +475,34 @@ fn apply_with(
     to: &Rtnl,
     target: &OwnedFd,
 ) -> Result<(), NetworkError> {
+    // Each request interface's name and the index it has in the target,
+    // for the routes and neighbours that name it.
+    let mut names = std::collections::HashMap::new();
     for iface in &config.interfaces {
         let item = format!("interface {:?} ({})", iface.name, iface.mac);
         // A boot-time slot is found by its own MAC and given `mac` below;
         // a repeated request finds it by `mac` already.
         let device = iface.device_mac.unwrap_or(iface.mac);
-        let in_target = match to.link_by_mac(&item, iface.mac)? {
-            Some(index) => Some(index),
-            None if device != iface.mac => to.link_by_mac(&item, device)?,
-            None => None,
-        };
-        let index = match in_target {
-            Some(index) => index,
+        let in_target = to.links(&item)?;
+        let found = in_target
+            .iter()
+            .find(|l| l.mac == Some(iface.mac))
+            .or_else(|| in_target.iter().find(|l| l.mac == Some(device)));
+        let link = match found {
+            Some(link) => link.clone(),
             None => {
-                let Some(index) = from.link_by_mac(&item, device)? else {
+                let Some(link) = from
+                    .links(&item)?
+                    .into_iter()
+                    .find(|l| l.mac == Some(device))
+                else {
                     return Err(NetworkError::NoDevice {
                         name: iface.name.clone(),
                         mac: iface.mac,
                     });
                 };
                 let mut msg = LinkMessage::default();
-                msg.header.index = index;
+                msg.header.index = link.index;
                 msg.attributes
                     .push(LinkAttribute::NetNsFd(target.as_raw_fd()));
                 from.request(
@@ -497,18 +511,28 @@ fn apply_with(
                     RouteNetlinkMessage::SetLink(msg),
                     0,
                 )?;
-                to.link_by_mac(&item, device)?
+                // Found again: the move keeps the index only where the
+                // target has it free.
+                to.links(&item)?
+                    .into_iter()
+                    .find(|l| l.mac == Some(device))
                     .ok_or_else(|| NetworkError::NoDevice {
                         name: iface.name.clone(),
                         mac: iface.mac,
                     })?
             }
         };
-        // Renaming needs the link down: it is (a move brings it down), or
-        // a repeated request takes it down first.
-        to.set_up(&item, index, false)?;
+        // Renaming needs the link down: it is (at boot, and a move brings
+        // it down), or a repeated request takes it down first.
+        if link.up {
+            to.set_up(&item, link.index, false)?;
+        }
+        // Renamed, sized, given its MAC and brought up in one request: the
+        // kernel applies the name, MTU and address before the flags.
         let mut msg = LinkMessage::default();
-        msg.header.index = index;
+        msg.header.index = link.index;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.header.flags = LinkFlags::Up;
         msg.attributes
             .push(LinkAttribute::IfName(iface.name.clone()));
         if let Some(mtu) = iface.mtu {
@@ -520,33 +544,40 @@ fn apply_with(
         }
         to.request(
             &item,
-            "renaming it and setting its MTU",
+            "renaming it, setting its MTU and bringing it up",
             RouteNetlinkMessage::SetLink(msg),
             0,
         )?;
         for a in &iface.addresses {
-            to.add_address(&item, index, a)?;
+            to.add_address(&item, link.index, a)?;
         }
-        to.set_up(&item, index, true)?;
+        names.insert(iface.name.as_str(), link.index);
     }
     // lo is up already (the agent's boot, or the container child, made it
     // so); made sure of with the two interface ioctls rather than a
-    // netlink lookup, whose reply the guest would parse whole (under TCG a
-    // few ms of the create). The calling thread is in the target namespace
-    // here: the one it was in (own namespace) or the one `to` was opened
-    // in, last.
+    // netlink lookup. The calling thread is in the target namespace here:
+    // the one it was in (own namespace) or the one `to` was opened in,
+    // last.
     loopback_up_here().map_err(|source| NetworkError::Namespace {
         which: "target's lo",
         source,
     })?;
-    // One dump for every route and neighbour that names a device: a
-    // lookup each would dump and parse every link again.
-    let mut names: Option<std::collections::HashMap<String, u32>> = None;
+    // A route or neighbour names a request interface or lo (checked by
+    // `from_request`); lo's index is looked up once, when one names it.
+    let mut lo = None;
     let mut index_of = |item: &str, name: &str| -> Result<Option<u32>, NetworkError> {
-        if names.is_none() {
-            names = Some(to.link_names(item)?);
+        if let Some(index) = names.get(name) {
+            return Ok(Some(*index));
         }
-        Ok(names.as_ref().and_then(|m| m.get(name).copied()))
+        if lo.is_none() {
+            lo = Some(
+                to.links(item)?
+                    .into_iter()
+                    .find(|l| l.name.as_deref() == Some(name))
+                    .map(|l| l.index),
+            );
+        }
+        Ok(lo.flatten())
     };
     for (i, r) in config.routes.iter().enumerate() {
         let item = format!(
@@ -573,6 +604,44 @@ fn apply_with(
         to.add_neighbour(&item, index, n)?;
     }
     Ok(())
+}
+
+/// What UpdateNetwork reads of a link in a dump.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LinkSummary {
+    index: u32,
+    up: bool,
+    mac: Option<Mac>,
+    name: Option<String>,
+}
+
+impl LinkSummary {
+    /// A link message's payload (ifinfomsg and attributes); None when it
+    /// is too short for its header. An attribute that is malformed ends
+    /// the reading of the rest (what was read stays); a MAC that is not 6
+    /// bytes (a link that is not Ethernet) is no MAC.
+    fn parse(payload: &[u8]) -> Option<LinkSummary> {
+        let header = LinkHeader::parse(payload).ok()?;
+        let mut link = LinkSummary {
+            index: header.index,
+            up: header.flags.contains(LinkFlags::Up),
+            mac: None,
+            name: None,
+        };
+        let attributes = payload.get(IFINFOMSG_LEN..)?;
+        for attribute in NlasIterator::new(attributes).map_while(Result::ok) {
+            match attribute.kind() {
+                IFLA_ADDRESS => link.mac = <[u8; 6]>::try_from(attribute.value()).ok().map(Mac),
+                IFLA_IFNAME => {
+                    // NUL-terminated.
+                    let name = attribute.value().split(|b| *b == 0).next().unwrap_or(&[]);
+                    link.name = std::str::from_utf8(name).ok().map(str::to_string);
+                }
+                _ => {}
+            }
+        }
+        Some(link)
+    }
 }
 
 /// An rtnetlink socket of one network namespace (a socket stays in the
@@ -656,19 +725,24 @@ impl Rtnl {
         Ok(Rtnl { socket })
     }
 
-    /// Sends one request and reads its replies: the messages of a dump,
-    /// or the kernel's acknowledgement.
-    fn request(
+    /// Sends one request and reads its replies: the kernel's
+    /// acknowledgement, or the messages of a dump, each handed to `each`
+    /// raw (its type and payload) and read no further than it needs.
+    fn exchange(
         &self,
         item: &str,
         step: &'static str,
         message: RouteNetlinkMessage,
         flags: u16,
-    ) -> Result<Vec<RouteNetlinkMessage>, NetworkError> {
+        mut each: impl FnMut(u16, &[u8]),
+    ) -> Result<(), NetworkError> {
         let fail = |source| NetworkError::Netlink {
             item: item.to_string(),
             step,
             source,
+        };
+        let malformed = |e: netlink_packet_core::DecodeError| {
+            fail(std::io::Error::other(format!("a malformed reply: {e}")))
         };
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut header = NetlinkHeader::default();
@@ -679,77 +753,63 @@ impl Rtnl {
         let mut buf = vec![0; packet.buffer_len()];
         packet.serialize(&mut buf[..]);
         self.socket.send(&buf, 0).map_err(fail)?;
-        let mut replies = Vec::new();
         let mut received = vec![0u8; 64 * 1024];
         loop {
             let size = self.socket.recv(&mut &mut received[..], 0).map_err(fail)?;
             let mut offset = 0;
             while offset < size {
+                // Checked: the header fits and its length is within what
+                // was received, and at least a header's.
                 let reply =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&received[offset..size])
-                        .map_err(|e| {
-                            fail(std::io::Error::other(format!("a malformed reply: {e}")))
-                        })?;
-                let len = reply.header.length as usize;
-                match reply.payload {
-                    NetlinkPayload::Done(_) => return Ok(replies),
-                    NetlinkPayload::Error(e) => match e.code {
-                        None => return Ok(replies),
-                        Some(code) => {
-                            return Err(fail(std::io::Error::from_raw_os_error(-code.get())))
-                        }
-                    },
-                    NetlinkPayload::InnerMessage(m) => replies.push(m),
-                    _ => {}
+                    NetlinkBuffer::new_checked(&received[offset..size]).map_err(malformed)?;
+                match reply.message_type() {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let error = ErrorBuffer::new_checked(reply.payload()).map_err(malformed)?;
+                        return match error.code() {
+                            None => Ok(()),
+                            Some(code) => Err(fail(std::io::Error::from_raw_os_error(
+                                code.get().saturating_neg(),
+                            ))),
+                        };
+                    }
+                    kind => each(kind, reply.payload()),
                 }
-                if len == 0 {
-                    break;
-                }
-                offset += len;
+                // Messages start 4-byte aligned (NLMSG_ALIGN).
+                offset += (reply.length() as usize).div_ceil(4) * 4;
             }
         }
     }
 
-    fn links(&self, item: &str) -> Result<Vec<LinkMessage>, NetworkError> {
-        let replies = self.request(
+    /// Sends one request that is answered by an acknowledgement.
+    fn request(
+        &self,
+        item: &str,
+        step: &'static str,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<(), NetworkError> {
+        self.exchange(item, step, message, flags, |_, _| {})
+    }
+
+    /// Every link of the namespace: its index, whether it is up, its MAC
+    /// and name. Read from the dump's raw attributes, not decoded whole:
+    /// a link message carries statistics and per-protocol settings that
+    /// would all be parsed (under TCG, milliseconds of the create).
+    fn links(&self, item: &str) -> Result<Vec<LinkSummary>, NetworkError> {
+        let mut links = Vec::new();
+        self.exchange(
             item,
             "listing links",
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
             NLM_F_DUMP,
+            |kind, payload| {
+                if kind == RTM_NEWLINK {
+                    links.extend(LinkSummary::parse(payload));
+                }
+            },
         )?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })
-            .collect())
-    }
-
-    fn link_by_mac(&self, item: &str, mac: Mac) -> Result<Option<u32>, NetworkError> {
-        Ok(self.links(item)?.into_iter().find_map(|l| {
-            l.attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == mac.0))
-                .then_some(l.header.index)
-        }))
-    }
-
-    /// Every link's name and index.
-    fn link_names(
-        &self,
-        item: &str,
-    ) -> Result<std::collections::HashMap<String, u32>, NetworkError> {
-        Ok(self
-            .links(item)?
-            .into_iter()
-            .filter_map(|l| {
-                l.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some((n.clone(), l.header.index)),
-                    _ => None,
-                })
-            })
-            .collect())
+        Ok(links)
     }
 
     fn set_up(&self, item: &str, index: u32, up: bool) -> Result<(), NetworkError> {
@@ -893,6 +953,78 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+        a.extend(kind.to_ne_bytes());
+        a.extend(value);
+        a.resize(a.len().div_ceil(4) * 4, 0);
+        a
+    }
+
+    fn link_payload(index: u32, flags: u32, attributes: &[Vec<u8>]) -> Vec<u8> {
+        let mut p = vec![0, 0];
+        p.extend(1u16.to_ne_bytes()); // ARPHRD_ETHER
+        p.extend(index.to_ne_bytes());
+        p.extend(flags.to_ne_bytes());
+        p.extend(0u32.to_ne_bytes());
+        for a in attributes {
+            p.extend(a);
+        }
+        p
+    }
+
+    #[test]
+    fn a_link_is_read_for_its_index_state_mac_and_name_only() {
+        let payload = link_payload(
+            7,
+            libc::IFF_UP as u32,
+            &[
+                attribute(IFLA_IFNAME, b"eth0\0"),
+                attribute(4 /* IFLA_MTU */, &1500u32.to_ne_bytes()),
+                attribute(IFLA_ADDRESS, &[2, 0, 0, 0, 0, 1]),
+            ],
+        );
+        let link = LinkSummary::parse(&payload).expect("a link");
+        assert_eq!(
+            link,
+            LinkSummary {
+                index: 7,
+                up: true,
+                mac: Some(Mac([2, 0, 0, 0, 0, 1])),
+                name: Some("eth0".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn a_malformed_link_message_yields_what_is_well_formed() {
+        // Too short for its header: no link.
+        assert_eq!(LinkSummary::parse(&[0; 15]), None);
+        // An address that is not Ethernet's is no MAC; an attribute whose
+        // length runs past the message ends the reading.
+        let mut broken = attribute(IFLA_ADDRESS, &[1, 2, 3, 4, 5, 6]);
+        broken[0] = 200;
+        let payload = link_payload(
+            3,
+            0,
+            &[
+                attribute(IFLA_ADDRESS, &[0; 20]),
+                attribute(IFLA_IFNAME, b"ib0\0"),
+                broken,
+            ],
+        );
+        let link = LinkSummary::parse(&payload).expect("a link");
+        assert_eq!(
+            link,
+            LinkSummary {
+                index: 3,
+                up: false,
+                mac: None,
+                name: Some("ib0".into()),
+            }
+        );
     }
 
     #[test]
