@@ -863,6 +863,15 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
         "invalid id format",
         &dir.path,
     );
+    // Found wrong only after the VM booted and the container was created
+    // in it: the monitor tears all of it down before create fails.
+    let no_dir = dir.path.join("no-such-dir/pid");
+    refused(
+        &root,
+        &["create", "-b", s(&good), "--pid-file", s(&no_dir), "m6"],
+        "pid file",
+        &dir.path,
+    );
     ok(
         &husk(&root, &["create", "-b", s(&good), "dup"]),
         "create dup",

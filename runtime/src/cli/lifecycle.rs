@@ -254,13 +254,29 @@ fn spawn_monitor_and_shadow(
             }
         }
     }
+    let pid = shadow.id() as i32;
+    if let Some(pid_file) = &args.pid_file {
+        if let Err(e) = write_pid_file(pid_file, pid) {
+            // The container exists now: its monitor tears it down (the VM,
+            // taps, host cgroup) and ends, before the caller removes what
+            // is left on disk. A create that fails leaves nothing running.
+            if let Err(d) =
+                monitor::request(root, &args.id, &MonitorRequest::Delete { force: true })
+            {
+                log::warn!(
+                    "{}: removing the container after its failed create: {d:#}",
+                    args.id
+                );
+            }
+            let _ = monitor.wait();
+            let _ = shadow.kill();
+            let _ = shadow.wait();
+            return Err(e);
+        }
+    }
     // The monitor is a daemon; we do not wait for it. Reap it if it ever
     // ends while we live (run in the foreground).
     std::thread::spawn(move || monitor.wait());
-    let pid = shadow.id() as i32;
-    if let Some(pid_file) = &args.pid_file {
-        write_pid_file(pid_file, pid)?;
-    }
     Ok(Created { shadow })
 }
 
