@@ -850,13 +850,17 @@ def section_network():
                 print(f"  {name + ' vs bare QEMU' + goal:<44} {share:.2f} of the bare QEMU's figure", flush=True)
                 RESULTS[f"{name} share of bare QEMU: {label}"] = share
 
-        print("  husk create + delete -f of the busybox sleeper, alternately without and with a network "
-              "namespace path (goal: create <= 1.05x):", flush=True)
+        # The network adds about 4% to a create whose own spread on this
+        # machine is +-20%: the medians need more pairs than the other rows
+        # to tell a 4% from a 6% (a pair takes about 1.5 s).
+        pairs = max(3 * RUNS, 30)
+        print(f"  husk create + delete -f of the busybox sleeper, {pairs} times alternately without and with a "
+              "network namespace path (goal: create <= 1.05x):", flush=True)
         with_net = net_bundle("net-create-with", topo.path(topo.client("create")))
         without = net_bundle("net-create-without", None)
         times = {"with": [], "without": [], "with-delete": [], "without-delete": []}
         phases = {"with": [], "without": []}
-        for i in range(RUNS):
+        for i in range(pairs):
             for kind, b in (("without", without), ("with", with_net)):
                 cid = f"c{kind}{i}"
                 log = os.path.join(WORK, f"net-create-{kind}-{i}.log")
@@ -868,6 +872,12 @@ def section_network():
                 phases[kind].append(read_phases(log))
         w = report("husk create, no network namespace path", "ms", times["without"])
         report("husk create, a namespace with a veth", "ms", times["with"], w, "no network")
+        # Each with-network create less the create just before it: what the
+        # machine's slower and faster stretches do to both cancels out.
+        paired = median([a - b for a, b in zip(times["with"], times["without"])])
+        print(f"  {'paired: with network less the create before it':<44} median {paired:+9.1f} ms"
+              f"  ({paired / w * 100:+.1f}% of the median create without)", flush=True)
+        RESULTS["create with network less without, paired median ms"] = paired
         w = report("husk delete -f, no network namespace path", "ms", times["without-delete"])
         report("husk delete -f, a namespace with a veth", "ms", times["with-delete"], w, "no network")
         # Where the difference is: the steps of create whose medians differ.
