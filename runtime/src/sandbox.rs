@@ -1425,93 +1425,137 @@ pub fn unmount_below(dir: &Path) -> Result<(), SandboxError> {
     Ok(crate::share::unmount_below(dir)?)
 }
 
-/// The id of the mount `path` is on (for a mount point: the mount's own),
-/// without following a final symlink. Unlike `st_dev` it tells a bind
-/// mount from the file system it was made from.
-fn mount_id(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: statx is plain data; all zeroes is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a statx buffer, both valid for the
-    // call; the kernel writes only into `stx`.
-    let rc = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
-            libc::STATX_MNT_ID,
-            &mut stx,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
-        return Err(std::io::Error::other("the kernel gave no mount id"));
-    }
-    Ok(stx.stx_mnt_id)
-}
+/// How deep [`remove_tree_same_fs`] goes: far below what a sandbox's tree
+/// holds, and a bound on the descriptors the walk keeps open at once.
+const REMOVE_TREE_MAX_DEPTH: usize = 64;
 
 /// Removes `dir` recursively without ever crossing into another mount, so
 /// a mount that failed to detach keeps its contents (a user's rootfs is
 /// never deleted through a bind mount, even one from the same file system).
+///
+/// Walked by descriptor: each directory is opened relative to its parent's
+/// descriptor with `openat2(RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS)` and its
+/// entries are unlinked relative to it, so nothing is resolved by a path
+/// that a concurrent writer could change: a directory swapped for a symlink
+/// mid-walk is unlinked as the link it then is, and a mount point (a bind
+/// from the same file system included) fails the open with EXDEV before
+/// anything below it is touched.
 pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
-    let meta_err = |e: std::io::Error| SandboxError::Cleanup {
-        path: dir.into(),
+    use nix::fcntl::{OFlag, OpenHow};
+    use std::os::fd::FromRawFd;
+    let cleanup = |path: &Path, e: std::io::Error| SandboxError::Cleanup {
+        path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let mount = match mount_id(dir) {
-        Ok(id) => id,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(meta_err(e)),
+    // The top by the caller's path; it is not followed if it is a link.
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC);
+    let top = match nix::fcntl::openat2(libc::AT_FDCWD, dir, how) {
+        // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+        Ok(fd) => unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        Err(nix::Error::ENOENT) => return Ok(()),
+        Err(nix::Error::ENOTDIR | nix::Error::ELOOP) => {
+            return gone_is_ok(std::fs::remove_file(dir)).map_err(|e| cleanup(dir, e))
+        }
+        Err(e) => return Err(cleanup(dir, e.into())),
     };
-    // Another cleaner may remove the same tree at the same time (a pooled
-    // sandbox's keeper and `shim delete` both clean up after a dead shim):
-    // what is already gone is not an error.
-    fn gone_is_ok(result: std::io::Result<()>) -> std::io::Result<()> {
-        match result {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
+    remove_entries(&top, dir, 0)?;
+    drop(top);
+    gone_is_ok(std::fs::remove_dir(dir)).map_err(|e| cleanup(dir, e))
+}
+
+/// Another cleaner may remove the same tree at the same time (a pooled
+/// sandbox's keeper and `shim delete` both clean up after a dead shim):
+/// what is already gone is not an error.
+fn gone_is_ok(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
-    fn walk(path: &Path, mount: u64) -> Result<(), SandboxError> {
-        let cleanup = |e: std::io::Error| SandboxError::Cleanup {
+}
+
+/// Removes everything in the directory open at `dir` (named `path` in
+/// errors), `depth` levels below the top.
+fn remove_entries(
+    dir: &std::os::fd::OwnedFd,
+    path: &Path,
+    depth: usize,
+) -> Result<(), SandboxError> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use nix::unistd::UnlinkatFlags;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let cleanup = |path: &Path, e: std::io::Error| SandboxError::Cleanup {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if depth >= REMOVE_TREE_MAX_DEPTH {
+        return Err(SandboxError::Cleanup {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: format!("more than {REMOVE_TREE_MAX_DEPTH} directories deep"),
+        });
+    }
+    // The names first, then the removals: the listing is not changed under
+    // its own iteration.
+    let names: Vec<std::ffi::CString> = {
+        let mut listing = nix::dir::Dir::openat(
+            Some(dir.as_raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| cleanup(path, e.into()))?;
+        let mut names = Vec::new();
+        for entry in listing.iter() {
+            let entry = entry.map_err(|e| cleanup(path, e.into()))?;
+            let name = entry.file_name();
+            if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                names.push(name.to_owned());
+            }
+        }
+        names
+    };
+    let how = || {
+        OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_NO_XDEV
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_BENEATH,
+            )
+    };
+    for name in names {
+        let child = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let unlink = |flag| {
+            gone_is_ok(
+                nix::unistd::unlinkat(Some(dir.as_raw_fd()), name.as_c_str(), flag)
+                    .map_err(std::io::Error::from),
+            )
+            .map_err(|e| cleanup(&child, e))
         };
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(cleanup(e)),
-        };
-        if meta.is_dir() {
-            let here = match mount_id(path) {
-                Ok(id) => id,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(cleanup(e)),
-            };
-            if here != mount {
+        match nix::fcntl::openat2(dir.as_raw_fd(), name.as_c_str(), how()) {
+            Ok(fd) => {
+                // SAFETY: openat2 just returned this descriptor; nothing
+                // else owns it.
+                let sub = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                remove_entries(&sub, &child, depth + 1)?;
+                drop(sub);
+                unlink(UnlinkatFlags::RemoveDir)?;
+            }
+            // Not a directory (a link included, never followed).
+            Err(nix::Error::ENOTDIR | nix::Error::ELOOP) => unlink(UnlinkatFlags::NoRemoveDir)?,
+            Err(nix::Error::ENOENT) => {}
+            Err(nix::Error::EXDEV) => {
                 return Err(SandboxError::Cleanup {
-                    path: path.to_path_buf(),
+                    path: child,
                     reason: "still a mount point".into(),
-                });
+                })
             }
-            let entries = match std::fs::read_dir(path) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(cleanup(e)),
-            };
-            for entry in entries {
-                walk(&entry.map_err(cleanup)?.path(), mount)?;
-            }
-            gone_is_ok(std::fs::remove_dir(path)).map_err(cleanup)
-        } else {
-            gone_is_ok(std::fs::remove_file(path)).map_err(cleanup)
+            Err(e) => return Err(cleanup(&child, e.into())),
         }
     }
-    walk(dir, mount)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1614,6 +1658,121 @@ mod tests {
         assert!(!claim_left, "the claim released late is left");
         assert!(other_left, "another sandbox's claim was removed");
         assert!(took < Duration::from_secs(1), "waited {took:?}");
+    }
+
+    /// Links in the tree, to a directory and to a file outside it, are
+    /// removed as links: nothing they name is touched.
+    #[test]
+    fn links_in_the_tree_are_removed_not_followed() {
+        let base = std::env::temp_dir().join(format!("husk-tree-links-{}", std::process::id()));
+        let outside = base.join("outside");
+        let tree = base.join("tree");
+        std::fs::create_dir_all(outside.join("dir")).unwrap();
+        std::fs::write(outside.join("dir/precious"), b"x").unwrap();
+        std::fs::write(outside.join("file"), b"x").unwrap();
+        std::fs::create_dir_all(tree.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(outside.join("dir"), tree.join("a/b/to-dir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("file"), tree.join("a/to-file")).unwrap();
+        std::os::unix::fs::symlink("../../../outside", tree.join("a/b/relative")).unwrap();
+        super::remove_tree_same_fs(&tree).expect("removed");
+        let kept = (
+            tree.exists(),
+            outside.join("dir/precious").exists(),
+            outside.join("file").exists(),
+        );
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(kept, (false, true, true), "(tree, dir/precious, file)");
+        // A top that is itself a link is removed as one.
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, &tree).unwrap();
+        super::remove_tree_same_fs(&tree).expect("removed");
+        let kept = (
+            tree.symlink_metadata().is_ok(),
+            outside.join("precious").exists(),
+        );
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(kept, (false, true), "(link, precious)");
+    }
+
+    /// A writer that swaps a directory of the tree for a link to another
+    /// directory while the tree is removed never gets the walk to follow
+    /// it: what the link names survives every round (a walk by path, which
+    /// looked at the entry and then listed it by name, could be led there).
+    #[test]
+    fn a_directory_swapped_for_a_link_mid_walk_is_not_followed() {
+        let base = std::env::temp_dir().join(format!("husk-tree-swap-{}", std::process::id()));
+        let outside = base.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        for round in 0..300 {
+            for p in 0..50 {
+                std::fs::write(outside.join(format!("precious{p}")), b"x").unwrap();
+            }
+            let tree = base.join(format!("tree{round}"));
+            let sub = tree.join("sub");
+            std::fs::create_dir_all(&sub).unwrap();
+            for f in 0..20 {
+                std::fs::write(tree.join(format!("f{f}")), b"x").unwrap();
+            }
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // The link waits beside the tree; the writer exchanges it with
+            // the directory, atomically (renameat2 RENAME_EXCHANGE), back
+            // and forth until the removal ends.
+            let spare = base.join(format!("spare{round}"));
+            std::os::unix::fs::symlink(&outside, &spare).unwrap();
+            let swapper = {
+                let (sub, spare, stop) = (sub.clone(), spare.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    use std::os::unix::ffi::OsStrExt;
+                    let a = std::ffi::CString::new(sub.as_os_str().as_bytes()).unwrap();
+                    let b = std::ffi::CString::new(spare.as_os_str().as_bytes()).unwrap();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        // SAFETY: two NUL-terminated paths valid for the call.
+                        unsafe {
+                            libc::renameat2(
+                                libc::AT_FDCWD,
+                                a.as_ptr(),
+                                libc::AT_FDCWD,
+                                b.as_ptr(),
+                                libc::RENAME_EXCHANGE,
+                            )
+                        };
+                    }
+                })
+            };
+            // Errors are allowed (the writer races the removal); following
+            // the link is not.
+            let _ = super::remove_tree_same_fs(&tree);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            swapper.join().unwrap();
+            let survived = (0..50).all(|p| outside.join(format!("precious{p}")).exists());
+            for p in [&sub, &spare] {
+                let _ = std::fs::remove_file(p);
+                let _ = std::fs::remove_dir(p);
+            }
+            let _ = std::fs::remove_dir_all(&tree);
+            if !survived {
+                let _ = std::fs::remove_dir_all(&base);
+                panic!("round {round}: the walk followed the link and removed what it names");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A tree deeper than the walk goes is an error naming it, not a
+    /// descriptor per level without end.
+    #[test]
+    fn a_tree_too_deep_is_refused() {
+        let base = std::env::temp_dir().join(format!("husk-tree-deep-{}", std::process::id()));
+        let mut deepest = base.clone();
+        for _ in 0..super::REMOVE_TREE_MAX_DEPTH + 2 {
+            deepest = deepest.join("d");
+        }
+        std::fs::create_dir_all(&deepest).unwrap();
+        let result = super::remove_tree_same_fs(&base);
+        let _ = std::fs::remove_dir_all(&base);
+        let err = result.expect_err("too deep");
+        assert!(err.to_string().contains("directories deep"), "{err}");
     }
 
     /// Two cleaners removing one tree at once (a pooled sandbox's keeper
