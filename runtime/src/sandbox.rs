@@ -1346,18 +1346,21 @@ pub fn remove_jail_of(dir: &Path) {
             continue;
         };
         let claim = claims.join(&name);
-        // Only a claim this sandbox made (read again under the lock below):
-        // another's is left alone without waiting.
-        if std::fs::read(&claim).ok().as_deref() != Some(dir.as_os_str().as_bytes()) {
-            continue;
-        }
+        // Only a claim this sandbox made, or an empty one (a claimant that
+        // died before naming itself); read again under the lock below.
+        // Another's is left alone without waiting.
+        let wait = match std::fs::read(&claim) {
+            Ok(owner) if owner == dir.as_os_str().as_bytes() => DEAD_OWNER_LOCK_WAIT,
+            Ok(owner) if owner.is_empty() => std::time::Duration::ZERO,
+            _ => continue,
+        };
         // Only once nobody holds it any more (its owner died). Waited for,
         // briefly: a killed owner is gone from /proc (its memory released)
         // a moment before the kernel closes its files and with them the
         // flock, and a caller that saw it gone may already be here. Taken,
         // not just tested: while this holds it nobody can claim the uid, so
         // nothing of a new sandbox of that uid is killed or removed.
-        let Some(held) = lock_claim_of_dead_owner(&claim) else {
+        let Some(held) = lock_claim_of_dead_owner(&claim, wait) else {
             continue;
         };
         match std::fs::read(&claim) {
@@ -1378,11 +1381,14 @@ pub fn remove_jail_of(dir: &Path) {
     }
 }
 
-/// The claim's lock, taken once its holder let go, waiting up to
-/// [`DEAD_OWNER_LOCK_WAIT`] for that; None when it is still held then (a
-/// live owner: the uid is not the caller's to clean up).
-fn lock_claim_of_dead_owner(claim: &Path) -> Option<crate::lockfile::HeldLock> {
-    let deadline = std::time::Instant::now() + DEAD_OWNER_LOCK_WAIT;
+/// The claim's lock, taken once its holder let go, waiting up to `wait`
+/// for that; None when it is still held then (a live owner: the uid is not
+/// the caller's to clean up).
+fn lock_claim_of_dead_owner(
+    claim: &Path,
+    wait: std::time::Duration,
+) -> Option<crate::lockfile::HeldLock> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match crate::lockfile::lock_exclusive(claim, false) {
             Ok(Some(held)) => return Some(held),
@@ -1447,94 +1453,63 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    // The top by the caller's path; it is not followed if it is a link.
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC);
-    let top = match nix::fcntl::openat2(libc::AT_FDCWD, dir, how) {
+    // The top is opened relative to its parent (the caller's path) as its
+    // entries are: a top that is a link (a trailing slash does not make it
+    // followed) is unlinked, and a top that is a mount point, which would
+    // make the whole walk one inside that mount, is refused (EXDEV).
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(cleanup(
+            dir,
+            std::io::Error::other("not a path below a directory"),
+        ));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let how = OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC);
+    let parent_fd = match nix::fcntl::openat2(libc::AT_FDCWD, parent, how) {
         // SAFETY: openat2 just returned this descriptor; nothing else owns it.
         Ok(fd) => unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
         Err(nix::Error::ENOENT) => return Ok(()),
-        Err(nix::Error::ENOTDIR | nix::Error::ELOOP) => {
-            return gone_is_ok(std::fs::remove_file(dir)).map_err(|e| cleanup(dir, e))
-        }
-        Err(e) => return Err(cleanup(dir, e.into())),
+        Err(e) => return Err(cleanup(parent, e.into())),
     };
-    remove_entries(&top, dir, 0)?;
-    drop(top);
-    gone_is_ok(std::fs::remove_dir(dir)).map_err(|e| cleanup(dir, e))
+    let top = std::iter::once(name.to_os_string());
+    remove_named(&parent_fd, parent, top, 0)
 }
 
-/// Another cleaner may remove the same tree at the same time (a pooled
-/// sandbox's keeper and `shim delete` both clean up after a dead shim):
-/// what is already gone is not an error.
-fn gone_is_ok(result: std::io::Result<()>) -> std::io::Result<()> {
-    match result {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
-/// Removes everything in the directory open at `dir` (named `path` in
-/// errors), `depth` levels below the top.
-fn remove_entries(
+/// Removes the entries `names` of the directory open at `dir` (named
+/// `path` in errors), `depth` levels below the top's parent: each
+/// directory's contents first, by descriptor, then the directory.
+fn remove_named(
     dir: &std::os::fd::OwnedFd,
     path: &Path,
+    names: impl Iterator<Item = std::ffi::OsString>,
     depth: usize,
 ) -> Result<(), SandboxError> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
     use nix::unistd::UnlinkatFlags;
     use std::os::fd::{AsRawFd, FromRawFd};
-    use std::os::unix::ffi::OsStrExt;
     let cleanup = |path: &Path, e: std::io::Error| SandboxError::Cleanup {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    if depth >= REMOVE_TREE_MAX_DEPTH {
-        return Err(SandboxError::Cleanup {
-            path: path.to_path_buf(),
-            reason: format!("more than {REMOVE_TREE_MAX_DEPTH} directories deep"),
-        });
-    }
-    // The names first, then the removals: the listing is not changed under
-    // its own iteration.
-    let names: Vec<std::ffi::CString> = {
-        let mut listing = nix::dir::Dir::openat(
-            Some(dir.as_raw_fd()),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| cleanup(path, e.into()))?;
-        let mut names = Vec::new();
-        for entry in listing.iter() {
-            let entry = entry.map_err(|e| cleanup(path, e.into()))?;
-            let name = entry.file_name();
-            if name.to_bytes() != b"." && name.to_bytes() != b".." {
-                names.push(name.to_owned());
-            }
-        }
-        names
-    };
     let how = || {
         OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_NO_XDEV
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                    | ResolveFlag::RESOLVE_BENEATH,
-            )
+            .resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS)
     };
     for name in names {
-        let child = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let child = path.join(&name);
         let unlink = |flag| {
             gone_is_ok(
-                nix::unistd::unlinkat(Some(dir.as_raw_fd()), name.as_c_str(), flag)
+                nix::unistd::unlinkat(Some(dir.as_raw_fd()), name.as_os_str(), flag)
                     .map_err(std::io::Error::from),
             )
             .map_err(|e| cleanup(&child, e))
         };
-        match nix::fcntl::openat2(dir.as_raw_fd(), name.as_c_str(), how()) {
+        match nix::fcntl::openat2(dir.as_raw_fd(), name.as_os_str(), how()) {
             Ok(fd) => {
                 // SAFETY: openat2 just returned this descriptor; nothing
                 // else owns it.
@@ -1556,6 +1531,58 @@ fn remove_entries(
         }
     }
     Ok(())
+}
+
+/// Another cleaner may remove the same tree at the same time (a pooled
+/// sandbox's keeper and `shim delete` both clean up after a dead shim):
+/// what is already gone is not an error.
+fn gone_is_ok(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes everything in the directory open at `dir` (named `path` in
+/// errors), `depth` levels below the top.
+fn remove_entries(
+    dir: &std::os::fd::OwnedFd,
+    path: &Path,
+    depth: usize,
+) -> Result<(), SandboxError> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let cleanup = |e: nix::Error| SandboxError::Cleanup {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if depth >= REMOVE_TREE_MAX_DEPTH {
+        return Err(SandboxError::Cleanup {
+            path: path.to_path_buf(),
+            reason: format!("more than {REMOVE_TREE_MAX_DEPTH} directories deep"),
+        });
+    }
+    // The names first, then the removals: the listing is not changed under
+    // its own iteration.
+    let names: Vec<std::ffi::OsString> = {
+        let mut listing = nix::dir::Dir::openat(
+            Some(dir.as_raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(cleanup)?;
+        let mut names = Vec::new();
+        for entry in listing.iter() {
+            let name = entry.map_err(cleanup)?.file_name().to_bytes().to_vec();
+            if name != b"." && name != b".." {
+                names.push(std::ffi::OsStr::from_bytes(&name).to_os_string());
+            }
+        }
+        names
+    };
+    remove_named(dir, path, names.into_iter(), depth)
 }
 
 #[cfg(test)]
@@ -1686,13 +1713,44 @@ mod tests {
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("precious"), b"x").unwrap();
         std::os::unix::fs::symlink(&outside, &tree).unwrap();
-        super::remove_tree_same_fs(&tree).expect("removed");
+        // Named with a trailing slash, which would make a path lookup
+        // follow it.
+        let mut with_slash = tree.clone().into_os_string();
+        with_slash.push("/");
+        super::remove_tree_same_fs(std::path::Path::new(&with_slash)).expect("removed");
         let kept = (
             tree.symlink_metadata().is_ok(),
             outside.join("precious").exists(),
         );
         let _ = std::fs::remove_dir_all(&base);
         assert_eq!(kept, (false, true), "(link, precious)");
+    }
+
+    /// A top that is itself a mount point (a bind of another directory,
+    /// from the same file system) is refused before anything in it goes.
+    #[test]
+    fn a_top_that_is_a_mount_point_is_refused_whole() {
+        let base = std::env::temp_dir().join(format!("husk-tree-top-bind-{}", std::process::id()));
+        let source = base.join("pool");
+        let here = base.join("here");
+        std::fs::create_dir_all(source.join("inner")).unwrap();
+        std::fs::write(source.join("inner/precious"), b"x").unwrap();
+        std::fs::create_dir_all(&here).unwrap();
+        nix::mount::mount(
+            Some(&source),
+            &here,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind mount (needs root)");
+        let result = super::remove_tree_same_fs(&here);
+        let kept = source.join("inner/precious").exists();
+        let _ = nix::mount::umount2(&here, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&base);
+        let err = result.expect_err("a mount point at the top is reported");
+        assert!(err.to_string().contains("still a mount point"), "{err}");
+        assert!(kept, "the bind's source lost its file");
     }
 
     /// A writer that swaps a directory of the tree for a link to another

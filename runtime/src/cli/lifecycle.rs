@@ -260,13 +260,28 @@ fn spawn_monitor_and_shadow(
             // The container exists now: its monitor tears it down (the VM,
             // taps, host cgroup) and ends, before the caller removes what
             // is left on disk. A create that fails leaves nothing running.
-            if let Err(d) =
-                monitor::request(root, &args.id, &MonitorRequest::Delete { force: true })
-            {
-                log::warn!(
+            // Opened while the monitor is unreaped: it cannot name another.
+            let monitor_exit = husk_runtime::event::PidFd::open(monitor.id());
+            let asked = monitor::request(root, &args.id, &MonitorRequest::Delete { force: true });
+            match &asked {
+                Ok(reply) => monitor::print_warnings(reply),
+                Err(d) => log::warn!(
                     "{}: removing the container after its failed create: {d:#}",
                     args.id
-                );
+                ),
+            }
+            // A monitor that refused, or does not end, is killed: its VM and
+            // backends die with it, and what it wired goes as after a crash.
+            let ended = asked.is_ok()
+                && monitor_exit
+                    .and_then(|p| p.wait_timeout(std::time::Duration::from_secs(10)))
+                    .unwrap_or(false);
+            if !ended {
+                let _ = monitor.kill();
+                if let Some(netns) = husk_runtime::supervisor::network::namespace_path(&bundle.spec)
+                {
+                    husk_runtime::supervisor::network::unwire_after_crash(&netns);
+                }
             }
             let _ = monitor.wait();
             let _ = shadow.kill();
