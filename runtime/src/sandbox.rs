@@ -1600,21 +1600,37 @@ mod tests {
         std::fs::create_dir_all(&point).unwrap();
         std::fs::write(source.join("precious"), b"x").unwrap();
         std::fs::write(tree.join("inner").join("log"), b"x").unwrap();
+        let kept = removed_with_a_bind(&source, &point, &tree, &source.join("precious"));
+        std::fs::remove_dir_all(&base).unwrap();
+        kept.expect("the bind's source keeps its file");
+    }
+
+    /// Binds `source` on `point`, removes `tree` and detaches the bind:
+    /// Ok when the removal was refused as a mount point and `precious`
+    /// is still there.
+    fn removed_with_a_bind(
+        source: &Path,
+        point: &Path,
+        tree: &Path,
+        precious: &Path,
+    ) -> Result<(), String> {
         nix::mount::mount(
-            Some(&source),
-            &point,
+            Some(source),
+            point,
             None::<&str>,
             nix::mount::MsFlags::MS_BIND,
             None::<&str>,
         )
         .expect("bind mount (needs root)");
-        let result = super::remove_tree_same_fs(&tree);
-        let kept = source.join("precious").exists();
-        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-        std::fs::remove_dir_all(&base).unwrap();
-        assert!(kept, "the bind's source lost its file");
-        let err = result.expect_err("a mount point in the tree is reported");
-        assert!(err.to_string().contains("still a mount point"), "{err}");
+        let result = super::remove_tree_same_fs(tree);
+        let kept = precious.exists();
+        let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+        match result {
+            _ if !kept => Err("the bind's source lost its file".into()),
+            Ok(()) => Err("a mount point in the tree was not reported".into()),
+            Err(e) if e.to_string().contains("still a mount point") => Ok(()),
+            Err(e) => Err(format!("not reported as a mount point: {e}")),
+        }
     }
 
     /// A helper still running as a dead owner's jail uid (one that missed
@@ -1736,21 +1752,9 @@ mod tests {
         std::fs::create_dir_all(source.join("inner")).unwrap();
         std::fs::write(source.join("inner/precious"), b"x").unwrap();
         std::fs::create_dir_all(&here).unwrap();
-        nix::mount::mount(
-            Some(&source),
-            &here,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .expect("bind mount (needs root)");
-        let result = super::remove_tree_same_fs(&here);
-        let kept = source.join("inner/precious").exists();
-        let _ = nix::mount::umount2(&here, nix::mount::MntFlags::MNT_DETACH);
+        let kept = removed_with_a_bind(&source, &here, &here, &source.join("inner/precious"));
         let _ = std::fs::remove_dir_all(&base);
-        let err = result.expect_err("a mount point at the top is reported");
-        assert!(err.to_string().contains("still a mount point"), "{err}");
-        assert!(kept, "the bind's source lost its file");
+        kept.expect("the bind's source keeps its file");
     }
 
     /// A writer that swaps a directory of the tree for a link to another
