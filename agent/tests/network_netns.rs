@@ -127,6 +127,12 @@ fn pod_request() -> UpdateNetworkRequest {
             route(&[], 0, &V4_GW, 100, false),
             route(&[], 0, &V6_GW, 0, true),
             route(&[10, 201, 0, 0], 16, &[], 0, false),
+            // Through lo, the one device a request may name that it does
+            // not configure: looked up in the namespace.
+            Route {
+                device: "lo".into(),
+                ..route(&[10, 250, 0, 0], 16, &[], 0, false)
+            },
         ],
         neighbours: vec![
             Neighbour {
@@ -214,6 +220,9 @@ fn check_pod_network(root: &OwnedFd, pod: &OwnedFd) {
         .unwrap_or_else(|| panic!("no 10.201.0.0/16 route: {routes:?}"));
     assert_eq!(link_route["dev"], "eth0");
     assert_eq!(link_route["scope"], "link");
+    let lo_route = find(&routes, |r| r["dst"] == "10.250.0.0/16")
+        .unwrap_or_else(|| panic!("no 10.250.0.0/16 route: {routes:?}"));
+    assert_eq!(lo_route["dev"], "lo");
 
     let routes6 = ip_json(pod, &["-6", "route", "show"]);
     let default6 = find(&routes6, |r| r["dst"] == "default")
