@@ -153,14 +153,6 @@ impl JailId {
     pub fn release(self) {
         let _ = std::fs::remove_file(&self.claim);
     }
-
-    /// Whether the claim of `uid` under `claims` is held by a live owner.
-    pub fn is_held(claims: &Path, uid: u32) -> bool {
-        let Ok(file) = std::fs::File::open(claims.join(uid.to_string())) else {
-            return false;
-        };
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
-    }
 }
 
 /// Makes `dir` the jailed uid's own (owner and group `uid`, mode 0700).
@@ -1045,6 +1037,14 @@ mod tests {
         d
     }
 
+    /// Whether the claim of `uid` under `claims` is held by a live owner.
+    fn is_held(claims: &Path, uid: u32) -> bool {
+        let Ok(file) = std::fs::File::open(claims.join(uid.to_string())) else {
+            return false;
+        };
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+    }
+
     #[test]
     fn ids_are_claimed_once_and_freed_by_release_or_death() {
         let claims = scratch("claims");
@@ -1054,7 +1054,7 @@ mod tests {
         let b = JailId::claim(&claims, 5000, 2, &sandbox).unwrap();
         assert_ne!(a.uid, b.uid);
         assert!((5000..5002).contains(&a.uid) && (5000..5002).contains(&b.uid));
-        assert!(JailId::is_held(&claims, a.uid));
+        assert!(is_held(&claims, a.uid));
         assert!(matches!(
             JailId::claim(&claims, 5000, 2, &sandbox),
             Err(JailError::NoFreeUid { .. })
@@ -1063,7 +1063,7 @@ mod tests {
         // its death does) frees its uid.
         let b_uid = b.uid;
         drop(b);
-        assert!(!JailId::is_held(&claims, b_uid));
+        assert!(!is_held(&claims, b_uid));
         let c = JailId::claim(&claims, 5000, 2, &sandbox).unwrap();
         assert_eq!(c.uid, b_uid);
         a.release();
