@@ -1448,20 +1448,12 @@ const REMOVE_TREE_MAX_DEPTH: usize = 64;
 /// anything below it is touched.
 pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
     use nix::fcntl::{OFlag, OpenHow};
-    use std::os::fd::FromRawFd;
-    let cleanup = |path: &Path, e: std::io::Error| SandboxError::Cleanup {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
     // The top is opened relative to its parent (the caller's path) as its
     // entries are: a top that is a link (a trailing slash does not make it
     // followed) is unlinked, and a top that is a mount point, which would
     // make the whole walk one inside that mount, is refused (EXDEV).
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-        return Err(cleanup(
-            dir,
-            std::io::Error::other("not a path below a directory"),
-        ));
+        return Err(cleanup_error(dir, "not a path below a directory"));
     };
     let parent = if parent.as_os_str().is_empty() {
         Path::new(".")
@@ -1469,14 +1461,33 @@ pub fn remove_tree_same_fs(dir: &Path) -> Result<(), SandboxError> {
         parent
     };
     let how = OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC);
-    let parent_fd = match nix::fcntl::openat2(libc::AT_FDCWD, parent, how) {
-        // SAFETY: openat2 just returned this descriptor; nothing else owns it.
-        Ok(fd) => unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+    let parent_fd = match openat2_owned(libc::AT_FDCWD, parent, how) {
+        Ok(fd) => fd,
         Err(nix::Error::ENOENT) => return Ok(()),
-        Err(e) => return Err(cleanup(parent, e.into())),
+        Err(e) => return Err(cleanup_error(parent, e)),
     };
     let top = std::iter::once(name.to_os_string());
     remove_named(&parent_fd, parent, top, 0)
+}
+
+/// A failed step of a tree removal, naming the path it was at.
+fn cleanup_error(path: &Path, reason: impl ToString) -> SandboxError {
+    SandboxError::Cleanup {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// `openat2` whose descriptor is owned at once.
+fn openat2_owned(
+    dirfd: std::os::fd::RawFd,
+    path: &(impl nix::NixPath + ?Sized),
+    how: nix::fcntl::OpenHow,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = nix::fcntl::openat2(dirfd, path, how)?;
+    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Removes the entries `names` of the directory open at `dir` (named
@@ -1490,11 +1501,7 @@ fn remove_named(
 ) -> Result<(), SandboxError> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
     use nix::unistd::UnlinkatFlags;
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let cleanup = |path: &Path, e: std::io::Error| SandboxError::Cleanup {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
+    use std::os::fd::AsRawFd;
     let how = || {
         OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
@@ -1507,13 +1514,10 @@ fn remove_named(
                 nix::unistd::unlinkat(Some(dir.as_raw_fd()), name.as_os_str(), flag)
                     .map_err(std::io::Error::from),
             )
-            .map_err(|e| cleanup(&child, e))
+            .map_err(|e| cleanup_error(&child, e))
         };
-        match nix::fcntl::openat2(dir.as_raw_fd(), name.as_os_str(), how()) {
-            Ok(fd) => {
-                // SAFETY: openat2 just returned this descriptor; nothing
-                // else owns it.
-                let sub = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        match openat2_owned(dir.as_raw_fd(), name.as_os_str(), how()) {
+            Ok(sub) => {
                 remove_entries(&sub, &child, depth + 1)?;
                 drop(sub);
                 unlink(UnlinkatFlags::RemoveDir)?;
@@ -1521,13 +1525,8 @@ fn remove_named(
             // Not a directory (a link included, never followed).
             Err(nix::Error::ENOTDIR | nix::Error::ELOOP) => unlink(UnlinkatFlags::NoRemoveDir)?,
             Err(nix::Error::ENOENT) => {}
-            Err(nix::Error::EXDEV) => {
-                return Err(SandboxError::Cleanup {
-                    path: child,
-                    reason: "still a mount point".into(),
-                })
-            }
-            Err(e) => return Err(cleanup(&child, e.into())),
+            Err(nix::Error::EXDEV) => return Err(cleanup_error(&child, "still a mount point")),
+            Err(e) => return Err(cleanup_error(&child, e)),
         }
     }
     Ok(())
@@ -1553,15 +1552,12 @@ fn remove_entries(
     use nix::fcntl::OFlag;
     use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
-    let cleanup = |e: nix::Error| SandboxError::Cleanup {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
+    let cleanup = |e: nix::Error| cleanup_error(path, e);
     if depth >= REMOVE_TREE_MAX_DEPTH {
-        return Err(SandboxError::Cleanup {
-            path: path.to_path_buf(),
-            reason: format!("more than {REMOVE_TREE_MAX_DEPTH} directories deep"),
-        });
+        return Err(cleanup_error(
+            path,
+            format!("more than {REMOVE_TREE_MAX_DEPTH} directories deep"),
+        ));
     }
     // The names first, then the removals: the listing is not changed under
     // its own iteration.
@@ -1575,9 +1571,10 @@ fn remove_entries(
         .map_err(cleanup)?;
         let mut names = Vec::new();
         for entry in listing.iter() {
-            let name = entry.map_err(cleanup)?.file_name().to_bytes().to_vec();
+            let entry = entry.map_err(cleanup)?;
+            let name = entry.file_name().to_bytes();
             if name != b"." && name != b".." {
-                names.push(std::ffi::OsStr::from_bytes(&name).to_os_string());
+                names.push(std::ffi::OsStr::from_bytes(name).to_os_string());
             }
         }
         names
