@@ -2,12 +2,11 @@
 //! socket, plus raw stream connections for process stdio.
 
 use crate::phases::Phases;
+use crate::rpc::{RpcClient, RpcError};
 use husk_protocol::agent::*;
-use husk_protocol::agent_ttrpc::AgentClient as RpcClient;
 pub use husk_protocol::ErrorKind as GuestErrorKind;
 use husk_protocol::{StreamHeader, StreamKind, AGENT_PORT, STREAM_PORT};
 use std::io::{Read, Write};
-use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,10 +57,6 @@ pub enum AgentError {
 /// one line (the monitor's socket, capped at 64 KiB; stderr; a log).
 pub const MAX_AGENT_MESSAGE: usize = 1024;
 
-/// How ttrpc's client says a request's timeout ran out (it has no error
-/// variant of its own for it).
-const TTRPC_TIMED_OUT: &str = "timed out waiting on channel";
-
 impl From<ttrpc::Error> for AgentError {
     fn from(e: ttrpc::Error) -> Self {
         // Both kinds may carry guest bytes: a status message, or ttrpc's
@@ -72,7 +67,6 @@ impl From<ttrpc::Error> for AgentError {
                 kind: GuestErrorKind::of_status(&s),
                 message: printable(s.message(), MAX_AGENT_MESSAGE),
             },
-            ttrpc::Error::Others(m) if m.ends_with(TTRPC_TIMED_OUT) => AgentError::Timeout,
             e @ (ttrpc::Error::Socket(_)
             | ttrpc::Error::Nix(_)
             | ttrpc::Error::LocalClosed
@@ -87,6 +81,25 @@ impl From<ttrpc::Error> for AgentError {
         }
     }
 }
+
+impl From<RpcError> for AgentError {
+    fn from(e: RpcError) -> Self {
+        match e {
+            RpcError::Status(s) => ttrpc::Error::RpcStatus(s).into(),
+            RpcError::Timeout(_) => AgentError::Timeout,
+            RpcError::Disconnected(why) => {
+                AgentError::Disconnected(printable(&why, MAX_AGENT_MESSAGE))
+            }
+            RpcError::Malformed(what) => AgentError::Rpc {
+                kind: GuestErrorKind::Unknown,
+                message: printable(&what, MAX_AGENT_MESSAGE),
+            },
+        }
+    }
+}
+
+/// The agent's ttrpc service.
+const SERVICE: &str = "husk.agent.v1.Agent";
 
 /// What kind of failure an [`AgentError`] is, for callers that act on it
 /// (the shim's status codes, a boot's retry) without reading its text.
@@ -223,14 +236,6 @@ pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
     Ok(stream)
 }
 
-fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
-}
-
-fn shutdown_ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(SHUTDOWN_TIMEOUT.as_nanos() as i64)
-}
-
 /// A connected agent.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -278,10 +283,13 @@ impl AgentClient {
             // CONNECTs (a loaded host) leaves the vsock backend wedged.
             match connect_port(uds, AGENT_PORT) {
                 Ok(stream) => {
-                    let client =
-                        ttrpc::Client::new(stream.into_raw_fd()).map_err(AgentError::from)?;
+                    let rpc =
+                        RpcClient::new(stream, SERVICE).map_err(|source| AgentError::Connect {
+                            uds: uds.to_path_buf(),
+                            source,
+                        })?;
                     return Ok(AgentClient {
-                        rpc: RpcClient::new(client),
+                        rpc,
                         uds: uds.to_path_buf(),
                     });
                 }
@@ -307,9 +315,12 @@ impl AgentClient {
     /// serve the agent API in process).
     #[cfg(test)]
     fn from_stream(stream: UnixStream, uds: &Path) -> Result<Self, AgentError> {
-        let client = ttrpc::Client::new(stream.into_raw_fd())?;
+        let rpc = RpcClient::new(stream, SERVICE).map_err(|source| AgentError::Connect {
+            uds: uds.to_path_buf(),
+            source,
+        })?;
         Ok(AgentClient {
-            rpc: RpcClient::new(client),
+            rpc,
             uds: uds.to_path_buf(),
         })
     }
@@ -326,17 +337,27 @@ impl AgentClient {
         Ok(stream)
     }
 
+    /// One call of the agent's `method`.
+    fn call<Req: protobuf::Message, Res: protobuf::Message>(
+        &self,
+        method: &str,
+        timeout: Option<Duration>,
+        request: &Req,
+    ) -> Result<Res, AgentError> {
+        Ok(self.rpc.call(method, request, timeout)?)
+    }
+
     pub fn health(&self) -> Result<HealthResponse, AgentError> {
-        Ok(self.rpc.health(ctx(), &HealthRequest::default())?)
+        self.call("Health", Some(RPC_TIMEOUT), &HealthRequest::default())
     }
 
     pub fn guest_info(&self) -> Result<GuestInfoResponse, AgentError> {
-        Ok(self.rpc.guest_info(ctx(), &GuestInfoRequest::default())?)
+        self.call("GuestInfo", Some(RPC_TIMEOUT), &GuestInfoRequest::default())
     }
 
     /// Creates a container; the guest's steps of it, for display.
     pub fn create_container(&self, req: &CreateContainerRequest) -> Result<Phases, AgentError> {
-        let reply = self.rpc.create_container(ctx(), req)?;
+        let reply: CreateResponse = self.call("CreateContainer", Some(RPC_TIMEOUT), req)?;
         Ok(guest_phases("guest: ", &reply.phases))
     }
 
@@ -344,7 +365,8 @@ impl AgentClient {
     /// booted ahead of its tenant (the pool) meets its container warm.
     /// Only for a sandbox with no tenant yet. The guest's steps, for display.
     pub fn warm_up(&self) -> Result<Phases, AgentError> {
-        let reply = self.rpc.warm_up(ctx(), &WarmUpRequest::default())?;
+        let reply: CreateResponse =
+            self.call("WarmUp", Some(RPC_TIMEOUT), &WarmUpRequest::default())?;
         Ok(guest_phases("guest warm-up: ", &reply.phases))
     }
 
@@ -358,7 +380,7 @@ impl AgentClient {
             container_id: id.into(),
             ..Default::default()
         };
-        let reply = self.rpc.start_container(ctx(), &req)?;
+        let reply: StartResponse = self.call("StartContainer", Some(RPC_TIMEOUT), &req)?;
         Ok((reply.pid, guest_phases("guest: ", &reply.phases)))
     }
 
@@ -368,7 +390,7 @@ impl AgentClient {
             force,
             ..Default::default()
         };
-        self.rpc.remove_container(ctx(), &req)?;
+        self.call::<_, Empty>("RemoveContainer", Some(RPC_TIMEOUT), &req)?;
         Ok(())
     }
 
@@ -381,7 +403,7 @@ impl AgentClient {
         &self,
         req: &ExecProcessRequest,
     ) -> Result<(u32, Phases), AgentError> {
-        let reply = self.rpc.exec_process(ctx(), req)?;
+        let reply: StartResponse = self.call("ExecProcess", Some(RPC_TIMEOUT), req)?;
         Ok((reply.pid, guest_phases("guest: ", &reply.phases)))
     }
 
@@ -392,9 +414,7 @@ impl AgentClient {
             exec_id: exec_id.into(),
             ..Default::default()
         };
-        Ok(self
-            .rpc
-            .wait_process(ttrpc::context::with_timeout(0), &req)?)
+        self.call("WaitProcess", None, &req)
     }
 
     pub fn signal_process(
@@ -411,7 +431,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.rpc.signal_process(ctx(), &req)?;
+        self.call::<_, Empty>("SignalProcess", Some(RPC_TIMEOUT), &req)?;
         Ok(())
     }
 
@@ -429,7 +449,7 @@ impl AgentClient {
             cols,
             ..Default::default()
         };
-        self.rpc.resize_tty(ctx(), &req)?;
+        self.call::<_, Empty>("ResizeTty", Some(RPC_TIMEOUT), &req)?;
         Ok(())
     }
 
@@ -439,13 +459,14 @@ impl AgentClient {
             exec_id: exec_id.into(),
             ..Default::default()
         };
-        self.rpc.close_stdin(ctx(), &req)?;
+        self.call::<_, Empty>("CloseStdin", Some(RPC_TIMEOUT), &req)?;
         Ok(())
     }
 
     pub fn pause(&self, id: &str) -> Result<(), AgentError> {
-        self.rpc.pause_container(
-            ctx(),
+        self.call::<_, Empty>(
+            "PauseContainer",
+            Some(RPC_TIMEOUT),
             &ContainerRequest {
                 container_id: id.into(),
                 ..Default::default()
@@ -455,8 +476,9 @@ impl AgentClient {
     }
 
     pub fn resume(&self, id: &str) -> Result<(), AgentError> {
-        self.rpc.resume_container(
-            ctx(),
+        self.call::<_, Empty>(
+            "ResumeContainer",
+            Some(RPC_TIMEOUT),
             &ContainerRequest {
                 container_id: id.into(),
                 ..Default::default()
@@ -466,20 +488,21 @@ impl AgentClient {
     }
 
     pub fn stats(&self, id: &str) -> Result<StatsResponse, AgentError> {
-        Ok(self.rpc.stats(
-            ctx(),
+        self.call(
+            "Stats",
+            Some(RPC_TIMEOUT),
             &ContainerRequest {
                 container_id: id.into(),
                 ..Default::default()
             },
-        )?)
+        )
     }
 
     pub fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, AgentError> {
         Ok(self
-            .rpc
-            .list_processes(
-                ctx(),
+            .call::<_, ListProcessesResponse>(
+                "ListProcesses",
+                Some(RPC_TIMEOUT),
                 &ContainerRequest {
                     container_id: id.into(),
                     ..Default::default()
@@ -494,7 +517,7 @@ impl AgentClient {
             resources_json,
             ..Default::default()
         };
-        self.rpc.update_resources(ctx(), &req)?;
+        self.call::<_, Empty>("UpdateResources", Some(RPC_TIMEOUT), &req)?;
         Ok(())
     }
 
@@ -504,13 +527,16 @@ impl AgentClient {
         &self,
         req: &husk_protocol::agent::UpdateNetworkRequest,
     ) -> Result<(), AgentError> {
-        self.rpc.update_network(ctx(), req)?;
+        self.call::<_, Empty>("UpdateNetwork", Some(RPC_TIMEOUT), req)?;
         Ok(())
     }
 
     pub fn shutdown(&self) -> Result<(), AgentError> {
-        self.rpc
-            .shutdown(shutdown_ctx(), &ShutdownRequest::default())?;
+        self.call::<_, Empty>(
+            "Shutdown",
+            Some(SHUTDOWN_TIMEOUT),
+            &ShutdownRequest::default(),
+        )?;
         Ok(())
     }
 }
@@ -617,10 +643,17 @@ mod exit_tests {
             ),
             other => panic!("{other:?}"),
         }
-        let timeout = ttrpc::Error::Others(
-            "Receive packet from Receiver timeout: timed out waiting on channel".into(),
-        );
+        let timeout = crate::rpc::RpcError::Timeout(super::RPC_TIMEOUT);
         assert!(matches!(AgentError::from(timeout), AgentError::Timeout));
+        // What the client finds wrong in a guest's frame is bounded too.
+        let cut = crate::rpc::RpcError::Disconnected(format!("\u{1b}[2J{}", "x".repeat(1 << 20)));
+        match AgentError::from(cut) {
+            AgentError::Disconnected(t) => assert!(
+                t.starts_with("?[2Jx") && t.chars().count() == MAX_AGENT_MESSAGE + 1,
+                "{t}"
+            ),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             AgentError::Timeout.to_string(),
             "agent: no answer within 30s"

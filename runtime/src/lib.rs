@@ -19,6 +19,7 @@ pub mod lockfile;
 pub mod network;
 pub mod phases;
 pub mod pool;
+pub mod rpc;
 pub mod sandbox;
 pub mod share;
 pub mod sizing;

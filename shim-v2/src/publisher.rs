@@ -10,10 +10,12 @@
 //! and tries the same event again with a growing pause, for as long as a
 //! containerd restart plausibly takes, before it drops the event.
 
+use containerd_shim::protos::api::Empty;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::shim::event::Envelope;
 use containerd_shim::protos::shim::events::ForwardRequest;
-use containerd_shim::protos::{Client, EventsClient};
+use husk_runtime::rpc::{RpcClient, RpcError};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,15 +27,15 @@ pub enum PublishError {
     #[error("connecting to containerd's event socket {address}: {source}")]
     Connect {
         address: String,
-        source: containerd_shim::Error,
+        source: std::io::Error,
     },
     /// The connection broke or containerd did not answer in time.
     #[error("forwarding {topic} to containerd: {source}")]
-    Forward { topic: String, source: ttrpc::Error },
+    Forward { topic: String, source: RpcError },
     /// containerd answered, and refused the event: sending it again would
     /// be refused again.
     #[error("containerd refused {topic}: {source}")]
-    Refused { topic: String, source: ttrpc::Error },
+    Refused { topic: String, source: RpcError },
     /// The event could not be packed into an envelope.
     #[error("encoding {topic}: {source}")]
     Encode {
@@ -141,8 +143,13 @@ impl Publisher {
     }
 }
 
+/// containerd's event service (its ttrpc name).
+const EVENTS_SERVICE: &str = "containerd.services.events.ttrpc.v1.Events";
+
 fn send_all(address: &str, queue: Receiver<Queued>, retry: Retry) {
-    let mut client: Option<EventsClient> = None;
+    // husk's ttrpc client, not containerd-shim's: that one (ttrpc 0.10's)
+    // polls every 10 ms for the shim's whole life (see `husk_runtime::rpc`).
+    let mut client: Option<RpcClient> = None;
     for event in queue {
         let first_try = Instant::now();
         let mut pause = retry.first_pause;
@@ -187,7 +194,7 @@ fn send_all(address: &str, queue: Receiver<Queued>, retry: Retry) {
 
 fn send_one(
     address: &str,
-    client: &mut Option<EventsClient>,
+    client: &mut Option<RpcClient>,
     event: &Queued,
     timeout: Duration,
 ) -> Result<(), PublishError> {
@@ -198,16 +205,15 @@ fn send_one(
                 address: address.to_string(),
                 source,
             };
-            let fd = containerd_shim::util::connect(address).map_err(connect)?;
-            // Client::new owns the fd from here on, failed or not.
-            let c = Client::new(fd).map_err(|e| connect(e.into()))?;
-            client.insert(EventsClient::new(c))
+            // TTRPC_ADDRESS is a socket path, as containerd-shim takes it.
+            let path = address.strip_prefix("unix://").unwrap_or(address);
+            let stream = UnixStream::connect(path).map_err(connect)?;
+            client.insert(RpcClient::new(stream, EVENTS_SERVICE).map_err(connect)?)
         }
     };
-    let ctx = ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64);
-    match events.forward(ctx, &event.request) {
+    match events.call::<_, Empty>("Forward", &event.request, Some(timeout)) {
         Ok(_) => Ok(()),
-        Err(source @ ttrpc::Error::RpcStatus(_)) => Err(PublishError::Refused {
+        Err(source @ RpcError::Status(_)) => Err(PublishError::Refused {
             topic: event.topic.clone(),
             source,
         }),
