@@ -21,18 +21,20 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use ttrpc::proto::{
     MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_RESPONSE,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
-    /// The peer answered with a non-OK status (its message is the peer's).
-    #[error("status {:?}: {}", .0.code(), .0.message())]
+    /// The peer answered with a non-OK status. Its message is the peer's:
+    /// shown bounded and printable.
+    #[error("status {:?}: {}", .0.code(), crate::agent::printable(.0.message(), crate::agent::MAX_AGENT_MESSAGE))]
     Status(ttrpc::Status),
-    /// The connection is broken (closed, reset, or a frame that could not
-    /// be read); every call on it fails so.
+    /// The connection is broken (closed, reset, a frame that could not be
+    /// read or written); every call on it fails so, with the first cause
+    /// (a text: every waiting call gets its copy).
     #[error("{0}")]
     Disconnected(String),
     /// No answer within the call's timeout.
@@ -43,16 +45,32 @@ pub enum RpcError {
     Malformed(String),
 }
 
+/// The longest a call with no timeout of its own may take to write its
+/// request: a peer that stops reading must not hold a caller (or, through
+/// the write lock, every caller) for good.
+const WRITE_LIMIT: Duration = Duration::from_secs(30);
+
 type Reply = Result<Vec<u8>, String>;
 
 /// The calls waiting for their replies, by stream id.
 #[derive(Default)]
 struct Calls {
-    /// The next stream id: a client's are odd, 1, 3, 5, ...
+    /// The next stream id: a client's are odd, 1, 3, 5, ... (wrapping from
+    /// u32::MAX back to 1).
     next_id: u32,
     waiting: HashMap<u32, SyncSender<Reply>>,
-    /// Why the connection ended, once it has.
+    /// Why the connection ended, once it has (the first cause is kept).
     broken: Option<String>,
+}
+
+impl Calls {
+    /// Records the end of the connection and fails every waiting call.
+    fn break_all(&mut self, why: String) {
+        let why = self.broken.get_or_insert(why).clone();
+        for (_, tx) in self.waiting.drain() {
+            let _ = tx.send(Err(why.clone()));
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,7 +78,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The writing end of a connection; the reader thread holds its own
-/// descriptor of the same socket and the shared call table.
+/// descriptor of the same socket and the shared call table. Locks are taken
+/// in this order: `socket`, then `calls`; the reader takes only `calls`.
 struct Connection {
     socket: Mutex<UnixStream>,
     calls: Arc<Mutex<Calls>>,
@@ -84,6 +103,10 @@ impl RpcClient {
     /// A client of `service` (its full name, e.g. `husk.agent.v1.Agent`)
     /// over a connected stream.
     pub fn new(stream: UnixStream, service: &'static str) -> std::io::Result<RpcClient> {
+        // The reader sleeps in read(2) until a frame comes, whatever the
+        // stream was set to before.
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(None)?;
         let reader = stream.try_clone()?;
         let calls = Arc::new(Mutex::new(Calls {
             next_id: 1,
@@ -104,13 +127,15 @@ impl RpcClient {
 
     /// Calls `method` with `request` and waits for its reply, at most
     /// `timeout` (None: as long as it takes, for calls that block by
-    /// design). A timeout is also sent to the server, as ttrpc does.
+    /// design; writing the request is limited either way). A timeout is
+    /// also sent to the server, as ttrpc does.
     pub fn call<Req: Message, Res: Message>(
         &self,
         method: &str,
         request: &Req,
         timeout: Option<Duration>,
     ) -> Result<Res, RpcError> {
+        let started = Instant::now();
         let malformed = |what: &str, e: protobuf::Error| {
             RpcError::Malformed(format!("{what} is malformed: {e}"))
         };
@@ -132,30 +157,53 @@ impl RpcClient {
         }
         let (tx, rx) = sync_channel(1);
         let id = {
-            let mut calls = lock(&self.connection.calls);
-            if let Some(why) = &calls.broken {
-                return Err(RpcError::Disconnected(why.clone()));
-            }
-            let id = calls.next_id;
-            calls.next_id = id.wrapping_add(2).max(1);
-            calls.waiting.insert(id, tx);
-            id
-        };
-        let mut frame: Vec<u8> = MessageHeader::new_request(id, body.len() as u32).into();
-        frame.extend_from_slice(&body);
-        {
+            // The id is taken under the write lock, so ids reach the wire
+            // in increasing order (containerd's ttrpc requires it).
             let mut socket = lock(&self.connection.socket);
-            if let Err(e) = socket.write_all(&frame) {
+            let id = {
+                let mut calls = lock(&self.connection.calls);
+                if let Some(why) = &calls.broken {
+                    return Err(RpcError::Disconnected(why.clone()));
+                }
+                // After 2^31 calls the ids wrap: one still waiting (a long
+                // WaitProcess) keeps its own.
+                let mut id = calls.next_id;
+                while calls.waiting.contains_key(&id) {
+                    id = id.wrapping_add(2);
+                }
+                calls.next_id = id.wrapping_add(2);
+                calls.waiting.insert(id, tx);
+                id
+            };
+            let mut frame: Vec<u8> = MessageHeader::new_request(id, body.len() as u32).into();
+            frame.extend_from_slice(&body);
+            // A peer that stops reading (a guest granting no vsock credit)
+            // fills the socket: the write gives up at the call's deadline.
+            let limit = timeout.unwrap_or(WRITE_LIMIT);
+            let left = limit
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(1));
+            let written = socket
+                .set_write_timeout(Some(left))
+                .and_then(|()| socket.write_all(&frame));
+            if let Err(e) = written {
                 // A frame cut short leaves the stream unreadable for the
                 // peer: the connection is over for every call.
+                let why = match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        format!("sending {method}: the peer took nothing for {limit:?}")
+                    }
+                    _ => format!("sending {method}: {e}"),
+                };
+                lock(&self.connection.calls).break_all(why);
                 let _ = socket.shutdown(std::net::Shutdown::Both);
-                lock(&self.connection.calls).waiting.remove(&id);
-                return Err(RpcError::Disconnected(format!("sending {method}: {e}")));
+                // This call's own sender was failed with the cause above.
             }
-        }
+            id
+        };
         let reply = match timeout {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(t) => rx.recv_timeout(t),
+            Some(t) => rx.recv_timeout(t.saturating_sub(started.elapsed())),
         };
         let body = match reply {
             Ok(Ok(body)) => body,
@@ -177,6 +225,12 @@ impl RpcClient {
             }
         }
         Res::parse_from_bytes(&response.payload).map_err(|e| malformed("the reply's payload", e))
+    }
+
+    /// How many calls wait for their replies now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        lock(&self.connection.calls).waiting.len()
     }
 }
 
@@ -216,18 +270,17 @@ fn read_replies(mut socket: UnixStream, calls: &Mutex<Calls>) {
         }
     };
     let _ = socket.shutdown(std::net::Shutdown::Both);
-    let mut calls = lock(calls);
-    calls.broken = Some(why.clone());
-    for (_, tx) in calls.waiting.drain() {
-        let _ = tx.send(Err(why.clone()));
-    }
+    lock(calls).break_all(why);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use husk_protocol::agent::{HealthRequest, HealthResponse};
-    use std::time::Instant;
+
+    /// A limit for calls a test expects answered: a regression fails the
+    /// test instead of hanging it.
+    const TEN: Duration = Duration::from_secs(10);
 
     /// Reads one request frame from the client's peer end.
     fn read_request(peer: &mut UnixStream) -> (u32, ttrpc::Request) {
@@ -307,8 +360,8 @@ mod tests {
         assert_eq!(second.join().unwrap().unwrap().version, "two");
         reply(&mut peer, id1, &health("one"));
         assert_eq!(first.join().unwrap().unwrap().version, "one");
-        // A call that times out; its late reply is dropped, not handed to
-        // the next call.
+        // A call that times out leaves no entry behind; its late reply,
+        // arriving while the next call waits, is dropped, not handed over.
         let e = client
             .call::<_, HealthResponse>(
                 "Health",
@@ -317,36 +370,47 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(e, RpcError::Timeout(_)), "{e}");
+        assert_eq!(client.waiting(), 0);
         let (late, _) = read_request(&mut peer);
-        reply(&mut peer, late, &health("late"));
+        let c = client.clone();
         let next = std::thread::spawn(move || {
-            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
+            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
         });
         let (id, _) = read_request(&mut peer);
+        assert_ne!(id, late);
+        reply(&mut peer, late, &health("late"));
         reply(&mut peer, id, &health("next"));
         assert_eq!(next.join().unwrap().unwrap().version, "next");
+        assert_eq!(client.waiting(), 0);
     }
 
     #[test]
     fn an_oversized_or_cut_reply_ends_every_call_with_a_clear_error() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
-        let c = client.clone();
-        let waiting = std::thread::spawn(move || {
-            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
-        });
+        let call = |c: &RpcClient| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
+            })
+        };
+        // Two calls wait; a guest announces 5 MiB in answer to the first:
+        // refused before anything is allocated, and both calls end so.
+        let (first, second) = (call(&client), call(&client));
         let (id, _) = read_request(&mut peer);
-        // A guest announcing 5 MiB: refused before anything is allocated.
+        let _ = read_request(&mut peer);
         let header: Vec<u8> = MessageHeader::new_response(id, 5 << 20).into();
         peer.write_all(&header).unwrap();
-        let e = waiting.join().unwrap().unwrap_err();
-        assert!(
-            matches!(&e, RpcError::Disconnected(m) if m.contains("5242880 bytes")),
-            "{e}"
-        );
+        for waiting in [first, second] {
+            let e = waiting.join().unwrap().unwrap_err();
+            assert!(
+                matches!(&e, RpcError::Disconnected(m) if m.contains("5242880 bytes")),
+                "{e}"
+            );
+        }
         // Later calls fail at once, naming the same cause.
         let e = client
-            .call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
+            .call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
             .unwrap_err();
         assert!(
             matches!(&e, RpcError::Disconnected(m) if m.contains("5242880")),
@@ -359,7 +423,7 @@ mod tests {
         let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
         let c = client.clone();
         let waiting = std::thread::spawn(move || {
-            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
+            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
         });
         let (id, _) = read_request(&mut peer);
         let mut header = MessageHeader::new_response(id, 0);
@@ -375,7 +439,7 @@ mod tests {
         let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
         let c = client.clone();
         let waiting = std::thread::spawn(move || {
-            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
+            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
         });
         let (id, _) = read_request(&mut peer);
         let garbage = [0x7a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01];
@@ -388,7 +452,7 @@ mod tests {
             "{e}"
         );
         let next = std::thread::spawn(move || {
-            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
+            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
         });
         let (id, _) = read_request(&mut peer);
         reply(&mut peer, id, &health("after"));
@@ -398,7 +462,7 @@ mod tests {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
         let waiting = std::thread::spawn(move || {
-            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
+            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
         });
         let (id, _) = read_request(&mut peer);
         let header: Vec<u8> = MessageHeader::new_response(id, 100).into();
@@ -413,39 +477,79 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_reads_nothing_cannot_hold_a_call_past_its_timeout() {
+        use husk_protocol::agent::UpdateResourcesRequest;
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
+        // 3 MiB: more than the socket buffers take from a peer reading none.
+        let big = UpdateResourcesRequest {
+            resources_json: vec![b'x'; 3 << 20],
+            ..Default::default()
+        };
+        let c = client.clone();
+        let t = Instant::now();
+        let blocked = std::thread::spawn(move || {
+            c.call::<_, HealthResponse>("UpdateResources", &big, Some(Duration::from_millis(300)))
+        });
+        // Another caller meanwhile waits for the write lock, then finds the
+        // connection over.
+        std::thread::sleep(Duration::from_millis(50));
+        let other =
+            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN));
+        let e = blocked.join().unwrap().unwrap_err();
+        assert!(
+            matches!(&e, RpcError::Disconnected(m) if m.contains("took nothing")),
+            "{e}"
+        );
+        assert!(
+            matches!(&other, Err(RpcError::Disconnected(_))),
+            "{other:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(client.waiting(), 0);
+    }
+
+    #[test]
     fn an_idle_client_sleeps_and_a_dropped_one_leaves_no_thread() {
         let (ours, _peer) = UnixStream::pair().unwrap();
         let before = sleeps_of("ttrpc-reader");
         let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
         // Ours is among the readers that were not there before (another
-        // test may make one meanwhile: the quietest is taken as ours).
+        // test may make one meanwhile: the quietest is taken as ours). A
+        // thread names itself once it runs: looked for until it has.
         let new = |now: &HashMap<String, u64>| -> Vec<(String, u64)> {
             now.iter()
                 .filter(|(tid, _)| !before.contains_key(*tid))
                 .map(|(t, n)| (t.clone(), *n))
                 .collect()
         };
-        let start = new(&sleeps_of("ttrpc-reader"));
+        let deadline = Instant::now() + TEN;
+        let mut start = new(&sleeps_of("ttrpc-reader"));
+        while start.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            start = new(&sleeps_of("ttrpc-reader"));
+        }
         assert!(!start.is_empty(), "no reader thread");
         std::thread::sleep(Duration::from_millis(500));
         let end = sleeps_of("ttrpc-reader");
-        let quietest = start
+        let (ours, quietest) = start
             .iter()
-            .filter_map(|(tid, n)| Some(end.get(tid)? - n))
-            .min()
+            .filter_map(|(tid, n)| Some((tid.clone(), end.get(tid)? - n)))
+            .min_by_key(|(_, woke)| *woke)
             .unwrap();
         // ttrpc's own client wakes 50 times in this half second.
         assert!(quietest <= 2, "the idle reader woke {quietest} times");
         drop(client);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let gone = |tids: &[(String, u64)]| {
-            let now = sleeps_of("ttrpc-reader");
-            tids.iter().all(|(tid, _)| !now.contains_key(tid))
-        };
-        while !gone(&start) && Instant::now() < deadline {
+        while sleeps_of("ttrpc-reader").contains_key(&ours) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(gone(&start), "a reader outlived its client");
+        assert!(
+            !sleeps_of("ttrpc-reader").contains_key(&ours),
+            "the reader outlived its client"
+        );
     }
 }
