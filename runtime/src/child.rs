@@ -224,6 +224,12 @@ impl HelperProcess {
         None
     }
 
+    /// Sends SIGKILL without waiting (through the pidfd: never to a reused
+    /// pid), so that several processes end at once; `stop` then reaps.
+    pub fn kill_without_waiting(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
     /// Asks the process to stop (SIGTERM), then kills it after `grace`.
     pub fn stop(&mut self, grace: Duration) -> ExitStatus {
         if let Some(s) = self.try_wait() {

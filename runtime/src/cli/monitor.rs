@@ -641,7 +641,7 @@ impl Monitor {
                     let mut p = husk_runtime::phases::Phases::default();
                     p.push(
                         husk_runtime::phases::Clock::Host,
-                        "  of which Shutdown RPC to VMM exit",
+                        "  of which the Shutdown RPC",
                         guest,
                     );
                     watch.lap("sandbox shutdown");
