@@ -304,6 +304,21 @@ mod tests {
         peer.write_all(&frame).unwrap();
     }
 
+    /// A client on one end of a socket pair; the test speaks for the
+    /// server on the other.
+    fn connected() -> (RpcClient, UnixStream) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        (RpcClient::new(ours, "husk.agent.v1.Agent").unwrap(), peer)
+    }
+
+    /// A Health call on a thread of its own, limited to [`TEN`].
+    fn health_call(
+        client: &RpcClient,
+    ) -> std::thread::JoinHandle<Result<HealthResponse, RpcError>> {
+        let c = client.clone();
+        std::thread::spawn(move || c.call("Health", &HealthRequest::default(), Some(TEN)))
+    }
+
     fn health(version: &str) -> HealthResponse {
         HealthResponse {
             version: version.into(),
@@ -333,8 +348,7 @@ mod tests {
 
     #[test]
     fn replies_reach_their_calls_in_any_order_and_late_ones_are_dropped() {
-        let (ours, mut peer) = UnixStream::pair().unwrap();
-        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
+        let (client, mut peer) = connected();
         let (a, b) = (client.clone(), client.clone());
         let first = std::thread::spawn(move || {
             a.call::<_, HealthResponse>("Health", &HealthRequest::default(), None)
@@ -372,10 +386,7 @@ mod tests {
         assert!(matches!(e, RpcError::Timeout(_)), "{e}");
         assert_eq!(client.waiting(), 0);
         let (late, _) = read_request(&mut peer);
-        let c = client.clone();
-        let next = std::thread::spawn(move || {
-            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
-        });
+        let next = health_call(&client);
         let (id, _) = read_request(&mut peer);
         assert_ne!(id, late);
         reply(&mut peer, late, &health("late"));
@@ -386,17 +397,10 @@ mod tests {
 
     #[test]
     fn an_oversized_or_cut_reply_ends_every_call_with_a_clear_error() {
-        let (ours, mut peer) = UnixStream::pair().unwrap();
-        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
-        let call = |c: &RpcClient| {
-            let c = c.clone();
-            std::thread::spawn(move || {
-                c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
-            })
-        };
+        let (client, mut peer) = connected();
         // Two calls wait; a guest announces 5 MiB in answer to the first:
         // refused before anything is allocated, and both calls end so.
-        let (first, second) = (call(&client), call(&client));
+        let (first, second) = (health_call(&client), health_call(&client));
         let (id, _) = read_request(&mut peer);
         let _ = read_request(&mut peer);
         let header: Vec<u8> = MessageHeader::new_response(id, 5 << 20).into();
@@ -419,12 +423,8 @@ mod tests {
 
         // A frame that is no response (ttrpc's data frames, or any other
         // type): the peer does not speak the protocol.
-        let (ours, mut peer) = UnixStream::pair().unwrap();
-        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
-        let c = client.clone();
-        let waiting = std::thread::spawn(move || {
-            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
-        });
+        let (client, mut peer) = connected();
+        let waiting = health_call(&client);
         let (id, _) = read_request(&mut peer);
         let mut header = MessageHeader::new_response(id, 0);
         header.type_ = 0x7f;
@@ -435,12 +435,8 @@ mod tests {
             "{e}"
         );
         // A reply that is not a ttrpc response fails its call only.
-        let (ours, mut peer) = UnixStream::pair().unwrap();
-        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
-        let c = client.clone();
-        let waiting = std::thread::spawn(move || {
-            c.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
-        });
+        let (client, mut peer) = connected();
+        let waiting = health_call(&client);
         let (id, _) = read_request(&mut peer);
         let garbage = [0x7a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01];
         let mut frame: Vec<u8> = MessageHeader::new_response(id, garbage.len() as u32).into();
@@ -451,19 +447,14 @@ mod tests {
             matches!(&e, RpcError::Malformed(m) if m.starts_with("the reply is malformed")),
             "{e}"
         );
-        let next = std::thread::spawn(move || {
-            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
-        });
+        let next = health_call(&client);
         let (id, _) = read_request(&mut peer);
         reply(&mut peer, id, &health("after"));
         assert_eq!(next.join().unwrap().unwrap().version, "after");
 
         // A peer that closes mid-frame.
-        let (ours, mut peer) = UnixStream::pair().unwrap();
-        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
-        let waiting = std::thread::spawn(move || {
-            client.call::<_, HealthResponse>("Health", &HealthRequest::default(), Some(TEN))
-        });
+        let (client, mut peer) = connected();
+        let waiting = health_call(&client);
         let (id, _) = read_request(&mut peer);
         let header: Vec<u8> = MessageHeader::new_response(id, 100).into();
         peer.write_all(&header).unwrap();
@@ -479,8 +470,7 @@ mod tests {
     #[test]
     fn a_peer_that_reads_nothing_cannot_hold_a_call_past_its_timeout() {
         use husk_protocol::agent::UpdateResourcesRequest;
-        let (ours, _peer) = UnixStream::pair().unwrap();
-        let client = RpcClient::new(ours, "husk.agent.v1.Agent").unwrap();
+        let (client, _peer) = connected();
         // 3 MiB: more than the socket buffers take from a peer reading none.
         let big = UpdateResourcesRequest {
             resources_json: vec![b'x'; 3 << 20],
