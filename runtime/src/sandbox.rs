@@ -1292,11 +1292,35 @@ pub fn connect_stdio_via(
         terminal: stdio.terminal,
         ..Default::default()
     };
+    // Each stream is a CONNECT answered from inside the guest: a round
+    // trip through the vsock backend and the guest's scheduler (1 to 4 ms
+    // under TCG). The two or three a process needs are opened at once.
+    let wanted = [
+        stdio.stdin.is_some(),
+        stdio.stdout.is_some(),
+        stdio.stderr.is_some(),
+    ];
+    type Opened = Option<Result<(u64, std::os::unix::net::UnixStream), AgentError>>;
+    let opened: [Opened; 3] = std::thread::scope(|s| {
+        // Every thread is started before the first is joined.
+        let opening = wanted.map(|want| {
+            want.then(|| {
+                s.spawn(|| {
+                    let token = new_token();
+                    agent
+                        .open_stream(StreamKind::Process, token)
+                        .map(|stream| (token, stream))
+                })
+            })
+        });
+        opening.map(|h| h.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))))
+    });
+    let [stdin_stream, stdout_stream, stderr_stream] = opened.map(Option::transpose);
+    let (stdin_stream, stdout_stream, stderr_stream) =
+        (stdin_stream?, stdout_stream?, stderr_stream?);
     let mut outputs = Vec::new();
     let mut stdin = None;
-    if let Some(input) = stdio.stdin {
-        let token = new_token();
-        let stream = agent.open_stream(StreamKind::Process, token)?;
+    if let (Some(input), Some((token, stream))) = (stdio.stdin, stdin_stream) {
         tokens.stdin = token;
         let stop = stream_pump::StdinStop::new(&stream).map_err(|source| SandboxError::Io {
             what: "keeping a handle on the stdin stream of",
@@ -1306,13 +1330,11 @@ pub fn connect_stdio_via(
         stdin = Some(stop.clone());
         std::thread::spawn(move || stream_pump::pump_in(input, stream, stop));
     }
-    for (output, slot) in [
-        (stdio.stdout, &mut tokens.stdout),
-        (stdio.stderr, &mut tokens.stderr),
+    for (output, opened, slot) in [
+        (stdio.stdout, stdout_stream, &mut tokens.stdout),
+        (stdio.stderr, stderr_stream, &mut tokens.stderr),
     ] {
-        if let Some(output) = output {
-            let token = new_token();
-            let stream = agent.open_stream(StreamKind::Process, token)?;
+        if let (Some(output), Some((token, stream))) = (output, opened) {
             *slot = token;
             outputs.push(std::thread::spawn(move || {
                 stream_pump::pump_out(stream, output)
