@@ -311,10 +311,10 @@ impl AgentClient {
         }
     }
 
-    /// A client over an already connected ttrpc stream (for tests that
-    /// serve the agent API in process).
-    #[cfg(test)]
-    fn from_stream(stream: UnixStream, uds: &Path) -> Result<Self, AgentError> {
+    /// A client over a stream already connected to the agent's port (a
+    /// pooled sandbox's, made while it idled; or, in tests, the agent API
+    /// served in process).
+    pub fn over(stream: UnixStream, uds: &Path) -> Result<Self, AgentError> {
         let rpc = RpcClient::new(stream, SERVICE).map_err(|source| AgentError::Connect {
             uds: uds.to_path_buf(),
             source,
@@ -817,7 +817,7 @@ mod kind_tests {
             .register_service(create_agent(service));
         server.start().unwrap();
         let stream = UnixStream::connect(&sock).unwrap();
-        let client = AgentClient::from_stream(stream, &sock).unwrap();
+        let client = AgentClient::over(stream, &sock).unwrap();
         (server, client, dir)
     }
 

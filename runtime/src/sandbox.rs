@@ -319,6 +319,9 @@ pub struct Sandbox {
     fs: Option<VirtioFsBackend>,
     vsock: Option<VsockBackend>,
     agent: Option<AgentClient>,
+    /// A pooled sandbox's connection to its agent made for its tenant while
+    /// it idles (see `park_agent`), handed over at the claim.
+    parked_agent: Option<std::os::unix::net::UnixStream>,
     pub timings: Timings,
     console_log: PathBuf,
     /// Raised when the sandbox is torn down: ends the waits of its
@@ -520,6 +523,7 @@ impl Sandbox {
             fs: None,
             vsock: None,
             agent: None,
+            parked_agent: None,
             timings: Timings::default(),
             console_log: dir.join("console.log"),
             teardown: Flag::new()?,
@@ -985,6 +989,9 @@ impl Sandbox {
     /// what is left. Returns how long the guest's part took.
     pub fn shutdown(mut self) -> Result<Duration, SandboxError> {
         let t = Instant::now();
+        // An unclaimed pooled sandbox calls its agent on the parked
+        // connection; failing that, it ends as a guest that does not answer.
+        let _ = self.unpark_agent();
         self.teardown.raise();
         // The agent answers once the guest's file systems are synced: then
         // nothing in the VM is needed, and the VMM is stopped at once
@@ -1074,6 +1081,10 @@ pub struct Handover {
     pub jail_uid: u32,
     /// Names and pids of the VMM and the backends.
     pub helpers: Vec<(String, u32)>,
+    /// Whether a connection to the agent follows the claim file (see
+    /// `Sandbox::park_agent`).
+    #[serde(default)]
+    pub agent_connection: bool,
 }
 
 /// What a keeper keeps of a sandbox it handed over: the helpers it spawned
@@ -1091,6 +1102,28 @@ pub struct HandedOver {
 // The pool's two ends: a keeper hands a booted sandbox over, a claimant
 // adopts it. Kept apart from `start` on purpose.
 impl Sandbox {
+    /// Makes the connection a tenant's owner will call the agent on, now,
+    /// and closes this process's own. The guest's ttrpc server starts a
+    /// connection's threads as it accepts it (five threads: several ms of
+    /// the guest's one CPU under TCG); made at the claim, that work delayed
+    /// the tenant's first streams and create by 10 to 20 ms. A pooled
+    /// sandbox idles with its threads made and nothing else to do.
+    pub fn park_agent(&mut self) -> Result<(), SandboxError> {
+        let uds = self.dir.join("vsock.sock");
+        self.parked_agent = Some(crate::agent::connect_port(&uds, husk_protocol::AGENT_PORT)?);
+        self.agent = None;
+        Ok(())
+    }
+
+    /// Takes the parked connection back for this process's own calls (a
+    /// keeper ending its sandbox unclaimed asks the guest to shut down).
+    pub fn unpark_agent(&mut self) -> Result<(), SandboxError> {
+        if let Some(stream) = self.parked_agent.take() {
+            self.agent = Some(AgentClient::over(stream, &self.dir.join("vsock.sock"))?);
+        }
+        Ok(())
+    }
+
     /// The record and descriptors an adopting owner needs (see `Handover`).
     /// The sandbox stays whole here until `hand_over`.
     pub fn handover(&self) -> Result<(Handover, Vec<std::os::fd::OwnedFd>), SandboxError> {
@@ -1117,11 +1150,20 @@ impl Sandbox {
                 .try_clone_to_owned()
                 .map_err(|e| SandboxError::Event(EventError::Dup(e)))?,
         );
+        if let Some(parked) = &self.parked_agent {
+            fds.push(
+                parked
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| SandboxError::Event(EventError::Dup(e)))?,
+            );
+        }
         Ok((
             Handover {
                 dir: self.dir.clone(),
                 jail_uid: jail.uid,
                 helpers,
+                agent_connection: self.parked_agent.is_some(),
             },
             fds,
         ))
@@ -1134,6 +1176,8 @@ impl Sandbox {
     pub fn hand_over(mut self) -> HandedOver {
         self.cleaned = true;
         self.agent = None;
+        // Closed here, not shut down: the owner's copy stays connected.
+        self.parked_agent = None;
         if let Some(mut console) = self.console.take() {
             console.detach();
         }
@@ -1174,9 +1218,10 @@ impl Sandbox {
         if !valid_id(id) {
             return Err(SandboxError::InvalidId(id.to_string()));
         }
-        if record.helpers.len() != 3 || fds.len() != 4 {
+        let want_fds = 4 + usize::from(record.agent_connection);
+        if record.helpers.len() != 3 || fds.len() != want_fds {
             return Err(refused(format!(
-                "{} helpers and {} descriptors handed over (3 and 4 expected)",
+                "{} helpers and {} descriptors handed over (3 and {want_fds} expected)",
                 record.helpers.len(),
                 fds.len()
             )));
@@ -1205,6 +1250,7 @@ impl Sandbox {
         let Some(claim) = fds.next() else {
             return Err(refused("the jail claim is missing".into()));
         };
+        let parked = fds.next().map(std::os::unix::net::UnixStream::from);
         let claims = Path::new(crate::jail::JAIL_ROOT).join("uids");
         let jail_id = crate::jail::JailId::adopt(&claims, record.jail_uid, claim.into())?;
         let jail_dir = Path::new(crate::jail::JAIL_ROOT).join(record.jail_uid.to_string());
@@ -1238,6 +1284,7 @@ impl Sandbox {
                 uds: jail_dir.join("vsock.sock"),
             }),
             agent: None,
+            parked_agent: None,
             timings: Timings::default(),
             console_log: dir.join("console.log"),
             teardown: Flag::new()?,
@@ -1247,12 +1294,18 @@ impl Sandbox {
         let answered = (|| {
             sandbox.check_components()?;
             let timeout = Duration::from_secs(config.boot_timeout_secs.min(10));
-            let agent = {
-                let sb = &mut sandbox;
-                AgentClient::connect(&dir.join("vsock.sock"), timeout, || {
-                    sb.check_components().map_err(|e| e.to_string())
-                })
-            }?;
+            let uds = dir.join("vsock.sock");
+            let agent = match parked {
+                // Made by the keeper while the VM idled: the guest set the
+                // connection up then, not now.
+                Some(stream) => AgentClient::over(stream, &uds)?,
+                None => {
+                    let sb = &mut sandbox;
+                    AgentClient::connect(&uds, timeout, || {
+                        sb.check_components().map_err(|e| e.to_string())
+                    })?
+                }
+            };
             let tr = Instant::now();
             agent.health()?;
             sandbox.timings.first_rpc_ms = ms(tr.elapsed());

@@ -135,6 +135,7 @@ fn keep_locked(
     // guest that fails it is not offered.
     let warm = sandbox.agent().warm_up().map_err(|e| sandbox.explain(e))?;
     warm.log("pool warm-up");
+    sandbox.park_agent()?;
     let died = Flag::new()?;
     {
         let watch = sandbox.death_watch()?;
