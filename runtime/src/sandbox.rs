@@ -985,12 +985,13 @@ impl Sandbox {
         Ok(self.share()?.remove_below(container_id)?)
     }
 
-    /// Asks the guest to sync its file systems, then stops the VMM and
-    /// what is left. Returns how long the guest's part took.
+    /// Asks the guest to sync its file systems, then ends the sandbox
+    /// (`cleanup`). Returns how long the guest's part took.
     pub fn shutdown(mut self) -> Result<Duration, SandboxError> {
         let t = Instant::now();
         // An unclaimed pooled sandbox calls its agent on the parked
-        // connection; failing that, it ends as a guest that does not answer.
+        // connection, or on a new one if it offered that one to a claimant;
+        // failing both, it ends as a guest that does not answer.
         let _ = self.unpark_agent();
         self.teardown.raise();
         // The agent answers once the guest's file systems are synced: then
@@ -1025,24 +1026,33 @@ impl Sandbox {
         self.teardown.raise();
         self.agent = None;
         // Nothing of the VM is kept once its sandbox ends, and its guest
-        // gets no more say (a SIGTERM'd QEMU quits without one either);
-        // each file write was done on the host before virtiofsd answered
-        // it. So the VMM and both backends are killed at once and then
-        // reaped together: waiting for the VMM's exit, then for virtiofsd
-        // to notice it and exit (5-6 ms here), then stopping the vsock
-        // backend, made each delete wait for three exits in a row.
-        let mut helpers: Vec<HelperProcess> = self
+        // gets no more say (a SIGTERM'd QEMU quits without one either): the
+        // VMM and the vsock backend are killed at once and reaped together.
+        // virtiofsd is not killed: the process we know is the parent of
+        // its worker (pid 1 of a pid namespace of its own, which outlives a
+        // killed parent and would go on serving queued requests into the
+        // share being torn down); both end by themselves once the VMM is
+        // gone, and are waited for.
+        let mut killed: Vec<HelperProcess> = self
             .vm
             .take()
             .into_iter()
-            .chain(self.fs.take().map(|b| b.process))
             .chain(self.vsock.take().map(|b| b.process))
             .collect();
-        for helper in &helpers {
+        for helper in &killed {
             helper.kill_without_waiting();
         }
-        for helper in &mut helpers {
+        for helper in &mut killed {
             helper.stop(Duration::from_millis(500));
+        }
+        if let Some(mut fs) = self.fs.take() {
+            if fs
+                .process
+                .wait_timeout(Duration::from_millis(500))
+                .is_none()
+            {
+                fs.process.stop(Duration::from_millis(500));
+            }
         }
         if let Some(mut console) = self.console.take() {
             console.stop();
@@ -1116,12 +1126,26 @@ impl Sandbox {
     }
 
     /// Takes the parked connection back for this process's own calls (a
-    /// keeper ending its sandbox unclaimed asks the guest to shut down).
+    /// keeper ending its sandbox unclaimed asks the guest to shut down), or
+    /// connects anew when it was offered to a claimant (which may still
+    /// hold it: two readers on one socket would take each other's replies).
     pub fn unpark_agent(&mut self) -> Result<(), SandboxError> {
-        if let Some(stream) = self.parked_agent.take() {
-            self.agent = Some(AgentClient::over(stream, &self.dir.join("vsock.sock"))?);
+        if self.agent.is_some() {
+            return Ok(());
         }
+        let uds = self.dir.join("vsock.sock");
+        let stream = match self.parked_agent.take() {
+            Some(stream) => stream,
+            None => crate::agent::connect_port(&uds, husk_protocol::AGENT_PORT)?,
+        };
+        self.agent = Some(AgentClient::over(stream, &uds)?);
         Ok(())
+    }
+
+    /// Closes this process's copy of the parked connection once it was
+    /// offered (not shut down: the claimant's copy stays connected).
+    pub fn forget_parked_agent(&mut self) {
+        self.parked_agent = None;
     }
 
     /// The record and descriptors an adopting owner needs (see `Handover`).
@@ -1251,6 +1275,20 @@ impl Sandbox {
             return Err(refused("the jail claim is missing".into()));
         };
         let parked = fds.next().map(std::os::unix::net::UnixStream::from);
+        if let Some(stream) = &parked {
+            // The vsock backend's own connection, not any socket: its peer
+            // is the backend process named in the record.
+            let backend = record.helpers.get(2).map(|(_, pid)| *pid);
+            let peer =
+                nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .map_err(|e| refused(format!("the agent connection handed over: {e}")))?;
+            if u32::try_from(peer.pid()).ok() != backend {
+                return Err(refused(format!(
+                    "the agent connection handed over leads to pid {}, not the vsock backend",
+                    peer.pid()
+                )));
+            }
+        }
         let claims = Path::new(crate::jail::JAIL_ROOT).join("uids");
         let jail_id = crate::jail::JailId::adopt(&claims, record.jail_uid, claim.into())?;
         let jail_dir = Path::new(crate::jail::JAIL_ROOT).join(record.jail_uid.to_string());
@@ -1358,15 +1396,27 @@ pub fn connect_stdio_via(
         // Every thread is started before the first is joined.
         let opening = wanted.map(|want| {
             want.then(|| {
-                s.spawn(|| {
-                    let token = new_token();
-                    agent
-                        .open_stream(StreamKind::Process, token)
-                        .map(|stream| (token, stream))
-                })
+                std::thread::Builder::new()
+                    .name("stdio-connect".into())
+                    .spawn_scoped(s, || {
+                        let token = new_token();
+                        agent
+                            .open_stream(StreamKind::Process, token)
+                            .map(|stream| (token, stream))
+                    })
             })
         });
-        opening.map(|h| h.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))))
+        opening.map(|h| {
+            h.map(|spawned| match spawned {
+                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                // No thread to be had: this process serves other
+                // containers too, so an error, not a panic.
+                Err(source) => Err(AgentError::Connect {
+                    uds: agent.uds().to_path_buf(),
+                    source,
+                }),
+            })
+        })
     });
     let [stdin_stream, stdout_stream, stderr_stream] = opened.map(Option::transpose);
     let (stdin_stream, stdout_stream, stderr_stream) =

@@ -261,7 +261,11 @@ fn serve_claim(sandbox: &mut Sandbox, conn: &UnixStream, died: &Flag) -> Result<
     }
     let (record, fds) = sandbox.handover()?;
     let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    wire::send(conn, &Offer::Sandbox(record), &raw)?;
+    // From the offer on, the parked agent connection may be the claimant's:
+    // this process never reads or writes it again (see `forget_parked_agent`).
+    let sent = wire::send(conn, &Offer::Sandbox(record), &raw);
+    sandbox.forget_parked_agent();
+    sent?;
     drop(fds);
     match wire::recv::<Ack>(conn, CLAIM_TIMEOUT)?.0 {
         Ack::Adopted => Ok(owner),
