@@ -224,6 +224,32 @@ impl HelperProcess {
         None
     }
 
+    /// The process's children, each held by a pidfd (virtiofsd's worker:
+    /// see `Sandbox::cleanup`). A child's pidfd is opened before its parent
+    /// is checked: a pid read from /proc that was reaped and reused in
+    /// between names a process of another parent, and is left out. Empty
+    /// when /proc cannot tell.
+    pub fn children(&self) -> Vec<PidFd> {
+        let pid = self.pid();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        let listed: Vec<u32> = tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+            .flat_map(|list| {
+                list.split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        listed
+            .into_iter()
+            .filter_map(|child| PidFd::open(child).ok())
+            .filter(|fd| parent_of(fd.pid()) == Some(pid))
+            .collect()
+    }
+
     /// Sends SIGKILL without waiting (through the pidfd: never to a reused
     /// pid), so that several processes end at once; `stop` then reaps.
     pub fn kill_without_waiting(&self) {
@@ -270,9 +296,53 @@ impl Drop for HelperProcess {
     }
 }
 
+/// The parent of `pid`, from /proc/PID/stat (the field after the state,
+/// which follows the command name's closing parenthesis).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_helpers_children_are_found_and_held_by_pidfd() {
+        let dir = std::env::temp_dir().join(format!("husk-children-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "sleep 30 & echo $! > child; wait"])
+            .current_dir(&dir);
+        let mut helper = HelperProcess::spawn("parent", cmd, &dir.join("log")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let expected: u32 = loop {
+            if let Some(pid) = std::fs::read_to_string(dir.join("child"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no child started");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let children = helper.children();
+        assert_eq!(
+            children.iter().map(PidFd::pid).collect::<Vec<_>>(),
+            vec![expected]
+        );
+        // Killed through its pidfd, the child ends, and so does the shell
+        // waiting for it.
+        children[0].kill();
+        assert!(children[0].wait_timeout(Duration::from_secs(10)).unwrap());
+        assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
+        assert_eq!(
+            parent_of(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn an_adopted_helper_is_signalled_and_watched_through_its_pidfd() {
