@@ -200,16 +200,7 @@ impl HelperProcess {
 
     /// Sends `signal` through the pidfd (never to a reused pid).
     fn signal(&self, signal: i32) {
-        // SAFETY: pidfd_send_signal(2) on a pidfd we own, with no siginfo.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                std::os::fd::AsRawFd::as_raw_fd(&self.pidfd.as_fd()),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            )
-        };
+        self.pidfd.send_signal(signal);
     }
 
     /// Waits up to `timeout` for the process to end on its own.
@@ -334,7 +325,7 @@ mod tests {
         );
         // Killed through its pidfd, the child ends, and so does the shell
         // waiting for it.
-        children[0].kill();
+        children[0].send_signal(libc::SIGKILL);
         assert!(children[0].wait_timeout(Duration::from_secs(10)).unwrap());
         assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
         assert_eq!(

@@ -82,15 +82,15 @@ impl PidFd {
         Ok(wait_any(&[self.fd.as_fd()], Instant::now().checked_add(timeout))?.is_some())
     }
 
-    /// Sends SIGKILL through the pidfd: to this process, never to one
+    /// Sends `signal` through the pidfd: to this process, never to one
     /// that reused its pid.
-    pub fn kill(&self) {
+    pub fn send_signal(&self, signal: i32) {
         // SAFETY: pidfd_send_signal(2) on a pidfd we own, with no siginfo.
         unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 self.fd.as_raw_fd(),
-                libc::SIGKILL,
+                signal,
                 std::ptr::null::<libc::siginfo_t>(),
                 0u32,
             )

@@ -1051,7 +1051,7 @@ impl Sandbox {
             helper.kill_without_waiting();
         }
         for worker in &fs_workers {
-            worker.kill();
+            worker.send_signal(libc::SIGKILL);
         }
         for helper in &mut killed {
             helper.stop(Duration::from_millis(500));
